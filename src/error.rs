@@ -1,0 +1,85 @@
+//! The library's typed errors. Every variant names the thing that was wrong (fleet, agent,
+//! field) and why, and renders as one line an operator can act on. Binaries wrap these with
+//! `anyhow` context; the library never does.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "error", rename_all = "snake_case")]
+pub enum FleetError {
+    #[error("invalid {kind} id {id:?}: must be {rule}")]
+    InvalidId {
+        kind: String,
+        id: String,
+        rule: String,
+    },
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("fleet {fleet:?} already exists")]
+    FleetExists { fleet: String },
+    #[error("no fleet named {fleet:?}")]
+    NoSuchFleet { fleet: String },
+    #[error("agent {fleet}/{agent} already exists")]
+    AgentExists { fleet: String, agent: String },
+    #[error("no agent {fleet}/{agent}")]
+    NoSuchAgent { fleet: String, agent: String },
+    #[error("port range {range} exhausted: {needed} ports needed for {fleet}/{agent}, the range holds {held} blocks of that stride and all are leased or busy")]
+    PortRangeExhausted {
+        fleet: String,
+        agent: String,
+        range: String,
+        needed: u32,
+        held: u32,
+    },
+    #[error("cannot start {fleet}/{agent}: {reason}")]
+    SpawnFailed {
+        fleet: String,
+        agent: String,
+        reason: String,
+    },
+    #[error("provisioning {fleet}/{agent} failed: {reason}")]
+    Provision {
+        fleet: String,
+        agent: String,
+        reason: String,
+    },
+    #[error("not admitted: {reason}")]
+    NotAdmitted { reason: String },
+    #[error("state store: {reason}")]
+    Store { reason: String },
+    #[error("spec: {reason}")]
+    Spec { reason: String },
+    #[error("node is shutting down")]
+    ShuttingDown,
+    #[error("timed out waiting for {what}")]
+    Timeout { what: String },
+    #[error("internal error: {reason}")]
+    Internal { reason: String },
+}
+
+impl FleetError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        FleetError::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+    pub fn internal(reason: impl std::fmt::Display) -> Self {
+        FleetError::Internal {
+            reason: reason.to_string(),
+        }
+    }
+}
+
+impl From<ractor::RactorErr<crate::messages::node::NodeMsg>> for FleetError {
+    fn from(e: ractor::RactorErr<crate::messages::node::NodeMsg>) -> Self {
+        match e {
+            ractor::RactorErr::Timeout => FleetError::Timeout {
+                what: "the node to answer".into(),
+            },
+            other => FleetError::internal(other),
+        }
+    }
+}
+
+pub type Result<T, E = FleetError> = std::result::Result<T, E>;

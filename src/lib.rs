@@ -1,0 +1,22 @@
+//! Fleet Commander: runs fleets of OpenClaw agents as native, supervised processes on one
+//! Linux host, without containers. This crate is the library (the actor tree, embeddable in
+//! any tokio server); the binaries `fleetd`, `fleetctl` and `fleet-stub-agent` sit on top.
+
+pub mod actors;
+pub mod admin;
+pub mod error;
+pub mod health;
+pub mod ids;
+pub mod logs;
+pub mod messages;
+pub mod ports;
+pub mod process;
+pub mod provision;
+pub mod registry;
+pub mod restart;
+pub mod spec;
+pub mod specfile;
+pub mod state;
+pub mod strategy;
+
+pub use error::{FleetError, Result};

@@ -1,0 +1,413 @@
+//! What the operator asked for: serde types with defaults and validation, shared by the
+//! command language, the TOML spec file and the registry. Deserialized and validated once;
+//! the runtime never parses user input into its own state (that lives in `state` and the
+//! actors).
+
+use crate::ids::{is_valid_id, ID_RULE};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// OTP restart type of an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartType {
+    /// Always restarted.
+    #[default]
+    Permanent,
+    /// Restarted only after an abnormal exit (non-zero code or a signal).
+    Transient,
+    /// Never restarted.
+    Temporary,
+}
+
+/// OTP strategy of a fleet: which siblings restart with a crashed agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    #[default]
+    OneForOne,
+    OneForAll,
+    RestForOne,
+}
+
+/// Memory/start-up profile applied to OpenClaw agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Profile {
+    #[default]
+    Default,
+    Lean,
+}
+
+macro_rules! str_enum {
+    ($t:ty { $($v:ident = $s:literal),* $(,)? }) => {
+        impl $t {
+            pub const NAMES: &'static [&'static str] = &[$($s),*];
+            pub fn as_str(self) -> &'static str { match self { $(Self::$v => $s),* } }
+        }
+        impl std::str::FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s { $($s => Ok(Self::$v),)* _ => Err(format!("expected one of {}", Self::NAMES.join("|"))) }
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.as_str()) }
+        }
+    };
+}
+str_enum!(RestartType { Permanent = "permanent", Transient = "transient", Temporary = "temporary" });
+str_enum!(Strategy { OneForOne = "one_for_one", OneForAll = "one_for_all", RestForOne = "rest_for_one" });
+str_enum!(Profile { Default = "default", Lean = "lean" });
+
+/// Exponential backoff between restarts of one agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackoffSpec {
+    /// Delay before the second consecutive restart; the first is immediate.
+    pub initial_ms: u64,
+    pub max_ms: u64,
+    pub multiplier: f64,
+    /// Fraction (0..=1) of the delay added or removed at random.
+    pub jitter: f64,
+    /// Consecutive-failure count resets after the agent stayed healthy this long.
+    pub reset_after_s: u64,
+}
+
+impl Default for BackoffSpec {
+    fn default() -> Self {
+        BackoffSpec {
+            initial_ms: 500,
+            max_ms: 30_000,
+            multiplier: 2.0,
+            jitter: 0.2,
+            reset_after_s: 60,
+        }
+    }
+}
+
+/// Restart intensity: more than `max_restarts` within `window_s` gives up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Intensity {
+    pub max_restarts: u32,
+    pub window_s: u64,
+}
+
+impl Intensity {
+    pub fn window(&self) -> Duration {
+        Duration::from_secs(self.window_s)
+    }
+}
+
+fn default_agent_intensity() -> Intensity {
+    Intensity {
+        max_restarts: 5,
+        window_s: 300,
+    }
+}
+
+fn default_fleet_intensity() -> Intensity {
+    Intensity {
+        max_restarts: 3,
+        window_s: 300,
+    }
+}
+
+/// Liveness/readiness probing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthSpec {
+    /// Steady probe interval once the agent is running.
+    pub interval_ms: u64,
+    /// How long a starting agent may take to pass its first probe before probe failures count.
+    pub grace_ms: u64,
+    /// Failed probes in a row that restart a running agent.
+    pub failures: u32,
+    pub timeout_ms: u64,
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        HealthSpec {
+            interval_ms: 10_000,
+            grace_ms: 120_000,
+            failures: 3,
+            timeout_ms: 2_000,
+        }
+    }
+}
+
+/// Agent log handling.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSpec {
+    pub max_bytes: u64,
+    pub keep: u32,
+    pub budget_bytes: u64,
+    pub retention_days: u32,
+}
+
+impl Default for LogSpec {
+    fn default() -> Self {
+        LogSpec {
+            max_bytes: 10 * 1024 * 1024,
+            keep: 5,
+            budget_bytes: 100 * 1024 * 1024,
+            retention_days: 7,
+        }
+    }
+}
+
+/// Ports each OpenClaw agent needs by default: base .. base+110 plus headroom (OpenClaw asks
+/// for 120 between bases); the block is rounded to 128.
+pub const OPENCLAW_STRIDE: u16 = 128;
+/// OpenClaw derives ports up to base+110, so a smaller block overlaps a neighbour's CDP range.
+pub const OPENCLAW_MIN_STRIDE: u16 = 111;
+
+/// One fleet as the operator described it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSpec {
+    pub name: String,
+    /// Agent ids in start order.
+    #[serde(default)]
+    pub agents: Vec<String>,
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default)]
+    pub restart: RestartType,
+    #[serde(default)]
+    pub backoff: BackoffSpec,
+    #[serde(default = "default_agent_intensity")]
+    pub intensity: Intensity,
+    #[serde(default = "default_fleet_intensity")]
+    pub fleet_intensity: Intensity,
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_ms: u64,
+    /// Program and arguments; `None` runs `openclaw gateway run`.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// JSON config template merged under the values the commander enforces.
+    #[serde(default)]
+    pub template: Option<PathBuf>,
+    /// Extra environment for the agent (added to the explicit set, never inherited).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Ports leased per agent.
+    #[serde(default)]
+    pub stride: Option<u16>,
+    #[serde(default)]
+    pub health: HealthSpec,
+    #[serde(default)]
+    pub profile: Profile,
+    /// Restart an agent whose whole process tree stays above this many bytes.
+    #[serde(default)]
+    pub max_memory: Option<u64>,
+    #[serde(default)]
+    pub logs: LogSpec,
+}
+
+fn default_stop_timeout() -> u64 {
+    30_000
+}
+
+impl FleetSpec {
+    /// A fleet with every default and no agents.
+    pub fn new(name: impl Into<String>) -> Self {
+        FleetSpec {
+            name: name.into(),
+            agents: Vec::new(),
+            strategy: Strategy::default(),
+            restart: RestartType::default(),
+            backoff: BackoffSpec::default(),
+            intensity: default_agent_intensity(),
+            fleet_intensity: default_fleet_intensity(),
+            stop_timeout_ms: default_stop_timeout(),
+            command: None,
+            template: None,
+            env: BTreeMap::new(),
+            stride: None,
+            health: HealthSpec::default(),
+            profile: Profile::default(),
+            max_memory: None,
+            logs: LogSpec::default(),
+        }
+    }
+
+    /// `agent-1` … `agent-N`.
+    pub fn numbered_agents(n: u32) -> Vec<String> {
+        (1..=n).map(|i| format!("agent-{i}")).collect()
+    }
+
+    pub fn runs_openclaw(&self) -> bool {
+        self.command.is_none()
+    }
+
+    pub fn effective_stride(&self) -> u16 {
+        self.stride.unwrap_or(if self.runs_openclaw() {
+            OPENCLAW_STRIDE
+        } else {
+            1
+        })
+    }
+
+    pub fn stop_timeout(&self) -> Duration {
+        Duration::from_millis(self.stop_timeout_ms)
+    }
+
+    /// Every problem with this spec, each naming its field. Empty means valid.
+    pub fn validate(&self) -> Vec<SpecProblem> {
+        let mut p = Vec::new();
+        let mut bad = |field: &str, reason: String| {
+            p.push(SpecProblem {
+                field: field.to_string(),
+                reason,
+            })
+        };
+        if !is_valid_id(&self.name) {
+            bad("name", format!("{:?} must be {ID_RULE}", self.name));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, a) in self.agents.iter().enumerate() {
+            if !is_valid_id(a) {
+                bad(&format!("agents[{i}]"), format!("{a:?} must be {ID_RULE}"));
+            } else if !seen.insert(a.as_str()) {
+                bad(&format!("agents[{i}]"), format!("duplicate agent id {a:?}"));
+            }
+        }
+        if let Some(cmd) = &self.command {
+            if cmd.is_empty() || cmd[0].trim().is_empty() {
+                bad("command", "must name a program".into());
+            }
+        }
+        match self.stride {
+            Some(0) => bad("stride", "must be at least 1".into()),
+            Some(s) if self.runs_openclaw() && s < OPENCLAW_MIN_STRIDE => bad(
+                "stride",
+                format!("{s} is too small for OpenClaw, which uses base..base+110: use at least {OPENCLAW_MIN_STRIDE}"),
+            ),
+            _ => {}
+        }
+        let b = &self.backoff;
+        if b.multiplier < 1.0 || !b.multiplier.is_finite() {
+            bad("backoff.multiplier", "must be a number >= 1".into());
+        }
+        if !(0.0..=1.0).contains(&b.jitter) {
+            bad("backoff.jitter", "must be between 0 and 1".into());
+        }
+        if b.max_ms < b.initial_ms {
+            bad("backoff.max_ms", "must be >= backoff.initial_ms".into());
+        }
+        if self.intensity.window_s == 0 {
+            bad("intensity.window_s", "must be at least 1".into());
+        }
+        if self.fleet_intensity.window_s == 0 {
+            bad("fleet_intensity.window_s", "must be at least 1".into());
+        }
+        if self.health.interval_ms == 0 {
+            bad("health.interval_ms", "must be at least 1".into());
+        }
+        if self.health.failures == 0 {
+            bad("health.failures", "must be at least 1".into());
+        }
+        if self.health.timeout_ms == 0 {
+            bad("health.timeout_ms", "must be at least 1".into());
+        }
+        if self.logs.max_bytes < 1024 {
+            bad("logs.max_bytes", "must be at least 1024".into());
+        }
+        if self.logs.budget_bytes < self.logs.max_bytes {
+            bad("logs.budget_bytes", "must be >= logs.max_bytes".into());
+        }
+        for k in self.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                bad(&format!("env.{k}"), "invalid variable name".into());
+            }
+        }
+        if let Some(m) = self.max_memory {
+            if m < 1024 * 1024 {
+                bad("max_memory", "must be at least 1 MiB".into());
+            }
+        }
+        p
+    }
+
+    /// `validate` as a single error naming every problem.
+    pub fn check(&self) -> Result<(), crate::FleetError> {
+        let problems = self.validate();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::FleetError::Spec {
+                reason: format!(
+                    "fleet {:?}: {}",
+                    self.name,
+                    problems
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            })
+        }
+    }
+}
+
+/// One problem found by `FleetSpec::validate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecProblem {
+    pub field: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for SpecProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let mut s = FleetSpec::new("f");
+        s.agents = FleetSpec::numbered_agents(3);
+        assert_eq!(s.validate(), vec![]);
+        assert_eq!(s.effective_stride(), 128);
+    }
+
+    #[test]
+    fn validate_names_every_problem() {
+        let mut s = FleetSpec::new("Bad");
+        s.agents = vec!["a".into(), "a".into(), "x_y".into()];
+        s.stride = Some(20);
+        s.backoff.jitter = 2.0;
+        let fields: Vec<String> = s.validate().into_iter().map(|p| p.field).collect();
+        assert_eq!(
+            fields,
+            ["name", "agents[1]", "agents[2]", "stride", "backoff.jitter"]
+        );
+    }
+
+    #[test]
+    fn custom_command_may_use_small_stride() {
+        let mut s = FleetSpec::new("f");
+        s.command = Some(vec!["stub".into()]);
+        s.stride = Some(1);
+        assert!(s.validate().is_empty());
+        assert_eq!(s.effective_stride(), 1);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for n in Strategy::NAMES {
+            assert_eq!(n.parse::<Strategy>().unwrap().as_str(), *n);
+        }
+        assert!("one-for-all".parse::<Strategy>().is_err());
+    }
+}
