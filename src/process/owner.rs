@@ -1,0 +1,263 @@
+//! The task that owns one running child: it alone waits on it (so signals are only ever sent
+//! to a pid that has not been reaped), pumps its stdout/stderr into the agent's log writer,
+//! and carries out stop requests on the whole tree (SIGTERM, stop timeout, SIGKILL). When its
+//! handle is dropped, from any code path, it kills the tree. One small task per agent, no
+//! thread.
+
+use super::tree::{self, Member, Sweeper};
+use crate::logs::writer::{LineSplitter, LogWriter, Stream};
+use crate::state::ExitInfo;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::process::Child;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Requests to the owner task.
+#[derive(Debug)]
+enum Ctl {
+    Stop { timeout: Duration },
+    Kill,
+}
+
+/// What the owner task reports back.
+#[derive(Debug, Clone)]
+pub enum OwnerEvent {
+    /// The main process is gone. `requested`: a stop or kill was asked for.
+    Exited { exit: ExitInfo, requested: bool },
+    /// Every process of the tree is gone after the exit (sent after `Exited`).
+    TreeGone { killed_leftovers: usize },
+    /// Lines lost while the log could not be written.
+    LogDropped { lines: u64 },
+}
+
+/// Handle to a running, owned process. Dropping it kills the whole tree.
+pub struct ProcessHandle {
+    pub pid: u32,
+    pub start_time: u64,
+    ctl: mpsc::UnboundedSender<Ctl>,
+}
+
+impl ProcessHandle {
+    /// Graceful stop: SIGTERM to the tree, SIGKILL after `timeout`.
+    pub fn stop(&self, timeout: Duration) {
+        let _ = self.ctl.send(Ctl::Stop { timeout });
+    }
+
+    /// SIGKILL to the tree at once.
+    pub fn kill(&self) {
+        let _ = self.ctl.send(Ctl::Kill);
+    }
+}
+
+/// How long to keep reading pipes after the main process exits: helpers may hold them open.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(100);
+/// Grace for leftovers of a process that exited by itself.
+const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
+
+/// Takes ownership of `child`. `marker` is this incarnation's environment marker.
+pub fn own(
+    mut child: Child,
+    marker: String,
+    sweeper: Sweeper,
+    log: LogWriter,
+    on_event: impl Fn(OwnerEvent) + Send + 'static,
+) -> ProcessHandle {
+    let pid = child.id().unwrap_or(0);
+    let start_time = super::procfs::read_proc(pid)
+        .map(|p| p.start_time)
+        .unwrap_or(0);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let guard = KillGuard {
+        pgid: pid,
+        marker: marker.clone(),
+        armed: true,
+    };
+    tokio::spawn(run(
+        child, stdout, stderr, rx, marker, sweeper, log, on_event, guard,
+    ));
+    ProcessHandle {
+        pid,
+        start_time,
+        ctl: tx,
+    }
+}
+
+/// Kills the group from `Drop` if the task is dropped before the child was reaped (runtime
+/// shut down, task aborted): no code path leaks a running process.
+struct KillGuard {
+    pgid: u32,
+    marker: String,
+    armed: bool,
+}
+
+impl Drop for KillGuard {
+    fn drop(&mut self) {
+        if self.armed && self.pgid > 1 {
+            let _ = killpg(Pid::from_raw(self.pgid as i32), Signal::SIGKILL);
+            let left = tree::collect(None, &self.marker);
+            tree::signal_members(&left, Signal::SIGKILL);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    mut child: Child,
+    mut stdout: Option<tokio::process::ChildStdout>,
+    mut stderr: Option<tokio::process::ChildStderr>,
+    mut rx: mpsc::UnboundedReceiver<Ctl>,
+    marker: String,
+    sweeper: Sweeper,
+    mut log: LogWriter,
+    on_event: impl Fn(OwnerEvent),
+    mut guard: KillGuard,
+) {
+    let pid = guard.pgid;
+    let mut split_out = LineSplitter::new();
+    let mut split_err = LineSplitter::new();
+    let mut buf_out = [0u8; 1024];
+    let mut buf_err = [0u8; 1024];
+    let mut kill_at: Option<Instant> = None;
+    let mut requested = false;
+    let mut members: Vec<Member> = Vec::new();
+    let mut ctl_open = true;
+
+    let status = loop {
+        tokio::select! {
+            st = child.wait() => break st,
+            r = read_some(&mut stdout, &mut buf_out) => {
+                pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &buf_out);
+                report_drops(&mut log, &on_event);
+            }
+            r = read_some(&mut stderr, &mut buf_err) => {
+                pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &buf_err);
+                report_drops(&mut log, &on_event);
+            }
+            ctl = rx.recv(), if ctl_open => {
+                if let Ok(Some(_)) = child.try_wait() {
+                    continue; // exited meanwhile; the wait branch reports it
+                }
+                requested = true;
+                match ctl {
+                    Some(Ctl::Stop { timeout }) => {
+                        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
+                        members = sweeper.collect(Some(pid), &marker).await;
+                        tree::signal_members(&members, Signal::SIGTERM);
+                        let at = Instant::now() + timeout;
+                        kill_at = Some(kill_at.map_or(at, |k| k.min(at)));
+                    }
+                    Some(Ctl::Kill) | None => {
+                        if ctl.is_none() {
+                            ctl_open = false;
+                        }
+                        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                        members = sweeper.collect(Some(pid), &marker).await;
+                        tree::signal_members(&members, Signal::SIGKILL);
+                        kill_at = None;
+                    }
+                }
+            }
+            _ = sleep_until_opt(kill_at) => {
+                kill_at = None;
+                if let Ok(None) = child.try_wait() {
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+                let more = sweeper.collect(Some(pid), &marker).await;
+                members.extend(more);
+                tree::signal_members(&members, Signal::SIGKILL);
+            }
+        }
+    };
+    guard.pgid = 0; // reaped: never signal that group id again
+    let exit = match status {
+        Ok(st) => ExitInfo::from_status(st),
+        Err(_) => ExitInfo::Code(-1),
+    };
+    // Lines printed just before the exit are still in the pipes.
+    let drain_until = Instant::now() + DRAIN_AFTER_EXIT;
+    while stdout.is_some() || stderr.is_some() {
+        tokio::select! {
+            r = read_some(&mut stdout, &mut buf_out) => pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &buf_out),
+            r = read_some(&mut stderr, &mut buf_err) => pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &buf_err),
+            _ = tokio::time::sleep_until(drain_until) => break,
+        }
+    }
+    split_out.finish(&mut |l, cut| log.write_line(Stream::Out, l, cut));
+    split_err.finish(&mut |l, cut| log.write_line(Stream::Err, l, cut));
+    log.flush();
+    report_drops(&mut log, &on_event);
+    drop((stdout, stderr));
+
+    if !requested {
+        // Crash path: report first so the restart is not delayed by the sweep.
+        on_event(OwnerEvent::Exited {
+            exit,
+            requested,
+        });
+    }
+    // Whatever the tree left behind (helpers in their own sessions) goes now.
+    let leftovers = sweeper.collect(None, &marker).await;
+    let grace = kill_at
+        .map(|k| k.saturating_duration_since(Instant::now()))
+        .unwrap_or(LEFTOVER_GRACE);
+    let killed = if leftovers.is_empty() {
+        0
+    } else {
+        tokio::task::spawn_blocking(move || tree::terminate_blocking(&leftovers, grace))
+            .await
+            .unwrap_or(0)
+    };
+    guard.armed = false;
+    if requested {
+        on_event(OwnerEvent::Exited { exit, requested });
+    }
+    on_event(OwnerEvent::TreeGone {
+        killed_leftovers: killed,
+    });
+}
+
+async fn read_some<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut Option<R>,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    match r {
+        Some(r) => r.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn pump<R>(
+    log: &mut LogWriter,
+    split: &mut LineSplitter,
+    stream: Stream,
+    src: &mut Option<R>,
+    r: std::io::Result<usize>,
+    buf: &[u8],
+) {
+    match r {
+        Ok(0) | Err(_) => {
+            split.finish(&mut |l, cut| log.write_line(stream, l, cut));
+            *src = None;
+        }
+        Ok(n) => split.push(&buf[..n], &mut |l, cut| log.write_line(stream, l, cut)),
+    }
+    log.flush();
+}
+
+fn report_drops(log: &mut LogWriter, on_event: &impl Fn(OwnerEvent)) {
+    if let Some(lines) = log.take_dropped_report() {
+        on_event(OwnerEvent::LogDropped { lines });
+    }
+}

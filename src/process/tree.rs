@@ -1,0 +1,213 @@
+//! Finding and signalling every process an agent started: its own process group, its
+//! descendants (which may sit in groups and sessions of their own, as OpenClaw's
+//! spawn-broker does) and any process carrying the agent's environment marker (descendants
+//! that were re-parented away from the agent). Every signal goes to a process verified by pid
+//! *and* start time, so a reused pid is never hit.
+
+use super::procfs::{self, ProcInfo};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+/// The variable that marks every agent process and its descendants:
+/// `<node-id>/<fleet>/<agent>/<incarnation>`.
+pub const MARKER_VAR: &str = "FLEET_COMMANDER_AGENT";
+
+pub fn marker(node_id: &str, fleet: &str, agent: &str, incarnation: u64) -> String {
+    format!("{node_id}/{fleet}/{agent}/{incarnation}")
+}
+
+/// Prefix matching every incarnation of one agent.
+pub fn agent_marker_prefix(node_id: &str, fleet: &str, agent: &str) -> String {
+    format!("{node_id}/{fleet}/{agent}/")
+}
+
+/// Prefix matching every agent of a node.
+pub fn node_marker_prefix(node_id: &str) -> String {
+    format!("{node_id}/")
+}
+
+/// A process we may signal: identified by pid and start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member {
+    pub pid: u32,
+    pub pgid: u32,
+    pub start_time: u64,
+}
+
+impl From<&ProcInfo> for Member {
+    fn from(p: &ProcInfo) -> Self {
+        Member {
+            pid: p.pid,
+            pgid: p.pgid,
+            start_time: p.start_time,
+        }
+    }
+}
+
+/// Every live descendant of `root` plus every process whose marker starts with `prefix`,
+/// excluding `root` itself and zombies.
+pub fn collect(root: Option<u32>, prefix: &str) -> Vec<Member> {
+    let procs = procfs::scan();
+    let mut out: Vec<Member> = Vec::new();
+    if let Some(r) = root {
+        out.extend(procfs::descendants(r, &procs).iter().map(Member::from));
+    }
+    for p in procfs::with_env_marker(&procs, MARKER_VAR, prefix) {
+        if Some(p.pid) != root && !out.iter().any(|m| m.pid == p.pid) {
+            out.push(Member::from(&p));
+        }
+    }
+    let zombie = |m: &Member| {
+        procs
+            .iter()
+            .any(|p| p.pid == m.pid && p.state == 'Z')
+    };
+    out.retain(|m| !zombie(m));
+    out
+}
+
+/// Sends `sig` to each member's process group (so grandchildren in that group are reached
+/// too) and to the member itself, after checking it is still the same process.
+pub fn signal_members(members: &[Member], sig: Signal) -> usize {
+    let mut sent = 0;
+    let mut groups_done: Vec<u32> = Vec::new();
+    for m in members {
+        if !procfs::is_same_process(m.pid, m.start_time) {
+            continue;
+        }
+        // A group id cannot be reused while the verified member is in it.
+        if m.pgid > 1 && !groups_done.contains(&m.pgid) {
+            if let Some(p) = procfs::read_proc(m.pid) {
+                if p.pgid == m.pgid && killpg(Pid::from_raw(m.pgid as i32), sig).is_ok() {
+                    groups_done.push(m.pgid);
+                }
+            }
+        }
+        if kill(Pid::from_raw(m.pid as i32), sig).is_ok() {
+            sent += 1;
+        }
+    }
+    sent
+}
+
+/// Members still alive (same pid and start time, not a zombie).
+pub fn alive(members: &[Member]) -> Vec<Member> {
+    members
+        .iter()
+        .filter(|m| procfs::is_same_process(m.pid, m.start_time))
+        .copied()
+        .collect()
+}
+
+/// SIGTERM, wait up to `grace` for them to go, then SIGKILL what is left. Blocking: call from
+/// a blocking task. Returns how many needed SIGKILL.
+pub fn terminate_blocking(members: &[Member], grace: std::time::Duration) -> usize {
+    if members.is_empty() {
+        return 0;
+    }
+    signal_members(members, Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + grace;
+    let mut left = alive(members);
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        left = alive(&left);
+    }
+    signal_members(&left, Signal::SIGKILL);
+    left.len()
+}
+
+struct SweepReq {
+    root: Option<u32>,
+    prefix: String,
+    reply: tokio::sync::oneshot::Sender<Vec<Member>>,
+}
+
+/// Batches "who belongs to this agent?" questions into one /proc scan: a fleet stop of a
+/// thousand agents reads /proc a few times, not a thousand times.
+#[derive(Clone)]
+pub struct Sweeper {
+    tx: tokio::sync::mpsc::UnboundedSender<SweepReq>,
+}
+
+impl Sweeper {
+    /// `min_start_time`: processes started before this (clock ticks since boot) are never
+    /// ours at run time, so their environment is not read.
+    pub fn start(min_start_time: u64) -> Sweeper {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SweepReq>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    batch.push(more);
+                }
+                let queries: Vec<(Option<u32>, String)> =
+                    batch.iter().map(|r| (r.root, r.prefix.clone())).collect();
+                let answers = tokio::task::spawn_blocking(move || {
+                    collect_many(&queries, min_start_time)
+                })
+                .await
+                .unwrap_or_default();
+                for (req, ans) in batch.into_iter().zip(answers) {
+                    let _ = req.reply.send(ans);
+                }
+            }
+        });
+        Sweeper { tx }
+    }
+
+    /// Descendants of `root` plus processes marked with `prefix` (root excluded).
+    pub async fn collect(&self, root: Option<u32>, prefix: &str) -> Vec<Member> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        if self
+            .tx
+            .send(SweepReq {
+                root,
+                prefix: prefix.to_string(),
+                reply,
+            })
+            .is_err()
+        {
+            return collect(root, prefix);
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
+/// One scan answering many queries.
+pub fn collect_many(queries: &[(Option<u32>, String)], min_start_time: u64) -> Vec<Vec<Member>> {
+    let procs: Vec<ProcInfo> = procfs::scan()
+        .into_iter()
+        .filter(|p| p.state != 'Z')
+        .collect();
+    let mut answers: Vec<Vec<Member>> = queries
+        .iter()
+        .map(|(root, _)| match root {
+            Some(r) => procfs::descendants(*r, &procs)
+                .iter()
+                .map(Member::from)
+                .collect(),
+            None => Vec::new(),
+        })
+        .collect();
+    let needle = format!("{MARKER_VAR}=");
+    for p in procs.iter().filter(|p| p.start_time >= min_start_time) {
+        let Ok(env) = std::fs::read(format!("/proc/{}/environ", p.pid)) else {
+            continue;
+        };
+        let Some(value) = env
+            .split(|c| *c == 0)
+            .find_map(|kv| kv.strip_prefix(needle.as_bytes()))
+        else {
+            continue;
+        };
+        for (i, (root, prefix)) in queries.iter().enumerate() {
+            if value.starts_with(prefix.as_bytes())
+                && Some(p.pid) != *root
+                && !answers[i].iter().any(|m| m.pid == p.pid)
+            {
+                answers[i].push(Member::from(p));
+            }
+        }
+    }
+    answers
+}
