@@ -4,11 +4,13 @@
 
 pub mod actors;
 pub mod admin;
+pub mod context;
 pub mod error;
 pub mod health;
 pub mod ids;
 pub mod logs;
 pub mod messages;
+pub mod node;
 pub mod ports;
 pub mod process;
 pub mod provision;
@@ -19,4 +21,6 @@ pub mod specfile;
 pub mod state;
 pub mod strategy;
 
+pub use context::NodeConfig;
 pub use error::{FleetError, Result};
+pub use node::{Node, NodeHandle};

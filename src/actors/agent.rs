@@ -1,1 +1,627 @@
-//! (not yet written)
+//! AgentActor: one per agent, owns at most one OS process tree at a time. Its handlers only
+//! decide (with `restart::decide`, the probe reports and the operator's wishes) and start
+//! small tasks for the work: provisioning and spawning, owning the process, probing. Every
+//! task's report carries the incarnation it belongs to; stale ones are dropped.
+
+use crate::context::{AgentView, NodeContext};
+use crate::error::FleetError;
+use crate::health::{self, ProbeReport};
+use crate::logs::writer::LogWriter;
+use crate::messages::agent::{AgentMsg, SpawnFailure, Spawned};
+use crate::messages::command::AgentStatus;
+use crate::messages::events::{AgentTransition, Event};
+use crate::messages::fleet::FleetMsg;
+use crate::process::owner::{self, OwnerEvent, ProcessHandle};
+use crate::process::spawn::SpawnRequest;
+use crate::process::tree;
+use crate::provision::{self, AgentPaths};
+use crate::restart::{self, Decision, ExitCause, History};
+use crate::spec::FleetSpec;
+use crate::state::{now_ms, AgentState, ExitInfo};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct AgentActor;
+
+pub struct AgentArgs {
+    pub fleet: String,
+    pub agent: String,
+    pub spec: Arc<FleetSpec>,
+    pub port: u16,
+    pub token: String,
+    pub ctx: Arc<NodeContext>,
+    pub fleet_ref: ActorRef<FleetMsg>,
+    pub start: bool,
+}
+
+/// Why we are stopping the current process.
+#[derive(Debug, Clone, PartialEq)]
+enum Purpose {
+    /// Operator or fleet stop: end in `stopped`.
+    Stop,
+    /// Stop then start again, without counting a restart (operator, strategy, token rotation).
+    Restart,
+    /// The fleet gave up: end in `failed`.
+    Fail(String),
+    /// Liveness failed: counts as a crash.
+    Health,
+}
+
+pub struct AgentRuntime {
+    fleet: String,
+    agent: String,
+    spec: Arc<FleetSpec>,
+    port: u16,
+    token: String,
+    ctx: Arc<NodeContext>,
+    fleet_ref: ActorRef<FleetMsg>,
+    paths: AgentPaths,
+    state: AgentState,
+    reason: Option<String>,
+    gen: u64,
+    process: Option<ProcessHandle>,
+    prober: Option<tokio::task::JoinHandle<()>>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    stopping: Option<Purpose>,
+    stop_waiters: Vec<ractor::RpcReplyPort<()>>,
+    history: History,
+    restarts: u32,
+    last_exit: Option<ExitInfo>,
+    started_at: Option<Instant>,
+    healthy_since: Option<Instant>,
+    healthy: bool,
+    ready: bool,
+    want_running: bool,
+}
+
+impl Drop for AgentRuntime {
+    fn drop(&mut self) {
+        // The process handle's own drop kills the tree; the prober must not outlive us.
+        if let Some(p) = self.prober.take() {
+            p.abort();
+        }
+    }
+}
+
+impl Actor for AgentActor {
+    type Msg = AgentMsg;
+    type State = AgentRuntime;
+    type Arguments = AgentArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<AgentMsg>,
+        a: AgentArgs,
+    ) -> Result<AgentRuntime, ActorProcessingErr> {
+        let paths = AgentPaths::new(&a.ctx.config.state_dir, &a.fleet, &a.agent);
+        let mut rt = AgentRuntime {
+            fleet: a.fleet,
+            agent: a.agent,
+            spec: a.spec,
+            port: a.port,
+            token: a.token,
+            ctx: a.ctx,
+            fleet_ref: a.fleet_ref,
+            paths,
+            state: AgentState::Stopped,
+            reason: None,
+            gen: 0,
+            process: None,
+            prober: None,
+            permit: None,
+            stopping: None,
+            stop_waiters: Vec::new(),
+            history: History::default(),
+            restarts: 0,
+            last_exit: None,
+            started_at: None,
+            healthy_since: None,
+            healthy: false,
+            ready: false,
+            want_running: a.start,
+        };
+        rt.publish_view();
+        if rt.want_running {
+            rt.begin_start(&myself);
+        }
+        Ok(rt)
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<AgentMsg>,
+        rt: &mut AgentRuntime,
+    ) -> Result<(), ActorProcessingErr> {
+        rt.ctx
+            .status
+            .remove(&(rt.fleet.clone(), rt.agent.clone()));
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<AgentMsg>,
+        msg: AgentMsg,
+        rt: &mut AgentRuntime,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            AgentMsg::Start { reset_history } => {
+                rt.want_running = true;
+                if reset_history {
+                    rt.history.reset();
+                }
+                let idle = rt.process.is_none()
+                    && !matches!(rt.state, AgentState::Provisioning | AgentState::Starting);
+                if idle {
+                    rt.begin_start(&myself);
+                }
+            }
+            AgentMsg::Stop { reply } => {
+                rt.want_running = false;
+                if let Some(r) = reply {
+                    rt.stop_waiters.push(r);
+                }
+                rt.stop_process(Purpose::Stop);
+            }
+            AgentMsg::Restart { reason } => {
+                rt.want_running = true;
+                if rt.process.is_some() {
+                    rt.reason = Some(reason);
+                    rt.stop_process(Purpose::Restart);
+                } else {
+                    rt.begin_start(&myself);
+                }
+            }
+            AgentMsg::Fail { reason } => {
+                rt.want_running = false;
+                rt.stop_process(Purpose::Fail(reason));
+            }
+            AgentMsg::RotateToken { reply } => {
+                match provision::generate_token() {
+                    Ok(t) => {
+                        rt.token = t.clone();
+                        if rt.process.is_some() {
+                            rt.reason = Some("token rotated".into());
+                            rt.stop_process(Purpose::Restart);
+                        }
+                        let _ = reply.send(Ok(t));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            AgentMsg::GetToken { reply } => {
+                let _ = reply.send(rt.token.clone());
+            }
+            AgentMsg::UpdateSpec(spec) => rt.spec = spec,
+            AgentMsg::Spawned { gen, result } => rt.on_spawned(&myself, gen, result),
+            AgentMsg::Owner { gen, event } => rt.on_owner(&myself, gen, event),
+            AgentMsg::Probe { gen, report } => rt.on_probe(gen, report),
+            AgentMsg::GraceExpired { gen } => {
+                if gen == rt.gen && rt.state == AgentState::Starting {
+                    rt.reason = Some(format!(
+                        "no healthy /healthz within the {} ms start grace",
+                        rt.spec.health.grace_ms
+                    ));
+                    rt.stop_process(Purpose::Health);
+                }
+            }
+            AgentMsg::BackoffDone { gen } => {
+                if gen == rt.gen && rt.state == AgentState::Backoff && rt.want_running {
+                    rt.begin_start(&myself);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AgentRuntime {
+    fn set_state(&mut self, new: AgentState, exit: Option<ExitInfo>, reason: Option<String>) {
+        let old = self.state;
+        self.state = new;
+        self.reason = reason;
+        self.publish_view();
+        if old != new {
+            self.ctx.publish(Event::Agent(AgentTransition {
+                fleet: self.fleet.clone(),
+                agent: self.agent.clone(),
+                old,
+                new,
+                pid: self.process.as_ref().map(|p| p.pid),
+                exit,
+                restarts: self.restarts,
+                reason: self.reason.clone(),
+                at_ms: now_ms(),
+            }));
+        }
+    }
+
+    fn publish_view(&self) {
+        let row = AgentStatus {
+            fleet: self.fleet.clone(),
+            agent: self.agent.clone(),
+            state: self.state,
+            pid: self.process.as_ref().map(|p| p.pid),
+            port: Some(self.port),
+            home: self.paths.home.display().to_string(),
+            restarts: self.restarts,
+            healthy: self.healthy,
+            ready: self.ready,
+            uptime_s: 0,
+            rss_bytes: None,
+            last_exit: self.last_exit,
+            reason: self.reason.clone(),
+        };
+        let started = self.process.as_ref().and(self.started_at);
+        self.ctx.status.insert(
+            (self.fleet.clone(), self.agent.clone()),
+            AgentView { row, started },
+        );
+    }
+
+    /// Provision, pass the start gate and spawn, in a task; the result comes back as
+    /// `Spawned` for this incarnation.
+    fn begin_start(&mut self, myself: &ActorRef<AgentMsg>) {
+        self.gen = self.ctx.next_incarnation();
+        let gen = self.gen;
+        self.set_state(AgentState::Provisioning, None, None);
+        let job = StartJob {
+            ctx: self.ctx.clone(),
+            spec: self.spec.clone(),
+            paths: self.paths.clone(),
+            port: self.port,
+            token: self.token.clone(),
+            marker: tree::marker(&self.ctx.node_id, &self.fleet, &self.agent, gen),
+        };
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let result = job.run().await;
+            if let Err(ractor::MessagingErr::SendErr(AgentMsg::Spawned {
+                result: Ok(sp), ..
+            })) = me.send_message(AgentMsg::Spawned { gen, result })
+            {
+                // The actor is gone: the child must not survive it.
+                kill_orphan_child(sp.child);
+            }
+        });
+    }
+
+    fn on_spawned(&mut self, myself: &ActorRef<AgentMsg>, gen: u64, result: Result<Spawned, SpawnFailure>) {
+        if gen != self.gen || !self.want_running {
+            if let Ok(sp) = result {
+                kill_orphan_child(sp.child);
+            }
+            if gen == self.gen {
+                self.set_state(AgentState::Stopped, None, None);
+                self.reply_stop_waiters();
+            }
+            return;
+        }
+        match result {
+            Err(f) => {
+                self.set_state(AgentState::Failed, None, Some(f.reason.clone()));
+                let _ = self.fleet_ref.send_message(FleetMsg::AgentFailed {
+                    agent: self.agent.clone(),
+                    reason: f.reason,
+                });
+            }
+            Ok(sp) => {
+                let log = LogWriter::open(
+                    self.paths.agent_log.clone(),
+                    self.spec.logs.max_bytes,
+                    self.spec.logs.keep,
+                );
+                let me = myself.clone();
+                let handle = owner::own(
+                    sp.child,
+                    tree::marker(&self.ctx.node_id, &self.fleet, &self.agent, gen),
+                    self.ctx.sweeper.clone(),
+                    log,
+                    move |event| {
+                        let _ = me.send_message(AgentMsg::Owner { gen, event });
+                    },
+                );
+                self.process = Some(handle);
+                self.permit = sp.permit;
+                self.started_at = Some(Instant::now());
+                self.healthy = false;
+                self.ready = false;
+                self.set_state(AgentState::Starting, None, None);
+                let me = myself.clone();
+                self.prober = Some(health::spawn_prober(
+                    self.port,
+                    self.spec.health.clone(),
+                    move |report| {
+                        let _ = me.send_message(AgentMsg::Probe { gen, report });
+                    },
+                ));
+                let grace = Duration::from_millis(self.spec.health.grace_ms);
+                myself.send_after(grace, move || AgentMsg::GraceExpired { gen });
+            }
+        }
+    }
+
+    fn on_probe(&mut self, gen: u64, r: ProbeReport) {
+        if gen != self.gen || self.process.is_none() || self.stopping.is_some() {
+            return;
+        }
+        self.healthy = r.healthy;
+        self.ready = r.ready;
+        match (self.state, r.healthy) {
+            (AgentState::Starting, true) | (AgentState::Unhealthy, true) => {
+                self.permit = None;
+                self.healthy_since = Some(Instant::now());
+                self.set_state(AgentState::Running, None, None);
+            }
+            (AgentState::Running, false) | (AgentState::Unhealthy, false) => {
+                self.healthy_since = None;
+                let why = r.error.unwrap_or_else(|| "probe failed".into());
+                if r.failures >= self.spec.health.failures {
+                    self.reason = Some(format!(
+                        "{} failed /healthz probes in a row ({why})",
+                        r.failures
+                    ));
+                    self.stop_process(Purpose::Health);
+                } else {
+                    self.set_state(AgentState::Unhealthy, None, Some(why));
+                }
+            }
+            _ => self.publish_view(),
+        }
+    }
+
+    fn on_owner(&mut self, myself: &ActorRef<AgentMsg>, gen: u64, event: OwnerEvent) {
+        if gen != self.gen {
+            return;
+        }
+        match event {
+            OwnerEvent::LogDropped { lines } => {
+                self.ctx.publish(Event::LogLinesDropped {
+                    fleet: self.fleet.clone(),
+                    agent: self.agent.clone(),
+                    lines,
+                    reason: "log could not be written".into(),
+                    at_ms: now_ms(),
+                });
+            }
+            OwnerEvent::TreeGone { .. } => {}
+            OwnerEvent::Exited { exit, .. } => {
+                let healthy_for = self.healthy_since.map(|t| t.elapsed());
+                self.process = None;
+                if let Some(p) = self.prober.take() {
+                    p.abort();
+                }
+                self.permit = None;
+                self.healthy = false;
+                self.ready = false;
+                self.healthy_since = None;
+                self.started_at = None;
+                self.last_exit = Some(exit);
+                match self.stopping.take() {
+                    None => self.after_exit(myself, ExitCause::Exited(exit), healthy_for, exit),
+                    Some(Purpose::Health) => {
+                        self.after_exit(myself, ExitCause::HealthFailed, healthy_for, exit)
+                    }
+                    Some(Purpose::Stop) => {
+                        self.set_state(AgentState::Stopped, Some(exit), None);
+                        self.reply_stop_waiters();
+                    }
+                    Some(Purpose::Fail(reason)) => {
+                        self.set_state(AgentState::Failed, Some(exit), Some(reason));
+                        self.reply_stop_waiters();
+                    }
+                    Some(Purpose::Restart) => {
+                        if self.want_running {
+                            self.begin_start(myself);
+                        } else {
+                            self.set_state(AgentState::Stopped, Some(exit), None);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn after_exit(
+        &mut self,
+        myself: &ActorRef<AgentMsg>,
+        cause: ExitCause,
+        healthy_for: Option<Duration>,
+        exit: ExitInfo,
+    ) {
+        if !self.want_running {
+            self.set_state(AgentState::Stopped, Some(exit), None);
+            self.reply_stop_waiters();
+            return;
+        }
+        let now = Instant::now();
+        let decision = restart::decide(
+            &self.spec,
+            &self.history,
+            cause,
+            healthy_for,
+            now,
+            rand::random::<f64>(),
+        );
+        match decision {
+            Decision::Restart { after } => {
+                self.history
+                    .record_restart(now, self.spec.intensity.window());
+                self.restarts += 1;
+                let _ = self.fleet_ref.send_message(FleetMsg::AgentRestarting {
+                    agent: self.agent.clone(),
+                });
+                let why = self.reason.take().unwrap_or_else(|| cause.describe());
+                self.gen = self.ctx.next_incarnation();
+                self.set_state(
+                    AgentState::Backoff,
+                    Some(exit),
+                    Some(format!("{why}; restart in {} ms", after.as_millis())),
+                );
+                if after.is_zero() {
+                    self.begin_start(myself);
+                } else {
+                    let gen = self.gen;
+                    myself.send_after(after, move || AgentMsg::BackoffDone { gen });
+                }
+            }
+            Decision::GiveUp { reason } => {
+                self.want_running = false;
+                self.set_state(AgentState::Failed, Some(exit), Some(reason.clone()));
+                let _ = self.fleet_ref.send_message(FleetMsg::AgentFailed {
+                    agent: self.agent.clone(),
+                    reason,
+                });
+            }
+            Decision::Stay { reason } => {
+                self.want_running = false;
+                self.set_state(AgentState::Stopped, Some(exit), Some(reason));
+            }
+        }
+    }
+
+    /// Stops the current process for `purpose`, or settles at once when there is none.
+    fn stop_process(&mut self, purpose: Purpose) {
+        if let Some(p) = &self.process {
+            // An operator's stop or the fleet's failure overrides a restart in progress.
+            let keep_current = matches!(self.stopping, Some(Purpose::Stop) | Some(Purpose::Fail(_)))
+                && matches!(purpose, Purpose::Restart | Purpose::Health);
+            if !keep_current {
+                self.stopping = Some(purpose);
+            }
+            p.stop(self.spec.stop_timeout());
+            let reason = self.reason.clone();
+            self.set_state(AgentState::Stopping, None, reason);
+            return;
+        }
+        // No process: cancel a pending backoff or a start in flight by moving on a generation.
+        self.gen = self.ctx.next_incarnation();
+        match purpose {
+            Purpose::Fail(reason) => self.set_state(AgentState::Failed, None, Some(reason)),
+            _ if self.state == AgentState::Failed => {}
+            _ => self.set_state(AgentState::Stopped, None, None),
+        }
+        self.reply_stop_waiters();
+    }
+
+    fn reply_stop_waiters(&mut self) {
+        for w in self.stop_waiters.drain(..) {
+            let _ = w.send(());
+        }
+    }
+}
+
+/// A child that nobody will own: kill it and everything it started.
+fn kill_orphan_child(mut child: tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+}
+
+/// Everything between "start" and a running child, off the actor.
+struct StartJob {
+    ctx: Arc<NodeContext>,
+    spec: Arc<FleetSpec>,
+    paths: AgentPaths,
+    port: u16,
+    token: String,
+    marker: String,
+}
+
+impl StartJob {
+    async fn run(self) -> Result<Spawned, SpawnFailure> {
+        let fail = |reason: String| SpawnFailure { reason };
+        let (program, args, node_bin_dir) = match &self.spec.command {
+            Some(cmd) => (cmd[0].clone().into(), cmd[1..].to_vec(), None),
+            None => {
+                let inst = provision::resolve_openclaw(self.ctx.config.openclaw_bin.as_deref())
+                    .map_err(|e| fail(e.to_string()))?;
+                (
+                    inst.openclaw,
+                    vec!["gateway".to_string(), "run".to_string()],
+                    inst.node_bin_dir,
+                )
+            }
+        };
+        let (paths, spec, token, port, cache) = (
+            self.paths.clone(),
+            self.spec.clone(),
+            self.token.clone(),
+            self.port,
+            self.ctx.compile_cache.clone(),
+        );
+        let marker = self.marker.clone();
+        let env = tokio::task::spawn_blocking(move || -> Result<Vec<(String, String)>, FleetError> {
+            provision::ensure_home(&paths)?;
+            std::fs::create_dir_all(&cache).map_err(|e| FleetError::Provision {
+                fleet: spec.name.clone(),
+                agent: String::new(),
+                reason: format!("{}: {e}", cache.display()),
+            })?;
+            let template = match &spec.template {
+                Some(t) => Some(provision::load_template(t)?),
+                None => None,
+            };
+            let enforced = provision::Enforced {
+                token: &token,
+                port,
+                log_file: &paths.openclaw_log,
+                log_max_bytes: spec.logs.max_bytes,
+                profile: spec.profile,
+            };
+            let (config, warnings) = provision::render_config(template.as_ref(), &enforced)?;
+            for w in warnings {
+                tracing::warn!(fleet = %spec.name, "{w}");
+            }
+            provision::write_config_atomic(&paths.config, &config)?;
+            Ok(provision::agent_env(&provision::EnvInput {
+                paths: &paths,
+                port,
+                compile_cache: &cache,
+                node_bin_dir: node_bin_dir.as_deref(),
+                profile: spec.profile,
+                marker: &marker,
+                extra: &spec.env,
+                runs_openclaw: spec.runs_openclaw(),
+            }))
+        })
+        .await
+        .map_err(|e| fail(format!("provisioning task failed: {e}")))?
+        .map_err(|e| fail(e.to_string()))?;
+        // Only OpenClaw starts are expensive enough to queue behind the gate.
+        let permit = if self.spec.runs_openclaw() {
+            Some(
+                self.ctx
+                    .gate
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| fail("start gate closed".into()))?,
+            )
+        } else {
+            None
+        };
+        let req = SpawnRequest {
+            program: program.clone(),
+            args,
+            env,
+            cwd: self.paths.home.clone(),
+        };
+        let child = self
+            .ctx
+            .spawner
+            .spawn(req)
+            .await
+            .map_err(|e| fail(format!("cannot run {}: {e}", program.display())))?;
+        Ok(Spawned { child, permit })
+    }
+}

@@ -1,1 +1,1008 @@
-//! (not yet written)
+//! NodeActor: the root. Starts the PortAllocator and the LogRotator, one FleetSupervisor per
+//! fleet, turns every admin command into messages to them, and keeps the desired state in
+//! the registry (saved before a command replies). It never waits on an agent itself: long
+//! operations (stops) are awaited from tasks or by the fleets.
+
+use crate::actors::fleet::{FleetArgs, FleetSupervisor};
+use crate::actors::logs::LogRotator;
+use crate::actors::ports::PortAllocator;
+use crate::admin::parse::help_text;
+use crate::context::NodeContext;
+use crate::error::FleetError;
+use crate::logs::tail;
+use crate::messages::command::{AgentStatus, Command, FleetInfo, PortLeaseRow, Reply, TopRow};
+use crate::messages::fleet::{AgentOp, FleetMsg};
+use crate::messages::logs::LogsMsg;
+use crate::messages::node::NodeMsg;
+use crate::messages::ports::PortsMsg;
+use crate::ports::Lease;
+use crate::provision::{self, AgentPaths};
+use crate::registry::{AgentRecord, Desired, FleetRecord, RegistryData, Store};
+use crate::spec::FleetSpec;
+use crate::specfile::{self, Change};
+use crate::state::FleetState;
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct NodeActor;
+
+pub struct NodeArgs {
+    pub ctx: Arc<NodeContext>,
+    pub store: Box<dyn Store>,
+    pub data: RegistryData,
+}
+
+pub struct NodeRuntime {
+    ctx: Arc<NodeContext>,
+    store: Box<dyn Store>,
+    data: RegistryData,
+    fleets: BTreeMap<String, ActorRef<FleetMsg>>,
+    ports: ActorRef<PortsMsg>,
+    logs: ActorRef<LogsMsg>,
+}
+
+const CALL: Duration = Duration::from_secs(10);
+
+impl Actor for NodeActor {
+    type Msg = NodeMsg;
+    type State = NodeRuntime;
+    type Arguments = NodeArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<NodeMsg>,
+        a: NodeArgs,
+    ) -> Result<NodeRuntime, ActorProcessingErr> {
+        let (ports, _) = Actor::spawn_linked(
+            None,
+            PortAllocator,
+            a.ctx.config.port_range,
+            myself.get_cell(),
+        )
+        .await?;
+        let (logs, _) =
+            Actor::spawn_linked(None, LogRotator, a.ctx.clone(), myself.get_cell()).await?;
+        let mut rt = NodeRuntime {
+            ctx: a.ctx,
+            store: a.store,
+            data: RegistryData::default(),
+            fleets: BTreeMap::new(),
+            ports,
+            logs,
+        };
+        let data = a.data;
+        rt.data.version = data.version;
+        rt.data.node_id = data.node_id.clone();
+        // Bring back every fleet in its desired state, with the same ports and tokens.
+        for (name, rec) in data.fleets {
+            if let Err(e) = rt.restore_fleet(&myself, rec).await {
+                tracing::error!(fleet = %name, error = %e, "could not restore fleet");
+            }
+        }
+        Ok(rt)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<NodeMsg>,
+        msg: NodeMsg,
+        rt: &mut NodeRuntime,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            NodeMsg::Command(cmd, reply) => {
+                if let Some(r) = rt.command(&myself, cmd, reply).await {
+                    let (reply, answer) = r;
+                    let _ = reply.send(answer);
+                }
+            }
+            NodeMsg::CreateFleet(spec, reply) => {
+                let r = rt.create_fleet(&myself, spec, Desired::Running).await;
+                let _ = reply.send(r);
+            }
+            NodeMsg::ApplySpec(specs, reply) => {
+                let r = rt.apply_spec(&myself, specs).await;
+                let _ = reply.send(r);
+            }
+            NodeMsg::Shutdown(reply) => {
+                let fleets: Vec<ActorRef<FleetMsg>> = rt.fleets.values().rev().cloned().collect();
+                tokio::spawn(async move {
+                    let mut waits = Vec::new();
+                    for f in fleets {
+                        waits.push(tokio::spawn(async move {
+                            let _ = f.call(|r| FleetMsg::StopAll { reply: r }, None).await;
+                        }));
+                    }
+                    for w in waits {
+                        let _ = w.await;
+                    }
+                    let _ = reply.send(());
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<NodeMsg>,
+        evt: ractor::SupervisionEvent,
+        _rt: &mut NodeRuntime,
+    ) -> Result<(), ActorProcessingErr> {
+        // A fleet or service actor that dies is logged; the other fleets keep running.
+        match evt {
+            ractor::SupervisionEvent::ActorFailed(c, e) => {
+                tracing::error!(actor = ?c.get_id(), error = %e, "child actor failed")
+            }
+            ractor::SupervisionEvent::ActorTerminated(c, _, r) => {
+                tracing::debug!(actor = ?c.get_id(), reason = ?r, "child actor stopped")
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+type Answer = Option<(ractor::RpcReplyPort<Reply>, Reply)>;
+
+fn answer(reply: ractor::RpcReplyPort<Reply>, r: Result<Reply, FleetError>) -> Answer {
+    Some((reply, r.unwrap_or_else(Reply::Error)))
+}
+
+fn done(msg: impl Into<String>) -> Result<Reply, FleetError> {
+    Ok(Reply::Done {
+        message: msg.into(),
+    })
+}
+
+impl NodeRuntime {
+    async fn command(
+        &mut self,
+        myself: &ActorRef<NodeMsg>,
+        cmd: Command,
+        reply: ractor::RpcReplyPort<Reply>,
+    ) -> Answer {
+        match cmd {
+            Command::FleetCreate {
+                fleet,
+                agents,
+                strategy,
+                command,
+                template,
+                restart,
+                stride,
+                profile,
+            } => {
+                let mut spec = FleetSpec::new(fleet.clone());
+                spec.agents = FleetSpec::numbered_agents(agents);
+                if let Some(s) = strategy {
+                    spec.strategy = s;
+                }
+                if let Some(r) = restart {
+                    spec.restart = r;
+                }
+                spec.command = command;
+                spec.template = template;
+                spec.stride = stride;
+                if let Some(p) = profile {
+                    spec.profile = p;
+                }
+                let r = self.create_fleet(myself, spec, Desired::Running).await;
+                answer(
+                    reply,
+                    r.and_then(|_| done(format!("fleet {fleet} created with {agents} agents"))),
+                )
+            }
+            Command::FleetList => answer(reply, Ok(Reply::Fleets(self.fleet_infos()))),
+            Command::FleetStart { fleet } => {
+                let r = self.fleet_call(&fleet, |r| FleetMsg::StartAll { reply: r }, CALL).await;
+                let r = r.and_then(|_| self.set_fleet_desired(&fleet, Desired::Running));
+                answer(reply, r.and_then(|_| done(format!("fleet {fleet} started"))))
+            }
+            Command::FleetRestart { fleet } => {
+                let r = self.fleet_call(&fleet, |r| FleetMsg::RestartAll { reply: r }, CALL).await;
+                let r = r.and_then(|_| self.set_fleet_desired(&fleet, Desired::Running));
+                answer(reply, r.and_then(|_| done(format!("fleet {fleet} restarting"))))
+            }
+            Command::FleetStop { fleet } => {
+                let f = match self.fleet_ref(&fleet) {
+                    Ok(f) => f,
+                    Err(e) => return answer(reply, Err(e)),
+                };
+                if let Err(e) = self.set_fleet_desired(&fleet, Desired::Stopped) {
+                    return answer(reply, Err(e));
+                }
+                tokio::spawn(async move {
+                    let _ = f.call(|r| FleetMsg::StopAll { reply: r }, None).await;
+                    let _ = reply.send(Reply::Done {
+                        message: format!("fleet {fleet} stopped"),
+                    });
+                });
+                None
+            }
+            Command::FleetRm { fleet, purge } => self.remove_fleet(fleet, purge, reply),
+            Command::AgentAdd { fleet, agent } => {
+                let r = self.add_agent(&fleet, &agent).await;
+                answer(reply, r.and_then(|_| done(format!("agent {fleet}/{agent} added"))))
+            }
+            Command::AgentStart { fleet, agent } => {
+                self.agent_op(fleet, agent, AgentOp::Start, Desired::Running, reply).await
+            }
+            Command::AgentRestart { fleet, agent } => {
+                self.agent_op(fleet, agent, AgentOp::Restart, Desired::Running, reply).await
+            }
+            Command::AgentStop { fleet, agent } => {
+                self.agent_op(fleet, agent, AgentOp::Stop, Desired::Stopped, reply).await
+            }
+            Command::AgentRm {
+                fleet,
+                agent,
+                purge,
+            } => self.remove_agent(fleet, agent, purge, reply),
+            Command::Status { fleet, agent } => answer(reply, self.status(fleet, agent)),
+            Command::Logs {
+                fleet,
+                agent,
+                lines,
+                follow: _,
+            } => {
+                let token = match self.agent_record(&fleet, &agent) {
+                    Ok(a) => a.token.clone(),
+                    Err(e) => return answer(reply, Err(e)),
+                };
+                let paths = AgentPaths::new(&self.ctx.config.state_dir, &fleet, &agent);
+                tokio::task::spawn_blocking(move || {
+                    let r = match tail::last_lines(&paths.agent_log, lines) {
+                        Ok(v) => Reply::Logs(
+                            v.iter().map(|l| tail::redact(l, &[token.as_str()])).collect(),
+                        ),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Reply::Logs(vec![]),
+                        Err(e) => Reply::Error(FleetError::internal(format!(
+                            "reading {}: {e}",
+                            paths.agent_log.display()
+                        ))),
+                    };
+                    let _ = reply.send(r);
+                });
+                None
+            }
+            Command::Token {
+                fleet,
+                agent,
+                rotate,
+            } => {
+                let r = self.token(&fleet, &agent, rotate).await;
+                answer(
+                    reply,
+                    r.map(|token| Reply::Token {
+                        fleet,
+                        agent,
+                        token,
+                    }),
+                )
+            }
+            Command::Ports => {
+                let r = self.ports.call(|r| PortsMsg::List { reply: r }, Some(CALL)).await;
+                let rows = match r {
+                    Ok(CallResult::Success(v)) => v
+                        .into_iter()
+                        .map(|(fleet, agent, l)| PortLeaseRow {
+                            fleet,
+                            agent,
+                            base: l.base,
+                            stride: l.stride,
+                        })
+                        .collect(),
+                    _ => vec![],
+                };
+                answer(reply, Ok(Reply::Ports(rows)))
+            }
+            Command::Top => {
+                let rows = self.status(None, None);
+                tokio::task::spawn_blocking(move || {
+                    let r = rows.map(|r| match r {
+                        Reply::Status(rows) => Reply::Top(top_rows(&rows)),
+                        other => other,
+                    });
+                    let _ = reply.send(r.unwrap_or_else(Reply::Error));
+                });
+                None
+            }
+            Command::Capacity => answer(
+                reply,
+                Err(FleetError::invalid("capacity", "not implemented yet")),
+            ),
+            Command::Events => answer(
+                reply,
+                Err(FleetError::invalid(
+                    "events",
+                    "events is a stream: use it from the REPL or fleetctl",
+                )),
+            ),
+            Command::Reload => {
+                let r = match &self.ctx.config.spec_path {
+                    None => Err(FleetError::invalid(
+                        "reload",
+                        "the daemon was started without --spec",
+                    )),
+                    Some(p) => match specfile::load_spec(p) {
+                        Ok(specs) => self.apply_spec(myself, specs).await.map(|m| Reply::Done { message: m }),
+                        Err(e) => Err(e),
+                    },
+                };
+                answer(reply, r)
+            }
+            Command::Help { topic } => answer(
+                reply,
+                help_text(topic.as_deref())
+                    .map(|text| Reply::Help { text })
+                    .map_err(|e| FleetError::invalid("help", e.to_string())),
+            ),
+            Command::Shutdown => answer(
+                reply,
+                done("shutting down"),
+            ),
+        }
+    }
+
+    // ---- fleets ----
+
+    fn fleet_ref(&self, fleet: &str) -> Result<ActorRef<FleetMsg>, FleetError> {
+        self.fleets
+            .get(fleet)
+            .cloned()
+            .ok_or_else(|| FleetError::NoSuchFleet {
+                fleet: fleet.to_string(),
+            })
+    }
+
+    async fn fleet_call<T: Send + 'static>(
+        &self,
+        fleet: &str,
+        msg: impl FnOnce(ractor::RpcReplyPort<T>) -> FleetMsg,
+        timeout: Duration,
+    ) -> Result<T, FleetError> {
+        let f = self.fleet_ref(fleet)?;
+        match f.call(msg, Some(timeout)).await {
+            Ok(CallResult::Success(v)) => Ok(v),
+            _ => Err(FleetError::Timeout {
+                what: format!("fleet {fleet} to answer"),
+            }),
+        }
+    }
+
+    fn save(&self) -> Result<(), FleetError> {
+        self.store.save(&self.data)
+    }
+
+    fn set_fleet_desired(&mut self, fleet: &str, d: Desired) -> Result<(), FleetError> {
+        if let Some(f) = self.data.fleets.get_mut(fleet) {
+            f.desired = d;
+            for a in f.agents.values_mut() {
+                a.desired = d;
+            }
+        }
+        self.save()
+    }
+
+    fn fleet_infos(&self) -> Vec<FleetInfo> {
+        self.data
+            .fleets
+            .iter()
+            .map(|(name, rec)| {
+                let (state, reason) = self
+                    .ctx
+                    .fleet_states
+                    .get(name)
+                    .map(|s| s.clone())
+                    .unwrap_or((FleetState::Running, None));
+                let running = self
+                    .ctx
+                    .status
+                    .iter()
+                    .filter(|e| &e.key().0 == name && e.row.state == crate::state::AgentState::Running)
+                    .count();
+                FleetInfo {
+                    fleet: name.clone(),
+                    state,
+                    strategy: rec.spec.strategy,
+                    restart: rec.spec.restart,
+                    agents: rec.agents.len(),
+                    running,
+                    reason,
+                }
+            })
+            .collect()
+    }
+
+    async fn create_fleet(
+        &mut self,
+        myself: &ActorRef<NodeMsg>,
+        spec: FleetSpec,
+        desired: Desired,
+    ) -> Result<(), FleetError> {
+        spec.check()?;
+        if self.fleets.contains_key(&spec.name) {
+            return Err(FleetError::FleetExists { fleet: spec.name });
+        }
+        let stride = spec.effective_stride();
+        let free = match self
+            .ports
+            .call(|r| PortsMsg::Free { stride, reply: r }, Some(CALL))
+            .await
+        {
+            Ok(CallResult::Success(n)) => n,
+            _ => 0,
+        };
+        if (spec.agents.len() as u64) > free {
+            return Err(FleetError::PortRangeExhausted {
+                fleet: spec.name.clone(),
+                agent: spec.agents.first().cloned().unwrap_or_default(),
+                range: format!("{}-{}", self.ctx.config.port_range.first, self.ctx.config.port_range.last),
+                needed: stride as u32 * spec.agents.len() as u32,
+                held: free as u32,
+            });
+        }
+        let mut agents = BTreeMap::new();
+        for a in &spec.agents {
+            let lease = match self.allocate(&spec.name, a, stride).await {
+                Ok(l) => l,
+                Err(e) => {
+                    for done in agents.keys() {
+                        self.release(&spec.name, done);
+                    }
+                    return Err(e);
+                }
+            };
+            let token = provision::generate_token()?;
+            agents.insert(
+                a.clone(),
+                AgentRecord {
+                    desired,
+                    port_base: Some(lease.base),
+                    stride: lease.stride,
+                    token,
+                    process: None,
+                },
+            );
+        }
+        let rec = FleetRecord {
+            spec: spec.clone(),
+            desired,
+            agents,
+        };
+        self.data.fleets.insert(spec.name.clone(), rec.clone());
+        if let Err(e) = self.save() {
+            self.data.fleets.remove(&spec.name);
+            for a in &spec.agents {
+                self.release(&spec.name, a);
+            }
+            return Err(e);
+        }
+        self.start_fleet_actor(myself, rec).await
+    }
+
+    /// Spawns the fleet's supervisor and its agents from a registry record.
+    async fn start_fleet_actor(
+        &mut self,
+        myself: &ActorRef<NodeMsg>,
+        rec: FleetRecord,
+    ) -> Result<(), FleetError> {
+        let spec = Arc::new(rec.spec.clone());
+        let (fleet, _) = Actor::spawn_linked(
+            None,
+            FleetSupervisor,
+            FleetArgs {
+                spec: spec.clone(),
+                ctx: self.ctx.clone(),
+            },
+            myself.get_cell(),
+        )
+        .await
+        .map_err(FleetError::internal)?;
+        self.fleets.insert(spec.name.clone(), fleet.clone());
+        for name in &spec.agents {
+            let Some(a) = rec.agents.get(name) else { continue };
+            let start = rec.desired == Desired::Running && a.desired == Desired::Running;
+            let port = a.port_base.unwrap_or(0);
+            let token = a.token.clone();
+            let agent = name.clone();
+            match fleet
+                .call(
+                    |r| FleetMsg::AddAgent {
+                        agent,
+                        port,
+                        token,
+                        start,
+                        reply: r,
+                    },
+                    Some(CALL),
+                )
+                .await
+            {
+                Ok(CallResult::Success(Ok(()))) => {}
+                Ok(CallResult::Success(Err(e))) => return Err(e),
+                _ => return Err(FleetError::internal("fleet did not answer AddAgent")),
+            }
+        }
+        self.tell_rotator(&spec.name);
+        Ok(())
+    }
+
+    async fn restore_fleet(
+        &mut self,
+        myself: &ActorRef<NodeMsg>,
+        rec: FleetRecord,
+    ) -> Result<(), FleetError> {
+        for (agent, a) in &rec.agents {
+            if let Some(base) = a.port_base {
+                let lease = Lease {
+                    base,
+                    stride: a.stride,
+                };
+                let (f, ag) = (rec.spec.name.clone(), agent.clone());
+                let _ = self
+                    .ports
+                    .call(
+                        |r| PortsMsg::Restore {
+                            fleet: f,
+                            agent: ag,
+                            lease,
+                            reply: r,
+                        },
+                        Some(CALL),
+                    )
+                    .await;
+            }
+        }
+        self.data.fleets.insert(rec.spec.name.clone(), rec.clone());
+        self.start_fleet_actor(myself, rec).await
+    }
+
+    fn tell_rotator(&self, fleet: &str) {
+        if let Some(rec) = self.data.fleets.get(fleet) {
+            let homes = rec
+                .agents
+                .keys()
+                .map(|a| AgentPaths::new(&self.ctx.config.state_dir, fleet, a).home)
+                .collect();
+            let _ = self.logs.send_message(LogsMsg::Fleet {
+                fleet: fleet.to_string(),
+                spec: rec.spec.logs.clone(),
+                homes,
+            });
+        }
+    }
+
+    async fn allocate(&self, fleet: &str, agent: &str, stride: u16) -> Result<Lease, FleetError> {
+        let (f, a) = (fleet.to_string(), agent.to_string());
+        match self
+            .ports
+            .call(
+                |r| PortsMsg::Allocate {
+                    fleet: f,
+                    agent: a,
+                    stride,
+                    reply: r,
+                },
+                Some(CALL),
+            )
+            .await
+        {
+            Ok(CallResult::Success(r)) => r,
+            _ => Err(FleetError::internal("port allocator did not answer")),
+        }
+    }
+
+    fn release(&self, fleet: &str, agent: &str) {
+        let _ = self.ports.send_message(PortsMsg::Release {
+            fleet: fleet.to_string(),
+            agent: agent.to_string(),
+        });
+    }
+
+    fn remove_fleet(
+        &mut self,
+        fleet: String,
+        purge: bool,
+        reply: ractor::RpcReplyPort<Reply>,
+    ) -> Answer {
+        let f = match self.fleet_ref(&fleet) {
+            Ok(f) => f,
+            Err(e) => return answer(reply, Err(e)),
+        };
+        let Some(rec) = self.data.fleets.remove(&fleet) else {
+            return answer(reply, Err(FleetError::NoSuchFleet { fleet }));
+        };
+        if let Err(e) = self.save() {
+            self.data.fleets.insert(fleet, rec);
+            return answer(reply, Err(e));
+        }
+        self.fleets.remove(&fleet);
+        for a in rec.agents.keys() {
+            self.release(&fleet, a);
+        }
+        let _ = self.logs.send_message(LogsMsg::ForgetFleet {
+            fleet: fleet.clone(),
+        });
+        let state_dir = self.ctx.config.state_dir.clone();
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let _ = f.call(|r| FleetMsg::StopAll { reply: r }, None).await;
+            f.stop(Some("removed".into()));
+            ctx.fleet_states.remove(&fleet);
+            let mut msg = format!("fleet {fleet} removed");
+            if purge {
+                let r = tokio::task::spawn_blocking(move || {
+                    for a in rec.agents.keys() {
+                        provision::purge_home(&state_dir, &AgentPaths::new(&state_dir, &fleet, a))?;
+                    }
+                    let _ = std::fs::remove_dir(state_dir.join("fleets").join(&fleet));
+                    Ok::<(), FleetError>(())
+                })
+                .await;
+                match r {
+                    Ok(Ok(())) => msg.push_str(" and purged"),
+                    Ok(Err(e)) => msg = format!("{msg}, but purge failed: {e}"),
+                    Err(e) => msg = format!("{msg}, but purge failed: {e}"),
+                }
+            }
+            let _ = reply.send(Reply::Done { message: msg });
+        });
+        None
+    }
+
+    // ---- agents ----
+
+    fn agent_record(&self, fleet: &str, agent: &str) -> Result<&AgentRecord, FleetError> {
+        let f = self
+            .data
+            .fleets
+            .get(fleet)
+            .ok_or_else(|| FleetError::NoSuchFleet {
+                fleet: fleet.to_string(),
+            })?;
+        f.agents.get(agent).ok_or_else(|| FleetError::NoSuchAgent {
+            fleet: fleet.to_string(),
+            agent: agent.to_string(),
+        })
+    }
+
+    async fn add_agent(&mut self, fleet: &str, agent: &str) -> Result<(), FleetError> {
+        crate::ids::validate_id("agent", agent)?;
+        let f = self.fleet_ref(fleet)?;
+        let rec = self.data.fleets.get(fleet).expect("fleet ref implies record");
+        if rec.agents.contains_key(agent) {
+            return Err(FleetError::AgentExists {
+                fleet: fleet.to_string(),
+                agent: agent.to_string(),
+            });
+        }
+        let desired = rec.desired;
+        let stride = rec.spec.effective_stride();
+        let lease = self.allocate(fleet, agent, stride).await?;
+        let token = provision::generate_token()?;
+        {
+            let rec = self.data.fleets.get_mut(fleet).expect("checked above");
+            rec.spec.agents.push(agent.to_string());
+            rec.agents.insert(
+                agent.to_string(),
+                AgentRecord {
+                    desired,
+                    port_base: Some(lease.base),
+                    stride: lease.stride,
+                    token: token.clone(),
+                    process: None,
+                },
+            );
+        }
+        if let Err(e) = self.save() {
+            let rec = self.data.fleets.get_mut(fleet).expect("checked above");
+            rec.spec.agents.retain(|a| a != agent);
+            rec.agents.remove(agent);
+            self.release(fleet, agent);
+            return Err(e);
+        }
+        let name = agent.to_string();
+        let port = lease.base;
+        let r = match f
+            .call(
+                |r| FleetMsg::AddAgent {
+                    agent: name,
+                    port,
+                    token,
+                    start: desired == Desired::Running,
+                    reply: r,
+                },
+                Some(CALL),
+            )
+            .await
+        {
+            Ok(CallResult::Success(r)) => r,
+            _ => Err(FleetError::internal("fleet did not answer AddAgent")),
+        };
+        self.tell_rotator(fleet);
+        r
+    }
+
+    async fn agent_op(
+        &mut self,
+        fleet: String,
+        agent: String,
+        op: AgentOp,
+        desired: Desired,
+        reply: ractor::RpcReplyPort<Reply>,
+    ) -> Answer {
+        if let Err(e) = self.agent_record(&fleet, &agent) {
+            return answer(reply, Err(e));
+        }
+        let f = match self.fleet_ref(&fleet) {
+            Ok(f) => f,
+            Err(e) => return answer(reply, Err(e)),
+        };
+        if let Some(a) = self
+            .data
+            .fleets
+            .get_mut(&fleet)
+            .and_then(|f| f.agents.get_mut(&agent))
+        {
+            a.desired = desired;
+        }
+        if let Err(e) = self.save() {
+            return answer(reply, Err(e));
+        }
+        tokio::spawn(async move {
+            let name = agent.clone();
+            let r = f
+                .call(
+                    |r| FleetMsg::Agent {
+                        agent: name,
+                        op,
+                        reply: r,
+                    },
+                    None,
+                )
+                .await;
+            let verb = match op {
+                AgentOp::Start => "starting",
+                AgentOp::Stop => "stopped",
+                AgentOp::Restart => "restarting",
+            };
+            let rep = match r {
+                Ok(CallResult::Success(Ok(()))) => Reply::Done {
+                    message: format!("agent {fleet}/{agent} {verb}"),
+                },
+                Ok(CallResult::Success(Err(e))) => Reply::Error(e),
+                _ => Reply::Error(FleetError::internal("fleet did not answer")),
+            };
+            let _ = reply.send(rep);
+        });
+        None
+    }
+
+    fn remove_agent(
+        &mut self,
+        fleet: String,
+        agent: String,
+        purge: bool,
+        reply: ractor::RpcReplyPort<Reply>,
+    ) -> Answer {
+        if let Err(e) = self.agent_record(&fleet, &agent) {
+            return answer(reply, Err(e));
+        }
+        let f = match self.fleet_ref(&fleet) {
+            Ok(f) => f,
+            Err(e) => return answer(reply, Err(e)),
+        };
+        let rec = self.data.fleets.get_mut(&fleet).expect("checked");
+        let old = rec.agents.remove(&agent);
+        let pos = rec.spec.agents.iter().position(|a| a == &agent);
+        rec.spec.agents.retain(|a| a != &agent);
+        if let Err(e) = self.save() {
+            let rec = self.data.fleets.get_mut(&fleet).expect("checked");
+            if let Some(o) = old {
+                rec.agents.insert(agent.clone(), o);
+            }
+            if let Some(p) = pos {
+                rec.spec.agents.insert(p, agent);
+            }
+            return answer(reply, Err(e));
+        }
+        self.tell_rotator(&fleet);
+        let ports = self.ports.clone();
+        let state_dir = self.ctx.config.state_dir.clone();
+        tokio::spawn(async move {
+            let name = agent.clone();
+            let r = f
+                .call(|r| FleetMsg::RemoveAgent { agent: name, reply: r }, None)
+                .await;
+            let _ = ports.send_message(PortsMsg::Release {
+                fleet: fleet.clone(),
+                agent: agent.clone(),
+            });
+            let mut rep = match r {
+                Ok(CallResult::Success(Ok(()))) => Reply::Done {
+                    message: format!("agent {fleet}/{agent} removed"),
+                },
+                Ok(CallResult::Success(Err(e))) => Reply::Error(e),
+                _ => Reply::Error(FleetError::internal("fleet did not answer")),
+            };
+            if purge {
+                let paths = AgentPaths::new(&state_dir, &fleet, &agent);
+                let sd = state_dir.clone();
+                let r = tokio::task::spawn_blocking(move || provision::purge_home(&sd, &paths)).await;
+                match (r, &mut rep) {
+                    (Ok(Ok(())), Reply::Done { message }) => message.push_str(" and purged"),
+                    (Ok(Err(e)), _) => rep = Reply::Error(e),
+                    _ => {}
+                }
+            }
+            let _ = reply.send(rep);
+        });
+        None
+    }
+
+    async fn token(&mut self, fleet: &str, agent: &str, rotate: bool) -> Result<String, FleetError> {
+        self.agent_record(fleet, agent)?;
+        if !rotate {
+            return Ok(self.agent_record(fleet, agent)?.token.clone());
+        }
+        let name = agent.to_string();
+        let t = self
+            .fleet_call(fleet, |r| FleetMsg::RotateToken { agent: name, reply: r }, CALL)
+            .await??;
+        if let Some(a) = self
+            .data
+            .fleets
+            .get_mut(fleet)
+            .and_then(|f| f.agents.get_mut(agent))
+        {
+            a.token = t.clone();
+        }
+        self.save()?;
+        Ok(t)
+    }
+
+    fn status(&self, fleet: Option<String>, agent: Option<String>) -> Result<Reply, FleetError> {
+        if let Some(f) = &fleet {
+            let rec = self.data.fleets.get(f).ok_or_else(|| FleetError::NoSuchFleet {
+                fleet: f.clone(),
+            })?;
+            if let Some(a) = &agent {
+                if !rec.agents.contains_key(a) {
+                    return Err(FleetError::NoSuchAgent {
+                        fleet: f.clone(),
+                        agent: a.clone(),
+                    });
+                }
+            }
+        }
+        Ok(Reply::Status(status_rows(
+            &self.ctx,
+            &self.data,
+            fleet.as_deref(),
+            agent.as_deref(),
+        )))
+    }
+
+    /// Makes the running fleets match `specs`: creates what is new, removes what is gone,
+    /// restarts only agents whose settings changed.
+    async fn apply_spec(
+        &mut self,
+        myself: &ActorRef<NodeMsg>,
+        specs: Vec<FleetSpec>,
+    ) -> Result<String, FleetError> {
+        for s in &specs {
+            s.check()?;
+        }
+        let old: Vec<FleetSpec> = self.data.fleets.values().map(|r| r.spec.clone()).collect();
+        let changes = specfile::diff(&old, &specs);
+        let n = changes.len();
+        for c in changes {
+            match c {
+                Change::AddFleet(spec) => self.create_fleet(myself, spec, Desired::Running).await?,
+                Change::RemoveFleet(fleet) => {
+                    let (tx, _rx) = tokio::sync::oneshot::channel();
+                    let port = ractor::RpcReplyPort::from(tx);
+                    if let Some((r, a)) = self.remove_fleet(fleet, false, port) {
+                        let _ = r.send(a);
+                    }
+                }
+                Change::UpdateFleet { fleet, spec } => {
+                    self.update_spec(&fleet, spec)?;
+                }
+                Change::AddAgent { fleet, agent } => self.add_agent(&fleet, &agent).await?,
+                Change::RemoveAgent { fleet, agent } => {
+                    let (tx, _rx) = tokio::sync::oneshot::channel();
+                    if let Some((r, a)) = self.remove_agent(fleet, agent, false, tx.into()) {
+                        let _ = r.send(a);
+                    }
+                }
+                Change::RestartAgent { fleet, agent } => {
+                    if let Some(spec) = specs.iter().find(|s| s.name == fleet) {
+                        self.update_spec(&fleet, spec.clone())?;
+                    }
+                    let (tx, _rx) = tokio::sync::oneshot::channel();
+                    let _ = self
+                        .agent_op(fleet, agent, AgentOp::Restart, Desired::Running, tx.into())
+                        .await;
+                }
+            }
+        }
+        Ok(format!("spec applied: {n} changes"))
+    }
+
+    fn update_spec(&mut self, fleet: &str, mut spec: FleetSpec) -> Result<(), FleetError> {
+        let f = self.fleet_ref(fleet)?;
+        if let Some(rec) = self.data.fleets.get_mut(fleet) {
+            // The agent list is managed by AddAgent/RemoveAgent changes.
+            spec.agents = rec.spec.agents.clone();
+            rec.spec = spec.clone();
+        }
+        self.save()?;
+        let _ = f.send_message(FleetMsg::UpdateSpec(Arc::new(spec)));
+        self.tell_rotator(fleet);
+        Ok(())
+    }
+}
+
+/// Status rows in fleet order, agents in their start order.
+pub fn status_rows(
+    ctx: &NodeContext,
+    data: &RegistryData,
+    fleet: Option<&str>,
+    agent: Option<&str>,
+) -> Vec<AgentStatus> {
+    let mut rows = Vec::new();
+    for (fname, rec) in &data.fleets {
+        if fleet.is_some_and(|f| f != fname) {
+            continue;
+        }
+        for a in &rec.spec.agents {
+            if agent.is_some_and(|x| x != a) {
+                continue;
+            }
+            if let Some(v) = ctx.status.get(&(fname.clone(), a.clone())) {
+                rows.push(v.snapshot());
+            }
+        }
+    }
+    rows
+}
+
+fn top_rows(rows: &[AgentStatus]) -> Vec<TopRow> {
+    let procs = crate::process::procfs::scan();
+    let page = 4096u64;
+    rows.iter()
+        .map(|r| {
+            let mut rss = 0;
+            let mut n = 0;
+            let mut cpu_ticks = 0;
+            if let Some(pid) = r.pid {
+                if let Some(me) = procs.iter().find(|p| p.pid == pid) {
+                    rss += me.rss_pages * page;
+                    cpu_ticks += me.utime + me.stime;
+                    n += 1;
+                }
+                for d in crate::process::procfs::descendants(pid, &procs) {
+                    rss += d.rss_pages * page;
+                    cpu_ticks += d.utime + d.stime;
+                    n += 1;
+                }
+            }
+            let _ = cpu_ticks;
+            TopRow {
+                fleet: r.fleet.clone(),
+                agent: r.agent.clone(),
+                state: r.state,
+                pid: r.pid,
+                processes: n,
+                rss_bytes: rss,
+                pss_bytes: None,
+                cpu_percent: 0.0,
+            }
+        })
+        .collect()
+}

@@ -1,1 +1,83 @@
-//! (not yet written)
+//! PortAllocator: leases a block of ports to each agent. Holds the leases; the choice of a
+//! block is `ports::Leases::allocate` (plain, tested), the check for ports bound by other
+//! processes reads /proc/net once per request. Leases persist through the registry.
+
+use crate::messages::ports::PortsMsg;
+use crate::ports::{listening_ports, Leases, PortRange};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+pub struct PortAllocator;
+
+pub struct PortsRuntime {
+    range: PortRange,
+    leases: Leases,
+}
+
+impl Actor for PortAllocator {
+    type Msg = PortsMsg;
+    type State = PortsRuntime;
+    type Arguments = PortRange;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<PortsMsg>,
+        range: PortRange,
+    ) -> Result<PortsRuntime, ActorProcessingErr> {
+        Ok(PortsRuntime {
+            range,
+            leases: Leases::default(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<PortsMsg>,
+        msg: PortsMsg,
+        rt: &mut PortsRuntime,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PortsMsg::Allocate {
+                fleet,
+                agent,
+                stride,
+                reply,
+            } => {
+                // One read of /proc/net/{tcp,udp}{,6}: cheap, and never blocks on the network.
+                let busy = listening_ports();
+                let r = rt
+                    .leases
+                    .allocate(&fleet, &agent, stride, rt.range, &|p| busy.contains(&p));
+                let _ = reply.send(r);
+            }
+            PortsMsg::Restore {
+                fleet,
+                agent,
+                lease,
+                reply,
+            } => {
+                let _ = reply.send(rt.leases.insert(&fleet, &agent, lease));
+            }
+            PortsMsg::Release { fleet, agent } => {
+                rt.leases.release(&fleet, &agent);
+            }
+            PortsMsg::List { reply } => {
+                let v = rt
+                    .leases
+                    .iter()
+                    .map(|(f, a, l)| (f.to_string(), a.to_string(), l))
+                    .collect();
+                let _ = reply.send(v);
+            }
+            PortsMsg::Free { stride, reply } => {
+                let used: u64 = rt
+                    .leases
+                    .iter()
+                    .map(|(_, _, l)| (l.stride as u64).div_ceil(stride.max(1) as u64))
+                    .sum();
+                let total = rt.range.blocks(stride) as u64;
+                let _ = reply.send(total.saturating_sub(used));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,1 +1,44 @@
-//! (not yet written)
+//! Messages of an AgentActor: admin operations from its FleetSupervisor, and reports from the
+//! tasks it started (provisioning/spawn, the process owner, the prober, timers). Every report
+//! carries the incarnation (`gen`) it belongs to; older ones are dropped.
+
+use crate::error::FleetError;
+use crate::health::ProbeReport;
+use crate::process::owner::OwnerEvent;
+use ractor::RpcReplyPort;
+
+pub enum AgentMsg {
+    /// Start if not running; an operator's start also forgets past restarts.
+    Start { reset_history: bool },
+    /// Stop the whole process tree; the reply comes when every process is gone.
+    Stop { reply: Option<RpcReplyPort<()>> },
+    /// Stop, then start again. `reason` is shown in events.
+    Restart { reason: String },
+    /// Stop and mark `failed` (the fleet gave up).
+    Fail { reason: String },
+    /// New token: config rewritten, agent restarted if it runs.
+    RotateToken { reply: RpcReplyPort<Result<String, FleetError>> },
+    /// The current token (for the `token` command; never logged).
+    GetToken { reply: RpcReplyPort<String> },
+    /// The fleet's settings changed (no restart by itself).
+    UpdateSpec(std::sync::Arc<crate::spec::FleetSpec>),
+
+    // --- reports from the agent's own tasks ---
+    Spawned { gen: u64, result: Result<Spawned, SpawnFailure> },
+    Owner { gen: u64, event: OwnerEvent },
+    Probe { gen: u64, report: ProbeReport },
+    GraceExpired { gen: u64 },
+    BackoffDone { gen: u64 },
+}
+
+/// A process that was started, with the start-gate permit it holds until healthy.
+pub struct Spawned {
+    pub child: tokio::process::Child,
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Why an agent could not be started: never retried in a loop.
+#[derive(Debug)]
+pub struct SpawnFailure {
+    pub reason: String,
+}

@@ -1,1 +1,59 @@
-//! (not yet written)
+//! Messages of a FleetSupervisor: admin operations from the NodeActor, and escalations from
+//! its agents.
+
+use crate::error::FleetError;
+use crate::spec::FleetSpec;
+use ractor::RpcReplyPort;
+use std::sync::Arc;
+
+/// Operations on one agent, forwarded by the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentOp {
+    Start,
+    Stop,
+    Restart,
+}
+
+pub enum FleetMsg {
+    /// Add (and start if `start`) an agent whose port and token are already decided.
+    AddAgent {
+        agent: String,
+        port: u16,
+        token: String,
+        start: bool,
+        reply: RpcReplyPort<Result<(), FleetError>>,
+    },
+    /// Stop an agent's processes, then its actor.
+    RemoveAgent {
+        agent: String,
+        reply: RpcReplyPort<Result<(), FleetError>>,
+    },
+    Agent {
+        agent: String,
+        op: AgentOp,
+        reply: RpcReplyPort<Result<(), FleetError>>,
+    },
+    RotateToken {
+        agent: String,
+        reply: RpcReplyPort<Result<String, FleetError>>,
+    },
+    GetToken {
+        agent: String,
+        reply: RpcReplyPort<Result<String, FleetError>>,
+    },
+    StartAll { reply: RpcReplyPort<()> },
+    /// Stops agents in reverse start order; replies when all are stopped.
+    StopAll { reply: RpcReplyPort<()> },
+    RestartAll { reply: RpcReplyPort<()> },
+    UpdateSpec(Arc<FleetSpec>),
+    /// Internal: a token rotation finished; the recipe keeps the new token.
+    UpdateToken { agent: String, token: String },
+    /// Internal: a StopAll finished.
+    Stopped,
+
+    // --- from agents ---
+    /// The agent crashed and is being restarted: apply the strategy to its siblings.
+    AgentRestarting { agent: String },
+    /// The agent gave up (intensity, exit 78, spawn error): escalate.
+    AgentFailed { agent: String, reason: String },
+}

@@ -1,9 +1,18 @@
 //! Messages of the NodeActor, the entry point of every admin command.
 
-use crate::messages::command::{Reply, Request};
+use crate::error::FleetError;
+use crate::messages::command::{Command, Reply};
+use crate::spec::FleetSpec;
 use ractor::RpcReplyPort;
 
 pub enum NodeMsg {
     /// One command of the command language, answered with its reply.
-    Command(Request, RpcReplyPort<Reply>),
+    Command(Command, RpcReplyPort<Reply>),
+    /// Create a fleet from a full spec (the library API and the spec file).
+    CreateFleet(FleetSpec, RpcReplyPort<Result<(), FleetError>>),
+    /// Apply a whole desired spec (spec file load or reload): create, remove, restart only what
+    /// changed.
+    ApplySpec(Vec<FleetSpec>, RpcReplyPort<Result<String, FleetError>>),
+    /// Stop every fleet (reverse creation order), then reply.
+    Shutdown(RpcReplyPort<()>),
 }

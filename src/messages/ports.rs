@@ -1,1 +1,26 @@
-//! (not yet written)
+//! Messages of the PortAllocator.
+
+use crate::error::FleetError;
+use crate::ports::Lease;
+use ractor::RpcReplyPort;
+
+pub enum PortsMsg {
+    /// A block of `stride` ports for the agent (its existing lease if it has one).
+    Allocate {
+        fleet: String,
+        agent: String,
+        stride: u16,
+        reply: RpcReplyPort<Result<Lease, FleetError>>,
+    },
+    /// Re-install a lease read from the registry.
+    Restore {
+        fleet: String,
+        agent: String,
+        lease: Lease,
+        reply: RpcReplyPort<Result<(), FleetError>>,
+    },
+    Release { fleet: String, agent: String },
+    List { reply: RpcReplyPort<Vec<(String, String, Lease)>> },
+    /// Blocks of `stride` still free in the range (for `capacity`).
+    Free { stride: u16, reply: RpcReplyPort<u64> },
+}

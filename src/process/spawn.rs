@@ -54,7 +54,7 @@ struct Job {
 /// Handle to the spawner thread. Dropping it ends the thread and, with it, the guardian and
 /// every process left in the namespace.
 pub struct Spawner {
-    tx: mpsc::Sender<Job>,
+    tx: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
     isolation: Isolation,
 }
 
@@ -69,7 +69,18 @@ impl Spawner {
         let isolation = ready_rx
             .recv()
             .map_err(|_| io::Error::other("spawner thread died during start"))?;
-        Ok(Spawner { tx, isolation })
+        Ok(Spawner {
+            tx: std::sync::Mutex::new(Some(tx)),
+            isolation,
+        })
+    }
+
+    /// Ends the spawner thread (and so the guardian and its namespace) once queued spawns
+    /// are done. Later spawns fail.
+    pub fn close(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
     }
 
     pub fn isolation(&self) -> Isolation {
@@ -80,8 +91,13 @@ impl Spawner {
     /// stderr piped, umask 077, parent-death signal SIGKILL.
     pub async fn spawn(&self, req: SpawnRequest) -> io::Result<tokio::process::Child> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Job { req, reply })
+        let tx = self
+            .tx
+            .lock()
+            .map_err(|_| io::Error::other("spawner lock poisoned"))?
+            .clone()
+            .ok_or_else(|| io::Error::other("the node is shutting down"))?;
+        tx.send(Job { req, reply })
             .map_err(|_| io::Error::other("spawner thread is gone"))?;
         rx.await
             .map_err(|_| io::Error::other("spawner thread dropped the request"))?

@@ -1,0 +1,114 @@
+//! What every actor of one node shares: its settings, the spawner thread, the /proc sweeper,
+//! the event channel, the start gate and the status view. The status view is written only by
+//! each agent's own actor (one entry each) and read by anyone, so `status` never waits on a
+//! mailbox.
+
+use crate::messages::command::AgentStatus;
+use crate::messages::events::Event;
+use crate::ports::PortRange;
+use crate::process::spawn::Spawner;
+use crate::process::tree::Sweeper;
+use dashmap::DashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{broadcast, Semaphore};
+
+/// Settings of one node. `NodeConfig::new(state_dir)` gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Registry, agent HOMEs and the control socket live here.
+    pub state_dir: PathBuf,
+    pub port_range: PortRange,
+    /// OpenClaw agents allowed in `starting` at once (a cold start costs ~16 CPU-seconds).
+    pub max_concurrent_starts: usize,
+    /// The `openclaw` binary; `None` finds it (see `provision::resolve_openclaw`).
+    pub openclaw_bin: Option<PathBuf>,
+    /// Run agents in a PID namespace when the host allows it.
+    pub pid_namespace: bool,
+    /// How often the LogRotator runs.
+    pub log_interval: std::time::Duration,
+    /// Capacity of the event channel (slow subscribers lose the oldest events).
+    pub event_capacity: usize,
+    /// The declarative spec file (`reload` re-reads it).
+    pub spec_path: Option<PathBuf>,
+}
+
+impl NodeConfig {
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        NodeConfig {
+            state_dir: state_dir.into(),
+            port_range: PortRange::default(),
+            max_concurrent_starts: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            openclaw_bin: None,
+            pid_namespace: true,
+            log_interval: std::time::Duration::from_secs(60),
+            event_capacity: 4096,
+            spec_path: None,
+        }
+    }
+}
+
+pub type AgentKey = (String, String);
+
+/// One agent's entry in the status view: the row plus what changes without a message.
+#[derive(Debug, Clone)]
+pub struct AgentView {
+    pub row: AgentStatus,
+    /// When the current process started (uptime is derived when read).
+    pub started: Option<std::time::Instant>,
+}
+
+impl AgentView {
+    pub fn snapshot(&self) -> AgentStatus {
+        let mut row = self.row.clone();
+        row.uptime_s = self.started.map(|s| s.elapsed().as_secs()).unwrap_or(0);
+        row
+    }
+}
+
+pub struct NodeContext {
+    pub config: NodeConfig,
+    pub node_id: String,
+    pub spawner: Spawner,
+    pub sweeper: Sweeper,
+    pub events: broadcast::Sender<Event>,
+    pub status: DashMap<AgentKey, AgentView>,
+    /// Fleet states, written only by each fleet's supervisor.
+    pub fleet_states: DashMap<String, (crate::state::FleetState, Option<String>)>,
+    pub gate: Arc<Semaphore>,
+    /// Shared compile cache for every OpenClaw agent (one 48 MB copy instead of one per TMPDIR).
+    pub compile_cache: PathBuf,
+    incarnations: AtomicU64,
+}
+
+impl NodeContext {
+    pub fn new(config: NodeConfig, node_id: String, spawner: Spawner, sweeper: Sweeper) -> Self {
+        let (events, _) = broadcast::channel(config.event_capacity.max(16));
+        let gate = Arc::new(Semaphore::new(config.max_concurrent_starts.max(1)));
+        let compile_cache = config.state_dir.join("compile-cache");
+        NodeContext {
+            config,
+            node_id,
+            spawner,
+            sweeper,
+            events,
+            status: DashMap::new(),
+            fleet_states: DashMap::new(),
+            gate,
+            compile_cache,
+            incarnations: AtomicU64::new(1),
+        }
+    }
+
+    /// A node-wide unique number for each process start (part of the environment marker).
+    pub fn next_incarnation(&self) -> u64 {
+        self.incarnations.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn publish(&self, ev: Event) {
+        let _ = self.events.send(ev);
+    }
+}

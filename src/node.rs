@@ -1,0 +1,346 @@
+//! The embedding API: start a node inside your own tokio runtime, drive it with typed async
+//! methods (the same operations as the command language), subscribe to its events, shut it
+//! down. The REPL and the control socket are thin doors over `NodeHandle::execute`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), fleet_commander::FleetError> {
+//! use fleet_commander::{Node, NodeConfig, spec::FleetSpec};
+//! let node = Node::start(NodeConfig::new("/tmp/fleet-state")).await?;
+//! let mut events = node.subscribe();
+//! let mut spec = FleetSpec::new("bots");
+//! spec.agents = FleetSpec::numbered_agents(2);
+//! spec.command = Some(vec!["/usr/local/bin/my-agent".into()]);
+//! node.create_fleet(spec).await?;
+//! while let Ok(ev) = events.recv().await { println!("{ev:?}"); break; }
+//! node.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+use crate::actors::node::{NodeActor, NodeArgs};
+use crate::context::{NodeConfig, NodeContext};
+use crate::error::FleetError;
+use crate::messages::command::{AgentStatus, Command, FleetInfo, PortLeaseRow, Reply};
+use crate::messages::events::Event;
+use crate::messages::node::NodeMsg;
+use crate::process::spawn::{Isolation, Spawner};
+use crate::process::tree::{self, Sweeper};
+use crate::process::procfs;
+use crate::registry::{FileStore, RegistryData, Store};
+use crate::spec::FleetSpec;
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Upper bound on any one command (a fleet stop waits for the agents' stop timeouts).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(900);
+
+pub struct Node;
+
+/// A running node. Cheap to clone; `shutdown` stops every fleet and the actor tree.
+#[derive(Clone)]
+pub struct NodeHandle {
+    actor: ActorRef<NodeMsg>,
+    ctx: Arc<NodeContext>,
+}
+
+impl Node {
+    /// Loads (or creates) the registry in `config.state_dir`, stops whatever a previous,
+    /// crashed daemon of this node left running, and brings every fleet back in its desired
+    /// state.
+    pub async fn start(config: NodeConfig) -> Result<NodeHandle, FleetError> {
+        let dir = config.state_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| FleetError::Store {
+            reason: format!("cannot create state dir {}: {e}", dir.display()),
+        })?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        }
+        let store = FileStore::new(&dir);
+        let mut data = match store.load()? {
+            Some(d) => d,
+            None => RegistryData {
+                version: 1,
+                node_id: crate::provision::generate_token()?[..16].to_string(),
+                fleets: Default::default(),
+            },
+        };
+        if data.node_id.is_empty() {
+            data.node_id = crate::provision::generate_token()?[..16].to_string();
+        }
+        store.save(&data)?;
+        let leftovers = sweep_leftovers(&data).await;
+        if leftovers > 0 {
+            tracing::warn!(count = leftovers, "stopped processes left by a previous run of this node");
+        }
+        let spawner = Spawner::start(tokio::runtime::Handle::current(), config.pid_namespace)
+            .map_err(|e| FleetError::internal(format!("cannot start the spawner thread: {e}")))?;
+        tracing::info!(isolation = spawner.isolation().as_str(), "agent isolation");
+        let own_start = procfs::read_proc(std::process::id())
+            .map(|p| p.start_time)
+            .unwrap_or(0);
+        let sweeper = Sweeper::start(own_start);
+        let ctx = Arc::new(NodeContext::new(config, data.node_id.clone(), spawner, sweeper));
+        let (actor, _) = Actor::spawn(
+            None,
+            NodeActor,
+            NodeArgs {
+                ctx: ctx.clone(),
+                store: Box::new(store),
+                data,
+            },
+        )
+        .await
+        .map_err(FleetError::internal)?;
+        Ok(NodeHandle { actor, ctx })
+    }
+}
+
+/// Stops every process carrying this node's marker (and every recorded pid that is still the
+/// same process): a crashed daemon's agents must not run twice.
+async fn sweep_leftovers(data: &RegistryData) -> usize {
+    let prefix = tree::node_marker_prefix(&data.node_id);
+    let recorded: Vec<tree::Member> = data
+        .fleets
+        .values()
+        .flat_map(|f| f.agents.values())
+        .filter_map(|a| a.process.as_ref())
+        .filter(|p| procfs::is_same_process(p.pid, p.start_time))
+        .filter(|p| {
+            // A recorded pid is only ours if it still carries our marker: never touch a reused pid.
+            procfs::env_var(p.pid, tree::MARKER_VAR).is_some_and(|v| v.starts_with(&prefix))
+        })
+        .map(|p| tree::Member {
+            pid: p.pid,
+            pgid: p.pgid,
+            start_time: p.start_time,
+        })
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let mut all = tree::collect(None, &prefix);
+        for r in recorded {
+            if !all.iter().any(|m| m.pid == r.pid) {
+                all.push(r);
+            }
+        }
+        let n = all.len();
+        tree::terminate_blocking(&all, Duration::from_secs(5));
+        n
+    })
+    .await
+    .unwrap_or(0)
+}
+
+impl NodeHandle {
+    /// Runs one command of the command language (what the REPL and the socket do).
+    pub async fn execute(&self, cmd: Command) -> Reply {
+        if let Command::Status { fleet: None, agent: None } = cmd {
+            return Reply::Status(self.status_all());
+        }
+        match self
+            .actor
+            .call(|r| NodeMsg::Command(cmd, r), Some(COMMAND_TIMEOUT))
+            .await
+        {
+            Ok(CallResult::Success(r)) => r,
+            Ok(CallResult::Timeout) => Reply::Error(FleetError::Timeout {
+                what: "the node to answer".into(),
+            }),
+            _ => Reply::Error(FleetError::ShuttingDown),
+        }
+    }
+
+    async fn ok(&self, cmd: Command) -> Result<(), FleetError> {
+        match self.execute(cmd).await {
+            Reply::Error(e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Creates a fleet from a full spec and starts its agents.
+    pub async fn create_fleet(&self, spec: FleetSpec) -> Result<(), FleetError> {
+        match self
+            .actor
+            .call(|r| NodeMsg::CreateFleet(spec, r), Some(COMMAND_TIMEOUT))
+            .await
+        {
+            Ok(CallResult::Success(r)) => r,
+            _ => Err(FleetError::ShuttingDown),
+        }
+    }
+
+    /// Makes the node's fleets match `specs` (what `--spec` and `reload` do).
+    pub async fn apply_spec(&self, specs: Vec<FleetSpec>) -> Result<String, FleetError> {
+        match self
+            .actor
+            .call(|r| NodeMsg::ApplySpec(specs, r), Some(COMMAND_TIMEOUT))
+            .await
+        {
+            Ok(CallResult::Success(r)) => r,
+            _ => Err(FleetError::ShuttingDown),
+        }
+    }
+
+    pub async fn fleets(&self) -> Result<Vec<FleetInfo>, FleetError> {
+        match self.execute(Command::FleetList).await {
+            Reply::Fleets(v) => Ok(v),
+            Reply::Error(e) => Err(e),
+            other => Err(FleetError::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub async fn start_fleet(&self, fleet: &str) -> Result<(), FleetError> {
+        self.ok(Command::FleetStart { fleet: fleet.into() }).await
+    }
+    /// Stops every agent of the fleet; returns when all their processes are gone.
+    pub async fn stop_fleet(&self, fleet: &str) -> Result<(), FleetError> {
+        self.ok(Command::FleetStop { fleet: fleet.into() }).await
+    }
+    pub async fn restart_fleet(&self, fleet: &str) -> Result<(), FleetError> {
+        self.ok(Command::FleetRestart { fleet: fleet.into() }).await
+    }
+    pub async fn remove_fleet(&self, fleet: &str, purge: bool) -> Result<(), FleetError> {
+        self.ok(Command::FleetRm {
+            fleet: fleet.into(),
+            purge,
+        })
+        .await
+    }
+    pub async fn add_agent(&self, fleet: &str, agent: &str) -> Result<(), FleetError> {
+        self.ok(Command::AgentAdd {
+            fleet: fleet.into(),
+            agent: agent.into(),
+        })
+        .await
+    }
+    pub async fn start_agent(&self, fleet: &str, agent: &str) -> Result<(), FleetError> {
+        self.ok(Command::AgentStart {
+            fleet: fleet.into(),
+            agent: agent.into(),
+        })
+        .await
+    }
+    /// Stops the agent; returns when its whole process tree is gone.
+    pub async fn stop_agent(&self, fleet: &str, agent: &str) -> Result<(), FleetError> {
+        self.ok(Command::AgentStop {
+            fleet: fleet.into(),
+            agent: agent.into(),
+        })
+        .await
+    }
+    pub async fn restart_agent(&self, fleet: &str, agent: &str) -> Result<(), FleetError> {
+        self.ok(Command::AgentRestart {
+            fleet: fleet.into(),
+            agent: agent.into(),
+        })
+        .await
+    }
+    pub async fn remove_agent(&self, fleet: &str, agent: &str, purge: bool) -> Result<(), FleetError> {
+        self.ok(Command::AgentRm {
+            fleet: fleet.into(),
+            agent: agent.into(),
+            purge,
+        })
+        .await
+    }
+
+    /// Status of one fleet, one agent, or (both `None`) every agent. Reads the shared status
+    /// view: no mailbox on the way for the whole-node case.
+    pub async fn status(
+        &self,
+        fleet: Option<&str>,
+        agent: Option<&str>,
+    ) -> Result<Vec<AgentStatus>, FleetError> {
+        match self
+            .execute(Command::Status {
+                fleet: fleet.map(Into::into),
+                agent: agent.map(Into::into),
+            })
+            .await
+        {
+            Reply::Status(v) => Ok(v),
+            Reply::Error(e) => Err(e),
+            other => Err(FleetError::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    fn status_all(&self) -> Vec<AgentStatus> {
+        let mut rows: Vec<AgentStatus> = self.ctx.status.iter().map(|v| v.snapshot()).collect();
+        rows.sort_by(|a, b| (&a.fleet, &a.agent).cmp(&(&b.fleet, &b.agent)));
+        rows
+    }
+
+    pub async fn ports(&self) -> Result<Vec<PortLeaseRow>, FleetError> {
+        match self.execute(Command::Ports).await {
+            Reply::Ports(v) => Ok(v),
+            Reply::Error(e) => Err(e),
+            other => Err(FleetError::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub async fn token(&self, fleet: &str, agent: &str, rotate: bool) -> Result<String, FleetError> {
+        match self
+            .execute(Command::Token {
+                fleet: fleet.into(),
+                agent: agent.into(),
+                rotate,
+            })
+            .await
+        {
+            Reply::Token { token, .. } => Ok(token),
+            Reply::Error(e) => Err(e),
+            other => Err(FleetError::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub async fn logs(&self, fleet: &str, agent: &str, lines: usize) -> Result<Vec<String>, FleetError> {
+        match self
+            .execute(Command::Logs {
+                fleet: fleet.into(),
+                agent: agent.into(),
+                lines,
+                follow: false,
+            })
+            .await
+        {
+            Reply::Logs(v) => Ok(v),
+            Reply::Error(e) => Err(e),
+            other => Err(FleetError::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Every lifecycle event from now on. A subscriber that falls behind by more than the
+    /// channel capacity loses the oldest events (`RecvError::Lagged`).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.ctx.events.subscribe()
+    }
+
+    /// How agents are kept from outliving the node on this host.
+    pub fn isolation(&self) -> Isolation {
+        self.ctx.spawner.isolation()
+    }
+
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.ctx.config.state_dir
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.ctx.node_id
+    }
+
+    /// Stops every fleet (each agent within its stop timeout), then the actor tree and the
+    /// spawner thread. Idempotent.
+    pub async fn shutdown(&self) {
+        let _ = self
+            .actor
+            .call(NodeMsg::Shutdown, Some(COMMAND_TIMEOUT))
+            .await;
+        let _ = self
+            .actor
+            .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))
+            .await;
+        self.ctx.spawner.close();
+    }
+}
