@@ -112,3 +112,24 @@ impl NodeContext {
         let _ = self.events.send(ev);
     }
 }
+
+/// The documented default state directory: `$FLEET_STATE_DIR`, else `/var/lib/fleet-commander`
+/// for root, else `$XDG_STATE_HOME/fleet-commander`, else `~/.local/state/fleet-commander`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FLEET_STATE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/fleet-commander");
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("fleet-commander");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/state/fleet-commander")
+}
+
+/// The control socket's default path inside a state directory.
+pub fn default_socket(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("fleetd.sock")
+}

@@ -1,1 +1,163 @@
-fn main(){}
+//! fleetd: the Fleet Commander daemon. Starts a node on a state directory, serves the control
+//! socket, optionally applies a spec file and runs the REPL on stdin, and stops every agent
+//! gracefully on SIGTERM/SIGINT. SIGHUP re-reads the spec file.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use fleet_commander::admin::{repl, socket};
+use fleet_commander::context::{default_socket, default_state_dir};
+use fleet_commander::ports::PortRange;
+use fleet_commander::{specfile, Node, NodeConfig};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser, Debug)]
+#[command(name = "fleetd", version, about = "Fleet Commander daemon: supervises fleets of OpenClaw agents as native processes")]
+struct Args {
+    /// State directory (registry, agent HOMEs, socket). Default: $FLEET_STATE_DIR, else
+    /// /var/lib/fleet-commander for root, else $XDG_STATE_HOME/fleet-commander or
+    /// ~/.local/state/fleet-commander.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Control socket path. Default: <state-dir>/fleetd.sock.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Declarative fleet spec (TOML) applied at start, on SIGHUP and on `reload`.
+    #[arg(long)]
+    spec: Option<PathBuf>,
+    /// Run the REPL on stdin even when it is not a terminal.
+    #[arg(long, conflicts_with = "no_repl")]
+    repl: bool,
+    /// Never run the REPL.
+    #[arg(long)]
+    no_repl: bool,
+    /// Log format on stderr.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// The `openclaw` binary (default: the install of scripts/install-openclaw.sh, then PATH).
+    #[arg(long)]
+    openclaw: Option<PathBuf>,
+    /// Ports leased to agents, FIRST-LAST.
+    #[arg(long, default_value = "20000-59999")]
+    port_range: String,
+    /// OpenClaw agents allowed to be starting at once (default: number of cores).
+    #[arg(long)]
+    max_concurrent_starts: Option<usize>,
+    /// Do not run agents in a PID namespace even when the host allows it.
+    #[arg(long)]
+    no_pid_namespace: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    init_tracing(&args.log_format);
+    match fleet_commander::process::procfs::raise_nofile_limit() {
+        Ok((old, new)) if new > old => tracing::info!(old, new, "raised RLIMIT_NOFILE"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise RLIMIT_NOFILE"),
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fleetd")
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(run(args))
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let socket_path = args.socket.clone().unwrap_or_else(|| default_socket(&state_dir));
+    let mut config = NodeConfig::new(&state_dir);
+    config.port_range = PortRange::parse(&args.port_range).context("--port-range")?;
+    config.openclaw_bin = args.openclaw.clone();
+    config.pid_namespace = !args.no_pid_namespace;
+    if let Some(n) = args.max_concurrent_starts {
+        if n == 0 {
+            bail!("--max-concurrent-starts must be at least 1");
+        }
+        config.max_concurrent_starts = n;
+    }
+    let spec_path = match &args.spec {
+        Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("--spec {}", p.display()))?),
+        None => None,
+    };
+    config.spec_path = spec_path.clone();
+    // A bad spec stops the start before anything runs.
+    let specs = match &spec_path {
+        Some(p) => Some(specfile::load_spec(p).map_err(|e| anyhow::anyhow!("{e}"))?),
+        None => None,
+    };
+    let node = Node::start(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("starting the node on {}", state_dir.display()))?;
+    tracing::info!(state_dir = %state_dir.display(), socket = %socket_path.display(), node_id = node.node_id(), "fleetd started");
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+    let listener = socket::bind(&socket_path)
+        .with_context(|| format!("binding the control socket {}", socket_path.display()))?;
+    tokio::spawn(socket::serve(listener, node.clone(), shutdown.clone()));
+    if let Some(specs) = specs {
+        match node.apply_spec(specs).await {
+            Ok(msg) => tracing::info!("{msg}"),
+            Err(e) => tracing::error!(error = %e, "applying the spec"),
+        }
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    let stdin_tty = std::io::stdin().is_terminal();
+    if !args.no_repl && (args.repl || stdin_tty) {
+        let node = node.clone();
+        let shutdown = shutdown.clone();
+        let history = state_dir.join("repl_history");
+        tokio::spawn(async move {
+            match repl::run(node, stdin_tty, Some(history)).await {
+                repl::ReplEnd::Shutdown => shutdown.notify_one(),
+                // The socket still serves: EOF on stdin does not stop the daemon.
+                repl::ReplEnd::Eof => tracing::info!("stdin closed; still serving the control socket"),
+            }
+        });
+    }
+
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping every fleet"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping every fleet"); break; }
+            _ = shutdown.notified() => { tracing::info!("shutdown requested: stopping every fleet"); break; }
+            _ = hup.recv() => {
+                match &spec_path {
+                    None => tracing::warn!("SIGHUP ignored: started without --spec"),
+                    Some(p) => match specfile::load_spec(p) {
+                        Err(e) => tracing::error!(error = %e, "reload rejected; nothing changed"),
+                        Ok(specs) => match node.apply_spec(specs).await {
+                            Ok(m) => tracing::info!("reload: {m}"),
+                            Err(e) => tracing::error!(error = %e, "reload failed"),
+                        },
+                    },
+                }
+            }
+        }
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    node.shutdown().await;
+    let _ = std::fs::remove_file(&socket_path);
+    tracing::info!("fleetd stopped");
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! The REPL on the daemon's stdin. On a terminal: a prompt, line editing and history
+//! (rustyline), and agent transitions printed live above the prompt. On a pipe: plain lines,
+//! one reply each, so scripts can feed it. `events` and `logs --follow` stream until the next
+//! input line (Enter on a terminal).
+
+use crate::admin::parse::parse_line;
+use crate::admin::render::{render, render_event};
+use crate::error::FleetError;
+use crate::logs::tail;
+use crate::messages::command::{Command, Reply};
+use crate::node::NodeHandle;
+use crate::provision::AgentPaths;
+use std::io::BufRead;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How the REPL ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplEnd {
+    /// stdin reached EOF (a daemon that serves a socket keeps running).
+    Eof,
+    /// The operator typed `shutdown`.
+    Shutdown,
+}
+
+enum Input {
+    Line(String),
+    Eof,
+}
+
+/// Runs the REPL until EOF or `shutdown`. `history`: file for the terminal's history.
+pub async fn run(node: NodeHandle, tty: bool, history: Option<std::path::PathBuf>) -> ReplEnd {
+    let (tx, mut rx) = mpsc::channel::<Input>(1);
+    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<()>();
+    let (printer_tx, printer_rx) = std::sync::mpsc::channel::<Box<dyn FnMut(String) + Send>>();
+    std::thread::Builder::new()
+        .name("fleet-repl".into())
+        .spawn(move || read_lines(tty, history, tx, ack_rx, printer_tx))
+        .expect("spawn REPL thread");
+    if tty {
+        if let Ok(mut print) = printer_rx.recv_timeout(Duration::from_secs(2)) {
+            let mut events = node.subscribe();
+            tokio::spawn(async move {
+                while let Ok(ev) = events.recv().await {
+                    print(render_event(&ev, false));
+                }
+            });
+        }
+    }
+    loop {
+        let Some(Input::Line(line)) = rx.recv().await else {
+            return ReplEnd::Eof;
+        };
+        let req = match parse_line(&line) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                let _ = ack_tx.send(());
+                continue;
+            }
+            Err(e) => {
+                println!("error: {e}");
+                let _ = ack_tx.send(());
+                continue;
+            }
+        };
+        let json = req.json;
+        match req.command {
+            Command::Shutdown => {
+                println!("{}", render(&node.execute(Command::Shutdown).await, json));
+                let _ = ack_tx.send(());
+                return ReplEnd::Shutdown;
+            }
+            Command::Events => {
+                if tty {
+                    println!("(streaming events; press Enter to stop)");
+                }
+                let mut events = node.subscribe();
+                let _ = ack_tx.send(());
+                loop {
+                    tokio::select! {
+                        ev = events.recv() => match ev {
+                            Ok(ev) => println!("{}", render_event(&ev, json)),
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(_) => break,
+                        },
+                        input = rx.recv() => {
+                            if !matches!(input, Some(Input::Line(_))) {
+                                return ReplEnd::Eof;
+                            }
+                            break;
+                        }
+                    }
+                }
+                let _ = ack_tx.send(());
+            }
+            Command::Logs {
+                fleet,
+                agent,
+                lines,
+                follow: true,
+            } => {
+                let first = node
+                    .execute(Command::Logs {
+                        fleet: fleet.clone(),
+                        agent: agent.clone(),
+                        lines,
+                        follow: false,
+                    })
+                    .await;
+                println!("{}", render(&first, json));
+                if matches!(first, Reply::Error(_)) {
+                    let _ = ack_tx.send(());
+                    continue;
+                }
+                let token = node.token(&fleet, &agent, false).await.unwrap_or_default();
+                let mut follower =
+                    tail::Follower::new(&AgentPaths::new(node.state_dir(), &fleet, &agent).agent_log);
+                let _ = ack_tx.send(());
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            for l in follower.poll().unwrap_or_default() {
+                                println!("{}", tail::redact(&l, &[token.as_str()]));
+                            }
+                        }
+                        input = rx.recv() => {
+                            if !matches!(input, Some(Input::Line(_))) {
+                                return ReplEnd::Eof;
+                            }
+                            break;
+                        }
+                    }
+                }
+                let _ = ack_tx.send(());
+            }
+            cmd => {
+                let reply = node.execute(cmd).await;
+                if let Reply::Error(FleetError::ShuttingDown) = reply {
+                    println!("{}", render(&reply, json));
+                    let _ = ack_tx.send(());
+                    return ReplEnd::Shutdown;
+                }
+                println!("{}", render(&reply, json));
+                let _ = ack_tx.send(());
+            }
+        }
+    }
+}
+
+/// The blocking reader: rustyline on a terminal, plain lines otherwise. Waits for each line
+/// to be handled before prompting again, so replies never interleave with the prompt.
+fn read_lines(
+    tty: bool,
+    history: Option<std::path::PathBuf>,
+    tx: mpsc::Sender<Input>,
+    ack: std::sync::mpsc::Receiver<()>,
+    printer: std::sync::mpsc::Sender<Box<dyn FnMut(String) + Send>>,
+) {
+    if tty {
+        if let Ok(mut rl) = rustyline::DefaultEditor::new() {
+            if let Some(h) = &history {
+                let _ = rl.load_history(h);
+            }
+            if let Ok(mut p) = rl.create_external_printer() {
+                use rustyline::ExternalPrinter;
+                let _ = printer.send(Box::new(move |s: String| {
+                    let _ = p.print(format!("{s}\n"));
+                }));
+            }
+            loop {
+                match rl.readline("fleet> ") {
+                    Ok(line) => {
+                        if !line.trim().is_empty() {
+                            let _ = rl.add_history_entry(line.as_str());
+                            if let Some(h) = &history {
+                                let _ = rl.append_history(h);
+                            }
+                        }
+                        if tx.blocking_send(Input::Line(line)).is_err() {
+                            return;
+                        }
+                        if ack.recv().is_err() {
+                            return;
+                        }
+                    }
+                    Err(rustyline::error::ReadlineError::Interrupted) => continue,
+                    Err(_) => {
+                        let _ = tx.blocking_send(Input::Eof);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    drop(printer);
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        if tx.blocking_send(Input::Line(line)).is_err() || ack.recv().is_err() {
+            return;
+        }
+    }
+    let _ = tx.blocking_send(Input::Eof);
+}

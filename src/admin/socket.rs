@@ -1,0 +1,229 @@
+//! The control socket: a Unix socket (mode 0600, peers checked by uid) speaking the command
+//! language one line per request. Every answer is one or more JSON `Frame` lines: a reply
+//! closes a one-shot command; `events` and `logs --follow` stream frames until the client
+//! hangs up. A malformed request gets an error reply and the connection goes on.
+
+use crate::admin::parse::{parse_line, MAX_LINE_BYTES};
+use crate::error::FleetError;
+use crate::logs::tail;
+use crate::messages::command::{Command, Reply};
+use crate::messages::events::Event;
+use crate::node::NodeHandle;
+use crate::provision::AgentPaths;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// One line on the wire from the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "frame", rename_all = "snake_case")]
+pub enum Frame {
+    /// The answer to a request; `json` echoes whether the request asked for JSON output.
+    Reply { reply: Reply, json: bool },
+    /// One lifecycle event of an `events` stream.
+    Event { event: Event, json: bool },
+    /// One log line of `logs --follow`.
+    Line { line: String },
+}
+
+/// Binds the socket (replacing a stale one) with owner-only permissions.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is served by another running daemon", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // The umask covers the window between bind and chmod.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let l = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let l = l?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serves connections until the listener fails. `on_shutdown` is called after a `shutdown`
+/// request was answered.
+pub async fn serve(
+    listener: UnixListener,
+    node: NodeHandle,
+    on_shutdown: std::sync::Arc<tokio::sync::Notify>,
+) {
+    let me = nix::unistd::geteuid().as_raw();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let node = node.clone();
+        let on_shutdown = on_shutdown.clone();
+        tokio::spawn(async move {
+            let allowed = stream
+                .peer_cred()
+                .map(|c| c.uid() == me || c.uid() == 0)
+                .unwrap_or(false);
+            if let Err(e) = connection(stream, node, on_shutdown, allowed).await {
+                tracing::debug!(error = %e, "control connection ended");
+            }
+        });
+    }
+}
+
+async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, f: &Frame) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(f).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await
+}
+
+fn error_reply(e: FleetError, json: bool) -> Frame {
+    Frame::Reply {
+        reply: Reply::Error(e),
+        json,
+    }
+}
+
+async fn connection(
+    stream: UnixStream,
+    node: NodeHandle,
+    on_shutdown: std::sync::Arc<tokio::sync::Notify>,
+    allowed: bool,
+) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    if !allowed {
+        return send(
+            &mut w,
+            &error_reply(
+                FleetError::invalid("peer", "only the daemon's user may use this socket"),
+                false,
+            ),
+        )
+        .await;
+    }
+    // A line longer than the parser's limit is read only up to a bound, then refused.
+    let mut reader = BufReader::new(r);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = (&mut reader)
+            .take((MAX_LINE_BYTES * 4) as u64)
+            .read_until(b'\n', &mut buf)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if buf.last() != Some(&b'\n') && n >= MAX_LINE_BYTES * 4 {
+            send(&mut w, &error_reply(FleetError::invalid("request", format!("line longer than {MAX_LINE_BYTES} bytes")), false)).await?;
+            // Skip the rest of the oversized line.
+            let mut sink = Vec::new();
+            reader.read_until(b'\n', &mut sink).await?;
+            continue;
+        }
+        let line = String::from_utf8_lossy(&buf);
+        let req = match parse_line(line.trim_end_matches(['\n', '\r'])) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) => {
+                send(&mut w, &error_reply(FleetError::invalid("command", e.to_string()), false)).await?;
+                continue;
+            }
+        };
+        let json = req.json;
+        match req.command {
+            Command::Events => return stream_events(&node, &mut w, json, &mut reader).await,
+            Command::Logs {
+                fleet,
+                agent,
+                lines,
+                follow: true,
+            } => {
+                let first = node
+                    .execute(Command::Logs {
+                        fleet: fleet.clone(),
+                        agent: agent.clone(),
+                        lines,
+                        follow: false,
+                    })
+                    .await;
+                let failed = matches!(first, Reply::Error(_));
+                send(&mut w, &Frame::Reply { reply: first, json }).await?;
+                if failed {
+                    continue;
+                }
+                let token = node.token(&fleet, &agent, false).await.unwrap_or_default();
+                let path = AgentPaths::new(node.state_dir(), &fleet, &agent).agent_log;
+                return follow_log(path, token, &mut w, &mut reader).await;
+            }
+            Command::Shutdown => {
+                let reply = node.execute(Command::Shutdown).await;
+                send(&mut w, &Frame::Reply { reply, json }).await?;
+                on_shutdown.notify_one();
+                return Ok(());
+            }
+            cmd => {
+                let reply = node.execute(cmd).await;
+                send(&mut w, &Frame::Reply { reply, json }).await?;
+            }
+        }
+    }
+}
+
+/// Streams events until the client hangs up (its read side reaches EOF).
+async fn stream_events<R: tokio::io::AsyncBufRead + Unpin>(
+    node: &NodeHandle,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    json: bool,
+    reader: &mut R,
+) -> std::io::Result<()> {
+    let mut rx = node.subscribe();
+    let mut sink = Vec::new();
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Ok(event) => send(w, &Frame::Event { event, json }).await?,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "events subscriber fell behind");
+                }
+                Err(_) => return Ok(()),
+            },
+            n = reader.read_until(b'\n', &mut sink) => {
+                if n.unwrap_or(0) == 0 { return Ok(()); }
+                sink.clear();
+            }
+        }
+    }
+}
+
+async fn follow_log<R: tokio::io::AsyncBufRead + Unpin>(
+    path: PathBuf,
+    token: String,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    reader: &mut R,
+) -> std::io::Result<()> {
+    let mut follower = tail::Follower::new(&path);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut sink = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let lines = follower.poll().unwrap_or_default();
+                for l in lines {
+                    send(w, &Frame::Line { line: tail::redact(&l, &[token.as_str()]) }).await?;
+                }
+            }
+            n = reader.read_until(b'\n', &mut sink) => {
+                if n.unwrap_or(0) == 0 { return Ok(()); }
+                sink.clear();
+            }
+        }
+    }
+}
