@@ -64,7 +64,18 @@ mod tests {
     #[test]
     fn refuses_everything_else() {
         for bad in [
-            "", "A", "a_b", "../x", "-a", "a-", "a/b", "a b", "é", &"a".repeat(41), ".", "a.b",
+            "",
+            "A",
+            "a_b",
+            "../x",
+            "-a",
+            "a-",
+            "a/b",
+            "a b",
+            "é",
+            &"a".repeat(41),
+            ".",
+            "a.b",
         ] {
             assert!(!is_valid_id(bad), "{bad:?} should be invalid");
             let err = validate_id("agent", bad).unwrap_err().to_string();

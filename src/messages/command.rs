@@ -30,24 +30,63 @@ pub enum Command {
         profile: Option<Profile>,
     },
     FleetList,
-    FleetStart { fleet: String },
-    FleetStop { fleet: String },
-    FleetRestart { fleet: String },
-    FleetRm { fleet: String, purge: bool },
-    AgentAdd { fleet: String, agent: String },
-    AgentStart { fleet: String, agent: String },
-    AgentStop { fleet: String, agent: String },
-    AgentRestart { fleet: String, agent: String },
-    AgentRm { fleet: String, agent: String, purge: bool },
-    Status { fleet: Option<String>, agent: Option<String> },
-    Logs { fleet: String, agent: String, lines: usize, follow: bool },
-    Token { fleet: String, agent: String, rotate: bool },
+    FleetStart {
+        fleet: String,
+    },
+    FleetStop {
+        fleet: String,
+    },
+    FleetRestart {
+        fleet: String,
+    },
+    FleetRm {
+        fleet: String,
+        purge: bool,
+    },
+    AgentAdd {
+        fleet: String,
+        agent: String,
+    },
+    AgentStart {
+        fleet: String,
+        agent: String,
+    },
+    AgentStop {
+        fleet: String,
+        agent: String,
+    },
+    AgentRestart {
+        fleet: String,
+        agent: String,
+    },
+    AgentRm {
+        fleet: String,
+        agent: String,
+        purge: bool,
+    },
+    Status {
+        fleet: Option<String>,
+        agent: Option<String>,
+    },
+    Logs {
+        fleet: String,
+        agent: String,
+        lines: usize,
+        follow: bool,
+    },
+    Token {
+        fleet: String,
+        agent: String,
+        rotate: bool,
+    },
     Ports,
     Top,
     Capacity,
     Events,
     Reload,
-    Help { topic: Option<String> },
+    Help {
+        topic: Option<String>,
+    },
     Shutdown,
 }
 
@@ -117,14 +156,22 @@ pub struct CapacityRow {
 #[serde(tag = "reply", content = "data", rename_all = "snake_case")]
 pub enum Reply {
     /// A command that changes state and has nothing to show but a confirmation.
-    Done { message: String },
+    Done {
+        message: String,
+    },
     Fleets(Vec<FleetInfo>),
     Status(Vec<AgentStatus>),
     Ports(Vec<PortLeaseRow>),
     Top(Vec<TopRow>),
     Capacity(Vec<CapacityRow>),
     Logs(Vec<String>),
-    Token { fleet: String, agent: String, token: String },
-    Help { text: String },
+    Token {
+        fleet: String,
+        agent: String,
+        token: String,
+    },
+    Help {
+        text: String,
+    },
     Error(FleetError),
 }
