@@ -1,0 +1,248 @@
+//! Test fixtures that boot the real daemon: `Daemon::start()` runs `fleetd` on a temporary
+//! state directory and talks to it only through its socket (via `fleetctl`); dropping it
+//! stops the daemon and kills anything of its node still running. `wait_until` waits for a
+//! condition with a deadline and reports what it last saw.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const FLEETD: &str = env!("CARGO_BIN_EXE_fleetd");
+pub const FLEETCTL: &str = env!("CARGO_BIN_EXE_fleetctl");
+pub const STUB: &str = env!("CARGO_BIN_EXE_fleet-stub-agent");
+
+/// Waits until `f` returns `Some`, polling every 20 ms, for at most `timeout`. On timeout it
+/// panics with `what` and the last value `seen` recorded.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut(&mut String) -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut seen = String::new();
+    loop {
+        if let Some(v) = f(&mut seen) {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}; last seen: {seen}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub extra_args: Vec<String>,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(args: &[&str]) -> Daemon {
+        let dir = tempfile::Builder::new().prefix("fleetd-test").tempdir().expect("tempdir");
+        let mut d = Daemon {
+            dir,
+            child: None,
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        d.launch();
+        d
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.state_dir().join("fleetd.sock")
+    }
+
+    /// Starts fleetd on this state dir (again, after `kill9` or `stop`).
+    pub fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("fleetd.log"))
+            .expect("log file");
+        let child = Command::new(FLEETD)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--no-repl")
+            .args(&self.extra_args)
+            .env("FLEET_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn fleetd");
+        self.child = Some(child);
+        let sock = self.socket();
+        wait_until(Duration::from_secs(20), "fleetd to answer on its socket", |seen| {
+            let out = Command::new(FLEETCTL).arg("--socket").arg(&sock).arg("fleet").arg("list").output().ok()?;
+            *seen = String::from_utf8_lossy(&out.stderr).to_string();
+            out.status.success().then_some(())
+        });
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("fleetd.log")).unwrap_or_default()
+    }
+
+    /// Runs fleetctl with these words; returns the whole output.
+    pub fn ctl_output(&self, words: &[&str]) -> Output {
+        Command::new(FLEETCTL)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(words)
+            .output()
+            .expect("run fleetctl")
+    }
+
+    /// Runs fleetctl and insists on success; returns stdout.
+    pub fn ctl(&self, words: &[&str]) -> String {
+        let out = self.ctl_output(words);
+        assert!(
+            out.status.success(),
+            "fleetctl {words:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// `status --json` as parsed JSON rows.
+    pub fn status(&self) -> Vec<Value> {
+        let s = self.ctl(&["--json", "status"]);
+        serde_json::from_str::<Value>(&s)
+            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {s}"))
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("status --json is not an array: {s}"))
+    }
+
+    pub fn agent(&self, fleet: &str, agent: &str) -> Option<Value> {
+        self.status()
+            .into_iter()
+            .find(|r| r["fleet"] == fleet && r["agent"] == agent)
+    }
+
+    /// Waits until every listed agent is `running` (healthy); returns their rows.
+    pub fn wait_running(&self, fleet: &str, n: usize, timeout: Duration) -> Vec<Value> {
+        wait_until(timeout, &format!("{n} agents of {fleet} running"), |seen| {
+            let rows: Vec<Value> = self.status().into_iter().filter(|r| r["fleet"] == fleet).collect();
+            *seen = serde_json::to_string(&rows).unwrap();
+            (rows.len() == n && rows.iter().all(|r| r["state"] == "running" && r["healthy"] == true)).then_some(rows)
+        })
+    }
+
+    /// Stub-agent fleet: `fleet create <name> --agents n --command "<stub> <args>" --stride 1`.
+    pub fn create_stub_fleet(&self, name: &str, n: u32, stub_args: &str, extra: &[&str]) {
+        let cmd = format!("{STUB} {stub_args}");
+        let n = n.to_string();
+        let mut words = vec!["fleet", "create", name, "--agents", &n, "--command", &cmd, "--stride", "1"];
+        words.extend_from_slice(extra);
+        self.ctl(&words);
+    }
+
+    /// SIGKILL the daemon (simulated crash) and reap it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit (bounded).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        wait_until(Duration::from_secs(60), "fleetd to exit after SIGTERM", |_| c.try_wait().ok().flatten())
+    }
+
+    pub fn node_id(&self) -> String {
+        let reg: Value = serde_json::from_str(
+            &std::fs::read_to_string(self.state_dir().join("registry.json")).unwrap_or_default(),
+        )
+        .unwrap_or(Value::Null);
+        reg["node_id"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let id = self.node_id();
+        self.kill9();
+        if !id.is_empty() {
+            // Whatever this node started and is still running goes now (by marker, pid-checked).
+            for pid in marked_pids(&format!("{id}/")) {
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Pids of live processes whose FLEET_COMMANDER_AGENT starts with `prefix`.
+pub fn marked_pids(prefix: &str) -> Vec<u32> {
+    let needle = format!("FLEET_COMMANDER_AGENT={prefix}");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        if env.split(|b| *b == 0).any(|kv| kv.starts_with(needle.as_bytes())) && alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s.rfind(')').and_then(|i| s[i + 2..].chars().next()).is_some_and(|c| c != 'Z' && c != 'X'),
+        Err(_) => false,
+    }
+}
+
+/// Children, grandchildren … of `root` (by ppid), live ones only.
+pub fn descendants(root: u32) -> Vec<u32> {
+    let mut table = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some(i) = s.rfind(')') else { continue };
+        let ppid: u32 = s[i + 2..].split(' ').nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+        table.push((pid, ppid));
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (c, pp) in &table {
+            if *pp == p && !out.contains(c) {
+                out.push(*c);
+                frontier.push(*c);
+            }
+        }
+    }
+    out.retain(|p| alive(*p));
+    out
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(1000))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.split(' ').nth(1)?.parse().ok()
+}
+
+pub fn read_file(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
