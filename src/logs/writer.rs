@@ -336,7 +336,8 @@ impl LogWriter {
             }
         }
         self.pending_lines = 0;
-        if self.pending.capacity() > FLUSH_AT {
+        // Idle agents far outnumber busy ones: a busy one pays one allocation per batch.
+        if self.pending.capacity() > KEEP_CAPACITY {
             self.pending = Vec::new();
         } else {
             self.pending.clear();
