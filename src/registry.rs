@@ -320,7 +320,10 @@ mod tests {
         let first = sample("n", &["a1"]);
         let second = sample("n", &["a1", "a2"]);
         store.save(&first).unwrap();
-        assert!(!store.backup_path().exists(), "first save has nothing to back up");
+        assert!(
+            !store.backup_path().exists(),
+            "first save has nothing to back up"
+        );
         store.save(&second).unwrap();
         let bak: RegistryData =
             serde_json::from_slice(&fs::read(store.backup_path()).unwrap()).unwrap();
@@ -347,13 +350,20 @@ mod tests {
         assert!(msg.contains(&path), "{msg}");
         assert!(msg.contains("at line 5, column 14:"), "{msg}");
         assert!(msg.contains("invalid type"), "serde reason missing: {msg}");
-        assert!(msg.contains("registry.json.bak holds the previous good version"), "{msg}");
+        assert!(
+            msg.contains("registry.json.bak holds the previous good version"),
+            "{msg}"
+        );
         assert!(!msg.contains('\n'), "one line: {msg}");
 
         assert_eq!(fs::read(store.path()).unwrap(), corrupt);
         let after = fs::metadata(store.path()).unwrap();
         assert_eq!(before.ino(), after.ino(), "file was replaced");
-        assert_eq!(before.mtime_nsec(), after.mtime_nsec(), "file was rewritten");
+        assert_eq!(
+            before.mtime_nsec(),
+            after.mtime_nsec(),
+            "file was rewritten"
+        );
         let names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
