@@ -1,1 +1,474 @@
-//! (not yet written)
+//! The durable desired state (which fleets and agents should exist, their specs, tokens and
+//! port bases, and the process each agent was last seen running) behind the `Store` trait,
+//! with its first implementation: a crash-safe local JSON file. It does not decide anything:
+//! reconciling this against what is observed is the node's job, and an etcd store will sit
+//! beside `FileStore` later.
+
+use crate::FleetError;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Format version this build reads and writes.
+pub const REGISTRY_VERSION: u32 = 1;
+
+/// Whether something should be running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Desired {
+    Running,
+    Stopped,
+}
+
+/// The OS process an agent was started as: enough to find it again after a daemon restart
+/// without ever mistaking a reused pid for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub pid: u32,
+    pub pgid: u32,
+    /// Clock ticks since boot, `/proc/<pid>/stat` field 22.
+    pub start_time: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub desired: Desired,
+    pub port_base: Option<u16>,
+    pub stride: u16,
+    pub token: String,
+    pub process: Option<ProcessRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetRecord {
+    pub spec: crate::spec::FleetSpec,
+    pub desired: Desired,
+    pub agents: BTreeMap<String, AgentRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct RegistryData {
+    /// Format version, `REGISTRY_VERSION`. `save` stamps it, so a `Default` value is fine.
+    pub version: u32,
+    pub node_id: String,
+    pub fleets: BTreeMap<String, FleetRecord>,
+}
+
+impl RegistryData {
+    pub fn new(node_id: impl Into<String>) -> Self {
+        RegistryData {
+            version: REGISTRY_VERSION,
+            node_id: node_id.into(),
+            fleets: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where the desired state lives. Implementations must be usable from any thread.
+pub trait Store: Send + Sync + 'static {
+    /// `Ok(None)`: no registry yet (first start).
+    fn load(&self) -> Result<Option<RegistryData>, FleetError>;
+    fn save(&self, data: &RegistryData) -> Result<(), FleetError>;
+    /// Change notifications from other writers; `None` when this process is the only writer.
+    fn watch(&self) -> Option<tokio::sync::watch::Receiver<u64>>;
+}
+
+/// `<state_dir>/registry.json`, replaced atomically on every save; the file it replaced is
+/// kept as `registry.json.bak` when it was valid.
+pub struct FileStore {
+    path: PathBuf,
+    bak: PathBuf,
+    tmp: PathBuf,
+}
+
+impl FileStore {
+    pub fn new(state_dir: &Path) -> Self {
+        FileStore {
+            path: state_dir.join("registry.json"),
+            bak: state_dir.join("registry.json.bak"),
+            tmp: state_dir.join(".registry.json.tmp"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn backup_path(&self) -> &Path {
+        &self.bak
+    }
+
+    fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// Writes the temp file completely and durably before anything else is touched, so a
+    /// failure at any step leaves `registry.json` as it was.
+    fn write_tmp(&self, bytes: &[u8]) -> Result<(), FleetError> {
+        // A temp file left by a crash is garbage; create_new afterwards refuses to follow a
+        // symlink someone planted there.
+        match fs::remove_file(&self.tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("removing stale", &self.tmp, e)),
+        }
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&self.tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()
+        })();
+        result.map_err(|e| {
+            let _ = fs::remove_file(&self.tmp);
+            io_err("writing", &self.tmp, e)
+        })
+    }
+
+    /// Keeps the current file as the backup, but only if it is a valid registry: a corrupt
+    /// file must never push the last good version out.
+    fn keep_backup(&self) -> Result<(), FleetError> {
+        let current = match fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("reading", &self.path, e)),
+        };
+        if parse(&current, &self.path, &self.bak).is_err() {
+            return Ok(());
+        }
+        match fs::remove_file(&self.bak) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("removing old backup", &self.bak, e)),
+        }
+        if fs::hard_link(&self.path, &self.bak).is_err() {
+            fs::write(&self.bak, &current).map_err(|e| io_err("writing backup", &self.bak, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Store for FileStore {
+    fn load(&self) -> Result<Option<RegistryData>, FleetError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("reading", &self.path, e)),
+        };
+        parse(&bytes, &self.path, &self.bak).map(Some)
+    }
+
+    fn save(&self, data: &RegistryData) -> Result<(), FleetError> {
+        let mut stamped = serde_json::to_value(data).map_err(|e| FleetError::Store {
+            reason: format!("cannot serialize the registry: {e}"),
+        })?;
+        stamped["version"] = REGISTRY_VERSION.into();
+        let mut bytes = serde_json::to_vec_pretty(&stamped).map_err(|e| FleetError::Store {
+            reason: format!("cannot serialize the registry: {e}"),
+        })?;
+        bytes.push(b'\n');
+        fs::create_dir_all(self.dir()).map_err(|e| io_err("creating", self.dir(), e))?;
+        self.write_tmp(&bytes)?;
+        if let Err(e) = self.keep_backup() {
+            let _ = fs::remove_file(&self.tmp);
+            return Err(e);
+        }
+        if let Err(e) = fs::rename(&self.tmp, &self.path) {
+            let _ = fs::remove_file(&self.tmp);
+            return Err(io_err("replacing", &self.path, e));
+        }
+        // Without this the rename itself may not survive a power loss.
+        File::open(self.dir())
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err("syncing directory", self.dir(), e))
+    }
+
+    fn watch(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+}
+
+fn io_err(what: &str, path: &Path, e: io::Error) -> FleetError {
+    FleetError::Store {
+        reason: format!("{what} {}: {e}", path.display()),
+    }
+}
+
+fn parse(bytes: &[u8], path: &Path, bak: &Path) -> Result<RegistryData, FleetError> {
+    let fallback = if bak.exists() {
+        format!("{} holds the previous good version", bak.display())
+    } else {
+        format!("there is no backup ({} does not exist)", bak.display())
+    };
+    let data: RegistryData = serde_json::from_slice(bytes).map_err(|e| {
+        let full = e.to_string();
+        let suffix = format!(" at line {} column {}", e.line(), e.column());
+        let reason = full.strip_suffix(&suffix).unwrap_or(&full);
+        FleetError::Store {
+            reason: format!(
+                "{} is corrupt at line {}, column {}: {reason}; the file was left untouched and {fallback}",
+                path.display(),
+                e.line(),
+                e.column()
+            ),
+        }
+    })?;
+    if data.version != REGISTRY_VERSION {
+        return Err(FleetError::Store {
+            reason: format!(
+                "{} has format version {}, this build reads version {REGISTRY_VERSION}; the file was left untouched and {fallback}",
+                path.display(),
+                data.version
+            ),
+        });
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::FleetSpec;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn sample(node: &str, agents: &[&str]) -> RegistryData {
+        let mut spec = FleetSpec::new("bots");
+        spec.agents = agents.iter().map(|a| a.to_string()).collect();
+        spec.env.insert("K".into(), "v".into());
+        let mut fleet = FleetRecord {
+            spec,
+            desired: Desired::Running,
+            agents: BTreeMap::new(),
+        };
+        for (i, a) in agents.iter().enumerate() {
+            fleet.agents.insert(
+                a.to_string(),
+                AgentRecord {
+                    desired: if i == 0 {
+                        Desired::Stopped
+                    } else {
+                        Desired::Running
+                    },
+                    port_base: (i > 0).then_some(20_000 + 128 * i as u16),
+                    stride: 128,
+                    token: format!("tok-{a}"),
+                    process: (i > 0).then_some(ProcessRecord {
+                        pid: 1000 + i as u32,
+                        pgid: 1000 + i as u32,
+                        start_time: 987_654 + i as u64,
+                    }),
+                },
+            );
+        }
+        let mut d = RegistryData::new(node);
+        d.fleets.insert("bots".into(), fleet);
+        d
+    }
+
+    fn reason(e: FleetError) -> String {
+        match e {
+            FleetError::Store { reason } => reason,
+            other => panic!("expected a Store error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_file_is_first_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        assert_eq!(store.path(), dir.path().join("registry.json"));
+        assert_eq!(store.load().unwrap(), None);
+        assert!(store.watch().is_none());
+    }
+
+    #[test]
+    fn save_load_round_trip_with_owner_only_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        let data = sample("node-a", &["a1", "a2", "a3"]);
+        store.save(&data).unwrap();
+        let loaded = FileStore::new(dir.path()).load().unwrap();
+        assert_eq!(loaded.as_ref(), Some(&data));
+        let mode = fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "registry.json mode is {mode:o}");
+        assert!(!dir.path().join(".registry.json.tmp").exists());
+    }
+
+    #[test]
+    fn save_stamps_the_format_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        let data = RegistryData {
+            node_id: "n".into(),
+            ..Default::default()
+        };
+        store.save(&data).unwrap();
+        let loaded = store.load().unwrap().expect("saved registry");
+        assert_eq!(loaded.version, REGISTRY_VERSION);
+        assert_eq!(loaded.node_id, "n");
+    }
+
+    #[test]
+    fn second_save_keeps_previous_file_as_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        let first = sample("n", &["a1"]);
+        let second = sample("n", &["a1", "a2"]);
+        store.save(&first).unwrap();
+        assert!(
+            !store.backup_path().exists(),
+            "first save has nothing to back up"
+        );
+        store.save(&second).unwrap();
+        let bak: RegistryData =
+            serde_json::from_slice(&fs::read(store.backup_path()).unwrap()).unwrap();
+        assert_eq!(bak, first);
+        assert_eq!(store.load().unwrap(), Some(second));
+        // The backup is a separate inode from the live file.
+        let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+        assert_ne!(ino(store.path()), ino(store.backup_path()));
+    }
+
+    #[test]
+    fn corrupt_file_is_reported_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        store.save(&sample("n", &["a1"])).unwrap();
+        store.save(&sample("n", &["a1", "a2"])).unwrap();
+        let corrupt =
+            b"{\n  \"version\": 1,\n  \"node_id\": \"n\",\n  \"fleets\": {\n    \"bots\": 42\n  }\n}\n";
+        fs::write(store.path(), corrupt).unwrap();
+        let before = fs::metadata(store.path()).unwrap();
+
+        let msg = reason(store.load().unwrap_err());
+        let path = store.path().display().to_string();
+        assert!(msg.contains(&path), "{msg}");
+        assert!(msg.contains("at line 5, column 14:"), "{msg}");
+        assert!(msg.contains("invalid type"), "serde reason missing: {msg}");
+        assert!(
+            msg.contains("registry.json.bak holds the previous good version"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'), "one line: {msg}");
+
+        assert_eq!(fs::read(store.path()).unwrap(), corrupt);
+        let after = fs::metadata(store.path()).unwrap();
+        assert_eq!(before.ino(), after.ino(), "file was replaced");
+        assert_eq!(
+            before.mtime_nsec(),
+            after.mtime_nsec(),
+            "file was rewritten"
+        );
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "unexpected files: {names:?}");
+    }
+
+    #[test]
+    fn truncated_file_without_backup_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        fs::write(store.path(), b"{\"version\": 1, \"node_").unwrap();
+        let msg = reason(store.load().unwrap_err());
+        assert!(msg.contains("line 1, column"), "{msg}");
+        assert!(msg.contains("there is no backup"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        let text = b"{\"version\": 7, \"node_id\": \"n\", \"fleets\": {}}";
+        fs::write(store.path(), text).unwrap();
+        let msg = reason(store.load().unwrap_err());
+        assert!(msg.contains("format version 7"), "{msg}");
+        assert_eq!(fs::read(store.path()).unwrap(), text);
+    }
+
+    #[test]
+    fn unreadable_file_names_path_and_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        // A directory in its place fails to read even for root.
+        fs::create_dir(store.path()).unwrap();
+        let msg = reason(store.load().unwrap_err());
+        assert!(msg.contains(&store.path().display().to_string()), "{msg}");
+        assert!(msg.contains("directory"), "OS error missing: {msg}");
+    }
+
+    #[test]
+    fn corrupt_file_never_replaces_good_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        let good = sample("n", &["a1"]);
+        store.save(&good).unwrap();
+        store.save(&sample("n", &["a1", "a2"])).unwrap();
+        fs::write(store.path(), b"garbage").unwrap();
+        let newest = sample("n", &["a9"]);
+        store.save(&newest).unwrap();
+        let bak: RegistryData =
+            serde_json::from_slice(&fs::read(store.backup_path()).unwrap()).unwrap();
+        assert_eq!(bak, good);
+        assert_eq!(store.load().unwrap(), Some(newest));
+    }
+
+    #[test]
+    fn failed_rename_leaves_previous_file_and_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        // A non-empty directory at registry.json: rename over it fails (EISDIR/ENOTEMPTY)
+        // regardless of privileges.
+        fs::create_dir(store.path()).unwrap();
+        fs::write(store.path().join("keep"), b"x").unwrap();
+        let msg = reason(store.save(&sample("n", &["a1"])).unwrap_err());
+        assert!(msg.contains(&store.path().display().to_string()), "{msg}");
+        assert!(msg.contains("os error"), "{msg}");
+        assert_eq!(fs::read(store.path().join("keep")).unwrap(), b"x");
+        assert!(!dir.path().join(".registry.json.tmp").exists());
+    }
+
+    #[test]
+    fn failed_write_names_path_and_keeps_previous_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        let good = sample("n", &["a1"]);
+        store.save(&good).unwrap();
+        let before = fs::read(store.path()).unwrap();
+        // The temp path is occupied by a non-empty directory: the write cannot proceed.
+        let tmp = dir.path().join(".registry.json.tmp");
+        fs::create_dir(&tmp).unwrap();
+        fs::write(tmp.join("x"), b"x").unwrap();
+        let msg = reason(store.save(&sample("n", &["a1", "a2"])).unwrap_err());
+        assert!(msg.contains(&tmp.display().to_string()), "{msg}");
+        assert!(msg.contains("os error"), "{msg}");
+        assert_eq!(fs::read(store.path()).unwrap(), before);
+        assert_eq!(store.load().unwrap(), Some(good));
+    }
+
+    #[test]
+    fn state_dir_that_is_a_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_dir = dir.path().join("f");
+        fs::write(&not_dir, b"").unwrap();
+        let store = FileStore::new(&not_dir);
+        let msg = reason(store.save(&sample("n", &[])).unwrap_err());
+        assert!(msg.contains(&not_dir.display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn stale_temp_file_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        fs::write(dir.path().join(".registry.json.tmp"), b"half a registry").unwrap();
+        let data = sample("n", &["a1"]);
+        store.save(&data).unwrap();
+        assert_eq!(store.load().unwrap(), Some(data));
+    }
+}

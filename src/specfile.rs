@@ -1,1 +1,1208 @@
-//! (not yet written)
+//! The declarative `fleets.toml`: parsing it into validated `FleetSpec`s (every problem
+//! reported with file, line, column and field, and a spec with any problem rejected whole),
+//! and `diff`, which turns a reload into the list of changes to carry out. It does not apply
+//! anything: the node reconciles the changes, and the field rules themselves live in
+//! `spec::FleetSpec::validate`.
+//!
+//! Every key of a fleet is optional except `name`; what is missing comes from `[defaults]`,
+//! then from `FleetSpec::new`. Tables merge key by key (`[fleet.health]` with only `grace_ms`
+//! keeps the other health defaults, `env` adds to the defaults' `env`); arrays and scalars
+//! replace. Fleets are counted from 0 in messages (`fleet[0]`), like `agents[0]`.
+
+use crate::spec::FleetSpec;
+use crate::FleetError;
+use serde_json::{Map, Value as Json};
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml_edit::{Item, TableLike, Value as TomlValue};
+
+/// A count in `agents = N` above this is taken for a typo.
+pub const MAX_AGENT_COUNT: i64 = 10_000;
+
+/// Parses a spec file's text. `origin` names the file in messages; a relative `template` is
+/// resolved against `origin`'s directory.
+pub fn parse_spec(text: &str, origin: &str) -> Result<Vec<FleetSpec>, FleetError> {
+    let base = Path::new(origin).parent().unwrap_or(Path::new(""));
+    parse_with_base(text, origin, base)
+}
+
+/// Reads and parses a spec file; relative templates become absolute paths next to it.
+pub fn load_spec(path: &Path) -> Result<Vec<FleetSpec>, FleetError> {
+    let text = std::fs::read_to_string(path).map_err(|e| FleetError::Spec {
+        reason: format!("cannot read {}: {e}", path.display()),
+    })?;
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let base = abs.parent().unwrap_or(Path::new("/"));
+    parse_with_base(&text, &path.display().to_string(), base)
+}
+
+/// One step of bringing the running fleets from an old spec to a new one. The consumer
+/// records the new specs; `AddAgent` and `RestartAgent` run with the new spec's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    AddFleet(FleetSpec),
+    RemoveFleet(String),
+    /// Settings the fleet can take without restarting agents changed (strategy, intensity,
+    /// fleet_intensity, restart type, backoff, health, logs, stop timeout, max_memory, and
+    /// the order of agents that stay).
+    UpdateFleet {
+        fleet: String,
+        spec: FleetSpec,
+    },
+    AddAgent {
+        fleet: String,
+        agent: String,
+    },
+    RemoveAgent {
+        fleet: String,
+        agent: String,
+    },
+    /// What runs changed (command, env, template, profile, stride): each agent that stays
+    /// restarts.
+    RestartAgent {
+        fleet: String,
+        agent: String,
+    },
+}
+
+/// Changes from `old` to `new`: fleets by name; within a fleet `UpdateFleet`, then
+/// `RemoveAgent` (old order), `RestartAgent` and `AddAgent` (new spec order).
+pub fn diff(old: &[FleetSpec], new: &[FleetSpec]) -> Vec<Change> {
+    let old_by: BTreeMap<&str, &FleetSpec> = old.iter().map(|f| (f.name.as_str(), f)).collect();
+    let new_by: BTreeMap<&str, &FleetSpec> = new.iter().map(|f| (f.name.as_str(), f)).collect();
+    let mut names: Vec<&str> = old_by.keys().chain(new_by.keys()).copied().collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut out = Vec::new();
+    for name in names {
+        match (old_by.get(name), new_by.get(name)) {
+            (Some(_), None) => out.push(Change::RemoveFleet(name.to_string())),
+            (None, Some(n)) => out.push(Change::AddFleet((*n).clone())),
+            (Some(o), Some(n)) => diff_fleet(o, n, &mut out),
+            (None, None) => {}
+        }
+    }
+    out
+}
+
+fn diff_fleet(old: &FleetSpec, new: &FleetSpec, out: &mut Vec<Change>) {
+    let fleet = || new.name.clone();
+    let runs_differently = old.command != new.command
+        || old.env != new.env
+        || old.template != new.template
+        || old.profile != new.profile
+        || old.stride != new.stride;
+    let staying_old: Vec<&String> = old
+        .agents
+        .iter()
+        .filter(|a| new.agents.contains(a))
+        .collect();
+    let staying_new: Vec<&String> = new
+        .agents
+        .iter()
+        .filter(|a| old.agents.contains(a))
+        .collect();
+    // Anything else that differs is hot-applicable, including fields added to FleetSpec later.
+    let mut rest = old.clone();
+    rest.agents = new.agents.clone();
+    rest.command = new.command.clone();
+    rest.env = new.env.clone();
+    rest.template = new.template.clone();
+    rest.profile = new.profile;
+    rest.stride = new.stride;
+    if rest != *new || staying_old != staying_new {
+        out.push(Change::UpdateFleet {
+            fleet: fleet(),
+            spec: new.clone(),
+        });
+    }
+    for a in old.agents.iter().filter(|a| !new.agents.contains(a)) {
+        out.push(Change::RemoveAgent {
+            fleet: fleet(),
+            agent: a.clone(),
+        });
+    }
+    if runs_differently {
+        for a in staying_new {
+            out.push(Change::RestartAgent {
+                fleet: fleet(),
+                agent: a.clone(),
+            });
+        }
+    }
+    for a in new.agents.iter().filter(|a| !old.agents.contains(a)) {
+        out.push(Change::AddAgent {
+            fleet: fleet(),
+            agent: a.clone(),
+        });
+    }
+}
+
+/// One problem found in the file: where, which field (already labelled with its fleet), why.
+struct Problem {
+    at: Option<Range<usize>>,
+    field: String,
+    reason: String,
+}
+
+/// Where each value was written, keyed by its path inside its fleet or `[defaults]`
+/// (`health.grace_ms`, `agents[2]`): the same spelling `FleetSpec::validate` uses.
+type Spans = HashMap<String, Range<usize>>;
+
+/// A fleet (or `[defaults]`) as written, converted to JSON so serde can check it.
+struct RawTable {
+    header: Option<Range<usize>>,
+    map: Map<String, Json>,
+    spans: Spans,
+}
+
+fn parse_with_base(text: &str, origin: &str, base: &Path) -> Result<Vec<FleetSpec>, FleetError> {
+    let doc = toml_edit::ImDocument::parse(text).map_err(|e| {
+        let reason = e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(", ");
+        FleetError::Spec {
+            reason: format!("{}: syntax error: {reason}", locate(text, origin, e.span())),
+        }
+    })?;
+    let mut problems = Vec::new();
+    let mut defaults = RawTable {
+        header: None,
+        map: Map::new(),
+        spans: Spans::new(),
+    };
+    let mut fleets = Vec::new();
+    let root = doc.as_table();
+    for (key, item) in root.iter() {
+        let at = item.span().or_else(|| root.key(key).and_then(|k| k.span()));
+        let mut conv = Vec::new();
+        match key {
+            "defaults" => match item.as_table_like() {
+                Some(t) => {
+                    defaults = raw_table(t, at, &mut conv);
+                    label(&mut problems, conv, |f| format!("defaults.{f}"));
+                }
+                None => problems.push(Problem {
+                    at,
+                    field: "defaults".into(),
+                    reason: "must be a table: write [defaults]".into(),
+                }),
+            },
+            "fleet" => {
+                let mut tables: Vec<(&dyn TableLike, Option<Range<usize>>)> = Vec::new();
+                if let Some(aot) = item.as_array_of_tables() {
+                    tables.extend(aot.iter().map(|t| (t as &dyn TableLike, t.span())));
+                } else if let Some(arr) = item.as_value().and_then(TomlValue::as_array) {
+                    for (i, v) in arr.iter().enumerate() {
+                        match v.as_inline_table() {
+                            Some(t) => tables.push((t as &dyn TableLike, v.span())),
+                            None => problems.push(Problem {
+                                at: v.span(),
+                                field: format!("fleet[{}]", fleets.len() + i),
+                                reason: "must be a table".into(),
+                            }),
+                        }
+                    }
+                } else {
+                    problems.push(Problem {
+                        at,
+                        field: "fleet".into(),
+                        reason: "must be an array of tables: write [[fleet]] above each fleet"
+                            .into(),
+                    });
+                }
+                for (t, header) in tables {
+                    let i = fleets.len();
+                    fleets.push(raw_table(t, header, &mut conv));
+                    label(&mut problems, std::mem::take(&mut conv), |f| {
+                        format!("fleet[{i}].{f}")
+                    });
+                }
+            }
+            other => problems.push(Problem {
+                at,
+                field: other.to_string(),
+                reason: "unknown key: expected [defaults] or [[fleet]]".into(),
+            }),
+        }
+    }
+
+    let schema = serde_json::to_value(FleetSpec::new("")).expect("FleetSpec serializes");
+    if defaults.map.remove("name").is_some() {
+        problems.push(Problem {
+            at: defaults.spans.get("name").cloned(),
+            field: "defaults.name".into(),
+            reason: "a fleet name cannot have a default".into(),
+        });
+    }
+    let found = check_table(&mut defaults, &schema, base);
+    label(&mut problems, found, |f| format!("defaults.{f}"));
+
+    let mut specs: Vec<(FleetSpec, Option<Range<usize>>)> = Vec::new();
+    for (i, mut raw) in fleets.into_iter().enumerate() {
+        let named = match raw.map.get("name") {
+            Some(Json::String(n)) => Some(n.clone()),
+            _ => None,
+        };
+        let field = |f: &str| match &named {
+            Some(n) => format!("fleet {n:?}: {f}"),
+            None => format!("fleet[{i}].{f}"),
+        };
+        let mut name_reported = false;
+        if !raw.map.contains_key("name") {
+            name_reported = true;
+            problems.push(Problem {
+                at: raw.header.clone(),
+                field: field("name"),
+                reason: "missing: every fleet needs a name".into(),
+            });
+        }
+        let found = check_table(&mut raw, &schema, base);
+        name_reported |= found.iter().any(|(_, f, _)| f == "name");
+        label(&mut problems, found, field);
+        let mut merged = schema.clone();
+        merge(&mut merged, Json::Object(defaults.map.clone()));
+        merge(&mut merged, Json::Object(raw.map));
+        let spec: FleetSpec = match serde_json::from_value(merged) {
+            Ok(s) => s,
+            Err(e) => {
+                // Every key passed on its own above, so this is a combination serde refuses.
+                problems.push(Problem {
+                    at: raw.header.clone(),
+                    field: field("").trim_end_matches(['.', ' ', ':']).to_string(),
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        };
+        for p in spec.validate() {
+            if name_reported && p.field == "name" {
+                continue;
+            }
+            problems.push(Problem {
+                at: find_span(&p.field, &raw.spans, &defaults.spans).or(raw.header.clone()),
+                field: field(&p.field),
+                reason: p.reason,
+            });
+        }
+        specs.push((spec, raw.spans.get("name").cloned()));
+    }
+
+    let mut first: HashMap<&str, Option<Range<usize>>> = HashMap::new();
+    for (spec, at) in &specs {
+        if let Some(prev) = first.get(spec.name.as_str()) {
+            let line = prev
+                .as_ref()
+                .map(|r| format!(" (first at line {})", line_col(text, r.start).0))
+                .unwrap_or_default();
+            problems.push(Problem {
+                at: at.clone(),
+                field: format!("fleet {:?}: name", spec.name),
+                reason: format!("duplicate fleet name{line}"),
+            });
+        } else {
+            first.insert(&spec.name, at.clone());
+        }
+    }
+
+    if problems.is_empty() {
+        return Ok(specs.into_iter().map(|(s, _)| s).collect());
+    }
+    problems.sort_by_key(|p| p.at.as_ref().map_or(usize::MAX, |r| r.start));
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|p| {
+            format!(
+                "{}: {}: {}",
+                locate(text, origin, p.at.clone()),
+                p.field,
+                p.reason
+            )
+        })
+        .collect();
+    let reason = if lines.len() == 1 {
+        lines.into_iter().next().unwrap_or_default()
+    } else {
+        format!(
+            "{} problems in {origin}, nothing applied: {}",
+            lines.len(),
+            lines.join("; ")
+        )
+    };
+    Err(FleetError::Spec { reason })
+}
+
+/// Problems found inside one table, not yet labelled: (where, path, reason).
+type Found = Vec<(Option<Range<usize>>, String, String)>;
+
+fn label(out: &mut Vec<Problem>, found: Found, field: impl Fn(&str) -> String) {
+    out.extend(found.into_iter().map(|(at, f, reason)| Problem {
+        at,
+        field: field(&f),
+        reason,
+    }));
+}
+
+fn locate(text: &str, origin: &str, at: Option<Range<usize>>) -> String {
+    match at {
+        Some(r) => {
+            let (line, col) = line_col(text, r.start);
+            format!("{origin}:{line}:{col}")
+        }
+        None => origin.to_string(),
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// The span of `field` or, failing that, of its nearest enclosing table: the fleet's own
+/// first, then `[defaults]` (a bad default is reported where it was written).
+fn find_span(field: &str, own: &Spans, defaults: &Spans) -> Option<Range<usize>> {
+    let mut f = field;
+    loop {
+        if let Some(r) = own.get(f).or_else(|| defaults.get(f)) {
+            return Some(r.clone());
+        }
+        let cut = f.rfind(['.', '['])?;
+        f = &f[..cut];
+    }
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+fn raw_table(t: &dyn TableLike, header: Option<Range<usize>>, found: &mut Found) -> RawTable {
+    let mut spans = Spans::new();
+    let map = table_to_json(t, "", &mut spans, found);
+    RawTable { header, map, spans }
+}
+
+fn table_to_json(
+    t: &dyn TableLike,
+    prefix: &str,
+    spans: &mut Spans,
+    found: &mut Found,
+) -> Map<String, Json> {
+    let mut map = Map::new();
+    for (k, item) in t.iter() {
+        let path = join(prefix, k);
+        if let Some(at) = item.span().or_else(|| t.key(k).and_then(|k| k.span())) {
+            spans.insert(path.clone(), at);
+        }
+        if let Some(v) = item_to_json(item, &path, spans, found) {
+            map.insert(k.to_string(), v);
+        }
+    }
+    map
+}
+
+/// `None` after recording a problem: the key is left out, so the rest can still be checked.
+fn item_to_json(item: &Item, path: &str, spans: &mut Spans, found: &mut Found) -> Option<Json> {
+    match item {
+        Item::None => None,
+        Item::Value(v) => value_to_json(v, path, spans, found),
+        Item::Table(t) => Some(Json::Object(table_to_json(t, path, spans, found))),
+        Item::ArrayOfTables(a) => {
+            let mut out = Vec::new();
+            for (i, t) in a.iter().enumerate() {
+                let p = format!("{path}[{i}]");
+                if let Some(at) = t.span() {
+                    spans.insert(p.clone(), at);
+                }
+                out.push(Json::Object(table_to_json(t, &p, spans, found)));
+            }
+            Some(Json::Array(out))
+        }
+    }
+}
+
+fn value_to_json(v: &TomlValue, path: &str, spans: &mut Spans, found: &mut Found) -> Option<Json> {
+    let mut bad = |reason: &str| {
+        found.push((v.span(), path.to_string(), reason.to_string()));
+        None
+    };
+    match v {
+        TomlValue::String(s) => Some(Json::String(s.value().clone())),
+        TomlValue::Integer(i) => Some(Json::from(*i.value())),
+        TomlValue::Float(f) => match serde_json::Number::from_f64(*f.value()) {
+            Some(n) => Some(Json::Number(n)),
+            None => bad("must be a finite number"),
+        },
+        TomlValue::Boolean(b) => Some(Json::Bool(*b.value())),
+        TomlValue::Datetime(_) => bad("dates and times are not accepted in a fleet spec"),
+        TomlValue::Array(a) => {
+            let mut out = Vec::new();
+            let mut ok = true;
+            for (i, e) in a.iter().enumerate() {
+                let p = format!("{path}[{i}]");
+                if let Some(at) = e.span() {
+                    spans.insert(p.clone(), at);
+                }
+                match value_to_json(e, &p, spans, found) {
+                    Some(j) => out.push(j),
+                    None => ok = false,
+                }
+            }
+            ok.then_some(Json::Array(out))
+        }
+        TomlValue::InlineTable(t) => Some(Json::Object(table_to_json(t, path, spans, found))),
+    }
+}
+
+/// Normalizes the shorthand forms, then checks every key on its own against `FleetSpec`'s
+/// serde rules, so one bad value cannot hide another. Bad keys are removed from `raw` (and
+/// reported) so the rest can still be validated.
+fn check_table(raw: &mut RawTable, schema: &Json, base: &Path) -> Found {
+    let mut found = Found::new();
+    let spans = &raw.spans;
+    let mut fail = |map: &mut Map<String, Json>, key: &str, reason: String| {
+        map.remove(key);
+        found.push((spans.get(key).cloned(), key.to_string(), reason));
+    };
+    let map = &mut raw.map;
+    match map.get("agents") {
+        None | Some(Json::Array(_)) => {}
+        Some(Json::Number(n)) => match n.as_i64() {
+            Some(c) if (0..=MAX_AGENT_COUNT).contains(&c) => {
+                let list = FleetSpec::numbered_agents(c as u32);
+                map.insert("agents".into(), Json::from(list));
+            }
+            _ => fail(
+                map,
+                "agents",
+                format!("{n} is not a count between 0 and {MAX_AGENT_COUNT}"),
+            ),
+        },
+        Some(_) => fail(
+            map,
+            "agents",
+            "must be a count or a list of agent ids".into(),
+        ),
+    }
+    if let Some(Json::Array(list)) = map.get("agents") {
+        if let Some(i) = list.iter().position(|a| !a.is_string()) {
+            // Reported at the element; the whole list goes so validation sees no agents.
+            let key = format!("agents[{i}]");
+            map.remove("agents");
+            fail(map, &key, "must be an agent id (a string)".into());
+        }
+    }
+    if let Some(Json::String(line)) = map.get("command") {
+        match shell_words::split(line) {
+            Ok(words) => {
+                map.insert("command".into(), Json::from(words));
+            }
+            Err(e) => fail(map, "command", format!("cannot split into words: {e}")),
+        }
+    }
+    match map.get("max_memory") {
+        Some(Json::String(s)) => match parse_bytes(s) {
+            Ok(n) => {
+                map.insert("max_memory".into(), Json::from(n));
+            }
+            Err(e) => fail(map, "max_memory", e),
+        },
+        Some(Json::Number(n)) if n.as_u64().is_none() => fail(
+            map,
+            "max_memory",
+            format!("{n} is not a byte count: use a whole number or a size like \"768MiB\""),
+        ),
+        _ => {}
+    }
+    if let Some(Json::String(t)) = map.get("template") {
+        let p = Path::new(t);
+        if p.is_relative() {
+            let abs: PathBuf = base.join(p);
+            map.insert(
+                "template".into(),
+                Json::String(abs.to_string_lossy().into_owned()),
+            );
+        }
+    }
+
+    let mut leaves = Vec::new();
+    collect_leaves(schema, map, &mut Vec::new(), &mut leaves);
+    for (path, value) in leaves {
+        let mut probe = schema.clone();
+        set_path(&mut probe, &path, value);
+        if let Err(e) = serde_json::from_value::<FleetSpec>(probe) {
+            remove_path(map, &path);
+            let key = path.join(".");
+            found.push((spans.get(&key).cloned(), key, e.to_string()));
+        }
+    }
+    found
+}
+
+/// The keys to check one by one: the fleet's own keys, and the keys inside sub-tables that
+/// `FleetSpec` spells out (`health.grace_ms`); free-form maps such as `env` are one leaf.
+fn collect_leaves(
+    schema: &Json,
+    map: &Map<String, Json>,
+    path: &mut Vec<String>,
+    out: &mut Vec<(Vec<String>, Json)>,
+) {
+    for (k, v) in map {
+        path.push(k.clone());
+        match (schema.get(k), v) {
+            (Some(Json::Object(s)), Json::Object(m)) if !s.is_empty() => {
+                collect_leaves(&Json::Object(s.clone()), m, path, out)
+            }
+            _ => out.push((path.clone(), v.clone())),
+        }
+        path.pop();
+    }
+}
+
+fn set_path(root: &mut Json, path: &[String], value: Json) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut at = root;
+    for p in parents {
+        at = &mut at[p.as_str()];
+    }
+    if let Json::Object(m) = at {
+        m.insert(last.clone(), value);
+    }
+}
+
+fn remove_path(map: &mut Map<String, Json>, path: &[String]) {
+    match path {
+        [] => {}
+        [k] => {
+            map.remove(k);
+        }
+        [k, rest @ ..] => {
+            if let Some(Json::Object(m)) = map.get_mut(k) {
+                remove_path(m, rest);
+            }
+        }
+    }
+}
+
+/// Tables merge key by key; everything else replaces.
+fn merge(base: &mut Json, over: Json) {
+    match (base, over) {
+        (Json::Object(b), Json::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// `"768MiB"`, `"2GB"`, `"1048576"` → bytes. Binary (KiB, MiB, GiB, TiB) and decimal (KB,
+/// MB, GB, TB) units, any case, optional space; whole numbers only.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || {
+        format!("{s:?} is not a size: use a whole number with B, KiB, MiB, GiB, KB, MB or GB, like \"768MiB\"")
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Profile, RestartType, Strategy};
+
+    fn ok(text: &str) -> Vec<FleetSpec> {
+        parse_spec(text, "/srv/fleet/fleets.toml").unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    fn err(text: &str) -> String {
+        match parse_spec(text, "fleets.toml") {
+            Err(FleetError::Spec { reason }) => {
+                assert!(!reason.contains('\n'), "one line expected: {reason}");
+                reason
+            }
+            other => panic!("expected a spec error, got {other:?}\n{text}"),
+        }
+    }
+
+    fn assert_has(msg: &str, parts: &[&str]) {
+        for p in parts {
+            assert!(msg.contains(p), "{p:?} missing from: {msg}");
+        }
+    }
+
+    #[test]
+    fn count_and_list_forms() {
+        let specs = ok(r#"
+[[fleet]]
+name = "a"
+agents = 3
+[[fleet]]
+name = "b"
+agents = ["alice", "bob"]
+[[fleet]]
+name = "c"
+"#);
+        let agents: Vec<_> = specs.iter().map(|s| s.agents.clone()).collect();
+        assert_eq!(
+            agents,
+            vec![
+                vec!["agent-1", "agent-2", "agent-3"],
+                vec!["alice", "bob"],
+                vec![],
+            ]
+        );
+    }
+
+    #[test]
+    fn unset_keys_get_fleet_spec_defaults() {
+        let specs = ok("[[fleet]]\nname = \"plain\"\n");
+        assert_eq!(specs, vec![FleetSpec::new("plain")]);
+    }
+
+    #[test]
+    fn defaults_apply_unless_the_fleet_sets_them() {
+        let specs = ok(r#"
+[defaults]
+stop_timeout_ms = 5000
+strategy = "one_for_all"
+env = { A = "1", B = "2" }
+[defaults.health]
+grace_ms = 1000
+failures = 7
+
+[[fleet]]
+name = "inherits"
+
+[[fleet]]
+name = "overrides"
+stop_timeout_ms = 9000
+env = { B = "x", C = "3" }
+[fleet.health]
+grace_ms = 2000
+"#);
+        let (a, b) = (&specs[0], &specs[1]);
+        assert_eq!(a.stop_timeout_ms, 5000);
+        assert_eq!(a.strategy, Strategy::OneForAll);
+        assert_eq!(a.health.grace_ms, 1000);
+        assert_eq!(a.health.failures, 7);
+        assert_eq!(b.stop_timeout_ms, 9000);
+        assert_eq!(b.strategy, Strategy::OneForAll);
+        assert_eq!(b.health.grace_ms, 2000);
+        assert_eq!(b.health.failures, 7, "sub-tables merge key by key");
+        assert_eq!(b.health.interval_ms, FleetSpec::new("x").health.interval_ms);
+        let env: Vec<_> = b.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        assert_eq!(env, ["A=1", "B=x", "C=3"]);
+    }
+
+    #[test]
+    fn partial_intensity_keeps_the_other_default() {
+        let specs = ok(
+            "[[fleet]]\nname = \"f\"\nbackoff.max_ms = 900\n[fleet.intensity]\nmax_restarts = 9\n",
+        );
+        assert_eq!(specs[0].backoff.max_ms, 900, "dotted keys work too");
+        assert_eq!(specs[0].backoff.initial_ms, 500);
+        assert_eq!(specs[0].intensity.max_restarts, 9);
+        assert_eq!(specs[0].intensity.window_s, 300);
+    }
+
+    #[test]
+    fn relative_template_resolves_against_the_spec_directory() {
+        let specs = ok(r#"
+[[fleet]]
+name = "rel"
+template = "templates/bots.json"
+[[fleet]]
+name = "abs"
+template = "/opt/t.json"
+"#);
+        assert_eq!(
+            specs[0].template.as_deref(),
+            Some(Path::new("/srv/fleet/templates/bots.json"))
+        );
+        assert_eq!(specs[1].template.as_deref(), Some(Path::new("/opt/t.json")));
+    }
+
+    #[test]
+    fn load_spec_makes_templates_absolute_next_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleets.toml");
+        std::fs::write(&path, "[[fleet]]\nname = \"f\"\ntemplate = \"t.json\"\n").unwrap();
+        let specs = load_spec(&path).unwrap();
+        let t = specs[0].template.clone().unwrap();
+        assert!(t.is_absolute(), "{t:?}");
+        assert_eq!(t, std::path::absolute(dir.path()).unwrap().join("t.json"));
+    }
+
+    #[test]
+    fn load_spec_names_a_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nope.toml");
+        let msg = load_spec(&path).unwrap_err().to_string();
+        assert_has(&msg, &[&path.display().to_string(), "No such file"]);
+    }
+
+    #[test]
+    fn max_memory_units() {
+        for (input, bytes) in [
+            ("\"768MiB\"", 768u64 << 20),
+            ("\"1GiB\"", 1 << 30),
+            ("\"2048 KiB\"", 2048 << 10),
+            ("\"2GB\"", 2_000_000_000),
+            ("\"1500KB\"", 1_500_000),
+            ("\"300MB\"", 300_000_000),
+            ("\"5mib\"", 5 << 20),
+            ("\"2097152\"", 2_097_152),
+            ("4194304", 4_194_304),
+        ] {
+            let specs = ok(&format!("[[fleet]]\nname = \"f\"\nmax_memory = {input}\n"));
+            assert_eq!(specs[0].max_memory, Some(bytes), "max_memory = {input}");
+        }
+        for bad in [
+            "\"12 parsecs\"",
+            "\"MiB\"",
+            "\"1.5GiB\"",
+            "-5",
+            "\"99999999999TiB\"",
+        ] {
+            let msg = err(&format!("[[fleet]]\nname = \"f\"\nmax_memory = {bad}\n"));
+            assert_has(&msg, &["fleets.toml:3:14: fleet \"f\": max_memory:"]);
+        }
+    }
+
+    #[test]
+    fn command_string_is_split_like_a_shell() {
+        let specs = ok(r#"
+[[fleet]]
+name = "s"
+command = "/bin/prog --name 'two words' -v"
+[[fleet]]
+name = "l"
+command = ["/bin/prog", "--flag"]
+"#);
+        assert_eq!(
+            specs[0].command.as_deref().unwrap(),
+            ["/bin/prog", "--name", "two words", "-v"]
+        );
+        assert_eq!(
+            specs[1].command.as_deref().unwrap(),
+            ["/bin/prog", "--flag"]
+        );
+        let msg = err("[[fleet]]\nname = \"s\"\ncommand = \"prog 'open\"\n");
+        assert_has(
+            &msg,
+            &["fleets.toml:3:11: fleet \"s\": command: cannot split"],
+        );
+    }
+
+    #[test]
+    fn syntax_error_keeps_its_line() {
+        let msg = err("[[fleet]]\nname = \"a\"\nagents = [1, 2\nstrategy = \"one_for_one\"\n");
+        assert_has(&msg, &["fleets.toml:4:", "syntax error"]);
+        let msg = err("[[fleet]]\nname = \"a\"\nname = \"b\"\n");
+        assert_has(&msg, &["fleets.toml:3:", "syntax error", "duplicate key"]);
+    }
+
+    #[test]
+    fn bad_enum_value_names_line_column_and_field() {
+        let msg = err("[[fleet]]\nname = \"bots\"\nstrategy = \"one-for-all\"\n");
+        assert_has(
+            &msg,
+            &["fleets.toml:3:12: fleet \"bots\": strategy: unknown variant `one-for-all`"],
+        );
+    }
+
+    #[test]
+    fn unnamed_fleet_is_named_by_index() {
+        let msg = err("[[fleet]]\nname = \"a\"\n[[fleet]]\nrestart = \"sometimes\"\n");
+        assert_has(
+            &msg,
+            &[
+                "fleets.toml:3:1: fleet[1].name: missing",
+                "fleets.toml:4:11: fleet[1].restart: unknown variant `sometimes`",
+                "2 problems",
+            ],
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_at_every_level() {
+        let msg = err(r#"
+[[fleet]]
+name = "bots"
+strategyy = "one_for_all"
+[fleet.health]
+grace = 5
+"#);
+        assert_has(
+            &msg,
+            &[
+                "fleets.toml:4:13: fleet \"bots\": strategyy: unknown field `strategyy`",
+                "fleets.toml:6:9: fleet \"bots\": health.grace: unknown field `grace`",
+            ],
+        );
+        let msg = err("[fleets]\nname = \"x\"\n");
+        assert_has(&msg, &["fleets.toml:1:1: fleets: unknown key"]);
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let msg = err("[[fleet]]\nname = \"w\"\nstride = 70000\nagents = \"three\"\n");
+        assert_has(
+            &msg,
+            &[
+                "fleets.toml:3:10: fleet \"w\": stride: invalid value: integer `70000`",
+                "fleets.toml:4:10: fleet \"w\": agents: must be a count or a list",
+            ],
+        );
+        let msg = err("[[fleet]]\nname = \"w\"\nagents = [\"a\", 5]\n");
+        assert_has(
+            &msg,
+            &["fleets.toml:3:16: fleet \"w\": agents[1]: must be an agent id"],
+        );
+    }
+
+    #[test]
+    fn validation_errors_point_at_the_offending_value() {
+        let msg = err(r#"[[fleet]]
+name = "bots"
+agents = ["alice", "bob", "Bad_Id", "bob"]
+stride = 20
+[fleet.backoff]
+jitter = 1.5
+"#);
+        assert_has(
+            &msg,
+            &[
+                "4 problems",
+                "fleets.toml:3:27: fleet \"bots\": agents[2]: \"Bad_Id\" must be",
+                "fleets.toml:3:37: fleet \"bots\": agents[3]: duplicate agent id \"bob\"",
+                "fleets.toml:4:10: fleet \"bots\": stride: 20 is too small for OpenClaw",
+                "fleets.toml:6:10: fleet \"bots\": backoff.jitter: must be between 0 and 1",
+            ],
+        );
+        let bad_name = err("[[fleet]]\nname = \"Bots\"\n");
+        assert_has(&bad_name, &["fleets.toml:2:8: fleet \"Bots\": name:"]);
+    }
+
+    #[test]
+    fn problem_from_a_default_points_at_the_default() {
+        let msg = err(
+            "[defaults]\nstride = 50\n\n[[fleet]]\nname = \"oc\"\n\n[[fleet]]\nname = \"custom\"\ncommand = [\"x\"]\n",
+        );
+        assert_has(
+            &msg,
+            &["fleets.toml:2:10: fleet \"oc\": stride: 50 is too small"],
+        );
+        assert!(!msg.contains("custom"), "{msg}");
+        let msg = err("[defaults]\nname = \"x\"\nrestart = 3\n");
+        assert_has(
+            &msg,
+            &[
+                "fleets.toml:2:8: defaults.name: a fleet name cannot have a default",
+                "fleets.toml:3:11: defaults.restart: invalid type: integer `3`",
+            ],
+        );
+    }
+
+    #[test]
+    fn duplicate_fleet_names() {
+        let msg =
+            err("[[fleet]]\nname = \"a\"\n[[fleet]]\nname = \"b\"\n[[fleet]]\nname = \"a\"\n");
+        assert_has(
+            &msg,
+            &["fleets.toml:6:8: fleet \"a\": name: duplicate fleet name (first at line 2)"],
+        );
+    }
+
+    #[test]
+    fn one_bad_fleet_rejects_the_whole_file() {
+        let text = r#"
+[[fleet]]
+name = "good-one"
+agents = 2
+[[fleet]]
+name = "broken"
+agents = 2
+[fleet.health]
+failures = 0
+[[fleet]]
+name = "good-two"
+"#;
+        let msg = err(text);
+        assert_has(
+            &msg,
+            &["fleets.toml:9:12: fleet \"broken\": health.failures"],
+        );
+        assert!(!msg.contains("good-"), "{msg}");
+        // The same file without the bad value parses: the rejection was only for it.
+        assert_eq!(ok(&text.replace("failures = 0", "failures = 2")).len(), 3);
+    }
+
+    #[test]
+    fn fleets_as_inline_array_and_empty_file() {
+        let specs = ok("fleet = [{ name = \"a\", agents = 1 }, { name = \"b\" }]\n");
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[0].agents, ["agent-1"]);
+        assert_eq!(ok("# nothing yet\n"), vec![]);
+        let msg = err("[fleet]\nname = \"a\"\n");
+        assert_has(
+            &msg,
+            &["fleets.toml:1:1: fleet: must be an array of tables"],
+        );
+    }
+
+    fn example_path(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let specs = load_spec(&example_path("examples/fleets.toml")).unwrap();
+        let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["bots", "workers"]);
+        let bots = &specs[0];
+        assert_eq!(bots.agents.len(), 3);
+        assert_eq!(bots.profile, Profile::Lean);
+        assert_eq!(bots.max_memory, Some(768 << 20));
+        assert_eq!(bots.stop_timeout_ms, 60_000);
+        assert!(bots
+            .template
+            .as_ref()
+            .unwrap()
+            .ends_with("examples/templates/bots.json"));
+        assert_eq!(specs[1].restart, RestartType::Transient);
+        assert_eq!(specs[1].health.grace_ms, 10_000);
+    }
+
+    /// Every FleetSpec key (and sub-key) must be shown in the example, so a field added to
+    /// the spec without documentation fails here.
+    #[test]
+    fn example_file_documents_every_key() {
+        let text = std::fs::read_to_string(example_path("examples/fleets.toml")).unwrap();
+        let doc = toml_edit::ImDocument::parse(text.as_str()).unwrap();
+        let mut written = std::collections::BTreeSet::new();
+        fn walk(t: &dyn TableLike, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+            for (k, item) in t.iter() {
+                let p = join(prefix, k);
+                if let Some(sub) = item.as_table_like() {
+                    walk(sub, &p, out);
+                }
+                out.insert(p);
+            }
+        }
+        let root = doc.as_table();
+        walk(root["defaults"].as_table_like().unwrap(), "", &mut written);
+        for t in root["fleet"].as_array_of_tables().unwrap().iter() {
+            walk(t, "", &mut written);
+        }
+        let mut spec = FleetSpec::new("x");
+        spec.command = Some(vec!["x".into()]);
+        spec.template = Some("t".into());
+        spec.stride = Some(1);
+        spec.max_memory = Some(1 << 20);
+        let schema = serde_json::to_value(&spec).unwrap();
+        let mut missing = Vec::new();
+        for (k, v) in schema.as_object().unwrap() {
+            if !written.contains(k) {
+                missing.push(k.clone());
+            }
+            if let Some(sub) = v.as_object().filter(|_| k != "env") {
+                for s in sub.keys() {
+                    let p = format!("{k}.{s}");
+                    if !written.contains(&p) {
+                        missing.push(p);
+                    }
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "examples/fleets.toml does not show: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn demo_fleet_is_three_lean_openclaw_agents() {
+        let specs = load_spec(&example_path("fleets/demo.toml")).unwrap();
+        assert_eq!(specs.len(), 1);
+        let d = &specs[0];
+        assert_eq!(d.name, "demo");
+        assert_eq!(d.agents, ["agent-1", "agent-2", "agent-3"]);
+        assert!(d.runs_openclaw());
+        assert_eq!(d.profile, Profile::Lean);
+        assert_eq!(d.health.grace_ms, 180_000);
+    }
+
+    fn fleet(name: &str, agents: &[&str]) -> FleetSpec {
+        let mut s = FleetSpec::new(name);
+        s.agents = agents.iter().map(|a| a.to_string()).collect();
+        s
+    }
+
+    fn restart(f: &str, a: &str) -> Change {
+        Change::RestartAgent {
+            fleet: f.into(),
+            agent: a.into(),
+        }
+    }
+
+    #[test]
+    fn diff_unchanged_is_empty() {
+        let specs = vec![fleet("a", &["x", "y"]), fleet("b", &["z"])];
+        assert_eq!(diff(&specs, &specs.clone()), vec![]);
+    }
+
+    #[test]
+    fn diff_adds_and_removes_fleets_in_name_order() {
+        let old = vec![fleet("m", &["x"]), fleet("b", &["x"])];
+        let new = vec![fleet("z", &["x"]), fleet("m", &["x"]), fleet("a", &[])];
+        assert_eq!(
+            diff(&old, &new),
+            vec![
+                Change::AddFleet(fleet("a", &[])),
+                Change::RemoveFleet("b".into()),
+                Change::AddFleet(fleet("z", &["x"])),
+            ]
+        );
+    }
+
+    #[test]
+    fn diff_adds_and_removes_agents() {
+        let old = vec![fleet("f", &["a", "b", "c"])];
+        let new = vec![fleet("f", &["a", "c", "e", "d"])];
+        assert_eq!(
+            diff(&old, &new),
+            vec![
+                Change::RemoveAgent {
+                    fleet: "f".into(),
+                    agent: "b".into()
+                },
+                Change::AddAgent {
+                    fleet: "f".into(),
+                    agent: "e".into()
+                },
+                Change::AddAgent {
+                    fleet: "f".into(),
+                    agent: "d".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn diff_changed_command_restarts_remaining_agents_of_that_fleet_only() {
+        let old = vec![fleet("f", &["a", "b", "c"]), fleet("g", &["a"])];
+        let mut f2 = fleet("f", &["c", "a", "new"]);
+        f2.command = Some(vec!["/bin/other".into()]);
+        let new = vec![f2, fleet("g", &["a"])];
+        let changes = diff(&old, &new);
+        let restarts: Vec<_> = changes
+            .iter()
+            .filter(|c| matches!(c, Change::RestartAgent { .. }))
+            .cloned()
+            .collect();
+        assert_eq!(restarts, vec![restart("f", "c"), restart("f", "a")]);
+        assert!(
+            changes.contains(&Change::RemoveAgent {
+                fleet: "f".into(),
+                agent: "b".into()
+            }),
+            "{changes:?}"
+        );
+        assert!(changes.iter().all(|c| !matches!(c,
+            Change::RestartAgent { fleet, .. } | Change::UpdateFleet { fleet, .. } if fleet == "g")));
+    }
+
+    #[test]
+    fn diff_each_run_setting_restarts() {
+        let base = fleet("f", &["a"]);
+        let mut cases: Vec<(&str, FleetSpec)> = Vec::new();
+        let mut s = base.clone();
+        s.env.insert("K".into(), "v".into());
+        cases.push(("env", s));
+        let mut s = base.clone();
+        s.template = Some("t.json".into());
+        cases.push(("template", s));
+        let mut s = base.clone();
+        s.profile = Profile::Lean;
+        cases.push(("profile", s));
+        let mut s = base.clone();
+        s.stride = Some(200);
+        cases.push(("stride", s));
+        for (what, new) in cases {
+            assert_eq!(
+                diff(std::slice::from_ref(&base), &[new]),
+                vec![restart("f", "a")],
+                "changing {what}"
+            );
+        }
+    }
+
+    #[test]
+    fn diff_changed_strategy_is_update_only() {
+        let old = vec![fleet("f", &["a", "b"])];
+        let mut s = fleet("f", &["a", "b"]);
+        s.strategy = Strategy::OneForAll;
+        s.health.grace_ms = 1;
+        s.max_memory = Some(1 << 30);
+        assert_eq!(
+            diff(&old, &[s.clone()]),
+            vec![Change::UpdateFleet {
+                fleet: "f".into(),
+                spec: s
+            }]
+        );
+    }
+
+    #[test]
+    fn diff_reordered_agents_update_the_fleet() {
+        let old = vec![fleet("f", &["a", "b"])];
+        let new = vec![fleet("f", &["b", "a"])];
+        assert_eq!(
+            diff(&old, &new),
+            vec![Change::UpdateFleet {
+                fleet: "f".into(),
+                spec: new[0].clone()
+            }]
+        );
+    }
+}
