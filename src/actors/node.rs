@@ -445,7 +445,7 @@ impl NodeRuntime {
                 held: free as u32,
             });
         }
-        let mut agents = BTreeMap::new();
+        let mut agents: BTreeMap<String, AgentRecord> = BTreeMap::new();
         for a in &spec.agents {
             let lease = match self.allocate(&spec.name, a, stride).await {
                 Ok(l) => l,
