@@ -27,7 +27,10 @@ pub async fn http_status(port: u16, path: &str, timeout: Duration) -> Result<u16
             .header(hyper::header::HOST, format!("127.0.0.1:{port}"))
             .body(Empty::new())
             .map_err(|e| e.to_string())?;
-        let res = sender.send_request(req).await.map_err(|e| format!("request: {e}"));
+        let res = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"));
         conn_task.abort();
         Ok(res?.status().as_u16())
     };
@@ -131,7 +134,10 @@ mod tests {
         }
         let ms: Vec<u128> = seen.iter().map(|d| d.as_millis()).collect();
         assert_eq!(ms, [10, 20, 40, 80, 100, 100, 100]);
-        assert_eq!(next_delay(FIRST_PROBE, true, &spec), Duration::from_millis(100));
+        assert_eq!(
+            next_delay(FIRST_PROBE, true, &spec),
+            Duration::from_millis(100)
+        );
     }
 
     #[tokio::test]

@@ -22,9 +22,9 @@ use crate::error::FleetError;
 use crate::messages::command::{AgentStatus, Command, FleetInfo, PortLeaseRow, Reply};
 use crate::messages::events::Event;
 use crate::messages::node::NodeMsg;
+use crate::process::procfs;
 use crate::process::spawn::{Isolation, Spawner};
 use crate::process::tree::{self, Sweeper};
-use crate::process::procfs;
 use crate::registry::{FileStore, RegistryData, Store};
 use crate::spec::FleetSpec;
 use ractor::rpc::CallResult;
@@ -73,7 +73,10 @@ impl Node {
         store.save(&data)?;
         let leftovers = sweep_leftovers(&data).await;
         if leftovers > 0 {
-            tracing::warn!(count = leftovers, "stopped processes left by a previous run of this node");
+            tracing::warn!(
+                count = leftovers,
+                "stopped processes left by a previous run of this node"
+            );
         }
         let spawner = Spawner::start(tokio::runtime::Handle::current(), config.pid_namespace)
             .map_err(|e| FleetError::internal(format!("cannot start the spawner thread: {e}")))?;
@@ -82,7 +85,12 @@ impl Node {
             .map(|p| p.start_time)
             .unwrap_or(0);
         let sweeper = Sweeper::start(own_start);
-        let ctx = Arc::new(NodeContext::new(config, data.node_id.clone(), spawner, sweeper));
+        let ctx = Arc::new(NodeContext::new(
+            config,
+            data.node_id.clone(),
+            spawner,
+            sweeper,
+        ));
         let (actor, _) = Actor::spawn(
             None,
             NodeActor,
@@ -136,7 +144,11 @@ async fn sweep_leftovers(data: &RegistryData) -> usize {
 impl NodeHandle {
     /// Runs one command of the command language (what the REPL and the socket do).
     pub async fn execute(&self, cmd: Command) -> Reply {
-        if let Command::Status { fleet: None, agent: None } = cmd {
+        if let Command::Status {
+            fleet: None,
+            agent: None,
+        } = cmd
+        {
             return Reply::Status(self.status_all());
         }
         match self
@@ -192,14 +204,23 @@ impl NodeHandle {
     }
 
     pub async fn start_fleet(&self, fleet: &str) -> Result<(), FleetError> {
-        self.ok(Command::FleetStart { fleet: fleet.into() }).await
+        self.ok(Command::FleetStart {
+            fleet: fleet.into(),
+        })
+        .await
     }
     /// Stops every agent of the fleet; returns when all their processes are gone.
     pub async fn stop_fleet(&self, fleet: &str) -> Result<(), FleetError> {
-        self.ok(Command::FleetStop { fleet: fleet.into() }).await
+        self.ok(Command::FleetStop {
+            fleet: fleet.into(),
+        })
+        .await
     }
     pub async fn restart_fleet(&self, fleet: &str) -> Result<(), FleetError> {
-        self.ok(Command::FleetRestart { fleet: fleet.into() }).await
+        self.ok(Command::FleetRestart {
+            fleet: fleet.into(),
+        })
+        .await
     }
     pub async fn remove_fleet(&self, fleet: &str, purge: bool) -> Result<(), FleetError> {
         self.ok(Command::FleetRm {
@@ -237,7 +258,12 @@ impl NodeHandle {
         })
         .await
     }
-    pub async fn remove_agent(&self, fleet: &str, agent: &str, purge: bool) -> Result<(), FleetError> {
+    pub async fn remove_agent(
+        &self,
+        fleet: &str,
+        agent: &str,
+        purge: bool,
+    ) -> Result<(), FleetError> {
         self.ok(Command::AgentRm {
             fleet: fleet.into(),
             agent: agent.into(),
@@ -280,7 +306,12 @@ impl NodeHandle {
         }
     }
 
-    pub async fn token(&self, fleet: &str, agent: &str, rotate: bool) -> Result<String, FleetError> {
+    pub async fn token(
+        &self,
+        fleet: &str,
+        agent: &str,
+        rotate: bool,
+    ) -> Result<String, FleetError> {
         match self
             .execute(Command::Token {
                 fleet: fleet.into(),
@@ -295,7 +326,12 @@ impl NodeHandle {
         }
     }
 
-    pub async fn logs(&self, fleet: &str, agent: &str, lines: usize) -> Result<Vec<String>, FleetError> {
+    pub async fn logs(
+        &self,
+        fleet: &str,
+        agent: &str,
+        lines: usize,
+    ) -> Result<Vec<String>, FleetError> {
         match self
             .execute(Command::Logs {
                 fleet: fleet.into(),

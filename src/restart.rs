@@ -40,11 +40,17 @@ impl ExitCause {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
-    Restart { after: Duration },
+    Restart {
+        after: Duration,
+    },
     /// Not restarted, and that is a failure (escalates to the fleet).
-    GiveUp { reason: String },
+    GiveUp {
+        reason: String,
+    },
     /// Not restarted by policy (temporary, or transient after a clean exit).
-    Stay { reason: String },
+    Stay {
+        reason: String,
+    },
 }
 
 /// What the policy remembers about one agent's past restarts.
@@ -198,9 +204,21 @@ mod tests {
     #[test]
     fn backoff_schedule_table() {
         let b = spec().backoff;
-        let cases = [(1, 0), (2, 100), (3, 200), (4, 400), (5, 800), (6, 1000), (40, 1000)];
+        let cases = [
+            (1, 0),
+            (2, 100),
+            (3, 200),
+            (4, 400),
+            (5, 800),
+            (6, 1000),
+            (40, 1000),
+        ];
         for (n, ms) in cases {
-            assert_eq!(backoff_delay(&b, n, 0.5), Duration::from_millis(ms), "n={n}");
+            assert_eq!(
+                backoff_delay(&b, n, 0.5),
+                Duration::from_millis(ms),
+                "n={n}"
+            );
         }
     }
 
@@ -221,17 +239,23 @@ mod tests {
         let s = spec();
         assert_eq!(
             decide(&s, &h, CRASH, None, now, 0.5),
-            Decision::Restart { after: Duration::ZERO }
+            Decision::Restart {
+                after: Duration::ZERO
+            }
         );
         h.record_restart(now, s.intensity.window());
         assert_eq!(
             decide(&s, &h, CRASH, None, now, 0.5),
-            Decision::Restart { after: Duration::from_millis(100) }
+            Decision::Restart {
+                after: Duration::from_millis(100)
+            }
         );
         // healthy long enough: consecutive count resets, restart at once
         assert_eq!(
             decide(&s, &h, CRASH, Some(Duration::from_secs(10)), now, 0.5),
-            Decision::Restart { after: Duration::ZERO }
+            Decision::Restart {
+                after: Duration::ZERO
+            }
         );
         h.record_restart(now, s.intensity.window());
         h.record_restart(now, s.intensity.window());
@@ -249,7 +273,11 @@ mod tests {
 
     #[test]
     fn exit_78_is_never_restarted_whatever_the_type() {
-        for t in [RestartType::Permanent, RestartType::Transient, RestartType::Temporary] {
+        for t in [
+            RestartType::Permanent,
+            RestartType::Transient,
+            RestartType::Temporary,
+        ] {
             let mut s = spec();
             s.restart = t;
             let d = decide(
@@ -275,16 +303,28 @@ mod tests {
         let sig = ExitCause::Exited(ExitInfo::Signal(9));
         let mut s = spec();
         s.restart = RestartType::Transient;
-        assert!(matches!(decide(&s, &h, clean, None, now, 0.5), Decision::Stay { .. }));
-        assert!(matches!(decide(&s, &h, sig, None, now, 0.5), Decision::Restart { .. }));
+        assert!(matches!(
+            decide(&s, &h, clean, None, now, 0.5),
+            Decision::Stay { .. }
+        ));
+        assert!(matches!(
+            decide(&s, &h, sig, None, now, 0.5),
+            Decision::Restart { .. }
+        ));
         assert!(matches!(
             decide(&s, &h, ExitCause::HealthFailed, None, now, 0.5),
             Decision::Restart { .. }
         ));
         s.restart = RestartType::Temporary;
-        assert!(matches!(decide(&s, &h, sig, None, now, 0.5), Decision::Stay { .. }));
+        assert!(matches!(
+            decide(&s, &h, sig, None, now, 0.5),
+            Decision::Stay { .. }
+        ));
         s.restart = RestartType::Permanent;
-        assert!(matches!(decide(&s, &h, clean, None, now, 0.5), Decision::Restart { .. }));
+        assert!(matches!(
+            decide(&s, &h, clean, None, now, 0.5),
+            Decision::Restart { .. }
+        ));
     }
 
     #[test]

@@ -32,7 +32,11 @@ mod tests {
             (Strategy::RestForOne, "zz", &[]),
         ];
         for (s, crashed, want) in cases {
-            assert_eq!(siblings_to_restart(*s, &order, crashed), *want, "{s:?} {crashed}");
+            assert_eq!(
+                siblings_to_restart(*s, &order, crashed),
+                *want,
+                "{s:?} {crashed}"
+            );
         }
     }
 }

@@ -6,6 +6,7 @@
 mod common;
 
 use common::{alive, descendants, marked_pids, wait_until, Daemon, STUB};
+
 use fleet_commander::messages::command::AgentStatus;
 use fleet_commander::messages::events::{AgentTransition, Event};
 use fleet_commander::spec::{BackoffSpec, FleetSpec, Intensity, Strategy};
@@ -15,8 +16,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast::Receiver;
 
 async fn node() -> (tempfile::TempDir, NodeHandle) {
-    let dir = tempfile::Builder::new().prefix("fleet-sup").tempdir().unwrap();
-    let node = Node::start(NodeConfig::new(dir.path().join("state"))).await.unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("fleet-sup")
+        .tempdir()
+        .unwrap();
+    let mut config = NodeConfig::new(dir.path().join("state"));
+    config.port_range =
+        fleet_commander::ports::PortRange::parse(&common::next_port_range()).unwrap();
+    let node = Node::start(config).await.unwrap();
     (dir, node)
 }
 
@@ -42,7 +49,11 @@ fn stub_spec(name: &str, n: u32, args: &str) -> FleetSpec {
 }
 
 async fn status_of(node: &NodeHandle, fleet: &str, agent: &str) -> Option<AgentStatus> {
-    node.status(Some(fleet), Some(agent)).await.ok()?.into_iter().next()
+    node.status(Some(fleet), Some(agent))
+        .await
+        .ok()?
+        .into_iter()
+        .next()
 }
 
 /// Polls status until `pred` holds; panics with the last row seen.
@@ -105,23 +116,46 @@ async fn next_transition(
 async fn crash_restarts_follow_the_backoff_schedule() {
     let (_d, node) = node().await;
     let mut rx = node.subscribe();
-    let mut spec = stub_spec("crashy", 1, "--no-helper --crash-after-ms 150 --exit-code 3");
-    spec.intensity = Intensity { max_restarts: 10, window_s: 60 };
+    let mut spec = stub_spec(
+        "crashy",
+        1,
+        "--no-helper --crash-after-ms 150 --exit-code 3",
+    );
+    spec.intensity = Intensity {
+        max_restarts: 10,
+        window_s: 60,
+    };
     let backoff = spec.backoff.clone();
     node.create_fleet(spec).await.unwrap();
     // The first restart is immediate, then initial * multiplier^(n-2): 0, 200, 400, 800 ms.
     for n in 1..=4u32 {
-        let b = next_transition(&mut rx, Duration::from_secs(10), |t| t.new == AgentState::Backoff).await;
+        let b = next_transition(&mut rx, Duration::from_secs(10), |t| {
+            t.new == AgentState::Backoff
+        })
+        .await;
         assert_eq!(b.exit, Some(ExitInfo::Code(3)), "{b:?}");
         assert_eq!(b.restarts, n, "{b:?}");
         let t0 = Instant::now();
-        next_transition(&mut rx, Duration::from_secs(10), |t| t.old == AgentState::Backoff).await;
+        next_transition(&mut rx, Duration::from_secs(10), |t| {
+            t.old == AgentState::Backoff
+        })
+        .await;
         let waited = t0.elapsed();
         let expected = fleet_commander::restart::backoff_delay(&backoff, n, 0.5);
-        let want = if n == 1 { Duration::ZERO } else { Duration::from_millis(200 * 2u64.pow(n - 2)) };
+        let want = if n == 1 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(200 * 2u64.pow(n - 2))
+        };
         assert_eq!(expected, want, "schedule for restart {n}");
-        assert!(waited + Duration::from_millis(30) >= want, "restart {n} came after {waited:?}, before {want:?}");
-        assert!(waited < want + Duration::from_millis(1500), "restart {n} came after {waited:?}, long after {want:?}");
+        assert!(
+            waited + Duration::from_millis(30) >= want,
+            "restart {n} came after {waited:?}, before {want:?}"
+        );
+        assert!(
+            waited < want + Duration::from_millis(1500),
+            "restart {n} came after {waited:?}, long after {want:?}"
+        );
     }
     node.shutdown().await;
 }
@@ -129,17 +163,36 @@ async fn crash_restarts_follow_the_backoff_schedule() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_fails_after_intensity_and_spares_others() {
     let (_d, node) = node().await;
-    node.create_fleet(stub_spec("steady", 1, "--no-helper")).await.unwrap();
+    node.create_fleet(stub_spec("steady", 1, "--no-helper"))
+        .await
+        .unwrap();
     let before = wait_all_running(&node, "steady", 1).await;
     let mut spec = stub_spec("loop", 1, "--no-helper --exit-code 1");
     spec.backoff.initial_ms = 10;
-    spec.intensity = Intensity { max_restarts: 3, window_s: 60 };
+    spec.intensity = Intensity {
+        max_restarts: 3,
+        window_s: 60,
+    };
     node.create_fleet(spec).await.unwrap();
-    let failed = wait_agent(&node, "loop", "agent-1", Duration::from_secs(20), "failed", |s| s.state == AgentState::Failed).await;
+    let failed = wait_agent(
+        &node,
+        "loop",
+        "agent-1",
+        Duration::from_secs(20),
+        "failed",
+        |s| s.state == AgentState::Failed,
+    )
+    .await;
     assert_eq!(failed.restarts, 3, "{failed:?}");
-    assert!(failed.reason.as_deref().unwrap_or("").contains("intensity"), "{failed:?}");
+    assert!(
+        failed.reason.as_deref().unwrap_or("").contains("intensity"),
+        "{failed:?}"
+    );
     let after = wait_all_running(&node, "steady", 1).await;
-    assert_eq!(after[0].pid, before[0].pid, "the other fleet's agent was touched");
+    assert_eq!(
+        after[0].pid, before[0].pid,
+        "the other fleet's agent was touched"
+    );
     assert_eq!(after[0].restarts, 0);
     node.shutdown().await;
 }
@@ -151,7 +204,12 @@ async fn strategy_case(strategy: Strategy, expect_restarted: &[&str]) {
     spec.strategy = strategy;
     node.create_fleet(spec).await.unwrap();
     let before = wait_all_running(&node, &name, 3).await;
-    let victim = before.iter().find(|r| r.agent == "agent-2").unwrap().pid.unwrap();
+    let victim = before
+        .iter()
+        .find(|r| r.agent == "agent-2")
+        .unwrap()
+        .pid
+        .unwrap();
     unsafe { libc::kill(victim as i32, libc::SIGKILL) };
     let mut restarted = vec!["agent-2"];
     restarted.extend_from_slice(expect_restarted);
@@ -161,18 +219,29 @@ async fn strategy_case(strategy: Strategy, expect_restarted: &[&str]) {
         let rows = node.status(Some(&name), None).await.unwrap();
         let done = rows.iter().all(|r| {
             let old = before.iter().find(|b| b.agent == r.agent).unwrap();
-            r.state == AgentState::Running && (!restarted.contains(&r.agent.as_str()) || r.pid != old.pid)
+            r.state == AgentState::Running
+                && (!restarted.contains(&r.agent.as_str()) || r.pid != old.pid)
         });
         if done {
             break rows;
         }
-        assert!(Instant::now() < deadline, "{strategy}: not settled: {rows:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "{strategy}: not settled: {rows:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     for r in &after {
         let old = before.iter().find(|b| b.agent == r.agent).unwrap();
         let moved = r.pid != old.pid;
-        assert_eq!(moved, restarted.contains(&r.agent.as_str()), "{strategy}: {} pid {:?} -> {:?}", r.agent, old.pid, r.pid);
+        assert_eq!(
+            moved,
+            restarted.contains(&r.agent.as_str()),
+            "{strategy}: {} pid {:?} -> {:?}",
+            r.agent,
+            old.pid,
+            r.pid
+        );
     }
     node.shutdown().await;
 }
@@ -196,12 +265,21 @@ async fn rest_for_one_restarts_the_later_siblings() {
 async fn exit_78_is_failed_and_never_restarted() {
     let (_d, node) = node().await;
     let mut rx = node.subscribe();
-    node.create_fleet(stub_spec("cfg", 1, "--exit-code 78")).await.unwrap();
-    let t = next_transition(&mut rx, Duration::from_secs(10), |t| t.new == AgentState::Failed).await;
+    node.create_fleet(stub_spec("cfg", 1, "--exit-code 78"))
+        .await
+        .unwrap();
+    let t = next_transition(&mut rx, Duration::from_secs(10), |t| {
+        t.new == AgentState::Failed
+    })
+    .await;
     assert_eq!(t.exit, Some(ExitInfo::Code(78)));
     assert!(t.reason.as_deref().unwrap_or("").contains("78"), "{t:?}");
     let s = status_of(&node, "cfg", "agent-1").await.unwrap();
-    assert_eq!((s.state, s.restarts, s.pid), (AgentState::Failed, 0, None), "{s:?}");
+    assert_eq!(
+        (s.state, s.restarts, s.pid),
+        (AgentState::Failed, 0, None),
+        "{s:?}"
+    );
     node.shutdown().await;
 }
 
@@ -224,7 +302,10 @@ async fn stop_escalates_to_sigkill_and_leaves_no_descendant() {
     let t0 = Instant::now();
     node.stop_agent("stubborn", "agent-1").await.unwrap();
     let took = t0.elapsed();
-    assert!(took >= Duration::from_millis(600), "SIGTERM was ignored, the stop must have waited: {took:?}");
+    assert!(
+        took >= Duration::from_millis(600),
+        "SIGTERM was ignored, the stop must have waited: {took:?}"
+    );
     let left: Vec<u32> = tree.iter().copied().filter(|p| alive(*p)).collect();
     assert!(left.is_empty(), "still alive after stop: {left:?}");
     let s = status_of(&node, "stubborn", "agent-1").await.unwrap();
@@ -241,9 +322,14 @@ async fn removing_an_agent_in_backoff_leaves_nothing_running() {
     spec.backoff.multiplier = 1.0;
     node.create_fleet(spec).await.unwrap();
     // Second crash: its restart waits 400 ms in backoff.
-    let b = wait_agent(&node, "flaky", "agent-1", Duration::from_secs(10), "in a delayed backoff", |s| {
-        s.state == AgentState::Backoff && s.restarts >= 2
-    })
+    let b = wait_agent(
+        &node,
+        "flaky",
+        "agent-1",
+        Duration::from_secs(10),
+        "in a delayed backoff",
+        |s| s.state == AgentState::Backoff && s.restarts >= 2,
+    )
     .await;
     assert!(b.pid.is_none());
     node.remove_agent("flaky", "agent-1", false).await.unwrap();
@@ -268,7 +354,15 @@ async fn hung_healthz_restarts_after_n_failed_probes() {
     spec.stop_timeout_ms = 1_000;
     node.create_fleet(spec).await.unwrap();
     let first = wait_all_running(&node, "hung", 1).await[0].pid;
-    let s = wait_agent(&node, "hung", "agent-1", Duration::from_secs(20), "restarted by health", |s| s.restarts >= 1).await;
+    let s = wait_agent(
+        &node,
+        "hung",
+        "agent-1",
+        Duration::from_secs(20),
+        "restarted by health",
+        |s| s.restarts >= 1,
+    )
+    .await;
     assert_ne!(s.pid, first, "{s:?}");
     node.shutdown().await;
 }
@@ -289,12 +383,20 @@ fn daemon_sigkill_leaves_no_process_behind() {
     });
     d.kill9();
     let t0 = Instant::now();
-    wait_until(Duration::from_secs(2), "every agent process to be gone after SIGKILL of fleetd", |seen| {
-        let left: Vec<u32> = pids.iter().copied().filter(|p| alive(*p)).collect();
-        *seen = format!("{left:?}");
-        left.is_empty().then_some(())
-    });
-    eprintln!("all {} agent processes gone {:?} after the daemon's SIGKILL", pids.len(), t0.elapsed());
+    wait_until(
+        Duration::from_secs(2),
+        "every agent process to be gone after SIGKILL of fleetd",
+        |seen| {
+            let left: Vec<u32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+            *seen = format!("{left:?}");
+            left.is_empty().then_some(())
+        },
+    );
+    eprintln!(
+        "all {} agent processes gone {:?} after the daemon's SIGKILL",
+        pids.len(),
+        t0.elapsed()
+    );
 }
 
 #[test]
@@ -308,6 +410,11 @@ fn graceful_daemon_stop_leaves_no_process_behind() {
     let kids = descendants(d.pid());
     let st = d.stop();
     assert!(st.success(), "fleetd exit status {st:?}\n{}", d.log());
-    let left: Vec<u32> = pids.iter().chain(kids.iter()).copied().filter(|p| alive(*p)).collect();
+    let left: Vec<u32> = pids
+        .iter()
+        .chain(kids.iter())
+        .copied()
+        .filter(|p| alive(*p))
+        .collect();
     assert!(left.is_empty(), "alive after graceful stop: {left:?}");
 }

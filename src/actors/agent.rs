@@ -133,9 +133,7 @@ impl Actor for AgentActor {
         _myself: ActorRef<AgentMsg>,
         rt: &mut AgentRuntime,
     ) -> Result<(), ActorProcessingErr> {
-        rt.ctx
-            .status
-            .remove(&(rt.fleet.clone(), rt.agent.clone()));
+        rt.ctx.status.remove(&(rt.fleet.clone(), rt.agent.clone()));
         Ok(())
     }
 
@@ -177,21 +175,19 @@ impl Actor for AgentActor {
                 rt.want_running = false;
                 rt.stop_process(Purpose::Fail(reason));
             }
-            AgentMsg::RotateToken { reply } => {
-                match provision::generate_token() {
-                    Ok(t) => {
-                        rt.token = t.clone();
-                        if rt.process.is_some() {
-                            rt.reason = Some("token rotated".into());
-                            rt.stop_process(Purpose::Restart);
-                        }
-                        let _ = reply.send(Ok(t));
+            AgentMsg::RotateToken { reply } => match provision::generate_token() {
+                Ok(t) => {
+                    rt.token = t.clone();
+                    if rt.process.is_some() {
+                        rt.reason = Some("token rotated".into());
+                        rt.stop_process(Purpose::Restart);
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
+                    let _ = reply.send(Ok(t));
                 }
-            }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             AgentMsg::GetToken { reply } => {
                 let _ = reply.send(rt.token.clone());
             }
@@ -289,7 +285,12 @@ impl AgentRuntime {
         });
     }
 
-    fn on_spawned(&mut self, myself: &ActorRef<AgentMsg>, gen: u64, result: Result<Spawned, SpawnFailure>) {
+    fn on_spawned(
+        &mut self,
+        myself: &ActorRef<AgentMsg>,
+        gen: u64,
+        result: Result<Spawned, SpawnFailure>,
+    ) {
         if gen != self.gen || !self.want_running {
             if let Ok(sp) = result {
                 kill_orphan_child(sp.child);
@@ -487,8 +488,9 @@ impl AgentRuntime {
     fn stop_process(&mut self, purpose: Purpose) {
         if let Some(p) = &self.process {
             // An operator's stop or the fleet's failure overrides a restart in progress.
-            let keep_current = matches!(self.stopping, Some(Purpose::Stop) | Some(Purpose::Fail(_)))
-                && matches!(purpose, Purpose::Restart | Purpose::Health);
+            let keep_current =
+                matches!(self.stopping, Some(Purpose::Stop) | Some(Purpose::Fail(_)))
+                    && matches!(purpose, Purpose::Restart | Purpose::Health);
             if !keep_current {
                 self.stopping = Some(purpose);
             }
@@ -560,43 +562,44 @@ impl StartJob {
             self.ctx.compile_cache.clone(),
         );
         let marker = self.marker.clone();
-        let env = tokio::task::spawn_blocking(move || -> Result<Vec<(String, String)>, FleetError> {
-            provision::ensure_home(&paths)?;
-            std::fs::create_dir_all(&cache).map_err(|e| FleetError::Provision {
-                fleet: spec.name.clone(),
-                agent: String::new(),
-                reason: format!("{}: {e}", cache.display()),
-            })?;
-            let template = match &spec.template {
-                Some(t) => Some(provision::load_template(t)?),
-                None => None,
-            };
-            let enforced = provision::Enforced {
-                token: &token,
-                port,
-                log_file: &paths.openclaw_log,
-                log_max_bytes: spec.logs.max_bytes,
-                profile: spec.profile,
-            };
-            let (config, warnings) = provision::render_config(template.as_ref(), &enforced)?;
-            for w in warnings {
-                tracing::warn!(fleet = %spec.name, "{w}");
-            }
-            provision::write_config_atomic(&paths.config, &config)?;
-            Ok(provision::agent_env(&provision::EnvInput {
-                paths: &paths,
-                port,
-                compile_cache: &cache,
-                node_bin_dir: node_bin_dir.as_deref(),
-                profile: spec.profile,
-                marker: &marker,
-                extra: &spec.env,
-                runs_openclaw: spec.runs_openclaw(),
-            }))
-        })
-        .await
-        .map_err(|e| fail(format!("provisioning task failed: {e}")))?
-        .map_err(|e| fail(e.to_string()))?;
+        let env =
+            tokio::task::spawn_blocking(move || -> Result<Vec<(String, String)>, FleetError> {
+                provision::ensure_home(&paths)?;
+                std::fs::create_dir_all(&cache).map_err(|e| FleetError::Provision {
+                    fleet: spec.name.clone(),
+                    agent: String::new(),
+                    reason: format!("{}: {e}", cache.display()),
+                })?;
+                let template = match &spec.template {
+                    Some(t) => Some(provision::load_template(t)?),
+                    None => None,
+                };
+                let enforced = provision::Enforced {
+                    token: &token,
+                    port,
+                    log_file: &paths.openclaw_log,
+                    log_max_bytes: spec.logs.max_bytes,
+                    profile: spec.profile,
+                };
+                let (config, warnings) = provision::render_config(template.as_ref(), &enforced)?;
+                for w in warnings {
+                    tracing::warn!(fleet = %spec.name, "{w}");
+                }
+                provision::write_config_atomic(&paths.config, &config)?;
+                Ok(provision::agent_env(&provision::EnvInput {
+                    paths: &paths,
+                    port,
+                    compile_cache: &cache,
+                    node_bin_dir: node_bin_dir.as_deref(),
+                    profile: spec.profile,
+                    marker: &marker,
+                    extra: &spec.env,
+                    runs_openclaw: spec.runs_openclaw(),
+                }))
+            })
+            .await
+            .map_err(|e| fail(format!("provisioning task failed: {e}")))?
+            .map_err(|e| fail(e.to_string()))?;
         // Only OpenClaw starts are expensive enough to queue behind the gate.
         let permit = if self.spec.runs_openclaw() {
             Some(

@@ -164,7 +164,10 @@ impl Actor for FleetSupervisor {
                 let name = agent.clone();
                 tokio::spawn(async move {
                     let r = match actor
-                        .call(|r| AgentMsg::RotateToken { reply: r }, Some(Duration::from_secs(10)))
+                        .call(
+                            |r| AgentMsg::RotateToken { reply: r },
+                            Some(Duration::from_secs(10)),
+                        )
                         .await
                     {
                         Ok(ractor::rpc::CallResult::Success(r)) => r,
@@ -272,7 +275,9 @@ impl Actor for FleetSupervisor {
                 }
                 tracing::warn!(fleet = %rt.spec.name, agent = %agent, %reason, "agent failed");
                 if rt.state == FleetState::Running
-                    && rt.history.escalate(&rt.spec.fleet_intensity, Instant::now())
+                    && rt
+                        .history
+                        .escalate(&rt.spec.fleet_intensity, Instant::now())
                 {
                     let why = format!(
                         "fleet intensity exceeded: more than {} agent failures within {}s (last: {agent}: {reason})",
@@ -326,7 +331,9 @@ impl Actor for FleetSupervisor {
                     e.actor = actor;
                 }
             }
-            Err(e) => tracing::error!(fleet = %rt.spec.name, agent = %name, error = %e, "re-spawn failed"),
+            Err(e) => {
+                tracing::error!(fleet = %rt.spec.name, agent = %name, error = %e, "re-spawn failed")
+            }
         }
         Ok(())
     }

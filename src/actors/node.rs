@@ -197,14 +197,24 @@ impl NodeRuntime {
             }
             Command::FleetList => answer(reply, Ok(Reply::Fleets(self.fleet_infos()))),
             Command::FleetStart { fleet } => {
-                let r = self.fleet_call(&fleet, |r| FleetMsg::StartAll { reply: r }, CALL).await;
+                let r = self
+                    .fleet_call(&fleet, |r| FleetMsg::StartAll { reply: r }, CALL)
+                    .await;
                 let r = r.and_then(|_| self.set_fleet_desired(&fleet, Desired::Running));
-                answer(reply, r.and_then(|_| done(format!("fleet {fleet} started"))))
+                answer(
+                    reply,
+                    r.and_then(|_| done(format!("fleet {fleet} started"))),
+                )
             }
             Command::FleetRestart { fleet } => {
-                let r = self.fleet_call(&fleet, |r| FleetMsg::RestartAll { reply: r }, CALL).await;
+                let r = self
+                    .fleet_call(&fleet, |r| FleetMsg::RestartAll { reply: r }, CALL)
+                    .await;
                 let r = r.and_then(|_| self.set_fleet_desired(&fleet, Desired::Running));
-                answer(reply, r.and_then(|_| done(format!("fleet {fleet} restarting"))))
+                answer(
+                    reply,
+                    r.and_then(|_| done(format!("fleet {fleet} restarting"))),
+                )
             }
             Command::FleetStop { fleet } => {
                 let f = match self.fleet_ref(&fleet) {
@@ -225,16 +235,22 @@ impl NodeRuntime {
             Command::FleetRm { fleet, purge } => self.remove_fleet(fleet, purge, reply),
             Command::AgentAdd { fleet, agent } => {
                 let r = self.add_agent(&fleet, &agent).await;
-                answer(reply, r.and_then(|_| done(format!("agent {fleet}/{agent} added"))))
+                answer(
+                    reply,
+                    r.and_then(|_| done(format!("agent {fleet}/{agent} added"))),
+                )
             }
             Command::AgentStart { fleet, agent } => {
-                self.agent_op(fleet, agent, AgentOp::Start, Desired::Running, reply).await
+                self.agent_op(fleet, agent, AgentOp::Start, Desired::Running, reply)
+                    .await
             }
             Command::AgentRestart { fleet, agent } => {
-                self.agent_op(fleet, agent, AgentOp::Restart, Desired::Running, reply).await
+                self.agent_op(fleet, agent, AgentOp::Restart, Desired::Running, reply)
+                    .await
             }
             Command::AgentStop { fleet, agent } => {
-                self.agent_op(fleet, agent, AgentOp::Stop, Desired::Stopped, reply).await
+                self.agent_op(fleet, agent, AgentOp::Stop, Desired::Stopped, reply)
+                    .await
             }
             Command::AgentRm {
                 fleet,
@@ -256,7 +272,9 @@ impl NodeRuntime {
                 tokio::task::spawn_blocking(move || {
                     let r = match tail::last_lines(&paths.agent_log, lines) {
                         Ok(v) => Reply::Logs(
-                            v.iter().map(|l| tail::redact(l, &[token.as_str()])).collect(),
+                            v.iter()
+                                .map(|l| tail::redact(l, &[token.as_str()]))
+                                .collect(),
                         ),
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Reply::Logs(vec![]),
                         Err(e) => Reply::Error(FleetError::internal(format!(
@@ -284,7 +302,10 @@ impl NodeRuntime {
                 )
             }
             Command::Ports => {
-                let r = self.ports.call(|r| PortsMsg::List { reply: r }, Some(CALL)).await;
+                let r = self
+                    .ports
+                    .call(|r| PortsMsg::List { reply: r }, Some(CALL))
+                    .await;
                 let rows = match r {
                     Ok(CallResult::Success(v)) => v
                         .into_iter()
@@ -328,7 +349,10 @@ impl NodeRuntime {
                         "the daemon was started without --spec",
                     )),
                     Some(p) => match specfile::load_spec(p) {
-                        Ok(specs) => self.apply_spec(myself, specs).await.map(|m| Reply::Done { message: m }),
+                        Ok(specs) => self
+                            .apply_spec(myself, specs)
+                            .await
+                            .map(|m| Reply::Done { message: m }),
                         Err(e) => Err(e),
                     },
                 };
@@ -340,10 +364,7 @@ impl NodeRuntime {
                     .map(|text| Reply::Help { text })
                     .map_err(|e| FleetError::invalid("help", e.to_string())),
             ),
-            Command::Shutdown => answer(
-                reply,
-                done("shutting down"),
-            ),
+            Command::Shutdown => answer(reply, done("shutting down")),
         }
     }
 
@@ -402,7 +423,9 @@ impl NodeRuntime {
                     .ctx
                     .status
                     .iter()
-                    .filter(|e| &e.key().0 == name && e.row.state == crate::state::AgentState::Running)
+                    .filter(|e| {
+                        &e.key().0 == name && e.row.state == crate::state::AgentState::Running
+                    })
                     .count();
                 FleetInfo {
                     fleet: name.clone(),
@@ -440,7 +463,10 @@ impl NodeRuntime {
             return Err(FleetError::PortRangeExhausted {
                 fleet: spec.name.clone(),
                 agent: spec.agents.first().cloned().unwrap_or_default(),
-                range: format!("{}-{}", self.ctx.config.port_range.first, self.ctx.config.port_range.last),
+                range: format!(
+                    "{}-{}",
+                    self.ctx.config.port_range.first, self.ctx.config.port_range.last
+                ),
                 needed: stride as u32 * spec.agents.len() as u32,
                 held: free as u32,
             });
@@ -504,7 +530,9 @@ impl NodeRuntime {
         .map_err(FleetError::internal)?;
         self.fleets.insert(spec.name.clone(), fleet.clone());
         for name in &spec.agents {
-            let Some(a) = rec.agents.get(name) else { continue };
+            let Some(a) = rec.agents.get(name) else {
+                continue;
+            };
             let start = rec.desired == Desired::Running && a.desired == Desired::Running;
             let port = a.port_base.unwrap_or(0);
             let token = a.token.clone();
@@ -673,7 +701,11 @@ impl NodeRuntime {
     async fn add_agent(&mut self, fleet: &str, agent: &str) -> Result<(), FleetError> {
         crate::ids::validate_id("agent", agent)?;
         let f = self.fleet_ref(fleet)?;
-        let rec = self.data.fleets.get(fleet).expect("fleet ref implies record");
+        let rec = self
+            .data
+            .fleets
+            .get(fleet)
+            .expect("fleet ref implies record");
         if rec.agents.contains_key(agent) {
             return Err(FleetError::AgentExists {
                 fleet: fleet.to_string(),
@@ -816,7 +848,13 @@ impl NodeRuntime {
         tokio::spawn(async move {
             let name = agent.clone();
             let r = f
-                .call(|r| FleetMsg::RemoveAgent { agent: name, reply: r }, None)
+                .call(
+                    |r| FleetMsg::RemoveAgent {
+                        agent: name,
+                        reply: r,
+                    },
+                    None,
+                )
                 .await;
             let _ = ports.send_message(PortsMsg::Release {
                 fleet: fleet.clone(),
@@ -832,7 +870,8 @@ impl NodeRuntime {
             if purge {
                 let paths = AgentPaths::new(&state_dir, &fleet, &agent);
                 let sd = state_dir.clone();
-                let r = tokio::task::spawn_blocking(move || provision::purge_home(&sd, &paths)).await;
+                let r =
+                    tokio::task::spawn_blocking(move || provision::purge_home(&sd, &paths)).await;
                 match (r, &mut rep) {
                     (Ok(Ok(())), Reply::Done { message }) => message.push_str(" and purged"),
                     (Ok(Err(e)), _) => rep = Reply::Error(e),
@@ -844,14 +883,26 @@ impl NodeRuntime {
         None
     }
 
-    async fn token(&mut self, fleet: &str, agent: &str, rotate: bool) -> Result<String, FleetError> {
+    async fn token(
+        &mut self,
+        fleet: &str,
+        agent: &str,
+        rotate: bool,
+    ) -> Result<String, FleetError> {
         self.agent_record(fleet, agent)?;
         if !rotate {
             return Ok(self.agent_record(fleet, agent)?.token.clone());
         }
         let name = agent.to_string();
         let t = self
-            .fleet_call(fleet, |r| FleetMsg::RotateToken { agent: name, reply: r }, CALL)
+            .fleet_call(
+                fleet,
+                |r| FleetMsg::RotateToken {
+                    agent: name,
+                    reply: r,
+                },
+                CALL,
+            )
             .await??;
         if let Some(a) = self
             .data
@@ -867,9 +918,11 @@ impl NodeRuntime {
 
     fn status(&self, fleet: Option<String>, agent: Option<String>) -> Result<Reply, FleetError> {
         if let Some(f) = &fleet {
-            let rec = self.data.fleets.get(f).ok_or_else(|| FleetError::NoSuchFleet {
-                fleet: f.clone(),
-            })?;
+            let rec = self
+                .data
+                .fleets
+                .get(f)
+                .ok_or_else(|| FleetError::NoSuchFleet { fleet: f.clone() })?;
             if let Some(a) = &agent {
                 if !rec.agents.contains_key(a) {
                     return Err(FleetError::NoSuchAgent {

@@ -113,8 +113,9 @@ pub async fn run(node: NodeHandle, tty: bool, history: Option<std::path::PathBuf
                     continue;
                 }
                 let token = node.token(&fleet, &agent, false).await.unwrap_or_default();
-                let mut follower =
-                    tail::Follower::new(&AgentPaths::new(node.state_dir(), &fleet, &agent).agent_log);
+                let mut follower = tail::Follower::new(
+                    &AgentPaths::new(node.state_dir(), &fleet, &agent).agent_log,
+                );
                 let _ = ack_tx.send(());
                 let mut tick = tokio::time::interval(Duration::from_millis(250));
                 loop {

@@ -122,7 +122,17 @@ async fn connection(
             return Ok(());
         }
         if buf.last() != Some(&b'\n') && n >= MAX_LINE_BYTES * 4 {
-            send(&mut w, &error_reply(FleetError::invalid("request", format!("line longer than {MAX_LINE_BYTES} bytes")), false)).await?;
+            send(
+                &mut w,
+                &error_reply(
+                    FleetError::invalid(
+                        "request",
+                        format!("line longer than {MAX_LINE_BYTES} bytes"),
+                    ),
+                    false,
+                ),
+            )
+            .await?;
             // Skip the rest of the oversized line.
             let mut sink = Vec::new();
             reader.read_until(b'\n', &mut sink).await?;
@@ -133,7 +143,11 @@ async fn connection(
             Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(e) => {
-                send(&mut w, &error_reply(FleetError::invalid("command", e.to_string()), false)).await?;
+                send(
+                    &mut w,
+                    &error_reply(FleetError::invalid("command", e.to_string()), false),
+                )
+                .await?;
                 continue;
             }
         };

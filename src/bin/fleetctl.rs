@@ -13,7 +13,12 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "fleetctl", version, about = "Send one command to fleetd", trailing_var_arg = true)]
+#[command(
+    name = "fleetctl",
+    version,
+    about = "Send one command to fleetd",
+    trailing_var_arg = true
+)]
 struct Args {
     /// Control socket (default: <state-dir>/fleetd.sock).
     #[arg(long)]
@@ -41,10 +46,9 @@ fn main() {
 
 fn run() -> Result<i32> {
     let args = Args::parse();
-    let socket = args
-        .socket
-        .clone()
-        .unwrap_or_else(|| default_socket(&args.state_dir.clone().unwrap_or_else(default_state_dir)));
+    let socket = args.socket.clone().unwrap_or_else(|| {
+        default_socket(&args.state_dir.clone().unwrap_or_else(default_state_dir))
+    });
     let mut words = args.command.clone();
     // A template path is read by the daemon: make it absolute here, where it was typed.
     if let Some(i) = words.iter().position(|w| w == "--template") {
@@ -57,16 +61,23 @@ fn run() -> Result<i32> {
     if args.json && !words.iter().any(|w| w == "--json") {
         words.push("--json".into());
     }
-    let mut stream = UnixStream::connect(&socket)
-        .with_context(|| format!("connecting to fleetd at {} (is it running?)", socket.display()))?;
+    let mut stream = UnixStream::connect(&socket).with_context(|| {
+        format!(
+            "connecting to fleetd at {} (is it running?)",
+            socket.display()
+        )
+    })?;
     let mut line = join_words(&words);
     line.push('\n');
-    stream.write_all(line.as_bytes()).context("sending the command")?;
+    stream
+        .write_all(line.as_bytes())
+        .context("sending the command")?;
     let reader = BufReader::new(stream.try_clone().context("socket")?);
     let mut code = 0;
     for l in reader.lines() {
         let l = l.context("reading the reply")?;
-        let frame: Frame = serde_json::from_str(&l).with_context(|| format!("bad reply from fleetd: {l}"))?;
+        let frame: Frame =
+            serde_json::from_str(&l).with_context(|| format!("bad reply from fleetd: {l}"))?;
         match frame {
             Frame::Reply { reply, json } => {
                 let text = render(&reply, json);
@@ -91,5 +102,6 @@ fn run() -> Result<i32> {
 
 fn is_stream(words: &[String]) -> bool {
     words.first().map(String::as_str) == Some("events")
-        || (words.first().map(String::as_str) == Some("logs") && words.iter().any(|w| w == "--follow" || w == "-f"))
+        || (words.first().map(String::as_str) == Some("logs")
+            && words.iter().any(|w| w == "--follow" || w == "-f"))
 }

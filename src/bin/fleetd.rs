@@ -14,7 +14,11 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser, Debug)]
-#[command(name = "fleetd", version, about = "Fleet Commander daemon: supervises fleets of OpenClaw agents as native processes")]
+#[command(
+    name = "fleetd",
+    version,
+    about = "Fleet Commander daemon: supervises fleets of OpenClaw agents as native processes"
+)]
 struct Args {
     /// State directory (registry, agent HOMEs, socket). Default: $FLEET_STATE_DIR, else
     /// /var/lib/fleet-commander for root, else $XDG_STATE_HOME/fleet-commander or
@@ -81,7 +85,10 @@ fn init_tracing(format: &str) {
 
 async fn run(args: Args) -> Result<()> {
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
-    let socket_path = args.socket.clone().unwrap_or_else(|| default_socket(&state_dir));
+    let socket_path = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| default_socket(&state_dir));
     let mut config = NodeConfig::new(&state_dir);
     config.port_range = PortRange::parse(&args.port_range).context("--port-range")?;
     config.openclaw_bin = args.openclaw.clone();
@@ -93,7 +100,9 @@ async fn run(args: Args) -> Result<()> {
         config.max_concurrent_starts = n;
     }
     let spec_path = match &args.spec {
-        Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("--spec {}", p.display()))?),
+        Some(p) => {
+            Some(std::fs::canonicalize(p).with_context(|| format!("--spec {}", p.display()))?)
+        }
         None => None,
     };
     config.spec_path = spec_path.clone();
@@ -128,7 +137,9 @@ async fn run(args: Args) -> Result<()> {
             match repl::run(node, stdin_tty, Some(history)).await {
                 repl::ReplEnd::Shutdown => shutdown.notify_one(),
                 // The socket still serves: EOF on stdin does not stop the daemon.
-                repl::ReplEnd::Eof => tracing::info!("stdin closed; still serving the control socket"),
+                repl::ReplEnd::Eof => {
+                    tracing::info!("stdin closed; still serving the control socket")
+                }
             }
         });
     }

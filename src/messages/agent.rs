@@ -9,26 +9,51 @@ use ractor::RpcReplyPort;
 
 pub enum AgentMsg {
     /// Start if not running; an operator's start also forgets past restarts.
-    Start { reset_history: bool },
+    Start {
+        reset_history: bool,
+    },
     /// Stop the whole process tree; the reply comes when every process is gone.
-    Stop { reply: Option<RpcReplyPort<()>> },
+    Stop {
+        reply: Option<RpcReplyPort<()>>,
+    },
     /// Stop, then start again. `reason` is shown in events.
-    Restart { reason: String },
+    Restart {
+        reason: String,
+    },
     /// Stop and mark `failed` (the fleet gave up).
-    Fail { reason: String },
+    Fail {
+        reason: String,
+    },
     /// New token: config rewritten, agent restarted if it runs.
-    RotateToken { reply: RpcReplyPort<Result<String, FleetError>> },
+    RotateToken {
+        reply: RpcReplyPort<Result<String, FleetError>>,
+    },
     /// The current token (for the `token` command; never logged).
-    GetToken { reply: RpcReplyPort<String> },
+    GetToken {
+        reply: RpcReplyPort<String>,
+    },
     /// The fleet's settings changed (no restart by itself).
     UpdateSpec(std::sync::Arc<crate::spec::FleetSpec>),
 
     // --- reports from the agent's own tasks ---
-    Spawned { gen: u64, result: Result<Spawned, SpawnFailure> },
-    Owner { gen: u64, event: OwnerEvent },
-    Probe { gen: u64, report: ProbeReport },
-    GraceExpired { gen: u64 },
-    BackoffDone { gen: u64 },
+    Spawned {
+        gen: u64,
+        result: Result<Spawned, SpawnFailure>,
+    },
+    Owner {
+        gen: u64,
+        event: OwnerEvent,
+    },
+    Probe {
+        gen: u64,
+        report: ProbeReport,
+    },
+    GraceExpired {
+        gen: u64,
+    },
+    BackoffDone {
+        gen: u64,
+    },
 }
 
 /// A process that was started, with the start-gate permit it holds until healthy.

@@ -41,19 +41,33 @@ pub enum FleetMsg {
         agent: String,
         reply: RpcReplyPort<Result<String, FleetError>>,
     },
-    StartAll { reply: RpcReplyPort<()> },
+    StartAll {
+        reply: RpcReplyPort<()>,
+    },
     /// Stops agents in reverse start order; replies when all are stopped.
-    StopAll { reply: RpcReplyPort<()> },
-    RestartAll { reply: RpcReplyPort<()> },
+    StopAll {
+        reply: RpcReplyPort<()>,
+    },
+    RestartAll {
+        reply: RpcReplyPort<()>,
+    },
     UpdateSpec(Arc<FleetSpec>),
     /// Internal: a token rotation finished; the recipe keeps the new token.
-    UpdateToken { agent: String, token: String },
+    UpdateToken {
+        agent: String,
+        token: String,
+    },
     /// Internal: a StopAll finished.
     Stopped,
 
     // --- from agents ---
     /// The agent crashed and is being restarted: apply the strategy to its siblings.
-    AgentRestarting { agent: String },
+    AgentRestarting {
+        agent: String,
+    },
     /// The agent gave up (intensity, exit 78, spawn error): escalate.
-    AgentFailed { agent: String, reason: String },
+    AgentFailed {
+        agent: String,
+        reason: String,
+    },
 }

@@ -19,8 +19,16 @@ pub enum PortsMsg {
         lease: Lease,
         reply: RpcReplyPort<Result<(), FleetError>>,
     },
-    Release { fleet: String, agent: String },
-    List { reply: RpcReplyPort<Vec<(String, String, Lease)>> },
+    Release {
+        fleet: String,
+        agent: String,
+    },
+    List {
+        reply: RpcReplyPort<Vec<(String, String, Lease)>>,
+    },
     /// Blocks of `stride` still free in the range (for `capacity`).
-    Free { stride: u16, reply: RpcReplyPort<u64> },
+    Free {
+        stride: u16,
+        reply: RpcReplyPort<u64>,
+    },
 }

@@ -195,10 +195,7 @@ async fn run(
 
     if !requested {
         // Crash path: report first so the restart is not delayed by the sweep.
-        on_event(OwnerEvent::Exited {
-            exit,
-            requested,
-        });
+        on_event(OwnerEvent::Exited { exit, requested });
     }
     // Whatever the tree left behind (helpers in their own sessions) goes now.
     let leftovers = sweeper.collect(None, &marker).await;

@@ -137,7 +137,10 @@ fn spawner_thread(
     while let Ok(job) = rx.recv() {
         if let Some(g) = &guardian {
             if guardian_exited(g.pid) {
-                tracing::error!(pid = g.pid, "agent namespace guardian died; starting a new namespace");
+                tracing::error!(
+                    pid = g.pid,
+                    "agent namespace guardian died; starting a new namespace"
+                );
                 guardian = start_guardian().ok();
             }
         }
@@ -168,7 +171,11 @@ fn spawn_one(req: &SpawnRequest, in_ns: bool) -> io::Result<tokio::process::Chil
         .stderr(Stdio::piped())
         .kill_on_drop(false);
     // In a PID namespace the parent lives outside it, so getppid() reads 0.
-    let expected_ppid: libc::pid_t = if in_ns { 0 } else { std::process::id() as libc::pid_t };
+    let expected_ppid: libc::pid_t = if in_ns {
+        0
+    } else {
+        std::process::id() as libc::pid_t
+    };
     unsafe {
         cmd.pre_exec(move || {
             // Only async-signal-safe calls here: we are between fork and exec.

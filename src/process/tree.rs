@@ -57,11 +57,7 @@ pub fn collect(root: Option<u32>, prefix: &str) -> Vec<Member> {
             out.push(Member::from(&p));
         }
     }
-    let zombie = |m: &Member| {
-        procs
-            .iter()
-            .any(|p| p.pid == m.pid && p.state == 'Z')
-    };
+    let zombie = |m: &Member| procs.iter().any(|p| p.pid == m.pid && p.state == 'Z');
     out.retain(|m| !zombie(m));
     out
 }
@@ -142,11 +138,10 @@ impl Sweeper {
                 }
                 let queries: Vec<(Option<u32>, String)> =
                     batch.iter().map(|r| (r.root, r.prefix.clone())).collect();
-                let answers = tokio::task::spawn_blocking(move || {
-                    collect_many(&queries, min_start_time)
-                })
-                .await
-                .unwrap_or_default();
+                let answers =
+                    tokio::task::spawn_blocking(move || collect_many(&queries, min_start_time))
+                        .await
+                        .unwrap_or_default();
                 for (req, ans) in batch.into_iter().zip(answers) {
                     let _ = req.reply.send(ans);
                 }

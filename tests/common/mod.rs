@@ -15,7 +15,11 @@ pub const STUB: &str = env!("CARGO_BIN_EXE_fleet-stub-agent");
 
 /// Waits until `f` returns `Some`, polling every 20 ms, for at most `timeout`. On timeout it
 /// panics with `what` and the last value `seen` recorded.
-pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut(&mut String) -> Option<T>) -> T {
+pub fn wait_until<T>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut(&mut String) -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     let mut seen = String::new();
     loop {
@@ -27,6 +31,16 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut(&mut Strin
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A port range of its own for each node a test binary starts: tests run in parallel, and two
+/// nodes with one range would lease the same ports.
+pub fn next_port_range() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let i = NEXT.fetch_add(1, Ordering::Relaxed);
+    let first = 21000 + (i % 30) * 1000;
+    format!("{first}-{}", first + 999)
 }
 
 pub struct Daemon {
@@ -41,11 +55,19 @@ impl Daemon {
     }
 
     pub fn start_with(args: &[&str]) -> Daemon {
-        let dir = tempfile::Builder::new().prefix("fleetd-test").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("fleetd-test")
+            .tempdir()
+            .expect("tempdir");
+        let mut extra_args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if !extra_args.iter().any(|a| a == "--port-range") {
+            extra_args.push("--port-range".into());
+            extra_args.push(next_port_range());
+        }
         let mut d = Daemon {
             dir,
             child: None,
-            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            extra_args,
         };
         d.launch();
         d
@@ -79,11 +101,21 @@ impl Daemon {
             .expect("spawn fleetd");
         self.child = Some(child);
         let sock = self.socket();
-        wait_until(Duration::from_secs(20), "fleetd to answer on its socket", |seen| {
-            let out = Command::new(FLEETCTL).arg("--socket").arg(&sock).arg("fleet").arg("list").output().ok()?;
-            *seen = String::from_utf8_lossy(&out.stderr).to_string();
-            out.status.success().then_some(())
-        });
+        wait_until(
+            Duration::from_secs(20),
+            "fleetd to answer on its socket",
+            |seen| {
+                let out = Command::new(FLEETCTL)
+                    .arg("--socket")
+                    .arg(&sock)
+                    .arg("fleet")
+                    .arg("list")
+                    .output()
+                    .ok()?;
+                *seen = String::from_utf8_lossy(&out.stderr).to_string();
+                out.status.success().then_some(())
+            },
+        );
     }
 
     pub fn pid(&self) -> u32 {
@@ -135,9 +167,17 @@ impl Daemon {
     /// Waits until every listed agent is `running` (healthy); returns their rows.
     pub fn wait_running(&self, fleet: &str, n: usize, timeout: Duration) -> Vec<Value> {
         wait_until(timeout, &format!("{n} agents of {fleet} running"), |seen| {
-            let rows: Vec<Value> = self.status().into_iter().filter(|r| r["fleet"] == fleet).collect();
+            let rows: Vec<Value> = self
+                .status()
+                .into_iter()
+                .filter(|r| r["fleet"] == fleet)
+                .collect();
             *seen = serde_json::to_string(&rows).unwrap();
-            (rows.len() == n && rows.iter().all(|r| r["state"] == "running" && r["healthy"] == true)).then_some(rows)
+            (rows.len() == n
+                && rows
+                    .iter()
+                    .all(|r| r["state"] == "running" && r["healthy"] == true))
+            .then_some(rows)
         })
     }
 
@@ -145,7 +185,17 @@ impl Daemon {
     pub fn create_stub_fleet(&self, name: &str, n: u32, stub_args: &str, extra: &[&str]) {
         let cmd = format!("{STUB} {stub_args}");
         let n = n.to_string();
-        let mut words = vec!["fleet", "create", name, "--agents", &n, "--command", &cmd, "--stride", "1"];
+        let mut words = vec![
+            "fleet",
+            "create",
+            name,
+            "--agents",
+            &n,
+            "--command",
+            &cmd,
+            "--stride",
+            "1",
+        ];
         words.extend_from_slice(extra);
         self.ctl(&words);
     }
@@ -162,7 +212,11 @@ impl Daemon {
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        wait_until(Duration::from_secs(60), "fleetd to exit after SIGTERM", |_| c.try_wait().ok().flatten())
+        wait_until(
+            Duration::from_secs(60),
+            "fleetd to exit after SIGTERM",
+            |_| c.try_wait().ok().flatten(),
+        )
     }
 
     pub fn node_id(&self) -> String {
@@ -192,9 +246,17 @@ pub fn marked_pids(prefix: &str) -> Vec<u32> {
     let needle = format!("FLEET_COMMANDER_AGENT={prefix}");
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-        if env.split(|b| *b == 0).any(|kv| kv.starts_with(needle.as_bytes())) && alive(pid) {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env
+            .split(|b| *b == 0)
+            .any(|kv| kv.starts_with(needle.as_bytes()))
+            && alive(pid)
+        {
             out.push(pid);
         }
     }
@@ -204,7 +266,10 @@ pub fn marked_pids(prefix: &str) -> Vec<u32> {
 /// Exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s.rfind(')').and_then(|i| s[i + 2..].chars().next()).is_some_and(|c| c != 'Z' && c != 'X'),
+        Ok(s) => s
+            .rfind(')')
+            .and_then(|i| s[i + 2..].chars().next())
+            .is_some_and(|c| c != 'Z' && c != 'X'),
         Err(_) => false,
     }
 }
@@ -213,10 +278,18 @@ pub fn alive(pid: u32) -> bool {
 pub fn descendants(root: u32) -> Vec<u32> {
     let mut table = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         let Some(i) = s.rfind(')') else { continue };
-        let ppid: u32 = s[i + 2..].split(' ').nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+        let ppid: u32 = s[i + 2..]
+            .split(' ')
+            .nth(1)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0);
         table.push((pid, ppid));
     }
     let mut out = Vec::new();
@@ -235,9 +308,17 @@ pub fn descendants(root: u32) -> Vec<u32> {
 
 pub fn http_get(port: u16, path: &str) -> Option<u16> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500)).ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(
+        &([127, 0, 0, 1], port).into(),
+        Duration::from_millis(500),
+    )
+    .ok()?;
     s.set_read_timeout(Some(Duration::from_millis(1000))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf);
     buf.split(' ').nth(1)?.parse().ok()
