@@ -59,6 +59,9 @@ pub struct AgentView {
     pub row: AgentStatus,
     /// When the current process started (uptime is derived when read).
     pub started: Option<std::time::Instant>,
+    /// Which actor instance wrote it: a re-spawned actor's entry is never removed by the
+    /// drop of its predecessor.
+    pub owner: u64,
 }
 
 impl AgentView {
@@ -81,7 +84,21 @@ pub struct NodeContext {
     pub gate: Arc<Semaphore>,
     /// Shared compile cache for every OpenClaw agent (one 48 MB copy instead of one per TMPDIR).
     pub compile_cache: PathBuf,
+    /// What each agent last observed of its own process and port, written only by that agent;
+    /// the NodeActor copies it into the registry (debounced) so a restarted daemon can find
+    /// what a crashed one left running.
+    pub observed: DashMap<AgentKey, Observed>,
+    pub observed_changed: tokio::sync::Notify,
+    /// The PortAllocator, for agents that must move off a port taken by another process.
+    pub ports: std::sync::OnceLock<ractor::ActorRef<crate::messages::ports::PortsMsg>>,
     incarnations: AtomicU64,
+}
+
+/// An agent's running process and port, as last observed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    pub process: Option<crate::registry::ProcessRecord>,
+    pub port: u16,
 }
 
 impl NodeContext {
@@ -99,6 +116,9 @@ impl NodeContext {
             fleet_states: DashMap::new(),
             gate,
             compile_cache,
+            observed: DashMap::new(),
+            observed_changed: tokio::sync::Notify::new(),
+            ports: std::sync::OnceLock::new(),
             incarnations: AtomicU64::new(1),
         }
     }

@@ -3,7 +3,7 @@
 //! small tasks for the work: provisioning and spawning, owning the process, probing. Every
 //! task's report carries the incarnation it belongs to; stale ones are dropped.
 
-use crate::context::{AgentView, NodeContext};
+use crate::context::{AgentView, NodeContext, Observed};
 use crate::error::FleetError;
 use crate::health::{self, ProbeReport};
 use crate::logs::writer::LogWriter;
@@ -49,6 +49,8 @@ enum Purpose {
 }
 
 pub struct AgentRuntime {
+    /// Unique per actor instance (see `AgentView::owner`).
+    instance: u64,
     fleet: String,
     agent: String,
     spec: Arc<FleetSpec>,
@@ -65,6 +67,9 @@ pub struct AgentRuntime {
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     stopping: Option<Purpose>,
     stop_waiters: Vec<ractor::RpcReplyPort<()>>,
+    /// Incarnations whose main process exited but whose leftovers (helpers) are still being
+    /// swept: a stop is not finished until they are gone.
+    sweeping: Vec<u64>,
     history: History,
     restarts: u32,
     last_exit: Option<ExitInfo>,
@@ -81,6 +86,11 @@ impl Drop for AgentRuntime {
         if let Some(p) = self.prober.take() {
             p.abort();
         }
+        // Runs on every exit path (ractor kills children without post_stop), so the views
+        // never keep a row for an agent that no longer exists.
+        let key = (self.fleet.clone(), self.agent.clone());
+        let me = self.instance;
+        self.ctx.status.remove_if(&key, |_, v| v.owner == me);
     }
 }
 
@@ -96,6 +106,7 @@ impl Actor for AgentActor {
     ) -> Result<AgentRuntime, ActorProcessingErr> {
         let paths = AgentPaths::new(&a.ctx.config.state_dir, &a.fleet, &a.agent);
         let mut rt = AgentRuntime {
+            instance: a.ctx.next_incarnation(),
             fleet: a.fleet,
             agent: a.agent,
             spec: a.spec,
@@ -112,6 +123,7 @@ impl Actor for AgentActor {
             permit: None,
             stopping: None,
             stop_waiters: Vec::new(),
+            sweeping: Vec::new(),
             history: History::default(),
             restarts: 0,
             last_exit: None,
@@ -235,6 +247,18 @@ impl AgentRuntime {
         }
     }
 
+    /// Records the running process (or none) for the registry.
+    fn observe(&self, process: Option<crate::registry::ProcessRecord>) {
+        self.ctx.observed.insert(
+            (self.fleet.clone(), self.agent.clone()),
+            Observed {
+                process,
+                port: self.port,
+            },
+        );
+        self.ctx.observed_changed.notify_one();
+    }
+
     fn publish_view(&self) {
         let row = AgentStatus {
             fleet: self.fleet.clone(),
@@ -254,7 +278,11 @@ impl AgentRuntime {
         let started = self.process.as_ref().and(self.started_at);
         self.ctx.status.insert(
             (self.fleet.clone(), self.agent.clone()),
-            AgentView { row, started },
+            AgentView {
+                row,
+                started,
+                owner: self.instance,
+            },
         );
     }
 
@@ -265,6 +293,8 @@ impl AgentRuntime {
         let gen = self.gen;
         self.set_state(AgentState::Provisioning, None, None);
         let job = StartJob {
+            fleet: self.fleet.clone(),
+            agent: self.agent.clone(),
             ctx: self.ctx.clone(),
             spec: self.spec.clone(),
             paths: self.paths.clone(),
@@ -325,6 +355,15 @@ impl AgentRuntime {
                         let _ = me.send_message(AgentMsg::Owner { gen, event });
                     },
                 );
+                if sp.port != self.port {
+                    tracing::warn!(fleet = %self.fleet, agent = %self.agent, old = self.port, new = sp.port, "port block taken by another process; agent moved");
+                    self.port = sp.port;
+                }
+                self.observe(Some(crate::registry::ProcessRecord {
+                    pid: handle.pid,
+                    pgid: handle.pid,
+                    start_time: handle.start_time,
+                }));
                 self.process = Some(handle);
                 self.permit = sp.permit;
                 self.started_at = Some(Instant::now());
@@ -375,6 +414,12 @@ impl AgentRuntime {
     }
 
     fn on_owner(&mut self, myself: &ActorRef<AgentMsg>, gen: u64, event: OwnerEvent) {
+        if let OwnerEvent::TreeGone { .. } = event {
+            // Whatever the incarnation: its last processes are gone.
+            self.sweeping.retain(|g| *g != gen);
+            self.reply_stop_waiters();
+            return;
+        }
         if gen != self.gen {
             return;
         }
@@ -392,6 +437,8 @@ impl AgentRuntime {
             OwnerEvent::Exited { exit, .. } => {
                 let healthy_for = self.healthy_since.map(|t| t.elapsed());
                 self.process = None;
+                self.sweeping.push(gen);
+                self.observe(None);
                 if let Some(p) = self.prober.take() {
                     p.abort();
                 }
@@ -509,7 +556,12 @@ impl AgentRuntime {
         self.reply_stop_waiters();
     }
 
+    /// Answers pending stops once no process of this agent is left: none running, none of
+    /// an earlier incarnation still being swept.
     fn reply_stop_waiters(&mut self) {
+        if self.process.is_some() || !self.sweeping.is_empty() {
+            return;
+        }
         for w in self.stop_waiters.drain(..) {
             let _ = w.send(());
         }
@@ -531,6 +583,8 @@ fn kill_orphan_child(mut child: tokio::process::Child) {
 
 /// Everything between "start" and a running child, off the actor.
 struct StartJob {
+    fleet: String,
+    agent: String,
     ctx: Arc<NodeContext>,
     spec: Arc<FleetSpec>,
     paths: AgentPaths,
@@ -540,8 +594,9 @@ struct StartJob {
 }
 
 impl StartJob {
-    async fn run(self) -> Result<Spawned, SpawnFailure> {
+    async fn run(mut self) -> Result<Spawned, SpawnFailure> {
         let fail = |reason: String| SpawnFailure { reason };
+        self.port = self.free_port().await.map_err(|e| fail(e.to_string()))?;
         let (program, args, node_bin_dir) = match &self.spec.command {
             Some(cmd) => (cmd[0].clone().into(), cmd[1..].to_vec(), None),
             None => {
@@ -625,6 +680,42 @@ impl StartJob {
             .spawn(req)
             .await
             .map_err(|e| fail(format!("cannot run {}: {e}", program.display())))?;
-        Ok(Spawned { child, permit })
+        Ok(Spawned {
+            child,
+            port: self.port,
+            permit,
+        })
+    }
+
+    /// The agent's base port, or a new block when another process now holds it (checked at
+    /// lease time and again before every start).
+    async fn free_port(&self) -> Result<u16, FleetError> {
+        if crate::ports::port_is_bindable(self.port) {
+            return Ok(self.port);
+        }
+        let Some(ports) = self.ctx.ports.get() else {
+            return Ok(self.port);
+        };
+        tracing::warn!(fleet = %self.fleet, agent = %self.agent, port = self.port, "base port is bound by another process; leasing a new block");
+        let (fleet, agent, stride) = (
+            self.fleet.clone(),
+            self.agent.clone(),
+            self.spec.effective_stride(),
+        );
+        match ports
+            .call(
+                |r| crate::messages::ports::PortsMsg::Reallocate {
+                    fleet,
+                    agent,
+                    stride,
+                    reply: r,
+                },
+                Some(Duration::from_secs(10)),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(r)) => r.map(|l| l.base),
+            _ => Err(FleetError::internal("port allocator did not answer")),
+        }
     }
 }

@@ -45,6 +45,8 @@ pub struct NodeRuntime {
 }
 
 const CALL: Duration = Duration::from_secs(10);
+/// How long observed pids/ports changes are gathered before one registry write.
+const OBSERVED_BATCH: Duration = Duration::from_millis(200);
 
 impl Actor for NodeActor {
     type Msg = NodeMsg;
@@ -65,6 +67,18 @@ impl Actor for NodeActor {
         .await?;
         let (logs, _) =
             Actor::spawn_linked(None, LogRotator, a.ctx.clone(), myself.get_cell()).await?;
+        let _ = a.ctx.ports.set(ports.clone());
+        // Pids and ports change at every restart: batch their registry writes.
+        let (ctx, me) = (a.ctx.clone(), myself.clone());
+        tokio::spawn(async move {
+            loop {
+                ctx.observed_changed.notified().await;
+                tokio::time::sleep(OBSERVED_BATCH).await;
+                if me.send_message(NodeMsg::FlushObserved).is_err() {
+                    return;
+                }
+            }
+        });
         let mut rt = NodeRuntime {
             ctx: a.ctx,
             store: a.store,
@@ -106,6 +120,11 @@ impl Actor for NodeActor {
                 let r = rt.apply_spec(&myself, specs).await;
                 let _ = reply.send(r);
             }
+            NodeMsg::FlushObserved => {
+                if let Err(e) = rt.flush_observed() {
+                    tracing::error!(error = %e, "could not save observed pids and ports");
+                }
+            }
             NodeMsg::Shutdown(reply) => {
                 let fleets: Vec<ActorRef<FleetMsg>> = rt.fleets.values().rev().cloned().collect();
                 tokio::spawn(async move {
@@ -121,6 +140,17 @@ impl Actor for NodeActor {
                     let _ = reply.send(());
                 });
             }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<NodeMsg>,
+        rt: &mut NodeRuntime,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Err(e) = rt.flush_observed() {
+            tracing::error!(error = %e, "could not save observed pids and ports at stop");
         }
         Ok(())
     }
@@ -398,6 +428,32 @@ impl NodeRuntime {
         self.store.save(&self.data)
     }
 
+    /// Copies each agent's observed process and port into the registry; saves if anything
+    /// changed.
+    fn flush_observed(&mut self) -> Result<(), FleetError> {
+        let mut changed = false;
+        for e in self.ctx.observed.iter() {
+            let (fleet, agent) = e.key();
+            let Some(rec) = self
+                .data
+                .fleets
+                .get_mut(fleet)
+                .and_then(|f| f.agents.get_mut(agent))
+            else {
+                continue;
+            };
+            if rec.process != e.process || rec.port_base != Some(e.port) {
+                rec.process = e.process.clone();
+                rec.port_base = Some(e.port);
+                changed = true;
+            }
+        }
+        if changed {
+            self.save()?;
+        }
+        Ok(())
+    }
+
     fn set_fleet_desired(&mut self, fleet: &str, d: Desired) -> Result<(), FleetError> {
         if let Some(f) = self.data.fleets.get_mut(fleet) {
             f.desired = d;
@@ -651,6 +707,7 @@ impl NodeRuntime {
         self.fleets.remove(&fleet);
         for a in rec.agents.keys() {
             self.release(&fleet, a);
+            self.ctx.observed.remove(&(fleet.clone(), a.clone()));
         }
         let _ = self.logs.send_message(LogsMsg::ForgetFleet {
             fleet: fleet.clone(),
@@ -843,6 +900,7 @@ impl NodeRuntime {
             return answer(reply, Err(e));
         }
         self.tell_rotator(&fleet);
+        self.ctx.observed.remove(&(fleet.clone(), agent.clone()));
         let ports = self.ports.clone();
         let state_dir = self.ctx.config.state_dir.clone();
         tokio::spawn(async move {

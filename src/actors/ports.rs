@@ -57,6 +57,23 @@ impl Actor for PortAllocator {
             } => {
                 let _ = reply.send(rt.leases.insert(&fleet, &agent, lease));
             }
+            PortsMsg::Reallocate {
+                fleet,
+                agent,
+                stride,
+                reply,
+            } => {
+                let busy = listening_ports();
+                let old = rt.leases.release(&fleet, &agent);
+                let taken = |p: u16| busy.contains(&p) || old.is_some_and(|l| l.contains(p));
+                let r = rt.leases.allocate(&fleet, &agent, stride, rt.range, &taken);
+                if r.is_err() {
+                    if let Some(l) = old {
+                        let _ = rt.leases.insert(&fleet, &agent, l);
+                    }
+                }
+                let _ = reply.send(r);
+            }
             PortsMsg::Release { fleet, agent } => {
                 rt.leases.release(&fleet, &agent);
             }

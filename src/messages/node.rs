@@ -15,4 +15,6 @@ pub enum NodeMsg {
     ApplySpec(Vec<FleetSpec>, RpcReplyPort<Result<String, FleetError>>),
     /// Stop every fleet (reverse creation order), then reply.
     Shutdown(RpcReplyPort<()>),
+    /// Copy what agents observed (pids, start times, ports) into the registry and save it.
+    FlushObserved,
 }

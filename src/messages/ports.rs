@@ -23,6 +23,13 @@ pub enum PortsMsg {
         fleet: String,
         agent: String,
     },
+    /// The agent's block is taken by another process: lease it a new one (the old is freed).
+    Reallocate {
+        fleet: String,
+        agent: String,
+        stride: u16,
+        reply: RpcReplyPort<Result<Lease, FleetError>>,
+    },
     List {
         reply: RpcReplyPort<Vec<(String, String, Lease)>>,
     },
