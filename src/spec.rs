@@ -166,6 +166,10 @@ impl Default for LogSpec {
 pub const OPENCLAW_STRIDE: u16 = 128;
 /// OpenClaw derives ports up to base+110, so a smaller block overlaps a neighbour's CDP range.
 pub const OPENCLAW_MIN_STRIDE: u16 = 111;
+/// The lean profile loads no browser plugin: the gateway listens on its base port only
+/// (measured, docs/openclaw-facts.md). A few spare ports keep room for what a later version
+/// adds next to the base.
+pub const LEAN_STRIDE: u16 = 4;
 
 /// One fleet as the operator described it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -208,6 +212,10 @@ pub struct FleetSpec {
     pub max_memory: Option<u64>,
     #[serde(default)]
     pub logs: LogSpec,
+    /// Queue this fleet's starts behind the node's start gate (default: only OpenClaw fleets,
+    /// whose cold start costs ~16 CPU-seconds; a small program starts faster than it queues).
+    #[serde(default)]
+    pub start_gate: Option<bool>,
 }
 
 fn default_stop_timeout() -> u64 {
@@ -234,6 +242,7 @@ impl FleetSpec {
             profile: Profile::default(),
             max_memory: None,
             logs: LogSpec::default(),
+            start_gate: None,
         }
     }
 
@@ -247,11 +256,17 @@ impl FleetSpec {
     }
 
     pub fn effective_stride(&self) -> u16 {
-        self.stride.unwrap_or(if self.runs_openclaw() {
-            OPENCLAW_STRIDE
-        } else {
-            1
-        })
+        self.stride
+            .unwrap_or(match (self.runs_openclaw(), self.profile) {
+                (true, Profile::Default) => OPENCLAW_STRIDE,
+                (true, Profile::Lean) => LEAN_STRIDE,
+                (false, _) => 1,
+            })
+    }
+
+    /// Whether this fleet's starts queue behind the node's start gate.
+    pub fn gated(&self) -> bool {
+        self.start_gate.unwrap_or(self.runs_openclaw())
     }
 
     pub fn stop_timeout(&self) -> Duration {
@@ -285,10 +300,16 @@ impl FleetSpec {
         }
         match self.stride {
             Some(0) => bad("stride", "must be at least 1".into()),
-            Some(s) if self.runs_openclaw() && s < OPENCLAW_MIN_STRIDE => bad(
-                "stride",
-                format!("{s} is too small for OpenClaw, which uses base..base+110: use at least {OPENCLAW_MIN_STRIDE}"),
-            ),
+            Some(s)
+                if self.runs_openclaw()
+                    && self.profile == Profile::Default
+                    && s < OPENCLAW_MIN_STRIDE =>
+            {
+                bad(
+                    "stride",
+                    format!("{s} is too small for OpenClaw with its browser control on (profile default uses base..base+110): use at least {OPENCLAW_MIN_STRIDE}, or profile lean"),
+                )
+            }
             _ => {}
         }
         let b = &self.backoff;
@@ -392,6 +413,17 @@ mod tests {
             fields,
             ["name", "agents[1]", "agents[2]", "stride", "backoff.jitter"]
         );
+    }
+
+    #[test]
+    fn lean_openclaw_needs_only_a_small_block() {
+        let mut s = FleetSpec::new("f");
+        s.profile = Profile::Lean;
+        assert_eq!(s.effective_stride(), LEAN_STRIDE);
+        s.stride = Some(2);
+        assert!(s.validate().is_empty());
+        s.profile = Profile::Default;
+        assert_eq!(s.validate()[0].field, "stride");
     }
 
     #[test]

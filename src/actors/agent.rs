@@ -656,7 +656,7 @@ impl StartJob {
             .map_err(|e| fail(format!("provisioning task failed: {e}")))?
             .map_err(|e| fail(e.to_string()))?;
         // Only OpenClaw starts are expensive enough to queue behind the gate.
-        let permit = if self.spec.runs_openclaw() {
+        let permit = if self.spec.gated() {
             Some(
                 self.ctx
                     .gate

@@ -25,7 +25,7 @@ const PAGE: usize = 4096;
 /// Leaks happen in ten steps per second so the growth looks continuous to a sampler.
 const LEAK_TICK: Duration = Duration::from_millis(100);
 
-const USAGE: &str = "usage: fleet-stub-agent [--no-config] [--bind-retry-ms N] [--ready-delay-ms N]
+const USAGE: &str = "usage: fleet-stub-agent [--no-config] [--bind-retry-ms N] [--bind-delay-ms N] [--ready-delay-ms N]
   [--no-helper] [--helper-orphan] [--term-delay-ms N] [--ignore-sigterm]
   [--crash-after-ms N] [--exit-code N] [--abort-after-ms N] [--leak-mb-per-s N] [--spike-mb N]
   [--hang-healthz] [--hang-healthz-after-ms N] [--flood-bytes N] [--flood-stderr]
@@ -38,6 +38,8 @@ OPENCLAW_GATEWAY_PORT overrides gateway.port. Serves GET /healthz, /readyz, /who
 struct Opts {
     no_config: bool,
     bind_retry_ms: u64,
+    /// Wait this long before binding, like a gateway's cold start.
+    bind_delay_ms: u64,
     ready_delay_ms: u64,
     no_helper: bool,
     helper_orphan: bool,
@@ -62,6 +64,7 @@ impl Default for Opts {
         Opts {
             no_config: false,
             bind_retry_ms: 200,
+            bind_delay_ms: 0,
             ready_delay_ms: 0,
             no_helper: false,
             helper_orphan: false,
@@ -100,6 +103,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         let takes_value = matches!(
             flag,
             "--bind-retry-ms"
+                | "--bind-delay-ms"
                 | "--ready-delay-ms"
                 | "--term-delay-ms"
                 | "--crash-after-ms"
@@ -128,6 +132,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
             "--flood-stderr" => o.flood_stderr = true,
             "--help" | "-h" => o.help = true,
             "--bind-retry-ms" => o.bind_retry_ms = num(flag, val)?,
+            "--bind-delay-ms" => o.bind_delay_ms = num(flag, val)?,
             "--ready-delay-ms" => o.ready_delay_ms = num(flag, val)?,
             "--term-delay-ms" => o.term_delay_ms = num(flag, val)?,
             "--crash-after-ms" => o.crash_after_ms = Some(num(flag, val)?),
@@ -908,6 +913,9 @@ fn main() {
     let port = resolve_port(env_port.as_deref(), config.port)
         .unwrap_or_else(|e| die(EX_CONFIG, &format!("stub-agent: {e}")));
 
+    if opts.bind_delay_ms > 0 {
+        std::thread::sleep(Duration::from_millis(opts.bind_delay_ms));
+    }
     let listener = bind(port, Duration::from_millis(opts.bind_retry_ms));
     if listener.set_nonblocking(true).is_err() {
         die(1, "stub-agent: cannot make the listener non-blocking");
