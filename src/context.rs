@@ -32,6 +32,12 @@ pub struct NodeConfig {
     pub event_capacity: usize,
     /// The declarative spec file (`reload` re-reads it).
     pub spec_path: Option<PathBuf>,
+    /// How often each agent's whole process tree is measured.
+    pub sample_interval: std::time::Duration,
+    /// Starts are refused when MemAvailable would fall below this many bytes.
+    pub memory_reserve: u64,
+    /// Where MemAvailable is read (tests point it at a file of their own).
+    pub meminfo_path: PathBuf,
 }
 
 impl NodeConfig {
@@ -47,6 +53,9 @@ impl NodeConfig {
             log_interval: std::time::Duration::from_secs(60),
             event_capacity: 4096,
             spec_path: None,
+            sample_interval: std::time::Duration::from_secs(5),
+            memory_reserve: 512 * 1024 * 1024,
+            meminfo_path: PathBuf::from("/proc/meminfo"),
         }
     }
 }
@@ -91,7 +100,22 @@ pub struct NodeContext {
     pub observed_changed: tokio::sync::Notify,
     /// The PortAllocator, for agents that must move off a port taken by another process.
     pub ports: std::sync::OnceLock<ractor::ActorRef<crate::messages::ports::PortsMsg>>,
+    /// Each agent's last memory sample, written only by the sampler.
+    pub memory: DashMap<AgentKey, MemSample>,
+    /// Each fleet's current spec, written only by its FleetSupervisor (read by the sampler,
+    /// admission and capacity).
+    pub fleet_specs: DashMap<String, Arc<crate::spec::FleetSpec>>,
+    /// Starts waiting at the start gate.
+    pub gate_waiting: std::sync::atomic::AtomicI64,
+    pub metrics: crate::metrics::Metrics,
     incarnations: AtomicU64,
+}
+
+/// One measurement of an agent's whole process tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemSample {
+    pub rss: u64,
+    pub processes: u32,
 }
 
 /// An agent's running process and port, as last observed.
@@ -119,6 +143,10 @@ impl NodeContext {
             observed: DashMap::new(),
             observed_changed: tokio::sync::Notify::new(),
             ports: std::sync::OnceLock::new(),
+            memory: DashMap::new(),
+            fleet_specs: DashMap::new(),
+            gate_waiting: std::sync::atomic::AtomicI64::new(0),
+            metrics: crate::metrics::Metrics::default(),
             incarnations: AtomicU64::new(1),
         }
     }
@@ -129,7 +157,26 @@ impl NodeContext {
     }
 
     pub fn publish(&self, ev: Event) {
+        self.metrics.observe_event(&ev);
         let _ = self.events.send(ev);
+    }
+
+    /// The status row of one agent view, with its latest memory sample.
+    pub fn status_row(&self, key: &AgentKey, view: &AgentView) -> AgentStatus {
+        let mut row = view.snapshot();
+        if row.pid.is_some() {
+            row.rss_bytes = self.memory.get(key).map(|m| m.rss);
+        }
+        row
+    }
+
+    /// Mean observed tree RSS of a fleet's running agents.
+    pub fn observed_rss(&self, fleet: &str) -> Vec<u64> {
+        self.memory
+            .iter()
+            .filter(|e| e.key().0 == fleet && e.rss > 0)
+            .map(|e| e.rss)
+            .collect()
     }
 }
 

@@ -66,6 +66,7 @@ pub fn next_delay(current: Duration, ever_healthy: bool, spec: &HealthSpec) -> D
 pub fn spawn_prober(
     port: u16,
     spec: HealthSpec,
+    latency_histogram: Option<prometheus_client::metrics::histogram::Histogram>,
     report: impl Fn(ProbeReport) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -80,6 +81,9 @@ pub fn spawn_prober(
             let t0 = std::time::Instant::now();
             let live = http_status(port, "/healthz", timeout).await;
             let latency = t0.elapsed();
+            if let Some(h) = &latency_histogram {
+                h.observe(latency.as_secs_f64());
+            }
             let (healthy, error) = match live {
                 Ok(200) => (true, None),
                 Ok(code) => (false, Some(format!("/healthz answered {code}"))),

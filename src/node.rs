@@ -81,6 +81,10 @@ impl Node {
         let spawner = Spawner::start(tokio::runtime::Handle::current(), config.pid_namespace)
             .map_err(|e| FleetError::internal(format!("cannot start the spawner thread: {e}")))?;
         tracing::info!(isolation = spawner.isolation().as_str(), "agent isolation");
+        match procfs::cgroup_v2_delegated() {
+            Some(dir) => tracing::info!(cgroup = %dir.display(), "cgroup v2 is delegated to this daemon"),
+            None => tracing::info!("cgroup v2 is not delegated to this daemon (cgroup v1, or no delegation): per-agent memory.max/pids.max/cpu.max are off; memory limits use /proc sampling"),
+        }
         let own_start = procfs::read_proc(std::process::id())
             .map(|p| p.start_time)
             .unwrap_or(0);
@@ -293,7 +297,12 @@ impl NodeHandle {
     }
 
     fn status_all(&self) -> Vec<AgentStatus> {
-        let mut rows: Vec<AgentStatus> = self.ctx.status.iter().map(|v| v.snapshot()).collect();
+        let mut rows: Vec<AgentStatus> = self
+            .ctx
+            .status
+            .iter()
+            .map(|v| self.ctx.status_row(v.key(), &v))
+            .collect();
         rows.sort_by(|a, b| (&a.fleet, &a.agent).cmp(&(&b.fleet, &b.agent)));
         rows
     }
@@ -351,6 +360,23 @@ impl NodeHandle {
     /// channel capacity loses the oldest events (`RecvError::Lagged`).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.ctx.events.subscribe()
+    }
+
+    /// Prometheus text of the node's metrics now.
+    pub fn metrics_text(&self) -> String {
+        crate::metrics::render(&self.ctx)
+    }
+
+    /// Serves `GET /metrics` on `addr` (a loopback address unless you mean otherwise);
+    /// returns the bound address.
+    pub async fn serve_metrics(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> std::io::Result<std::net::SocketAddr> {
+        let l = tokio::net::TcpListener::bind(addr).await?;
+        let bound = l.local_addr()?;
+        tokio::spawn(crate::metrics::serve(l, self.ctx.clone()));
+        Ok(bound)
     }
 
     /// How agents are kept from outliving the node on this host.

@@ -46,6 +46,8 @@ enum Purpose {
     Fail(String),
     /// Liveness failed: counts as a crash.
     Health,
+    /// Over max_memory: counts as a crash.
+    Memory,
 }
 
 pub struct AgentRuntime {
@@ -204,6 +206,12 @@ impl Actor for AgentActor {
                 let _ = reply.send(rt.token.clone());
             }
             AgentMsg::UpdateSpec(spec) => rt.spec = spec,
+            AgentMsg::MemoryLimit { reason } => {
+                if rt.process.is_some() && rt.stopping.is_none() {
+                    rt.reason = Some(reason);
+                    rt.stop_process(Purpose::Memory);
+                }
+            }
             AgentMsg::Spawned { gen, result } => rt.on_spawned(&myself, gen, result),
             AgentMsg::Owner { gen, event } => rt.on_owner(&myself, gen, event),
             AgentMsg::Probe { gen, report } => rt.on_probe(gen, report),
@@ -374,6 +382,7 @@ impl AgentRuntime {
                 self.prober = Some(health::spawn_prober(
                     self.port,
                     self.spec.health.clone(),
+                    Some(self.ctx.metrics.probe_latency.clone()),
                     move |report| {
                         let _ = me.send_message(AgentMsg::Probe { gen, report });
                     },
@@ -452,6 +461,9 @@ impl AgentRuntime {
                     None => self.after_exit(myself, ExitCause::Exited(exit), healthy_for, exit),
                     Some(Purpose::Health) => {
                         self.after_exit(myself, ExitCause::HealthFailed, healthy_for, exit)
+                    }
+                    Some(Purpose::Memory) => {
+                        self.after_exit(myself, ExitCause::MemoryLimit, healthy_for, exit)
                     }
                     Some(Purpose::Stop) => {
                         self.set_state(AgentState::Stopped, Some(exit), None);
@@ -537,7 +549,10 @@ impl AgentRuntime {
             // An operator's stop or the fleet's failure overrides a restart in progress.
             let keep_current =
                 matches!(self.stopping, Some(Purpose::Stop) | Some(Purpose::Fail(_)))
-                    && matches!(purpose, Purpose::Restart | Purpose::Health);
+                    && matches!(
+                        purpose,
+                        Purpose::Restart | Purpose::Health | Purpose::Memory
+                    );
             if !keep_current {
                 self.stopping = Some(purpose);
             }
@@ -655,16 +670,14 @@ impl StartJob {
             .await
             .map_err(|e| fail(format!("provisioning task failed: {e}")))?
             .map_err(|e| fail(e.to_string()))?;
-        // Only OpenClaw starts are expensive enough to queue behind the gate.
+        self.admit().map_err(|e| fail(e.to_string()))?;
+        // Only expensive starts (OpenClaw by default) queue behind the gate.
         let permit = if self.spec.gated() {
-            Some(
-                self.ctx
-                    .gate
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| fail("start gate closed".into()))?,
-            )
+            use std::sync::atomic::Ordering;
+            self.ctx.gate_waiting.fetch_add(1, Ordering::Relaxed);
+            let p = self.ctx.gate.clone().acquire_owned().await;
+            self.ctx.gate_waiting.fetch_sub(1, Ordering::Relaxed);
+            Some(p.map_err(|_| fail("start gate closed".into()))?)
         } else {
             None
         };
@@ -685,6 +698,16 @@ impl StartJob {
             port: self.port,
             permit,
         })
+    }
+
+    /// Node admission: refuse a start that would take MemAvailable below the reserve.
+    fn admit(&self) -> Result<(), FleetError> {
+        let Some(avail) = crate::memory::mem_available(&self.ctx.config.meminfo_path) else {
+            return Ok(()); // no reading, no basis to refuse
+        };
+        let estimate = crate::memory::estimate(&self.spec, &self.ctx.observed_rss(&self.fleet));
+        crate::memory::admit(avail, self.ctx.config.memory_reserve, estimate)
+            .map_err(|reason| FleetError::NotAdmitted { reason })
     }
 
     /// The agent's base port, or a new block when another process now holds it (checked at

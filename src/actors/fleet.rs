@@ -58,6 +58,9 @@ impl Actor for FleetSupervisor {
         a.ctx
             .fleet_states
             .insert(a.spec.name.clone(), (FleetState::Running, None));
+        a.ctx
+            .fleet_specs
+            .insert(a.spec.name.clone(), a.spec.clone());
         Ok(FleetRuntime {
             spec: a.spec,
             ctx: a.ctx,
@@ -248,7 +251,13 @@ impl Actor for FleetSupervisor {
                 }
                 let _ = reply.send(());
             }
+            FleetMsg::MemoryLimit { agent, reason } => {
+                if let Some(e) = rt.agents.get(&agent) {
+                    let _ = e.actor.send_message(AgentMsg::MemoryLimit { reason });
+                }
+            }
             FleetMsg::UpdateSpec(spec) => {
+                rt.ctx.fleet_specs.insert(spec.name.clone(), spec.clone());
                 for e in rt.agents.values() {
                     let _ = e.actor.send_message(AgentMsg::UpdateSpec(spec.clone()));
                 }
@@ -347,6 +356,13 @@ impl Actor for FleetSupervisor {
             e.actor.stop(Some("fleet stopped".into()));
         }
         Ok(())
+    }
+}
+
+impl Drop for FleetRuntime {
+    fn drop(&mut self) {
+        // Runs on every exit path, Kill included (post_stop does not).
+        self.ctx.fleet_specs.remove(&self.spec.name);
     }
 }
 

@@ -61,13 +61,14 @@ impl Actor for NodeActor {
         let (ports, _) = Actor::spawn_linked(
             None,
             PortAllocator,
-            a.ctx.config.port_range,
+            (a.ctx.config.port_range, a.ctx.metrics.clone()),
             myself.get_cell(),
         )
         .await?;
         let (logs, _) =
             Actor::spawn_linked(None, LogRotator, a.ctx.clone(), myself.get_cell()).await?;
         let _ = a.ctx.ports.set(ports.clone());
+        tokio::spawn(sample_memory(a.ctx.clone(), myself.clone()));
         // Pids and ports change at every restart: batch their registry writes.
         let (ctx, me) = (a.ctx.clone(), myself.clone());
         tokio::spawn(async move {
@@ -119,6 +120,15 @@ impl Actor for NodeActor {
             NodeMsg::ApplySpec(specs, reply) => {
                 let r = rt.apply_spec(&myself, specs).await;
                 let _ = reply.send(r);
+            }
+            NodeMsg::MemoryLimit {
+                fleet,
+                agent,
+                reason,
+            } => {
+                if let Some(f) = rt.fleets.get(&fleet) {
+                    let _ = f.send_message(FleetMsg::MemoryLimit { agent, reason });
+                }
             }
             NodeMsg::FlushObserved => {
                 if let Err(e) = rt.flush_observed() {
@@ -361,10 +371,7 @@ impl NodeRuntime {
                 });
                 None
             }
-            Command::Capacity => answer(
-                reply,
-                Err(FleetError::invalid("capacity", "not implemented yet")),
-            ),
+            Command::Capacity => answer(reply, Ok(Reply::Capacity(self.capacity().await))),
             Command::Events => answer(
                 reply,
                 Err(FleetError::invalid(
@@ -1045,6 +1052,62 @@ impl NodeRuntime {
         Ok(format!("spec applied: {n} changes"))
     }
 
+    /// How many more agents of each fleet fit, by memory, ports, descriptors and pids.
+    async fn capacity(&self) -> Vec<crate::messages::command::CapacityRow> {
+        let host = crate::process::procfs::host_info();
+        let mem_available = crate::memory::mem_available(&self.ctx.config.meminfo_path)
+            .unwrap_or(host.mem_available);
+        let mut rows = Vec::new();
+        for (name, rec) in &self.data.fleets {
+            let stride = rec.spec.effective_stride();
+            let free_port_blocks = match self
+                .ports
+                .call(|r| PortsMsg::Free { stride, reply: r }, Some(CALL))
+                .await
+            {
+                Ok(CallResult::Success(n)) => n,
+                _ => 0,
+            };
+            let room = crate::memory::HostRoom {
+                mem_available,
+                reserve: self.ctx.config.memory_reserve,
+                free_port_blocks,
+                nofile_soft: host.nofile_soft,
+                fds_in_use: host.fds_in_use,
+                pid_max: host.pid_max,
+                pids_in_use: host.pids_in_use,
+            };
+            let per_agent = crate::memory::estimate(&rec.spec, &self.ctx.observed_rss(name));
+            let procs: Vec<u64> = self
+                .ctx
+                .memory
+                .iter()
+                .filter(|e| &e.key().0 == name)
+                .map(|e| e.processes as u64)
+                .collect();
+            let procs_per_agent = if procs.is_empty() {
+                if rec.spec.runs_openclaw() {
+                    4
+                } else {
+                    2
+                }
+            } else {
+                procs.iter().sum::<u64>().div_ceil(procs.len() as u64)
+            };
+            let (m, p, f, d, binding) = crate::memory::capacity(&room, per_agent, procs_per_agent);
+            rows.push(crate::messages::command::CapacityRow {
+                fleet: name.clone(),
+                by_memory: Some(m),
+                by_ports: p,
+                by_fds: Some(f),
+                by_pids: Some(d),
+                fits: m.min(p).min(f).min(d),
+                binding: binding.to_string(),
+            });
+        }
+        rows
+    }
+
     fn update_spec(&mut self, fleet: &str, mut spec: FleetSpec) -> Result<(), FleetError> {
         let f = self.fleet_ref(fleet)?;
         if let Some(rec) = self.data.fleets.get_mut(fleet) {
@@ -1075,8 +1138,9 @@ pub fn status_rows(
             if agent.is_some_and(|x| x != a) {
                 continue;
             }
-            if let Some(v) = ctx.status.get(&(fname.clone(), a.clone())) {
-                rows.push(v.snapshot());
+            let key = (fname.clone(), a.clone());
+            if let Some(v) = ctx.status.get(&key) {
+                rows.push(ctx.status_row(&key, &v));
             }
         }
     }
@@ -1116,4 +1180,62 @@ fn top_rows(rows: &[AgentStatus]) -> Vec<TopRow> {
             }
         })
         .collect()
+}
+
+/// Measures every agent's whole process tree (one /proc scan per round, off the actors) and
+/// reports agents that stay above their fleet's `max_memory` for two samples in a row.
+async fn sample_memory(ctx: Arc<NodeContext>, node: ActorRef<NodeMsg>) {
+    let mut streaks: std::collections::HashMap<(String, String), u32> = Default::default();
+    let mut tick = tokio::time::interval(ctx.config.sample_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let agents: Vec<((String, String), u32)> = ctx
+            .status
+            .iter()
+            .filter_map(|v| v.row.pid.map(|p| (v.key().clone(), p)))
+            .collect();
+        if agents.is_empty() {
+            ctx.memory.clear();
+            streaks.clear();
+            continue;
+        }
+        let samples = tokio::task::spawn_blocking(move || {
+            let procs = crate::process::procfs::scan();
+            agents
+                .into_iter()
+                .map(|(key, pid)| {
+                    let rss = crate::process::procfs::tree_rss_bytes(pid, &procs);
+                    let n = 1 + crate::process::procfs::descendants(pid, &procs).len() as u32;
+                    (key, rss, n)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        ctx.memory
+            .retain(|k, _| samples.iter().any(|(key, _, _)| key == k));
+        streaks.retain(|k, _| samples.iter().any(|(key, _, _)| key == k));
+        for (key, rss, processes) in samples {
+            ctx.memory
+                .insert(key.clone(), crate::context::MemSample { rss, processes });
+            let limit = ctx.fleet_specs.get(&key.0).and_then(|s| s.max_memory);
+            let streak = streaks.entry(key.clone()).or_default();
+            *streak = crate::memory::next_streak(*streak, rss, limit);
+            if *streak >= crate::memory::OVER_LIMIT_SAMPLES {
+                *streak = 0;
+                let reason = format!(
+                    "memory limit: {} MiB above max_memory {} MiB for {} samples",
+                    rss >> 20,
+                    limit.unwrap_or(0) >> 20,
+                    crate::memory::OVER_LIMIT_SAMPLES
+                );
+                let _ = node.send_message(NodeMsg::MemoryLimit {
+                    fleet: key.0,
+                    agent: key.1,
+                    reason,
+                });
+            }
+        }
+    }
 }

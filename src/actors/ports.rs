@@ -3,6 +3,7 @@
 //! processes reads /proc/net once per request. Leases persist through the registry.
 
 use crate::messages::ports::PortsMsg;
+use crate::metrics::Metrics;
 use crate::ports::{listening_ports, Leases, PortRange};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
@@ -11,22 +12,36 @@ pub struct PortAllocator;
 pub struct PortsRuntime {
     range: PortRange,
     leases: Leases,
+    metrics: Metrics,
+}
+
+impl PortsRuntime {
+    fn update_gauges(&self) {
+        let leased: i64 = self.leases.iter().map(|(_, _, l)| l.stride as i64).sum();
+        self.metrics.leases_used.set(self.leases.len() as i64);
+        self.metrics
+            .ports_free
+            .set(self.range.len() as i64 - leased);
+    }
 }
 
 impl Actor for PortAllocator {
     type Msg = PortsMsg;
     type State = PortsRuntime;
-    type Arguments = PortRange;
+    type Arguments = (PortRange, Metrics);
 
     async fn pre_start(
         &self,
         _myself: ActorRef<PortsMsg>,
-        range: PortRange,
+        (range, metrics): (PortRange, Metrics),
     ) -> Result<PortsRuntime, ActorProcessingErr> {
-        Ok(PortsRuntime {
+        let rt = PortsRuntime {
             range,
             leases: Leases::default(),
-        })
+            metrics,
+        };
+        rt.update_gauges();
+        Ok(rt)
     }
 
     async fn handle(
@@ -86,6 +101,7 @@ impl Actor for PortAllocator {
                 let _ = reply.send(v);
             }
             PortsMsg::Free { stride, reply } => {
+                // Read-only: answered below, no gauge change.
                 let used: u64 = rt
                     .leases
                     .iter()
@@ -95,6 +111,7 @@ impl Actor for PortAllocator {
                 let _ = reply.send(total.saturating_sub(used));
             }
         }
+        rt.update_gauges();
         Ok(())
     }
 }

@@ -27,7 +27,7 @@ const LEAK_TICK: Duration = Duration::from_millis(100);
 
 const USAGE: &str = "usage: fleet-stub-agent [--no-config] [--bind-retry-ms N] [--bind-delay-ms N] [--ready-delay-ms N]
   [--no-helper] [--helper-orphan] [--term-delay-ms N] [--ignore-sigterm]
-  [--crash-after-ms N] [--exit-code N] [--abort-after-ms N] [--leak-mb-per-s N] [--spike-mb N]
+  [--crash-after-ms N] [--exit-code N] [--abort-after-ms N] [--leak-mb-per-s N] [--spike-mb N] [--spike-ms N] [--spike-every-ms N]
   [--hang-healthz] [--hang-healthz-after-ms N] [--flood-bytes N] [--flood-stderr]
   [--line-bytes N] [--print-every-ms N]
 Reads $HOME/.openclaw/openclaw.json (gateway.port, gateway.auth.token, logging.file);
@@ -50,6 +50,10 @@ struct Opts {
     abort_after_ms: Option<u64>,
     leak_mb_per_s: u64,
     spike_mb: u64,
+    /// How long each spike holds its memory.
+    spike_ms: u64,
+    /// Repeat the spike this often (a single spike at start when absent).
+    spike_every_ms: Option<u64>,
     hang_healthz: bool,
     hang_healthz_after_ms: Option<u64>,
     flood_bytes: u64,
@@ -75,6 +79,8 @@ impl Default for Opts {
             abort_after_ms: None,
             leak_mb_per_s: 0,
             spike_mb: 0,
+            spike_ms: 1000,
+            spike_every_ms: None,
             hang_healthz: false,
             hang_healthz_after_ms: None,
             flood_bytes: 0,
@@ -111,6 +117,8 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
                 | "--abort-after-ms"
                 | "--leak-mb-per-s"
                 | "--spike-mb"
+                | "--spike-ms"
+                | "--spike-every-ms"
                 | "--hang-healthz-after-ms"
                 | "--flood-bytes"
                 | "--line-bytes"
@@ -146,6 +154,8 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
             "--abort-after-ms" => o.abort_after_ms = Some(num(flag, val)?),
             "--leak-mb-per-s" => o.leak_mb_per_s = num(flag, val)?,
             "--spike-mb" => o.spike_mb = num(flag, val)?,
+            "--spike-ms" => o.spike_ms = num(flag, val)?,
+            "--spike-every-ms" => o.spike_every_ms = Some(num(flag, val)?),
             "--hang-healthz-after-ms" => o.hang_healthz_after_ms = Some(num(flag, val)?),
             "--flood-bytes" => o.flood_bytes = num(flag, val)?,
             "--line-bytes" => {
@@ -593,6 +603,8 @@ struct Server {
     leak: Vec<(*mut u8, usize)>,
     next_leak: Option<Instant>,
     spike: Option<(*mut u8, usize)>,
+    spike_until: Instant,
+    next_spike: Option<Instant>,
     next_beat: Option<Instant>,
     beats: u64,
     flood_done: u64,
@@ -668,12 +680,23 @@ impl Server {
             want(self.next_leak.unwrap_or(t));
         }
         if let Some((p, len)) = self.spike {
-            let t = self.at(1000);
-            if now >= t {
+            if now >= self.spike_until {
                 unsafe { libc::munmap(p.cast(), len) };
                 self.spike = None;
             } else {
-                want(t);
+                want(self.spike_until);
+            }
+        }
+        if self.spike.is_none() {
+            if let (Some(t), Some(every)) = (self.next_spike, self.opts.spike_every_ms) {
+                if now >= t {
+                    self.spike = touch_alloc(self.opts.spike_mb as usize * MIB);
+                    self.spike_until = now + Duration::from_millis(self.opts.spike_ms);
+                    self.next_spike = Some(t + Duration::from_millis(every.max(1)));
+                    want(self.spike_until);
+                } else {
+                    want(t);
+                }
             }
         }
         if let (Some(t), Some(every)) = (self.next_beat, self.opts.print_every_ms) {
@@ -953,6 +976,11 @@ fn main() {
         leak: Vec::new(),
         next_leak: (opts.leak_mb_per_s > 0).then(|| start + LEAK_TICK),
         spike,
+        spike_until: start + Duration::from_millis(opts.spike_ms),
+        next_spike: opts
+            .spike_every_ms
+            .filter(|_| opts.spike_mb > 0)
+            .map(|ms| start + Duration::from_millis(ms)),
         next_beat: opts
             .print_every_ms
             .map(|ms| start + Duration::from_millis(ms)),

@@ -32,6 +32,10 @@ pub enum AgentMsg {
     GetToken {
         reply: RpcReplyPort<String>,
     },
+    /// Over the fleet's max_memory: restart, counted like a crash.
+    MemoryLimit {
+        reason: String,
+    },
     /// The fleet's settings changed (no restart by itself).
     UpdateSpec(std::sync::Arc<crate::spec::FleetSpec>),
 

@@ -59,6 +59,11 @@ pub enum FleetMsg {
     },
     /// Internal: a StopAll finished.
     Stopped,
+    /// The sampler saw the agent above the fleet's max_memory twice in a row.
+    MemoryLimit {
+        agent: String,
+        reason: String,
+    },
 
     // --- from agents ---
     /// The agent crashed and is being restarted: apply the strategy to its siblings.

@@ -17,4 +17,10 @@ pub enum NodeMsg {
     Shutdown(RpcReplyPort<()>),
     /// Copy what agents observed (pids, start times, ports) into the registry and save it.
     FlushObserved,
+    /// From the sampler: the agent stayed above its fleet's max_memory.
+    MemoryLimit {
+        fleet: String,
+        agent: String,
+        reason: String,
+    },
 }

@@ -1,0 +1,286 @@
+//! Resource governance with real processes: a leaking agent is restarted for `memory limit`
+//! while a single spike is not, admission refuses a start that would cross the memory
+//! reserve, `capacity` names the binding limit, and `/metrics` is Prometheus text whose
+//! counters move when agents restart.
+
+mod common;
+
+use common::{wait_until, STUB};
+use fleet_commander::messages::command::{Command, Reply};
+use fleet_commander::spec::FleetSpec;
+use fleet_commander::state::AgentState;
+use fleet_commander::{Node, NodeConfig, NodeHandle};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+async fn node_with(f: impl FnOnce(&mut NodeConfig)) -> (tempfile::TempDir, NodeHandle) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::new(dir.path().join("state"));
+    config.port_range =
+        fleet_commander::ports::PortRange::parse(&common::next_port_range()).unwrap();
+    f(&mut config);
+    let node = Node::start(config).await.unwrap();
+    (dir, node)
+}
+
+fn stub(name: &str, args: &str) -> FleetSpec {
+    let mut s = FleetSpec::new(name);
+    s.agents = FleetSpec::numbered_agents(1);
+    let mut cmd = vec![STUB.to_string(), "--no-helper".into()];
+    cmd.extend(args.split_whitespace().map(String::from));
+    s.command = Some(cmd);
+    s.stride = Some(1);
+    s
+}
+
+async fn row(node: &NodeHandle, fleet: &str) -> fleet_commander::messages::command::AgentStatus {
+    node.status(Some(fleet), None).await.unwrap().remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaking_agent_is_restarted_for_memory_limit() {
+    let (_d, node) = node_with(|c| c.sample_interval = Duration::from_millis(200)).await;
+    let mut rx = node.subscribe();
+    let mut spec = stub("leak", "--leak-mb-per-s 40");
+    spec.max_memory = Some(30 * MIB);
+    node.create_fleet(spec).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let t = loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(fleet_commander::messages::events::Event::Agent(t)))
+                if t.new == AgentState::Backoff =>
+            {
+                break t
+            }
+            Ok(Ok(_)) => continue,
+            other => panic!("no restart: {other:?}"),
+        }
+    };
+    assert!(
+        t.reason
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("memory limit"),
+        "{t:?}"
+    );
+    assert_eq!(t.restarts, 1);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_spike_is_not_restarted() {
+    // Spikes of 250 ms every 1.3 s, sampled every 500 ms: a sample may see a spike, the next
+    // one never does, so no two samples in a row are over the limit.
+    let interval = Duration::from_millis(500);
+    let (_d, node) = node_with(|c| c.sample_interval = interval).await;
+    let mut spec = stub(
+        "spike",
+        "--spike-mb 80 --spike-ms 250 --spike-every-ms 1300",
+    );
+    spec.max_memory = Some(40 * MIB);
+    node.create_fleet(spec).await.unwrap();
+    // The sampler must have seen the spike above the limit …
+    let seen = wait_until(Duration::from_secs(30), "a sample above the limit", |s| {
+        let r = futures_lite_block(row(&node, "spike"));
+        *s = format!("{r:?}");
+        r.rss_bytes.filter(|b| *b > 40 * MIB)
+    });
+    // … and for several more spikes after it, the agent keeps running, never restarted.
+    let until = Instant::now() + interval * 8;
+    while Instant::now() < until {
+        let r = row(&node, "spike").await;
+        assert_eq!(
+            (r.state, r.restarts),
+            (AgentState::Running, 0),
+            "restarted after a spike of {seen} bytes: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.shutdown().await;
+}
+
+/// Blocks on a future from inside `wait_until`'s closure (we are on a multi-thread runtime).
+fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_refuses_a_start_below_the_reserve() {
+    let dir = tempfile::tempdir().unwrap();
+    let meminfo = dir.path().join("meminfo");
+    std::fs::write(&meminfo, "MemTotal: 16000000 kB\nMemAvailable: 300000 kB\n").unwrap();
+    let m = meminfo.clone();
+    let (_d, node) = node_with(move |c| {
+        c.meminfo_path = m;
+        c.memory_reserve = 512 * MIB;
+    })
+    .await;
+    node.create_fleet(stub("adm", "")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = row(&node, "adm").await;
+        if r.state == AgentState::Failed {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "not refused: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let reason = r.reason.unwrap_or_default();
+    assert!(
+        reason.contains("not admitted") && reason.contains("reserve"),
+        "{reason}"
+    );
+    assert_eq!(r.pid, None);
+    // Memory comes back: the same agent starts.
+    std::fs::write(
+        &meminfo,
+        "MemTotal: 16000000 kB\nMemAvailable: 8000000 kB\n",
+    )
+    .unwrap();
+    node.start_agent("adm", "agent-1").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while row(&node, "adm").await.state != AgentState::Running {
+        assert!(
+            Instant::now() < deadline,
+            "did not start once memory was back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_names_the_binding_limit() {
+    let (_d, node) = node_with(|c| {
+        c.port_range = fleet_commander::ports::PortRange::parse("45100-45109").unwrap();
+    })
+    .await;
+    let mut spec = stub("cap", "");
+    spec.agents = FleetSpec::numbered_agents(3);
+    node.create_fleet(spec).await.unwrap();
+    let Reply::Capacity(rows) = node.execute(Command::Capacity).await else {
+        panic!()
+    };
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let r = &rows[0];
+    // 10 ports, stride 1, 3 leased (minus any port of the range bound by something else).
+    let busy = (45100..=45109u16)
+        .filter(|p| !fleet_commander::ports::port_is_bindable(*p))
+        .count() as u64;
+    assert!(r.by_ports <= 7 && r.by_ports + busy >= 7, "{r:?}");
+    assert_eq!(r.binding, "ports", "{r:?}");
+    assert_eq!(r.fits, r.by_ports);
+    assert!(r.by_memory.unwrap() > r.by_ports);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_prometheus_text_and_move_with_restarts() {
+    let (_d, node) = node_with(|_| {}).await;
+    let addr = node
+        .serve_metrics("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    node.create_fleet(stub("met", "")).await.unwrap();
+    let pid = loop {
+        let r = row(&node, "met").await;
+        if r.state == AgentState::Running {
+            break r.pid.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let scrape = || {
+        let (code, body) = get(addr.port(), "/metrics");
+        assert_eq!(code, 200);
+        check_exposition(&body);
+        body
+    };
+    let before = scrape();
+    assert!(
+        before.contains(r#"fleet_agents{fleet="met",state="running"} 1"#),
+        "{before}"
+    );
+    let restarts = |body: &str| -> u64 {
+        body.lines()
+            .filter(|l| l.starts_with("fleet_restarts_total{") && l.contains(r#"fleet="met""#))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert_eq!(restarts(&before), 0);
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let after = wait_until(
+        Duration::from_secs(10),
+        "the restart counter to move",
+        |s| {
+            let body = scrape();
+            *s = body.clone();
+            (restarts(&body) == 1).then_some(body)
+        },
+    );
+    assert!(after.contains(r#"reason="signal""#), "{after}");
+    assert!(
+        after.contains("fleet_probe_latency_seconds_count"),
+        "{after}"
+    );
+    node.shutdown().await;
+}
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let code = buf.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    // Chunked encoding: keep only the payload lines.
+    (code, body)
+}
+
+/// Every line is a comment (`# HELP|TYPE|UNIT|EOF`) or `name{labels} value` with a number.
+fn check_exposition(body: &str) {
+    let mut saw_eof = false;
+    for line in body.lines().filter(|l| !l.is_empty()) {
+        if line.chars().all(|c| c.is_ascii_hexdigit()) {
+            continue; // chunk size line
+        }
+        if line == "# EOF" {
+            saw_eof = true;
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.starts_with("# TYPE ") || line.starts_with("# UNIT ")
+        {
+            continue;
+        }
+        let (name_labels, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        assert!(
+            value.parse::<f64>().is_ok() || value == "+Inf",
+            "bad value in {line:?}"
+        );
+        let name = name_labels.split('{').next().unwrap();
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line:?}"
+        );
+        if let Some(labels) = name_labels.strip_prefix(name) {
+            assert!(
+                labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+                "bad labels in {line:?}"
+            );
+        }
+    }
+    assert!(saw_eof, "no # EOF: {body}");
+}
