@@ -20,7 +20,7 @@ use std::path::PathBuf;
     trailing_var_arg = true
 )]
 struct Args {
-    /// Control socket (default: <state-dir>/fleetd.sock).
+    /// Control socket (default: fleetd.sock in the state directory).
     #[arg(long)]
     socket: Option<PathBuf>,
     /// State directory used to find the default socket.

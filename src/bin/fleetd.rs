@@ -25,7 +25,7 @@ struct Args {
     /// ~/.local/state/fleet-commander.
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Control socket path. Default: <state-dir>/fleetd.sock.
+    /// Control socket path. Default: fleetd.sock in the state directory.
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Declarative fleet spec (TOML) applied at start, on SIGHUP and on `reload`.
