@@ -185,7 +185,12 @@ fn read_lines(
                             return;
                         }
                     }
-                    Err(rustyline::error::ReadlineError::Interrupted) => continue,
+                    Err(rustyline::error::ReadlineError::Interrupted) => {
+                        // Ctrl-C at the prompt only clears the line: stopping every fleet
+                        // takes a deliberate `shutdown` (or SIGTERM).
+                        println!("(type `shutdown` to stop the daemon and its agents, Ctrl-D to leave the REPL)");
+                        continue;
+                    }
                     Err(_) => {
                         let _ = tx.blocking_send(Input::Eof);
                         return;

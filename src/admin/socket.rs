@@ -1,7 +1,8 @@
 //! The control socket: a Unix socket (mode 0600, peers checked by uid) speaking the command
 //! language one line per request. Every answer is one or more JSON `Frame` lines: a reply
 //! closes a one-shot command; `events` and `logs --follow` stream frames until the client
-//! hangs up. A malformed request gets an error reply and the connection goes on.
+//! hangs up. A malformed request (unknown word, bad id, empty line, over-long line, invalid
+//! UTF-8) gets an error reply and the connection goes on.
 
 use crate::admin::parse::{parse_line, MAX_LINE_BYTES};
 use crate::error::FleetError;
@@ -13,7 +14,7 @@ use crate::provision::AgentPaths;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 /// One line on the wire from the daemon.
@@ -99,7 +100,13 @@ async fn connection(
     allowed: bool,
 ) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    let mut buf = Vec::new();
     if !allowed {
+        // Take the request first, so the client's write completes and it reads the reason
+        // instead of failing on a closed socket.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), read_request(&mut reader, &mut buf)).await;
         return send(
             &mut w,
             &error_reply(
@@ -109,39 +116,38 @@ async fn connection(
         )
         .await;
     }
-    // A line longer than the parser's limit is read only up to a bound, then refused.
-    let mut reader = BufReader::new(r);
-    let mut buf = Vec::new();
     loop {
-        buf.clear();
-        let n = (&mut reader)
-            .take((MAX_LINE_BYTES * 4) as u64)
-            .read_until(b'\n', &mut buf)
-            .await?;
-        if n == 0 {
-            return Ok(());
-        }
-        if buf.last() != Some(&b'\n') && n >= MAX_LINE_BYTES * 4 {
+        let too_long = match read_request(&mut reader, &mut buf).await? {
+            None => return Ok(()),
+            Some(too_long) => too_long,
+        };
+        // One reply per line, even for lines that hold no command: a client that writes a
+        // line can always wait for exactly one answer.
+        let refuse = |reason: String| error_reply(FleetError::invalid("request", reason), false);
+        if too_long {
             send(
                 &mut w,
-                &error_reply(
-                    FleetError::invalid(
-                        "request",
-                        format!("line longer than {MAX_LINE_BYTES} bytes"),
-                    ),
-                    false,
-                ),
+                &refuse(format!(
+                    "line longer than {MAX_LINE_BYTES} bytes; it was discarded"
+                )),
             )
             .await?;
-            // Skip the rest of the oversized line.
-            let mut sink = Vec::new();
-            reader.read_until(b'\n', &mut sink).await?;
             continue;
         }
-        let line = String::from_utf8_lossy(&buf);
+        let Ok(line) = std::str::from_utf8(&buf) else {
+            send(&mut w, &refuse("line is not valid UTF-8".into())).await?;
+            continue;
+        };
         let req = match parse_line(line.trim_end_matches(['\n', '\r'])) {
             Ok(Some(r)) => r,
-            Ok(None) => continue,
+            Ok(None) => {
+                send(
+                    &mut w,
+                    &refuse("empty line: expected a command, try `help`".into()),
+                )
+                .await?;
+                continue;
+            }
             Err(e) => {
                 send(
                     &mut w,
@@ -187,6 +193,43 @@ async fn connection(
                 let reply = node.execute(cmd).await;
                 send(&mut w, &Frame::Reply { reply, json }).await?;
             }
+        }
+    }
+}
+
+/// Reads one request line into `buf` (newline included). `None` at EOF before any byte;
+/// `Some(true)` when the line was longer than the parser accepts: its bytes past the limit are
+/// read and dropped, never buffered, so a client cannot make the daemon hold an endless line.
+async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<bool>> {
+    // Room for the limit plus `\r\n`; `parse_line` reports lengths in between exactly.
+    let cap = MAX_LINE_BYTES + 2;
+    buf.clear();
+    let mut too_long = false;
+    let mut read_any = false;
+    loop {
+        let chunk = reader.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(read_any.then_some(too_long));
+        }
+        read_any = true;
+        let (take, end) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        if !too_long {
+            if buf.len() + take > cap {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(&chunk[..take]);
+            }
+        }
+        reader.consume(take);
+        if end {
+            return Ok(Some(too_long));
         }
     }
 }

@@ -20,7 +20,7 @@ use std::path::PathBuf;
     trailing_var_arg = true
 )]
 struct Args {
-    /// Control socket (default: <state-dir>/fleetd.sock).
+    /// Control socket (default: fleetd.sock in the state directory).
     #[arg(long)]
     socket: Option<PathBuf>,
     /// State directory used to find the default socket.
@@ -69,13 +69,18 @@ fn run() -> Result<i32> {
     })?;
     let mut line = join_words(&words);
     line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .context("sending the command")?;
+    // If the write fails the daemon may still have answered (a refused peer gets its reason
+    // before the connection closes): read that first, report the write error otherwise.
+    let sent = stream.write_all(line.as_bytes());
     let reader = BufReader::new(stream.try_clone().context("socket")?);
     let mut code = 0;
+    let stream = is_stream(&words);
     for l in reader.lines() {
-        let l = l.context("reading the reply")?;
+        let l = match (l, &sent) {
+            (Ok(l), _) => l,
+            (Err(_), Err(e)) => return Err(anyhow::anyhow!("sending the command: {e}")),
+            (Err(e), Ok(())) => return Err(e).context("reading the reply"),
+        };
         let frame: Frame =
             serde_json::from_str(&l).with_context(|| format!("bad reply from fleetd: {l}"))?;
         match frame {
@@ -88,7 +93,7 @@ fn run() -> Result<i32> {
                     println!("{text}");
                 }
                 // One reply ends a one-shot command; streams go on with Event/Line frames.
-                if !is_stream(&words) || code != 0 {
+                if !stream || code != 0 {
                     return Ok(code);
                 }
             }
@@ -96,6 +101,14 @@ fn run() -> Result<i32> {
             Frame::Line { line } => println!("{line}"),
         }
         let _ = std::io::stdout().flush();
+    }
+    sent.context("sending the command")?;
+    // A stream ends when the daemon goes away; a one-shot command must have had its answer.
+    if !stream {
+        anyhow::bail!(
+            "fleetd at {} closed the connection without answering",
+            socket.display()
+        );
     }
     Ok(code)
 }

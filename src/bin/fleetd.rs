@@ -25,7 +25,7 @@ struct Args {
     /// ~/.local/state/fleet-commander.
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Control socket path. Default: <state-dir>/fleetd.sock.
+    /// Control socket path. Default: fleetd.sock in the state directory.
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Declarative fleet spec (TOML) applied at start, on SIGHUP and on `reload`.
@@ -111,6 +111,11 @@ async fn run(args: Args) -> Result<()> {
         Some(p) => Some(specfile::load_spec(p).map_err(|e| anyhow::anyhow!("{e}"))?),
         None => None,
     };
+    // Installed before the node starts: a SIGTERM while fleets come back up (systemd stopping
+    // a slow start) is then a graceful stop once the node runs, not an abrupt death.
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let node = Node::start(config)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
@@ -144,9 +149,6 @@ async fn run(args: Args) -> Result<()> {
         });
     }
 
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping every fleet"); break; }
