@@ -41,6 +41,9 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// The documented defaults on `state_dir`: ports 20000-59999, one concurrent OpenClaw
+    /// start per core, PID namespace when allowed, logs pruned every 60 s, memory sampled
+    /// every 5 s, a 512 MiB MemAvailable reserve.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         NodeConfig {
             state_dir: state_dir.into(),

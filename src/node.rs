@@ -36,6 +36,7 @@ use tokio::sync::broadcast;
 /// Upper bound on any one command (a fleet stop waits for the agents' stop timeouts).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(900);
 
+/// Entry point of the embedding API: `Node::start` returns the handle of a running node.
 pub struct Node;
 
 /// A running node. Cheap to clone; `shutdown` stops every fleet and the actor tree.
@@ -199,6 +200,7 @@ impl NodeHandle {
         }
     }
 
+    /// Every fleet with its state, strategy and how many of its agents run.
     pub async fn fleets(&self) -> Result<Vec<FleetInfo>, FleetError> {
         match self.execute(Command::FleetList).await {
             Reply::Fleets(v) => Ok(v),
@@ -207,6 +209,7 @@ impl NodeHandle {
         }
     }
 
+    /// Starts every agent of the fleet (and forgets their past restarts).
     pub async fn start_fleet(&self, fleet: &str) -> Result<(), FleetError> {
         self.ok(Command::FleetStart {
             fleet: fleet.into(),
@@ -220,12 +223,15 @@ impl NodeHandle {
         })
         .await
     }
+    /// Restarts every agent of the fleet; returns once the restarts are under way.
     pub async fn restart_fleet(&self, fleet: &str) -> Result<(), FleetError> {
         self.ok(Command::FleetRestart {
             fleet: fleet.into(),
         })
         .await
     }
+    /// Stops and removes the fleet and releases its ports; `purge` also deletes its agents'
+    /// HOMEs (only inside the state dir) and OpenClaw's lock files for them.
     pub async fn remove_fleet(&self, fleet: &str, purge: bool) -> Result<(), FleetError> {
         self.ok(Command::FleetRm {
             fleet: fleet.into(),
@@ -233,6 +239,7 @@ impl NodeHandle {
         })
         .await
     }
+    /// Adds an agent (new port block and token) and starts it if the fleet runs.
     pub async fn add_agent(&self, fleet: &str, agent: &str) -> Result<(), FleetError> {
         self.ok(Command::AgentAdd {
             fleet: fleet.into(),
@@ -240,6 +247,7 @@ impl NodeHandle {
         })
         .await
     }
+    /// Starts an agent (a failed one too), with a fresh restart budget.
     pub async fn start_agent(&self, fleet: &str, agent: &str) -> Result<(), FleetError> {
         self.ok(Command::AgentStart {
             fleet: fleet.into(),
@@ -255,6 +263,7 @@ impl NodeHandle {
         })
         .await
     }
+    /// Stops the agent's tree gracefully and starts it again (not counted as a crash).
     pub async fn restart_agent(&self, fleet: &str, agent: &str) -> Result<(), FleetError> {
         self.ok(Command::AgentRestart {
             fleet: fleet.into(),
@@ -262,6 +271,7 @@ impl NodeHandle {
         })
         .await
     }
+    /// Stops and removes the agent and releases its port block; `purge` also deletes its HOME.
     pub async fn remove_agent(
         &self,
         fleet: &str,
@@ -307,6 +317,7 @@ impl NodeHandle {
         rows
     }
 
+    /// Every port lease: fleet, agent, base port and stride.
     pub async fn ports(&self) -> Result<Vec<PortLeaseRow>, FleetError> {
         match self.execute(Command::Ports).await {
             Reply::Ports(v) => Ok(v),
@@ -315,6 +326,8 @@ impl NodeHandle {
         }
     }
 
+    /// The agent's gateway token; `rotate` makes a new one, rewrites the config and restarts
+    /// the agent.
     pub async fn token(
         &self,
         fleet: &str,
@@ -335,6 +348,7 @@ impl NodeHandle {
         }
     }
 
+    /// The last `lines` lines of the agent's log across its archives, tokens redacted.
     pub async fn logs(
         &self,
         fleet: &str,
@@ -384,10 +398,12 @@ impl NodeHandle {
         self.ctx.spawner.isolation()
     }
 
+    /// The node's state directory (registry, agent HOMEs, socket).
     pub fn state_dir(&self) -> &std::path::Path {
         &self.ctx.config.state_dir
     }
 
+    /// The node's id: part of every agent's environment marker, kept in the registry.
     pub fn node_id(&self) -> &str {
         &self.ctx.node_id
     }

@@ -446,7 +446,10 @@ fn events_stream_and_token_rotation_never_show_a_token() {
         let deadline = Instant::now() + Duration::from_secs(3);
         while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             seen.push(l.clone());
-            if l.contains("tok/agent-1") && l.contains("→ running") {
+            let stop_seen = seen
+                .iter()
+                .any(|l| l.contains("tok/agent-1") && l.contains("→ stopping"));
+            if stop_seen && l.contains("tok/agent-1") && l.contains("→ running") {
                 shown = Some(l);
                 break;
             }

@@ -297,9 +297,14 @@ impl AgentRuntime {
     /// Provision, pass the start gate and spawn, in a task; the result comes back as
     /// `Spawned` for this incarnation.
     fn begin_start(&mut self, myself: &ActorRef<AgentMsg>) {
+        self.begin_start_after(myself, None);
+    }
+
+    /// `begin_start`, telling in the event how the previous process ended.
+    fn begin_start_after(&mut self, myself: &ActorRef<AgentMsg>, exit: Option<ExitInfo>) {
         self.gen = self.ctx.next_incarnation();
         let gen = self.gen;
-        self.set_state(AgentState::Provisioning, None, None);
+        self.set_state(AgentState::Provisioning, exit, None);
         let job = StartJob {
             fleet: self.fleet.clone(),
             agent: self.agent.clone(),
@@ -475,7 +480,7 @@ impl AgentRuntime {
                     }
                     Some(Purpose::Restart) => {
                         if self.want_running {
-                            self.begin_start(myself);
+                            self.begin_start_after(myself, Some(exit));
                         } else {
                             self.set_state(AgentState::Stopped, Some(exit), None);
                         }

@@ -217,7 +217,8 @@ impl Actor for FleetSupervisor {
                 for e in rt.agents.values_mut() {
                     e.want_running = false;
                 }
-                let stopping = rt.state != FleetState::Failed;
+                // A failed fleet stays failed; a stopped one has nothing to announce.
+                let stopping = !matches!(rt.state, FleetState::Failed | FleetState::Stopped);
                 if stopping {
                     rt.set_state(FleetState::Stopping, None);
                 }

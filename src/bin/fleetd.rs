@@ -52,6 +52,13 @@ struct Args {
     /// Do not run agents in a PID namespace even when the host allows it.
     #[arg(long)]
     no_pid_namespace: bool,
+    /// Serve Prometheus metrics on this address: `PORT` alone binds loopback, `HOST:PORT` any
+    /// address. Off unless given.
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Refuse agent starts that would leave less than this MemAvailable, in MiB.
+    #[arg(long, default_value_t = 512)]
+    memory_reserve_mib: u64,
 }
 
 fn main() -> Result<()> {
@@ -93,6 +100,7 @@ async fn run(args: Args) -> Result<()> {
     config.port_range = PortRange::parse(&args.port_range).context("--port-range")?;
     config.openclaw_bin = args.openclaw.clone();
     config.pid_namespace = !args.no_pid_namespace;
+    config.memory_reserve = args.memory_reserve_mib * 1024 * 1024;
     if let Some(n) = args.max_concurrent_starts {
         if n == 0 {
             bail!("--max-concurrent-starts must be at least 1");
@@ -125,6 +133,19 @@ async fn run(args: Args) -> Result<()> {
     let listener = socket::bind(&socket_path)
         .with_context(|| format!("binding the control socket {}", socket_path.display()))?;
     tokio::spawn(socket::serve(listener, node.clone(), shutdown.clone()));
+    if let Some(a) = &args.metrics_addr {
+        let addr: std::net::SocketAddr = match a.parse::<u16>() {
+            Ok(port) => std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Err(_) => a
+                .parse()
+                .with_context(|| format!("--metrics-addr {a:?}: expected PORT or HOST:PORT"))?,
+        };
+        let bound = node
+            .serve_metrics(addr)
+            .await
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        tracing::info!(%bound, "serving Prometheus metrics on /metrics");
+    }
     if let Some(specs) = specs {
         match node.apply_spec(specs).await {
             Ok(msg) => tracing::info!("{msg}"),
