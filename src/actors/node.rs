@@ -45,6 +45,9 @@ pub struct NodeRuntime {
 }
 
 const CALL: Duration = Duration::from_secs(10);
+/// Bound for calls that wait on agents' stops (each within its stop timeout; a one_for_all
+/// fleet stops its agents one after another).
+const LONG_CALL: Duration = Duration::from_secs(900);
 /// How long observed pids/ports changes are gathered before one registry write.
 const OBSERVED_BATCH: Duration = Duration::from_millis(200);
 
@@ -141,7 +144,9 @@ impl Actor for NodeActor {
                     let mut waits = Vec::new();
                     for f in fleets {
                         waits.push(tokio::spawn(async move {
-                            let _ = f.call(|r| FleetMsg::StopAll { reply: r }, None).await;
+                            let _ = f
+                                .call(|r| FleetMsg::StopAll { reply: r }, Some(LONG_CALL))
+                                .await;
                         }));
                     }
                     for w in waits {
@@ -265,7 +270,9 @@ impl NodeRuntime {
                     return answer(reply, Err(e));
                 }
                 tokio::spawn(async move {
-                    let _ = f.call(|r| FleetMsg::StopAll { reply: r }, None).await;
+                    let _ = f
+                        .call(|r| FleetMsg::StopAll { reply: r }, Some(LONG_CALL))
+                        .await;
                     let _ = reply.send(Reply::Done {
                         message: format!("fleet {fleet} stopped"),
                     });
@@ -722,7 +729,9 @@ impl NodeRuntime {
         let state_dir = self.ctx.config.state_dir.clone();
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
-            let _ = f.call(|r| FleetMsg::StopAll { reply: r }, None).await;
+            let _ = f
+                .call(|r| FleetMsg::StopAll { reply: r }, Some(LONG_CALL))
+                .await;
             f.stop(Some("removed".into()));
             ctx.fleet_states.remove(&fleet);
             let mut msg = format!("fleet {fleet} removed");
@@ -858,7 +867,7 @@ impl NodeRuntime {
                         op,
                         reply: r,
                     },
-                    None,
+                    Some(LONG_CALL),
                 )
                 .await;
             let verb = match op {
@@ -918,7 +927,7 @@ impl NodeRuntime {
                         agent: name,
                         reply: r,
                     },
-                    None,
+                    Some(LONG_CALL),
                 )
                 .await;
             let _ = ports.send_message(PortsMsg::Release {

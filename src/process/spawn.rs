@@ -222,6 +222,8 @@ fn start_guardian() -> io::Result<Guardian> {
 fn guardian_main(pipe: RawFd) -> ! {
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        // Shown by ps/top: tells operators this is not a second daemon.
+        libc::prctl(libc::PR_SET_NAME, c"fleet-guardian".as_ptr(), 0, 0, 0);
         // Keep nothing of the daemon open (sockets, agents' pipes): only our pipe end.
         let target: RawFd = 3;
         if pipe != target {
