@@ -218,7 +218,7 @@ async fn rotation_holds_the_archive_count_and_logs_reads_gzip_archives_back() {
         if agent_files != want {
             return None;
         }
-        let lines = futures_lite_block(node.logs("rot", "agent-1", 100_000));
+        let lines = block_on(node.logs("rot", "agent-1", 100_000));
         lines
             .iter()
             .any(|l| body(l) == "numbered-done")
@@ -267,12 +267,10 @@ async fn rotation_holds_the_archive_count_and_logs_reads_gzip_archives_back() {
     node.shutdown().await;
 }
 
-/// Blocks on a future from inside a sync closure of an async test (multi-thread runtime).
-fn futures_lite_block<
-    F: std::future::Future<Output = Result<Vec<String>, E>>,
-    E: std::fmt::Debug,
->(
-    f: F,
+/// Waits for a `NodeHandle` call from inside a sync closure of an async test (needs the
+/// multi-thread runtime).
+fn block_on<E: std::fmt::Debug>(
+    f: impl std::future::Future<Output = Result<Vec<String>, E>>,
 ) -> Vec<String> {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f)).unwrap()
 }
@@ -291,7 +289,7 @@ async fn a_megabyte_line_invalid_utf8_and_split_lines_do_not_break_the_writer() 
         Duration::from_secs(30),
         "a heartbeat after the odd lines",
         |seen| {
-            let lines = futures_lite_block(node.logs("odd", "agent-1", 1000));
+            let lines = block_on(node.logs("odd", "agent-1", 1000));
             *seen = format!("{} lines, last {:?}", lines.len(), lines.last());
             lines
                 .iter()
@@ -358,7 +356,7 @@ async fn rotator_gets_a_budget_below_keep_times_max_bytes_under_it_oldest_first(
                 .all(|(n, _)| n == "agent.log" || n.ends_with(".gz") || n.starts_with("openclaw."));
             let done = settled
                 && total(&files) <= budget
-                && futures_lite_block(node.logs("bud", "agent-1", 100_000))
+                && block_on(node.logs("bud", "agent-1", 100_000))
                     .iter()
                     .any(|l| body(l) == "dump-done");
             done.then_some(files)
@@ -469,7 +467,7 @@ async fn purge_removes_the_home_and_the_rotator_never_recreates_it() {
     wait_running(&node, "pg", 2).await;
     let h1 = home(&state, "pg", "agent-1");
     let h2 = home(&state, "pg", "agent-2");
-    assert!(h1.join("logs/agent.log").exists());
+    assert!(h1.join("logs").is_dir(), "agent-1 has no log dir");
     node.remove_agent("pg", "agent-1", true).await.unwrap();
     assert!(
         !h1.exists(),
