@@ -155,6 +155,14 @@ fn slot_for(path: &Path) -> Slot {
     slot
 }
 
+/// Runs `f` while no writer or compressor of the log file `path` can rotate or rename its
+/// archives, so a pruner's scan, decision and deletions see one consistent set of files.
+pub fn with_rotation_lock<T>(path: &Path, f: impl FnOnce() -> T) -> T {
+    let slot = slot_for(path);
+    let _guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+    f()
+}
+
 /// Appends formatted lines to one log file and rotates it. Never fails: a line that cannot
 /// be written is dropped and counted, and the file is reopened at most once per second.
 pub struct LogWriter {
@@ -209,7 +217,7 @@ impl LogWriter {
             slot,
             compressors: Vec::new(),
         };
-        w.try_open(Instant::now());
+        w.try_open(Instant::now(), true);
         w
     }
 
@@ -221,6 +229,21 @@ impl LogWriter {
 
     pub fn flush(&mut self) {
         self.flush_at(Instant::now());
+    }
+
+    /// Like `flush`, but tries to reopen a closed file even before its retry is due: the last
+    /// chance for held lines (the writer is going away).
+    fn flush_final(&mut self) {
+        let now = Instant::now();
+        if self.file.is_none() && !self.pending.is_empty() {
+            self.try_open(now, true);
+        }
+        self.flush_at(now);
+        if self.file.is_none() && self.pending_lines > 0 {
+            self.drop_lines(self.pending_lines);
+            self.pending_lines = 0;
+            self.pending.clear();
+        }
     }
 
     /// Lines lost since open (disk full, file not openable, …).
@@ -249,6 +272,16 @@ impl LogWriter {
         self.fail_writes = fail;
     }
 
+    /// Flushes and waits for this writer's background compressions, so nothing writes into
+    /// the log directory afterwards (a purge that follows cannot race a late `.gz`).
+    /// Blocking: call it off the async runtime.
+    pub fn close(mut self) {
+        self.flush_final();
+        for h in std::mem::take(&mut self.compressors) {
+            let _ = h.join();
+        }
+    }
+
     /// Test/bench hook: background compressions still running.
     #[doc(hidden)]
     pub fn compressions_running(&mut self) -> usize {
@@ -257,25 +290,22 @@ impl LogWriter {
     }
 
     fn write_line_at(&mut self, stream: Stream, line: &[u8], cut: usize, now: Instant) {
-        if self.file.is_none() && !self.try_open(now) {
-            self.drop_lines(1);
-            return;
+        if self.file.is_none() {
+            self.try_open(now, false);
         }
         // Rotate before the line that would pass the bound, so files stay within max_bytes
-        // (unless one line alone is larger).
+        // (unless one line alone is larger). While closed, lines are only held (see
+        // `flush_at`), and the size is known again once reopened.
         let line_len = (30 + line.len() + if cut > 0 { 24 } else { 0 }) as u64;
         let cur = self.size + self.pending.len() as u64;
-        if cur > 0
+        if self.file.is_some()
+            && cur > 0
             && cur + line_len > self.max_bytes
             && self.rotate_retry_at.is_none_or(|t| now >= t)
         {
             self.flush_at(now);
             if self.file.is_some() {
                 self.rotate(now);
-            }
-            if self.file.is_none() {
-                self.drop_lines(1);
-                return;
             }
         }
         self.format_line(stream, line, cut);
@@ -314,9 +344,19 @@ impl LogWriter {
         p.push(b'\n');
     }
 
+    /// Writes the held lines. While the file is closed after a failure, lines are held (at
+    /// most `FLUSH_AT` bytes) until the retry is due or the hold is full; only lines whose
+    /// write was attempted and failed are dropped, so lines an agent prints after space came
+    /// back are kept even inside the retry pause.
     fn flush_at(&mut self, now: Instant) {
         if self.pending.is_empty() {
             return;
+        }
+        if self.file.is_none() {
+            let hold_full = self.pending.len() >= FLUSH_AT;
+            if !self.try_open(now, hold_full) && !hold_full {
+                return; // keep holding until the retry is due
+            }
         }
         let res = match self.file.as_mut() {
             None => Err(io::Error::from(io::ErrorKind::NotConnected)),
@@ -357,12 +397,13 @@ impl LogWriter {
         self.retry_at = Some(now + RETRY_AFTER);
     }
 
-    /// Opens the file unless a retry is not yet due. Returns whether it is open.
-    fn try_open(&mut self, now: Instant) -> bool {
+    /// Opens the file unless a retry is not yet due (`force` ignores that). Returns whether it
+    /// is open.
+    fn try_open(&mut self, now: Instant, force: bool) -> bool {
         if self.file.is_some() {
             return true;
         }
-        if self.retry_at.is_some_and(|t| now < t) {
+        if !force && self.retry_at.is_some_and(|t| now < t) {
             return false;
         }
         match open_append(&self.path) {
@@ -430,7 +471,7 @@ impl LogWriter {
             self.spawn_compressor(src, gen_now);
         }
         self.size = 0;
-        self.try_open(now);
+        self.try_open(now, true);
     }
 
     fn spawn_compressor(&mut self, src: File, generation: u64) {
@@ -462,7 +503,7 @@ impl LogWriter {
 
 impl Drop for LogWriter {
     fn drop(&mut self) {
-        self.flush();
+        self.flush_final();
     }
 }
 
@@ -551,6 +592,10 @@ impl CompressJob {
             &mut enc,
         )?;
         let file = enc.finish()?.into_inner().map_err(|e| e.into_error())?;
+        // Retention judges an archive by its age: that of its last line, not of its gzip.
+        if let Ok(t) = self.src.metadata().and_then(|m| m.modified()) {
+            let _ = file.set_modified(t);
+        }
         // The uncompressed copy is deleted next: the gzip must be on disk first.
         file.sync_all()
     }
@@ -782,28 +827,79 @@ mod tests {
         assert_eq!(w.take_dropped_report(), None, "no report while failing");
         assert!(w.file.is_none(), "file stays open after a failed write");
 
-        // Within the second: dropped without touching the disk.
+        // Within the second: held without touching the disk.
         w.write_line_at(Stream::Out, b"lost 3", 0, at(500));
+        w.flush_at(at(500));
         assert!(w.file.is_none() && w.retry_at == Some(at(1010)));
-        // Retry due, disk still full: one attempt, fails again, next retry a second later.
+        assert_eq!(w.dropped(), 2, "a held line is not lost yet");
+        // Retry due, disk still full: one attempt, the held lines go, next retry a second later.
         w.write_line_at(Stream::Out, b"lost 4", 0, at(1100));
         w.flush_at(at(1100));
+        assert_eq!(w.dropped(), 4);
         assert_eq!(w.retry_at, Some(at(2100)));
+        // Space is back before the retry is due: the line is held, not dropped.
         w.set_fail_writes(false);
-        w.write_line_at(Stream::Out, b"lost 5", 0, at(1500));
+        w.write_line_at(Stream::Out, b"held 5", 0, at(1500));
         w.flush_at(at(1500));
-        assert_eq!(w.dropped(), 5);
+        assert_eq!(w.dropped(), 4);
         assert_eq!(w.take_dropped_report(), None);
 
-        // Space is back and the retry is due: it recovers by itself.
+        // The retry is due: it recovers by itself and writes what it held.
         w.write_line_at(Stream::Out, b"after", 0, at(2200));
         w.flush_at(at(2200));
-        assert_eq!(w.take_dropped_report(), Some(5));
+        assert_eq!(w.take_dropped_report(), Some(4));
         assert_eq!(w.take_dropped_report(), None, "one report per episode");
-        assert_eq!(w.dropped(), 5);
+        assert_eq!(w.dropped(), 4);
         let text = read_text(&path);
         let bodies: Vec<&str> = text.lines().map(|l| &l[25..]).collect();
-        assert_eq!(bodies, ["out before", "out after"], "{text:?}");
+        assert_eq!(
+            bodies,
+            ["out before", "out held 5", "out after"],
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn a_full_hold_is_attempted_before_the_retry_is_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.log");
+        let mut w = LogWriter::open(path.clone(), 1 << 30, 2);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        w.set_fail_writes(true);
+        w.write_line_at(Stream::Out, b"x", 0, at(0));
+        w.flush_at(at(0));
+        assert_eq!(w.dropped(), 1);
+        w.set_fail_writes(false);
+        // A flood inside the retry pause: the hold fills and is written at once, not dropped.
+        let line = vec![b'f'; 1000];
+        let n = 2 * FLUSH_AT / line.len();
+        for _ in 0..n {
+            w.write_line_at(Stream::Out, &line, 0, at(100));
+        }
+        assert!(w.file.is_some(), "reopened when the hold filled");
+        assert!(w.pending.len() < FLUSH_AT);
+        drop(w);
+        let text = read_text(&path);
+        assert_eq!(text.lines().count(), n);
+    }
+
+    #[test]
+    fn drop_writes_held_lines_when_the_disk_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.log");
+        let mut w = LogWriter::open(path.clone(), 1 << 30, 2);
+        w.set_fail_writes(true);
+        w.write_line(Stream::Out, b"lost", 0);
+        w.flush();
+        w.set_fail_writes(false);
+        w.write_line(Stream::Err, b"held", 0);
+        w.flush();
+        assert_eq!(w.dropped(), 1);
+        w.close();
+        let text = read_text(&path);
+        let bodies: Vec<&str> = text.lines().map(|l| &l[25..]).collect();
+        assert_eq!(bodies, ["err held"], "{text:?}");
     }
 
     #[test]

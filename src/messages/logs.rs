@@ -4,8 +4,10 @@ use crate::spec::LogSpec;
 use std::path::PathBuf;
 
 pub enum LogsMsg {
-    /// Periodic tick (also sent on demand by tests and `logs prune`).
+    /// Periodic tick (every `NodeConfig::log_interval`): start a pass unless one is running.
     Tick,
+    /// A pass finished (sent by the pass's own task).
+    PassDone,
     /// The log settings and agent homes of a fleet (replaces what was known of it).
     Fleet {
         fleet: String,

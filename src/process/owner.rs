@@ -120,8 +120,8 @@ async fn run(
     let pid = guard.pgid;
     let mut split_out = LineSplitter::new();
     let mut split_err = LineSplitter::new();
-    let mut buf_out = [0u8; 1024];
-    let mut buf_err = [0u8; 1024];
+    let mut buf_out = PumpBuf::new();
+    let mut buf_err = PumpBuf::new();
     let mut kill_at: Option<Instant> = None;
     let mut requested = false;
     let mut members: Vec<Member> = Vec::new();
@@ -130,13 +130,15 @@ async fn run(
     let status = loop {
         tokio::select! {
             st = child.wait() => break st,
-            r = read_some(&mut stdout, &mut buf_out) => {
-                pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &buf_out);
+            r = read_some(&mut stdout, buf_out.space()) => {
+                pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &mut buf_out);
                 report_drops(&mut log, &on_event);
+                buf_out.yield_if_busy().await;
             }
-            r = read_some(&mut stderr, &mut buf_err) => {
-                pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &buf_err);
+            r = read_some(&mut stderr, buf_err.space()) => {
+                pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &mut buf_err);
                 report_drops(&mut log, &on_event);
+                buf_err.yield_if_busy().await;
             }
             ctl = rx.recv(), if ctl_open => {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -182,8 +184,8 @@ async fn run(
     let drain_until = Instant::now() + DRAIN_AFTER_EXIT;
     while stdout.is_some() || stderr.is_some() {
         tokio::select! {
-            r = read_some(&mut stdout, &mut buf_out) => pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &buf_out),
-            r = read_some(&mut stderr, &mut buf_err) => pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &buf_err),
+            r = read_some(&mut stdout, buf_out.space()) => pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &mut buf_out),
+            r = read_some(&mut stderr, buf_err.space()) => pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &mut buf_err),
             _ = tokio::time::sleep_until(drain_until) => break,
         }
     }
@@ -192,6 +194,10 @@ async fn run(
     log.flush();
     report_drops(&mut log, &on_event);
     drop((stdout, stderr));
+    // Compressions of archives rotated during a flood may still run: wait for them (off the
+    // runtime), so once the stop is reported nothing writes into the log directory and a
+    // purge that follows removes it whole.
+    let closing = tokio::task::spawn_blocking(move || log.close());
 
     if !requested {
         // Crash path: report first so the restart is not delayed by the sweep.
@@ -210,6 +216,7 @@ async fn run(
             .unwrap_or(0)
     };
     guard.armed = false;
+    let _ = closing.await;
     if requested {
         on_event(OwnerEvent::Exited { exit, requested });
     }
@@ -235,20 +242,72 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
+/// Read buffer of one pipe. Idle agents vastly outnumber busy ones, so it starts small and
+/// only grows while reads keep filling it (data is flowing faster than we read); a flood is
+/// then read in pipe-sized chunks, one log write each instead of one per KiB.
+struct PumpBuf {
+    buf: Vec<u8>,
+    /// Bytes read since this pump last gave the runtime back.
+    since_yield: usize,
+}
+
+/// Size of the buffer of an idle or quiet pipe.
+const READ_SMALL: usize = 1024;
+/// Largest read: the default Linux pipe capacity, so one read empties a full pipe.
+const READ_LARGE: usize = 64 * 1024;
+/// A flooding agent yields after this much so its worker thread serves other tasks too.
+/// tokio's cooperative budget would only yield after 128 reads (8 MiB of log work).
+const YIELD_EVERY: usize = 256 * 1024;
+
+impl PumpBuf {
+    fn new() -> Self {
+        PumpBuf {
+            buf: vec![0; READ_SMALL],
+            since_yield: 0,
+        }
+    }
+
+    fn space(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    /// Adapts the size to the last read of `n` bytes.
+    fn filled(&mut self, n: usize) {
+        self.since_yield += n;
+        let len = self.buf.len();
+        if n == len && len < READ_LARGE {
+            self.buf = vec![0; (len * 8).min(READ_LARGE)];
+        } else if n < READ_SMALL && len > READ_SMALL {
+            // The burst is over: give the memory back.
+            self.buf = vec![0; READ_SMALL];
+        }
+    }
+
+    async fn yield_if_busy(&mut self) {
+        if self.since_yield >= YIELD_EVERY {
+            self.since_yield = 0;
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 fn pump<R>(
     log: &mut LogWriter,
     split: &mut LineSplitter,
     stream: Stream,
     src: &mut Option<R>,
     r: std::io::Result<usize>,
-    buf: &[u8],
+    buf: &mut PumpBuf,
 ) {
     match r {
         Ok(0) | Err(_) => {
             split.finish(&mut |l, cut| log.write_line(stream, l, cut));
             *src = None;
         }
-        Ok(n) => split.push(&buf[..n], &mut |l, cut| log.write_line(stream, l, cut)),
+        Ok(n) => {
+            split.push(&buf.buf[..n], &mut |l, cut| log.write_line(stream, l, cut));
+            buf.filled(n);
+        }
     }
     log.flush();
 }
