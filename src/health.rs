@@ -4,40 +4,61 @@
 //! agents cost a thousand timers and no mailbox traffic.
 
 use crate::spec::HealthSpec;
-use bytes::Bytes;
-use http_body_util::Empty;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
 /// First probe this soon after the spawn; the delay doubles until the steady interval.
 pub const FIRST_PROBE: Duration = Duration::from_millis(10);
+/// A ready agent's `/readyz` is asked again every this many liveness probes.
+pub const READY_RECHECK_EVERY: u32 = 6;
 
 /// The status code of `GET http://127.0.0.1:<port><path>`, or why there was none.
+///
+/// Hand-rolled on purpose: a probe needs the status line only, and a thousand agents probed
+/// every interval made hyper's client (a connection task and its buffers per probe) the
+/// daemon's largest idle cost. The metrics server, which serves, uses hyper.
 pub async fn http_status(port: u16, path: &str, timeout: Duration) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fut = async {
-        let stream = TcpStream::connect(("127.0.0.1", port))
+        let mut s = TcpStream::connect(("127.0.0.1", port))
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let io = hyper_util::rt::TokioIo::new(stream);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io)
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes())
             .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let conn_task = tokio::spawn(conn);
-        let req = hyper::Request::get(path)
-            .header(hyper::header::HOST, format!("127.0.0.1:{port}"))
-            .body(Empty::new())
-            .map_err(|e| e.to_string())?;
-        let res = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("request: {e}"));
-        conn_task.abort();
-        Ok(res?.status().as_u16())
+            .map_err(|e| format!("request: {e}"))?;
+        let mut buf = [0u8; 32];
+        let mut n = 0;
+        while n < buf.len() && !buf[..n].contains(&b'\n') {
+            match s.read(&mut buf[n..]).await {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => return Err(format!("response: {e}")),
+            }
+        }
+        parse_status_line(&buf[..n]).ok_or_else(|| {
+            format!(
+                "not an HTTP response: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            )
+        })
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
     }
+}
+
+/// `HTTP/1.x NNN …` → NNN.
+pub fn parse_status_line(b: &[u8]) -> Option<u16> {
+    let line = std::str::from_utf8(b).ok()?;
+    let mut parts = line.split(' ');
+    if !parts.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    let code = parts.next()?.trim_end();
+    (code.len() == 3).then(|| code.parse().ok()).flatten()
 }
 
 /// One change worth telling the agent about.
@@ -76,6 +97,8 @@ pub fn spawn_prober(
         let mut last: Option<(bool, bool, u32)> = None;
         let mut failures = 0u32;
         let mut ready_supported = true;
+        let mut ready = false;
+        let mut ticks_since_ready_check = 0u32;
         loop {
             tokio::time::sleep(delay).await;
             let t0 = std::time::Instant::now();
@@ -90,7 +113,16 @@ pub fn spawn_prober(
                 Err(e) => (false, Some(e)),
             };
             failures = if healthy { 0 } else { failures + 1 };
-            let ready = if healthy && ready_supported {
+            // Readiness is only shown: once ready, it is re-checked every few probes, not at
+            // each one, which halves the steady probing cost.
+            ticks_since_ready_check += 1;
+            let check_ready = !ready || ticks_since_ready_check >= READY_RECHECK_EVERY;
+            ready = if !healthy {
+                false
+            } else if !ready_supported {
+                true
+            } else if check_ready {
+                ticks_since_ready_check = 0;
                 match http_status(port, "/readyz", timeout).await {
                     Ok(200) => true,
                     Ok(404) => {
@@ -101,7 +133,7 @@ pub fn spawn_prober(
                     _ => false,
                 }
             } else {
-                healthy
+                ready
             };
             ever_healthy |= healthy;
             let key = (healthy, ready, failures);
@@ -141,6 +173,31 @@ mod tests {
         assert_eq!(
             next_delay(FIRST_PROBE, true, &spec),
             Duration::from_millis(100)
+        );
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(parse_status_line(b"HTTP/1.1 200 OK\r\n"), Some(200));
+        assert_eq!(parse_status_line(b"HTTP/1.0 503 Service"), Some(503));
+        assert_eq!(parse_status_line(b"SSH-2.0-OpenSSH"), None);
+        assert_eq!(parse_status_line(b"HTTP/1.1 20"), None);
+    }
+
+    #[tokio::test]
+    async fn status_of_a_live_server_and_a_closed_port() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut b = [0u8; 256];
+            let _ = s.read(&mut b).await;
+            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+        });
+        assert_eq!(
+            http_status(port, "/healthz", Duration::from_secs(2)).await,
+            Ok(204)
         );
     }
 

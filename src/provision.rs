@@ -266,6 +266,10 @@ pub fn write_config_atomic(path: &Path, value: &Value) -> Result<(), FleetError>
         .ok_or_else(|| fail("no file name", &"path ends in '..' or '/'"))?;
     let mut body = serde_json::to_vec_pretty(value).map_err(|e| fail("serialize", &e))?;
     body.push(b'\n');
+    // Restarts rewrite the same config: leave the file (and its inode) alone.
+    if fs::read(path).is_ok_and(|old| old == body) {
+        return Ok(());
+    }
     let mut suffix = [0u8; 6];
     getrandom::getrandom(&mut suffix).map_err(|e| fail("random temp name", &e))?;
     let tmp = dir.join(format!(
@@ -284,16 +288,15 @@ pub fn write_config_atomic(path: &Path, value: &Value) -> Result<(), FleetError>
         f.set_permissions(fs::Permissions::from_mode(0o600))
             .map_err(|e| fail("chmod 0600", &e))?;
         f.write_all(&body).map_err(|e| fail("write", &e))?;
-        f.sync_all().map_err(|e| fail("fsync", &e))?;
+        // No fsync: the config is derived from the registry (which is fsynced) and rewritten
+        // before every start, so a crash costs nothing the next start does not restore; the
+        // rename still means a reader never sees a half-written file.
         fs::rename(&tmp, path).map_err(|e| fail("rename into place", &e))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| fail(&format!("fsync directory {}", dir.display()), &e))
+    result
 }
 
 /// `gateway.auth.token` of an existing config, so a re-provisioned agent keeps its token.

@@ -212,7 +212,7 @@ impl Actor for AgentActor {
                     rt.stop_process(Purpose::Memory);
                 }
             }
-            AgentMsg::Spawned { gen, result } => rt.on_spawned(&myself, gen, result),
+            AgentMsg::Spawned { gen, result } => rt.on_spawned(&myself, gen, *result),
             AgentMsg::Owner { gen, event } => rt.on_owner(&myself, gen, event),
             AgentMsg::Probe { gen, report } => rt.on_probe(gen, report),
             AgentMsg::GraceExpired { gen } => {
@@ -317,13 +317,14 @@ impl AgentRuntime {
         };
         let me = myself.clone();
         tokio::spawn(async move {
-            let result = job.run().await;
-            if let Err(ractor::MessagingErr::SendErr(AgentMsg::Spawned {
-                result: Ok(sp), ..
-            })) = me.send_message(AgentMsg::Spawned { gen, result })
+            let result = Box::new(job.run().await);
+            if let Err(ractor::MessagingErr::SendErr(AgentMsg::Spawned { result, .. })) =
+                me.send_message(AgentMsg::Spawned { gen, result })
             {
                 // The actor is gone: the child must not survive it.
-                kill_orphan_child(sp.child);
+                if let Ok(sp) = *result {
+                    kill_orphan_child(sp.child);
+                }
             }
         });
     }

@@ -541,18 +541,34 @@ impl NodeRuntime {
                 held: free as u32,
             });
         }
+        let (fleet, names) = (spec.name.clone(), spec.agents.clone());
+        let leases = match self
+            .ports
+            .call(
+                |r| PortsMsg::AllocateMany {
+                    fleet,
+                    agents: names,
+                    stride,
+                    reply: r,
+                },
+                Some(CALL),
+            )
+            .await
+        {
+            Ok(CallResult::Success(r)) => r?,
+            _ => return Err(FleetError::internal("port allocator did not answer")),
+        };
         let mut agents: BTreeMap<String, AgentRecord> = BTreeMap::new();
-        for a in &spec.agents {
-            let lease = match self.allocate(&spec.name, a, stride).await {
-                Ok(l) => l,
+        for (a, lease) in spec.agents.iter().zip(leases) {
+            let token = match provision::generate_token() {
+                Ok(t) => t,
                 Err(e) => {
-                    for done in agents.keys() {
-                        self.release(&spec.name, done);
+                    for a in &spec.agents {
+                        self.release(&spec.name, a);
                     }
                     return Err(e);
                 }
             };
-            let token = provision::generate_token()?;
             agents.insert(
                 a.clone(),
                 AgentRecord {

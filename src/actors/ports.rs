@@ -64,6 +64,36 @@ impl Actor for PortAllocator {
                     .allocate(&fleet, &agent, stride, rt.range, &|p| busy.contains(&p));
                 let _ = reply.send(r);
             }
+            PortsMsg::AllocateMany {
+                fleet,
+                agents,
+                stride,
+                reply,
+            } => {
+                let busy = listening_ports();
+                let mut got = Vec::with_capacity(agents.len());
+                let mut err = None;
+                for a in &agents {
+                    match rt
+                        .leases
+                        .allocate(&fleet, a, stride, rt.range, &|p| busy.contains(&p))
+                    {
+                        Ok(l) => got.push(l),
+                        Err(e) => {
+                            err = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if let Some(e) = err {
+                    for a in agents.iter().take(got.len()) {
+                        rt.leases.release(&fleet, a);
+                    }
+                    let _ = reply.send(Err(e));
+                } else {
+                    let _ = reply.send(Ok(got));
+                }
+            }
             PortsMsg::Restore {
                 fleet,
                 agent,

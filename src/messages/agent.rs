@@ -40,9 +40,10 @@ pub enum AgentMsg {
     UpdateSpec(std::sync::Arc<crate::spec::FleetSpec>),
 
     // --- reports from the agent's own tasks ---
+    /// Boxed: it is the largest message, and a mailbox's blocks are sized by the largest.
     Spawned {
         gen: u64,
-        result: Result<Spawned, SpawnFailure>,
+        result: Box<Result<Spawned, SpawnFailure>>,
     },
     Owner {
         gen: u64,

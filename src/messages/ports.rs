@@ -12,6 +12,14 @@ pub enum PortsMsg {
         stride: u16,
         reply: RpcReplyPort<Result<Lease, FleetError>>,
     },
+    /// Blocks for many agents of one fleet from one look at the host's bound ports: all or
+    /// none (on error nothing stays leased).
+    AllocateMany {
+        fleet: String,
+        agents: Vec<String>,
+        stride: u16,
+        reply: RpcReplyPort<Result<Vec<Lease>, FleetError>>,
+    },
     /// Re-install a lease read from the registry.
     Restore {
         fleet: String,

@@ -118,6 +118,10 @@ async fn run(
     mut guard: KillGuard,
 ) {
     let pid = guard.pgid;
+    // What this incarnation started is younger than it: sweeps need not read older processes.
+    let since = super::procfs::read_proc(pid)
+        .map(|p| p.start_time)
+        .unwrap_or(0);
     let mut split_out = LineSplitter::new();
     let mut split_err = LineSplitter::new();
     let mut buf_out = PumpBuf::new();
@@ -148,7 +152,7 @@ async fn run(
                 match ctl {
                     Some(Ctl::Stop { timeout }) => {
                         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
-                        members = sweeper.collect(Some(pid), &marker).await;
+                        members = sweeper.collect_since(Some(pid), &marker, since).await;
                         tree::signal_members(&members, Signal::SIGTERM);
                         let at = Instant::now() + timeout;
                         kill_at = Some(kill_at.map_or(at, |k| k.min(at)));
@@ -158,7 +162,7 @@ async fn run(
                             ctl_open = false;
                         }
                         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                        members = sweeper.collect(Some(pid), &marker).await;
+                        members = sweeper.collect_since(Some(pid), &marker, since).await;
                         tree::signal_members(&members, Signal::SIGKILL);
                         kill_at = None;
                     }
@@ -169,7 +173,7 @@ async fn run(
                 if let Ok(None) = child.try_wait() {
                     let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 }
-                let more = sweeper.collect(Some(pid), &marker).await;
+                let more = sweeper.collect_since(Some(pid), &marker, since).await;
                 members.extend(more);
                 tree::signal_members(&members, Signal::SIGKILL);
             }
@@ -204,7 +208,7 @@ async fn run(
         on_event(OwnerEvent::Exited { exit, requested });
     }
     // Whatever the tree left behind (helpers in their own sessions) goes now.
-    let leftovers = sweeper.collect(None, &marker).await;
+    let leftovers = sweeper.collect_since(None, &marker, since).await;
     let grace = kill_at
         .map(|k| k.saturating_duration_since(Instant::now()))
         .unwrap_or(LEFTOVER_GRACE);

@@ -115,6 +115,7 @@ pub fn terminate_blocking(members: &[Member], grace: std::time::Duration) -> usi
 struct SweepReq {
     root: Option<u32>,
     prefix: String,
+    since: u64,
     reply: tokio::sync::oneshot::Sender<Vec<Member>>,
 }
 
@@ -136,8 +137,14 @@ impl Sweeper {
                 while let Ok(more) = rx.try_recv() {
                     batch.push(more);
                 }
-                let queries: Vec<(Option<u32>, String)> =
-                    batch.iter().map(|r| (r.root, r.prefix.clone())).collect();
+                let queries: Vec<Query> = batch
+                    .iter()
+                    .map(|r| Query {
+                        root: r.root,
+                        prefix: r.prefix.clone(),
+                        since: r.since,
+                    })
+                    .collect();
                 let answers =
                     tokio::task::spawn_blocking(move || collect_many(&queries, min_start_time))
                         .await
@@ -152,12 +159,20 @@ impl Sweeper {
 
     /// Descendants of `root` plus processes marked with `prefix` (root excluded).
     pub async fn collect(&self, root: Option<u32>, prefix: &str) -> Vec<Member> {
+        self.collect_since(root, prefix, 0).await
+    }
+
+    /// `collect`, reading the environment only of processes started at or after `since`
+    /// (clock ticks): what an incarnation started cannot be older than the incarnation, and
+    /// skipping the rest keeps a restart from reading every process on the host.
+    pub async fn collect_since(&self, root: Option<u32>, prefix: &str, since: u64) -> Vec<Member> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         if self
             .tx
             .send(SweepReq {
                 root,
                 prefix: prefix.to_string(),
+                since,
                 reply,
             })
             .is_err()
@@ -168,16 +183,25 @@ impl Sweeper {
     }
 }
 
+/// One question to `collect_many`.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub root: Option<u32>,
+    pub prefix: String,
+    /// Only processes started at or after this (clock ticks) can match the marker.
+    pub since: u64,
+}
+
 /// One scan answering many queries.
-pub fn collect_many(queries: &[(Option<u32>, String)], min_start_time: u64) -> Vec<Vec<Member>> {
+pub fn collect_many(queries: &[Query], min_start_time: u64) -> Vec<Vec<Member>> {
     let procs: Vec<ProcInfo> = procfs::scan()
         .into_iter()
         .filter(|p| p.state != 'Z')
         .collect();
     let mut answers: Vec<Vec<Member>> = queries
         .iter()
-        .map(|(root, _)| match root {
-            Some(r) => procfs::descendants(*r, &procs)
+        .map(|q| match q.root {
+            Some(r) => procfs::descendants(r, &procs)
                 .iter()
                 .map(Member::from)
                 .collect(),
@@ -185,7 +209,13 @@ pub fn collect_many(queries: &[(Option<u32>, String)], min_start_time: u64) -> V
         })
         .collect();
     let needle = format!("{MARKER_VAR}=");
-    for p in procs.iter().filter(|p| p.start_time >= min_start_time) {
+    let oldest = queries
+        .iter()
+        .map(|q| q.since)
+        .min()
+        .unwrap_or(0)
+        .max(min_start_time);
+    for p in procs.iter().filter(|p| p.start_time >= oldest) {
         let Ok(env) = std::fs::read(format!("/proc/{}/environ", p.pid)) else {
             continue;
         };
@@ -195,9 +225,10 @@ pub fn collect_many(queries: &[(Option<u32>, String)], min_start_time: u64) -> V
         else {
             continue;
         };
-        for (i, (root, prefix)) in queries.iter().enumerate() {
-            if value.starts_with(prefix.as_bytes())
-                && Some(p.pid) != *root
+        for (i, q) in queries.iter().enumerate() {
+            if p.start_time >= q.since
+                && value.starts_with(q.prefix.as_bytes())
+                && Some(p.pid) != q.root
                 && !answers[i].iter().any(|m| m.pid == p.pid)
             {
                 answers[i].push(Member::from(p));
