@@ -79,6 +79,12 @@ pub fn ensure_home(paths: &AgentPaths) -> Result<(), FleetError> {
             .map_err(|e| paths.err(format!("creating {}: {e}", parent.display())))?;
     }
     for dir in [&paths.home, &paths.openclaw_dir, &paths.log_dir, &paths.tmp] {
+        // Every restart passes here: a directory already right costs one stat.
+        if fs::symlink_metadata(dir)
+            .is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o777 == 0o700)
+        {
+            continue;
+        }
         match fs::DirBuilder::new().mode(0o700).create(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}

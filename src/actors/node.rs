@@ -615,29 +615,29 @@ impl NodeRuntime {
         .await
         .map_err(FleetError::internal)?;
         self.fleets.insert(spec.name.clone(), fleet.clone());
+        // All AddAgent messages first, then the answers: a thousand agents cost one pass
+        // through the fleet's mailbox, not a thousand round trips.
+        let mut answers = Vec::with_capacity(spec.agents.len());
         for name in &spec.agents {
             let Some(a) = rec.agents.get(name) else {
                 continue;
             };
-            let start = rec.desired == Desired::Running && a.desired == Desired::Running;
-            let port = a.port_base.unwrap_or(0);
-            let token = a.token.clone();
-            let agent = name.clone();
-            match fleet
-                .call(
-                    |r| FleetMsg::AddAgent {
-                        agent,
-                        port,
-                        token,
-                        start,
-                        reply: r,
-                    },
-                    Some(CALL),
-                )
-                .await
-            {
-                Ok(CallResult::Success(Ok(()))) => {}
-                Ok(CallResult::Success(Err(e))) => return Err(e),
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            fleet
+                .send_message(FleetMsg::AddAgent {
+                    agent: name.clone(),
+                    port: a.port_base.unwrap_or(0),
+                    token: a.token.clone(),
+                    start: rec.desired == Desired::Running && a.desired == Desired::Running,
+                    reply: tx.into(),
+                })
+                .map_err(|_| FleetError::internal("fleet stopped while adding agents"))?;
+            answers.push(rx);
+        }
+        for rx in answers {
+            match tokio::time::timeout(CALL, rx).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => return Err(e),
                 _ => return Err(FleetError::internal("fleet did not answer AddAgent")),
             }
         }
