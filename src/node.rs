@@ -370,6 +370,26 @@ impl NodeHandle {
         }
     }
 
+    /// `logs -n lines`, then a follower of what the agent writes next: the half of
+    /// `logs --follow` that the REPL and the socket share.
+    pub async fn follow_logs(
+        &self,
+        fleet: &str,
+        agent: &str,
+        lines: usize,
+    ) -> Result<(Vec<String>, LogFollow), FleetError> {
+        let first = self.logs(fleet, agent, lines).await?;
+        let token = self.token(fleet, agent, false).await?;
+        let path = crate::provision::AgentPaths::new(self.state_dir(), fleet, agent).agent_log;
+        Ok((
+            first,
+            LogFollow {
+                follower: crate::logs::tail::Follower::new(&path),
+                token,
+            },
+        ))
+    }
+
     /// Every lifecycle event from now on. A subscriber that falls behind by more than the
     /// channel capacity loses the oldest events (`RecvError::Lagged`).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
@@ -420,5 +440,22 @@ impl NodeHandle {
             .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))
             .await;
         self.ctx.spawner.close();
+    }
+}
+
+/// New lines of one agent's log, its token redacted; poll it every few hundred ms.
+pub struct LogFollow {
+    follower: crate::logs::tail::Follower,
+    token: String,
+}
+
+impl LogFollow {
+    pub fn poll(&mut self) -> Vec<String> {
+        self.follower
+            .poll()
+            .unwrap_or_default()
+            .iter()
+            .map(|l| crate::logs::tail::redact(l, &[self.token.as_str()]))
+            .collect()
     }
 }

@@ -242,20 +242,14 @@ impl NodeRuntime {
             }
             Command::FleetList => answer(reply, Ok(Reply::Fleets(self.fleet_infos()))),
             Command::FleetStart { fleet } => {
-                let r = self
-                    .fleet_call(&fleet, |r| FleetMsg::StartAll { reply: r }, CALL)
-                    .await;
-                let r = r.and_then(|_| self.set_fleet_desired(&fleet, Desired::Running));
+                let r = self.run_fleet(&fleet, false).await;
                 answer(
                     reply,
                     r.and_then(|_| done(format!("fleet {fleet} started"))),
                 )
             }
             Command::FleetRestart { fleet } => {
-                let r = self
-                    .fleet_call(&fleet, |r| FleetMsg::RestartAll { reply: r }, CALL)
-                    .await;
-                let r = r.and_then(|_| self.set_fleet_desired(&fleet, Desired::Running));
+                let r = self.run_fleet(&fleet, true).await;
                 answer(
                     reply,
                     r.and_then(|_| done(format!("fleet {fleet} restarting"))),
@@ -436,6 +430,18 @@ impl NodeRuntime {
                 what: format!("fleet {fleet} to answer"),
             }),
         }
+    }
+
+    /// Starts (or restarts) every agent of a fleet and records that it should run.
+    async fn run_fleet(&mut self, fleet: &str, restart: bool) -> Result<(), FleetError> {
+        if restart {
+            self.fleet_call(fleet, |r| FleetMsg::RestartAll { reply: r }, CALL)
+                .await?;
+        } else {
+            self.fleet_call(fleet, |r| FleetMsg::StartAll { reply: r }, CALL)
+                .await?;
+        }
+        self.set_fleet_desired(fleet, Desired::Running)
     }
 
     fn save(&self) -> Result<(), FleetError> {

@@ -6,10 +6,8 @@
 use crate::admin::parse::parse_line;
 use crate::admin::render::{render, render_event};
 use crate::error::FleetError;
-use crate::logs::tail;
 use crate::messages::command::{Command, Reply};
 use crate::node::NodeHandle;
-use crate::provision::AgentPaths;
 use std::io::BufRead;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -99,30 +97,24 @@ pub async fn run(node: NodeHandle, tty: bool, history: Option<std::path::PathBuf
                 lines,
                 follow: true,
             } => {
-                let first = node
-                    .execute(Command::Logs {
-                        fleet: fleet.clone(),
-                        agent: agent.clone(),
-                        lines,
-                        follow: false,
-                    })
-                    .await;
-                println!("{}", render(&first, json));
-                if matches!(first, Reply::Error(_)) {
-                    let _ = ack_tx.send(());
-                    continue;
-                }
-                let token = node.token(&fleet, &agent, false).await.unwrap_or_default();
-                let mut follower = tail::Follower::new(
-                    &AgentPaths::new(node.state_dir(), &fleet, &agent).agent_log,
-                );
+                let mut follow = match node.follow_logs(&fleet, &agent, lines).await {
+                    Ok((first, follow)) => {
+                        println!("{}", render(&Reply::Logs(first), json));
+                        follow
+                    }
+                    Err(e) => {
+                        println!("{}", render(&Reply::Error(e), json));
+                        let _ = ack_tx.send(());
+                        continue;
+                    }
+                };
                 let _ = ack_tx.send(());
                 let mut tick = tokio::time::interval(Duration::from_millis(250));
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {
-                            for l in follower.poll().unwrap_or_default() {
-                                println!("{}", tail::redact(&l, &[token.as_str()]));
+                            for l in follow.poll() {
+                                println!("{l}");
                             }
                         }
                         input = rx.recv() => {

@@ -6,13 +6,11 @@
 
 use crate::admin::parse::{parse_line, MAX_LINE_BYTES};
 use crate::error::FleetError;
-use crate::logs::tail;
 use crate::messages::command::{Command, Reply};
 use crate::messages::events::Event;
 use crate::node::NodeHandle;
-use crate::provision::AgentPaths;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -165,24 +163,14 @@ async fn connection(
                 agent,
                 lines,
                 follow: true,
-            } => {
-                let first = node
-                    .execute(Command::Logs {
-                        fleet: fleet.clone(),
-                        agent: agent.clone(),
-                        lines,
-                        follow: false,
-                    })
-                    .await;
-                let failed = matches!(first, Reply::Error(_));
-                send(&mut w, &Frame::Reply { reply: first, json }).await?;
-                if failed {
-                    continue;
+            } => match node.follow_logs(&fleet, &agent, lines).await {
+                Err(e) => send(&mut w, &error_reply(e, json)).await?,
+                Ok((first, follow)) => {
+                    let reply = Reply::Logs(first);
+                    send(&mut w, &Frame::Reply { reply, json }).await?;
+                    return follow_log(follow, &mut w, &mut reader).await;
                 }
-                let token = node.token(&fleet, &agent, false).await.unwrap_or_default();
-                let path = AgentPaths::new(node.state_dir(), &fleet, &agent).agent_log;
-                return follow_log(path, token, &mut w, &mut reader).await;
-            }
+            },
             Command::Shutdown => {
                 let reply = node.execute(Command::Shutdown).await;
                 send(&mut w, &Frame::Reply { reply, json }).await?;
@@ -261,20 +249,17 @@ async fn stream_events<R: tokio::io::AsyncBufRead + Unpin>(
 }
 
 async fn follow_log<R: tokio::io::AsyncBufRead + Unpin>(
-    path: PathBuf,
-    token: String,
+    mut follow: crate::node::LogFollow,
     w: &mut tokio::net::unix::OwnedWriteHalf,
     reader: &mut R,
 ) -> std::io::Result<()> {
-    let mut follower = tail::Follower::new(&path);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut sink = Vec::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let lines = follower.poll().unwrap_or_default();
-                for l in lines {
-                    send(w, &Frame::Line { line: tail::redact(&l, &[token.as_str()]) }).await?;
+                for line in follow.poll() {
+                    send(w, &Frame::Line { line }).await?;
                 }
             }
             n = reader.read_until(b'\n', &mut sink) => {
