@@ -540,7 +540,7 @@ fn ten_real_agents_with_start_gate() {
         return;
     };
     let _one_at_a_time = serial();
-    let mut d = daemon(&inst, "57000-57999", &["--max-concurrent-starts", "2"]);
+    let mut d = daemon(&inst, "51000-52999", &["--max-concurrent-starts", "2"]);
     let t0 = Instant::now();
     d.ctl(&[
         "fleet",
