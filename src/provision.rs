@@ -97,7 +97,52 @@ pub fn ensure_home(paths: &AgentPaths) -> Result<(), FleetError> {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .map_err(|e| paths.err(format!("chmod 0700 {}: {e}", dir.display())))?;
     }
+    // Called right before each spawn, when no incarnation of this agent is running.
+    clear_gateway_lock_payloads(paths)?;
     Ok(())
+}
+
+/// Deletes the gateway-lock payloads (`gateway.<h>.lock`, `gateway.state.lock`: JSON with the
+/// owner's pid and start time) a previous incarnation left in
+/// `<HOME>/.openclaw/tmp/openclaw-<uid>/`; returns how many. The commander is the only one to
+/// start this agent and the previous gateway has exited, so any payload there is stale. It
+/// must go because OpenClaw's staleness test reads `/proc/<pid>` with the pid as seen in the
+/// gateway's PID namespace while `/proc` is the host's: after a daemon restart the recorded
+/// namespace pid (2, 3, …) is alive again in the new namespace, `/proc/2` (the host's
+/// kthreadd) matches the recorded start time, and the gateway exits 78 "Another gateway
+/// (pid 2) already owns this state directory". The zero-byte `*.lock.sqlite` lifecycle locks
+/// beside them are kernel locks, not pids, and stay. (A spec `env` setting
+/// `OPENCLAW_STATE_DIR` moves the directory; it is not followed.)
+pub fn clear_gateway_lock_payloads(paths: &AgentPaths) -> Result<usize, FleetError> {
+    let dir = paths
+        .openclaw_dir
+        .join("tmp")
+        .join(format!("openclaw-{}", nix::unistd::getuid().as_raw()));
+    let entries = match fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(paths.err(format!("listing {}: {e}", dir.display()))),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| paths.err(format!("listing {}: {e}", dir.display())))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !(name.starts_with("gateway.") && name.ends_with(".lock")) {
+            continue;
+        }
+        match fs::remove_file(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(paths.err(format!(
+                    "removing stale gateway lock {}: {e}",
+                    entry.path().display()
+                )))
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// 32 bytes from the OS RNG as 64 lowercase hex characters.
@@ -732,6 +777,35 @@ mod tests {
             "temp file left behind"
         );
         assert_eq!(read_token(&p.config).as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn ensure_home_drops_stale_gateway_lock_payloads_only() {
+        let t = tempfile::tempdir().unwrap();
+        let p = AgentPaths::new(t.path(), "f", "a");
+        let lock_dir = p
+            .openclaw_dir
+            .join("tmp")
+            .join(format!("openclaw-{}", nix::unistd::getuid().as_raw()));
+        fs::create_dir_all(&lock_dir).unwrap();
+        let payloads = ["gateway.state.lock", "gateway.ecf5c10c.lock"];
+        let kept = [
+            "gateway.state.lock.sqlite",
+            "gateway.ecf5c10c.lock.sqlite",
+            "device-identity.1234abcd.lock.sqlite",
+            "other.lock",
+        ];
+        for n in payloads.iter().chain(&kept) {
+            fs::write(lock_dir.join(n), "{\"pid\":2,\"startTime\":24}").unwrap();
+        }
+        ensure_home(&p).unwrap();
+        for n in payloads {
+            assert!(!lock_dir.join(n).exists(), "{n} survived");
+        }
+        for n in kept {
+            assert!(lock_dir.join(n).exists(), "{n} was removed");
+        }
+        assert_eq!(clear_gateway_lock_payloads(&p).unwrap(), 0);
     }
 
     #[test]
