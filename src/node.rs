@@ -131,6 +131,19 @@ async fn sweep_leftovers(data: &RegistryData) -> usize {
             start_time: p.start_time,
         })
         .collect();
+    // Every recorded process, ours or dying: a process in its exit can no longer show its
+    // marker but may still hold its port for a few milliseconds.
+    let identities: Vec<tree::Member> = data
+        .fleets
+        .values()
+        .flat_map(|f| f.agents.values())
+        .filter_map(|a| a.process.as_ref())
+        .map(|p| tree::Member {
+            pid: p.pid,
+            pgid: p.pgid,
+            start_time: p.start_time,
+        })
+        .collect();
     tokio::task::spawn_blocking(move || {
         let mut all = tree::collect(None, &prefix);
         for r in recorded {
@@ -140,6 +153,12 @@ async fn sweep_leftovers(data: &RegistryData) -> usize {
         }
         let n = all.len();
         tree::terminate_blocking(&all, Duration::from_secs(5));
+        // Waiting is harmless even for a process that is not ours: same pid and start time
+        // means it is the recorded one, and it is on its way out.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !tree::alive(&identities).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         n
     })
     .await

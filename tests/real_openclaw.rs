@@ -467,15 +467,12 @@ fn real_daemon_restart_keeps_ports_and_tokens() {
     );
 }
 
-/// The same with agents in fleetd's PID namespace (the default for root). Fails now and then
-/// with OpenClaw 2026.9.6: the gateway records its owner lease as its namespace pid plus a
-/// start time read from the host's `/proc/<that pid>` (for pid 2 that is kthreadd's). In the
-/// next daemon's namespace the same small pids are alive again, so when a gateway's recorded
-/// pid now belongs to its sibling (start order decides) the lease looks held and it exits 1
-/// ("Another Gateway owner lease is still active") until the restart intensity is exceeded.
-/// Needs `src/process/spawn.rs` to give the agents a /proc of their own namespace.
+/// The same with agents in fleetd's PID namespace (the default for root). OpenClaw 2026.9.6
+/// records its owner lease as its pid plus that pid's start time from /proc; with the host's
+/// /proc, a restarted daemon's namespace reuses the same small pids and a stale lease looked
+/// held (the gateway exited 1, "Another Gateway owner lease is still active"). Agents now get
+/// a /proc of their own namespace (`process::spawn::mount_own_proc`); this guards that.
 #[test]
-#[ignore = "intermittent until agents in a PID namespace get their own /proc (see doc comment)"]
 fn real_daemon_restart_in_pid_namespace() {
     daemon_restart("real_daemon_restart_in_pid_namespace", "59000-59999", &[]);
 }

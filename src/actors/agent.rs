@@ -602,6 +602,9 @@ fn kill_orphan_child(mut child: tokio::process::Child) {
     });
 }
 
+/// Looks at a taken base port this many times, 100 ms apart, before moving the agent.
+const PORT_RECHECKS: u32 = 10;
+
 /// Everything between "start" and a running child, off the actor.
 struct StartJob {
     fleet: String,
@@ -719,8 +722,13 @@ impl StartJob {
     /// The agent's base port, or a new block when another process now holds it (checked at
     /// lease time and again before every start).
     async fn free_port(&self) -> Result<u16, FleetError> {
-        if crate::ports::port_is_bindable(self.port) {
-            return Ok(self.port);
+        // A previous process of this agent that is still exiting holds the port for a few
+        // milliseconds; only a port that stays taken is someone else's.
+        for _ in 0..PORT_RECHECKS {
+            if crate::ports::port_is_bindable(self.port) {
+                return Ok(self.port);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let Some(ports) = self.ctx.ports.get() else {
             return Ok(self.port);

@@ -1178,40 +1178,54 @@ pub fn status_rows(
     rows
 }
 
+/// Whole-tree processes, RSS, PSS and CPU of each agent; CPU from two scans `TOP_WINDOW`
+/// apart (blocking: runs in a blocking task).
 fn top_rows(rows: &[AgentStatus]) -> Vec<TopRow> {
-    let procs = crate::process::procfs::scan();
-    let page = 4096u64;
+    use crate::process::procfs::{self, ProcInfo};
+    let tree = |pid: u32, procs: &[ProcInfo]| -> Vec<ProcInfo> {
+        let mut t: Vec<ProcInfo> = procs.iter().filter(|p| p.pid == pid).cloned().collect();
+        t.extend(procfs::descendants(pid, procs));
+        t
+    };
+    let ticks = |t: &[ProcInfo]| t.iter().map(|p| p.utime + p.stime).sum::<u64>();
+    let before = procfs::scan();
+    std::thread::sleep(TOP_WINDOW);
+    let after = procfs::scan();
+    let hz = procfs::clock_ticks_per_sec().max(1) as f64;
     rows.iter()
         .map(|r| {
-            let mut rss = 0;
-            let mut n = 0;
-            let mut cpu_ticks = 0;
-            if let Some(pid) = r.pid {
-                if let Some(me) = procs.iter().find(|p| p.pid == pid) {
-                    rss += me.rss_pages * page;
-                    cpu_ticks += me.utime + me.stime;
-                    n += 1;
+            let (procs, rss, pss, cpu) = match r.pid {
+                Some(pid) => {
+                    let now = tree(pid, &after);
+                    let then = ticks(&tree(pid, &before));
+                    let cpu =
+                        ticks(&now).saturating_sub(then) as f64 / hz / TOP_WINDOW.as_secs_f64()
+                            * 100.0;
+                    let rss = now.iter().map(|p| p.rss_pages).sum::<u64>() * procfs::page_size();
+                    let pss = now
+                        .iter()
+                        .map(|p| procfs::pss_bytes(p.pid))
+                        .sum::<Option<u64>>();
+                    (now.len() as u32, rss, pss, cpu)
                 }
-                for d in crate::process::procfs::descendants(pid, &procs) {
-                    rss += d.rss_pages * page;
-                    cpu_ticks += d.utime + d.stime;
-                    n += 1;
-                }
-            }
-            let _ = cpu_ticks;
+                None => (0, 0, None, 0.0),
+            };
             TopRow {
                 fleet: r.fleet.clone(),
                 agent: r.agent.clone(),
                 state: r.state,
                 pid: r.pid,
-                processes: n,
+                processes: procs,
                 rss_bytes: rss,
-                pss_bytes: None,
-                cpu_percent: 0.0,
+                pss_bytes: pss,
+                cpu_percent: (cpu * 10.0).round() / 10.0,
             }
         })
         .collect()
 }
+
+/// How long `top` watches CPU time.
+const TOP_WINDOW: Duration = Duration::from_millis(500);
 
 /// Measures every agent's whole process tree (one /proc scan per round, off the actors) and
 /// reports agents that stay above their fleet's `max_memory` for two samples in a row.

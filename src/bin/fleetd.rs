@@ -82,7 +82,9 @@ fn init_tracing(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into a journal or a file.
+        .with_ansi(std::io::stderr().is_terminal());
     if format == "json" {
         b.json().init();
     } else {

@@ -190,10 +190,49 @@ fn spawn_one(req: &SpawnRequest, in_ns: bool) -> io::Result<tokio::process::Chil
             if libc::getppid() != expected_ppid {
                 libc::_exit(1);
             }
+            if in_ns {
+                mount_own_proc()?;
+            }
             Ok(())
         });
     }
     cmd.spawn()
+}
+
+/// Gives the agent a /proc of its own PID namespace (in a private mount namespace).
+///
+/// OpenClaw records lock and lease owners as its pid plus that pid's start time read from
+/// /proc. Inside our PID namespace its pid is small (2, 3, …) while the host's /proc would
+/// describe the host's process of that number; after a daemon restart the same small pids
+/// are alive again in the new namespace and a stale owner looks alive (measured: restarted
+/// gateways exited 78 or 1). With its own /proc the pid and the start time agree.
+/// Async-signal-safe: raw system calls only.
+unsafe fn mount_own_proc() -> io::Result<()> {
+    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Nothing we mount may propagate back to the host.
+    if libc::mount(
+        std::ptr::null(),
+        c"/".as_ptr(),
+        std::ptr::null(),
+        libc::MS_REC | libc::MS_PRIVATE,
+        std::ptr::null(),
+    ) != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    if libc::mount(
+        c"proc".as_ptr(),
+        c"/proc".as_ptr(),
+        c"proc".as_ptr(),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        std::ptr::null(),
+    ) != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Creates a PID namespace for this thread's future children and forks its init.
