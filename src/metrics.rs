@@ -48,6 +48,8 @@ struct LeaseState {
 pub struct Metrics {
     restarts: Family<FleetReason, Counter>,
     log_dropped: Family<FleetLabel, Counter>,
+    /// Bytes every agent log writer wrote.
+    pub log_bytes: Counter,
     /// Liveness probe latency, every probe.
     pub probe_latency: Histogram,
     /// Leased blocks and free ports, kept by the PortAllocator.
@@ -60,6 +62,7 @@ impl Default for Metrics {
         Metrics {
             restarts: Family::default(),
             log_dropped: Family::default(),
+            log_bytes: Counter::default(),
             probe_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             leases_used: Gauge::default(),
             ports_free: Gauge::default(),
@@ -151,6 +154,11 @@ pub fn render(ctx: &NodeContext) -> String {
         "probe_latency_seconds",
         "Latency of liveness probes",
         m.probe_latency.clone(),
+    );
+    reg.register(
+        "log_bytes",
+        "Bytes written to agent logs",
+        m.log_bytes.clone(),
     );
     reg.register(
         "log_lines_dropped",

@@ -223,6 +223,14 @@ async fn metrics_are_prometheus_text_and_move_with_restarts() {
         after.contains("fleet_probe_latency_seconds_count"),
         "{after}"
     );
+    let log_bytes = after
+        .lines()
+        .find(|l| l.starts_with("fleet_log_bytes_total "))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(
+        log_bytes.is_some_and(|b| b > 0),
+        "no log bytes counted: {after}"
+    );
     node.shutdown().await;
 }
 

@@ -591,3 +591,90 @@ fn ten_real_agents_with_start_gate() {
     );
     d.stop();
 }
+
+/// The `lean` profile against `default`, in one daemon and one run: both gateways get ready
+/// on their own ports, and the lean one's whole tree holds less memory. Figures printed.
+#[test]
+fn lean_profile_is_ready_and_smaller_than_default() {
+    let Some(inst) = openclaw::install("lean_profile_is_ready_and_smaller_than_default") else {
+        return;
+    };
+    let _one_at_a_time = serial();
+    let d = daemon(&inst, "57000-57999", &[]);
+    let t0 = Instant::now();
+    d.ctl(&[
+        "fleet",
+        "create",
+        "dflt",
+        "--agents",
+        "1",
+        "--profile",
+        "default",
+    ]);
+    d.ctl(&[
+        "fleet",
+        "create",
+        "lean",
+        "--agents",
+        "1",
+        "--profile",
+        "lean",
+    ]);
+    let mut up = BTreeMap::new();
+    let rows = wait_until(START_DEADLINE, "both gateways running", |last| {
+        let rows: Vec<Value> = d.status();
+        *last = serde_json::to_string(&rows).unwrap();
+        for r in &rows {
+            if r["state"] == "running" {
+                up.entry(r["fleet"].as_str().unwrap().to_string())
+                    .or_insert_with(|| t0.elapsed());
+            }
+        }
+        (rows.len() == 2 && rows.iter().all(|r| r["state"] == "running")).then_some(rows)
+    });
+    for r in &rows {
+        wait_ready(
+            r["port"].as_u64().unwrap() as u16,
+            r["fleet"].as_str().unwrap(),
+        );
+    }
+    // Memory settles after start-up: compare the whole trees' PSS (`top`) once both are ready
+    // and the sampler has seen them, taking each profile's largest of three readings.
+    let mut pss: BTreeMap<String, u64> = BTreeMap::new();
+    for _ in 0..3 {
+        let top: Value = serde_json::from_str(&d.ctl(&["--json", "top"])).unwrap();
+        for r in top.as_array().unwrap() {
+            let v = r["pss_bytes"]
+                .as_u64()
+                .or(r["rss_bytes"].as_u64())
+                .unwrap_or(0);
+            let e = pss
+                .entry(r["fleet"].as_str().unwrap().to_string())
+                .or_default();
+            *e = (*e).max(v);
+        }
+    }
+    let rss: BTreeMap<String, u64> =
+        wait_until(Duration::from_secs(30), "RSS samples of both", |last| {
+            let rows = d.status();
+            *last = serde_json::to_string(&rows).unwrap();
+            rows.iter()
+                .map(|r| Some((r["fleet"].as_str()?.to_string(), r["rss_bytes"].as_u64()?)))
+                .collect::<Option<BTreeMap<_, _>>>()
+        });
+    eprintln!(
+        "lean vs default (one run): cold start to running {:?} vs {:?}; tree PSS {} vs {} MiB; tree RSS {} vs {} MiB",
+        up["lean"],
+        up["dflt"],
+        pss["lean"] >> 20,
+        pss["dflt"] >> 20,
+        rss["lean"] >> 20,
+        rss["dflt"] >> 20
+    );
+    assert!(
+        pss["lean"] < pss["dflt"],
+        "lean PSS {} is not below default {}",
+        pss["lean"],
+        pss["dflt"]
+    );
+}

@@ -354,11 +354,12 @@ impl AgentRuntime {
                 });
             }
             Ok(sp) => {
-                let log = LogWriter::open(
+                let mut log = LogWriter::open(
                     self.paths.agent_log.clone(),
                     self.spec.logs.max_bytes,
                     self.spec.logs.keep,
                 );
+                log.count_into(self.ctx.metrics.log_bytes.clone());
                 let me = myself.clone();
                 let handle = owner::own(
                     sp.child,

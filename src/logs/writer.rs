@@ -190,6 +190,8 @@ pub struct LogWriter {
     fail_writes: bool,
     slot: Slot,
     compressors: Vec<JoinHandle<()>>,
+    /// Node-wide count of bytes written to agent logs (the metrics).
+    counter: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 impl LogWriter {
@@ -211,6 +213,7 @@ impl LogWriter {
             unreported: 0,
             healthy: true,
             bytes_written: 0,
+            counter: None,
             ts_secs: u64::MAX,
             ts_prefix: [b'0'; 19],
             fail_writes: false,
@@ -262,6 +265,11 @@ impl LogWriter {
     }
 
     /// Bytes written to disk since open, across rotations.
+    /// Also adds every byte written to `counter` (shared by all agents' writers).
+    pub fn count_into(&mut self, counter: prometheus_client::metrics::counter::Counter) {
+        self.counter = Some(counter);
+    }
+
     pub fn bytes_written(&self) -> u64 {
         self.bytes_written
     }
@@ -368,6 +376,9 @@ impl LogWriter {
                 let n = self.pending.len() as u64;
                 self.size += n;
                 self.bytes_written += n;
+                if let Some(c) = &self.counter {
+                    c.inc_by(n);
+                }
                 self.healthy = true;
             }
             Err(_) => {
