@@ -1182,22 +1182,19 @@ pub fn status_rows(
 /// apart (blocking: runs in a blocking task).
 fn top_rows(rows: &[AgentStatus]) -> Vec<TopRow> {
     use crate::process::procfs::{self, ProcInfo};
-    let tree = |pid: u32, procs: &[ProcInfo]| -> Vec<ProcInfo> {
-        let mut t: Vec<ProcInfo> = procs.iter().filter(|p| p.pid == pid).cloned().collect();
-        t.extend(procfs::descendants(pid, procs));
-        t
-    };
-    let ticks = |t: &[ProcInfo]| t.iter().map(|p| p.utime + p.stime).sum::<u64>();
-    let before = procfs::scan();
+    let ticks = |t: &[&ProcInfo]| t.iter().map(|p| p.utime + p.stime).sum::<u64>();
+    let before_scan = procfs::scan();
+    let before = procfs::Forest::new(&before_scan);
     std::thread::sleep(TOP_WINDOW);
-    let after = procfs::scan();
+    let after_scan = procfs::scan();
+    let after = procfs::Forest::new(&after_scan);
     let hz = procfs::clock_ticks_per_sec().max(1) as f64;
     rows.iter()
         .map(|r| {
             let (procs, rss, pss, cpu) = match r.pid {
                 Some(pid) => {
-                    let now = tree(pid, &after);
-                    let then = ticks(&tree(pid, &before));
+                    let now = after.tree(pid);
+                    let then = ticks(&before.tree(pid));
                     let cpu =
                         ticks(&now).saturating_sub(then) as f64 / hz / TOP_WINDOW.as_secs_f64()
                             * 100.0;
@@ -1247,12 +1244,14 @@ async fn sample_memory(ctx: Arc<NodeContext>, node: ActorRef<NodeMsg>) {
         }
         let samples = tokio::task::spawn_blocking(move || {
             let procs = crate::process::procfs::scan();
+            let forest = crate::process::procfs::Forest::new(&procs);
+            let page = crate::process::procfs::page_size();
             agents
                 .into_iter()
                 .map(|(key, pid)| {
-                    let rss = crate::process::procfs::tree_rss_bytes(pid, &procs);
-                    let n = 1 + crate::process::procfs::descendants(pid, &procs).len() as u32;
-                    (key, rss, n)
+                    let tree = forest.tree(pid);
+                    let rss = tree.iter().map(|p| p.rss_pages).sum::<u64>() * page;
+                    (key, rss, tree.len() as u32)
                 })
                 .collect::<Vec<_>>()
         })

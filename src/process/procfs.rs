@@ -128,32 +128,61 @@ pub fn scan() -> Vec<ProcInfo> {
 
 /// Transitive children of `root` in `procs` (root itself excluded), parents before children.
 /// Follows ppid only, so helpers that moved to their own process group or session are still
-/// found as long as their parent is alive.
+/// found as long as their parent is alive. For many roots over one scan, build a `Forest`.
 pub fn descendants(root: u32, procs: &[ProcInfo]) -> Vec<ProcInfo> {
-    // (ppid, index) sorted by ppid: children of any pid are one binary search away, with a
-    // single allocation instead of a map of vectors.
-    let mut by_parent: Vec<(u32, usize)> =
-        procs.iter().enumerate().map(|(i, p)| (p.ppid, i)).collect();
-    by_parent.sort_unstable();
-    let mut taken = vec![false; procs.len()];
-    let mut out: Vec<ProcInfo> = Vec::new();
-    let mut frontier = vec![root];
-    // Each index is taken at most once, so even a malformed table with a cycle terminates.
-    while let Some(parent) = frontier.pop() {
-        let start = by_parent.partition_point(|&(pp, _)| pp < parent);
-        for &(pp, i) in &by_parent[start..] {
-            if pp != parent {
-                break;
-            }
-            if taken[i] || procs[i].pid == root {
-                continue;
-            }
-            taken[i] = true;
-            out.push(procs[i].clone());
-            frontier.push(procs[i].pid);
-        }
+    Forest::new(procs).descendants(root)
+}
+
+/// One scan indexed by parent: the trees of many roots without re-sorting the table for each
+/// (the memory sampler asks for a thousand trees every round).
+pub struct Forest<'a> {
+    procs: &'a [ProcInfo],
+    /// (ppid, index) sorted by ppid: children of any pid are one binary search away.
+    by_parent: Vec<(u32, usize)>,
+}
+
+impl<'a> Forest<'a> {
+    pub fn new(procs: &'a [ProcInfo]) -> Self {
+        let mut by_parent: Vec<(u32, usize)> =
+            procs.iter().enumerate().map(|(i, p)| (p.ppid, i)).collect();
+        by_parent.sort_unstable();
+        Forest { procs, by_parent }
     }
-    out
+
+    /// Transitive children of `root`, parents before children (root excluded).
+    pub fn descendants(&self, root: u32) -> Vec<ProcInfo> {
+        self.walk(root).map(|i| self.procs[i].clone()).collect()
+    }
+
+    /// `root` (if present) and its descendants.
+    pub fn tree(&self, root: u32) -> Vec<&'a ProcInfo> {
+        let procs = self.procs;
+        procs
+            .iter()
+            .filter(|p| p.pid == root)
+            .chain(self.walk(root).map(|i| &procs[i]))
+            .collect()
+    }
+
+    fn walk(&self, root: u32) -> impl Iterator<Item = usize> + '_ {
+        let mut out = Vec::new();
+        let mut frontier = vec![root];
+        // Each index is taken at most once, so even a malformed table with a cycle terminates.
+        while let Some(parent) = frontier.pop() {
+            let start = self.by_parent.partition_point(|&(pp, _)| pp < parent);
+            for &(pp, i) in &self.by_parent[start..] {
+                if pp != parent {
+                    break;
+                }
+                if out.contains(&i) || self.procs[i].pid == root {
+                    continue;
+                }
+                out.push(i);
+                frontier.push(self.procs[i].pid);
+            }
+        }
+        out.into_iter()
+    }
 }
 
 /// True when `pid` exists, has exactly this start time and is not a zombie: the only safe
