@@ -38,6 +38,30 @@ pub struct NodeConfig {
     pub memory_reserve: u64,
     /// Where MemAvailable is read (tests point it at a file of their own).
     pub meminfo_path: PathBuf,
+    /// Which cgroup v2 directory agents get their cgroups under.
+    pub cgroup: CgroupMode,
+}
+
+/// Where per-agent cgroups live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupMode {
+    /// The daemon's own cgroup when the host delegates it (pure cgroup v2, writable).
+    Auto,
+    /// No cgroups: limits by /proc sampling only.
+    Off,
+    /// This cgroup v2 directory (e.g. a hybrid host's unified hierarchy).
+    At(PathBuf),
+}
+
+impl std::str::FromStr for CgroupMode {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "auto" => CgroupMode::Auto,
+            "off" => CgroupMode::Off,
+            dir => CgroupMode::At(PathBuf::from(dir)),
+        })
+    }
 }
 
 impl NodeConfig {
@@ -59,6 +83,7 @@ impl NodeConfig {
             sample_interval: std::time::Duration::from_secs(5),
             memory_reserve: 512 * 1024 * 1024,
             meminfo_path: PathBuf::from("/proc/meminfo"),
+            cgroup: CgroupMode::Auto,
         }
     }
 }
@@ -111,6 +136,8 @@ pub struct NodeContext {
     /// Starts waiting at the start gate.
     pub gate_waiting: std::sync::atomic::AtomicI64,
     pub metrics: crate::metrics::Metrics,
+    /// Per-agent cgroups, where a cgroup v2 directory is delegated to the daemon.
+    pub cgroups: Option<crate::process::cgroup::CgroupTree>,
     incarnations: AtomicU64,
 }
 
@@ -129,7 +156,13 @@ pub struct Observed {
 }
 
 impl NodeContext {
-    pub fn new(config: NodeConfig, node_id: String, spawner: Spawner, sweeper: Sweeper) -> Self {
+    pub fn new(
+        config: NodeConfig,
+        node_id: String,
+        spawner: Spawner,
+        sweeper: Sweeper,
+        cgroups: Option<crate::process::cgroup::CgroupTree>,
+    ) -> Self {
         let (events, _) = broadcast::channel(config.event_capacity.max(16));
         let gate = Arc::new(Semaphore::new(config.max_concurrent_starts.max(1)));
         let compile_cache = config.state_dir.join("compile-cache");
@@ -150,6 +183,7 @@ impl NodeContext {
             fleet_specs: DashMap::new(),
             gate_waiting: std::sync::atomic::AtomicI64::new(0),
             metrics: crate::metrics::Metrics::default(),
+            cgroups,
             incarnations: AtomicU64::new(1),
         }
     }

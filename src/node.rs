@@ -17,11 +17,12 @@
 //! ```
 
 use crate::actors::node::{NodeActor, NodeArgs};
-use crate::context::{NodeConfig, NodeContext};
+use crate::context::{CgroupMode, NodeConfig, NodeContext};
 use crate::error::FleetError;
 use crate::messages::command::{AgentStatus, Command, FleetInfo, PortLeaseRow, Reply};
 use crate::messages::events::Event;
 use crate::messages::node::NodeMsg;
+use crate::process::cgroup::CgroupTree;
 use crate::process::procfs;
 use crate::process::spawn::{Isolation, Spawner};
 use crate::process::tree::{self, Sweeper};
@@ -79,13 +80,15 @@ impl Node {
                 "stopped processes left by a previous run of this node"
             );
         }
+        // Before the spawner: the namespace guardian and every agent inherit the daemon's
+        // cgroup, which must already be the leaf it moves into.
+        let mode = config.cgroup.clone();
+        let cgroups = tokio::task::spawn_blocking(move || setup_cgroups(&mode))
+            .await
+            .map_err(FleetError::internal)??;
         let spawner = Spawner::start(tokio::runtime::Handle::current(), config.pid_namespace)
             .map_err(|e| FleetError::internal(format!("cannot start the spawner thread: {e}")))?;
         tracing::info!(isolation = spawner.isolation().as_str(), "agent isolation");
-        match procfs::cgroup_v2_delegated() {
-            Some(dir) => tracing::info!(cgroup = %dir.display(), "cgroup v2 is delegated to this daemon"),
-            None => tracing::info!("cgroup v2 is not delegated to this daemon (cgroup v1, or no delegation): per-agent memory.max/pids.max/cpu.max are off; memory limits use /proc sampling"),
-        }
         let own_start = procfs::read_proc(std::process::id())
             .map(|p| p.start_time)
             .unwrap_or(0);
@@ -95,6 +98,7 @@ impl Node {
             data.node_id.clone(),
             spawner,
             sweeper,
+            cgroups,
         ));
         let (actor, _) = Actor::spawn(
             None,
@@ -108,6 +112,39 @@ impl Node {
         .await
         .map_err(FleetError::internal)?;
         Ok(NodeHandle { actor, ctx })
+    }
+}
+
+/// The per-agent cgroup tree, or None (said once, with why). A directory named explicitly
+/// that cannot be used is an error; an automatic one that cannot be used is not.
+fn setup_cgroups(mode: &CgroupMode) -> Result<Option<CgroupTree>, FleetError> {
+    let (dir, explicit) = match mode {
+        CgroupMode::Off => {
+            tracing::info!("cgroups off by configuration: memory limits use /proc sampling");
+            return Ok(None);
+        }
+        CgroupMode::At(dir) => (dir.clone(), true),
+        CgroupMode::Auto => match procfs::cgroup_v2_delegated() {
+            Some(dir) => (dir, false),
+            None => {
+                tracing::info!("cgroup v2 is not delegated to this daemon (cgroup v1 or hybrid host, or no delegation): per-agent memory.max/pids.max/cpu.max and cgroup.kill are off; memory limits use /proc sampling");
+                return Ok(None);
+            }
+        },
+    };
+    match CgroupTree::setup(&dir) {
+        Ok(tree) => {
+            tracing::info!(cgroup = %tree.base().display(), controllers = %tree.controllers().names(), "agents run in cgroups of their own");
+            Ok(Some(tree))
+        }
+        Err(e) if explicit => Err(FleetError::internal(format!(
+            "cannot use cgroup {}: {e}",
+            dir.display()
+        ))),
+        Err(e) => {
+            tracing::warn!(cgroup = %dir.display(), error = %e, "cannot use the delegated cgroup: limits use /proc sampling");
+            Ok(None)
+        }
     }
 }
 
@@ -199,7 +236,10 @@ impl NodeHandle {
     pub async fn create_fleet(&self, spec: FleetSpec) -> Result<(), FleetError> {
         match self
             .actor
-            .call(|r| NodeMsg::CreateFleet(spec, r), Some(COMMAND_TIMEOUT))
+            .call(
+                |r| NodeMsg::CreateFleet(Box::new(spec), r),
+                Some(COMMAND_TIMEOUT),
+            )
             .await
         {
             Ok(CallResult::Success(r)) => r,

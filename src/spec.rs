@@ -161,6 +161,20 @@ impl Default for LogSpec {
     }
 }
 
+/// Per-agent cgroup v2 limits (used where the host delegates a cgroup to the daemon; see
+/// `process::cgroup`). Unset means no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CgroupLimits {
+    /// `memory.max`: the kernel's hard cap on the agent's whole tree, in bytes (an OOM kill
+    /// inside the agent's cgroup, then a restart like any crash).
+    pub memory_max: Option<u64>,
+    /// `pids.max`: processes and threads the agent's tree may hold.
+    pub pids_max: Option<u64>,
+    /// `cpu.max`: percent of one core (150 = one and a half cores).
+    pub cpu_max: Option<u32>,
+}
+
 /// Ports each OpenClaw agent needs by default: base .. base+110 plus headroom (OpenClaw asks
 /// for 120 between bases); the block is rounded to 128.
 pub const OPENCLAW_STRIDE: u16 = 128;
@@ -212,6 +226,9 @@ pub struct FleetSpec {
     pub max_memory: Option<u64>,
     #[serde(default)]
     pub logs: LogSpec,
+    /// Hard per-agent limits through cgroup v2, where delegated.
+    #[serde(default)]
+    pub cgroup: CgroupLimits,
     /// Queue this fleet's starts behind the node's start gate (default: only OpenClaw fleets,
     /// whose cold start costs ~16 CPU-seconds; a small program starts faster than it queues).
     #[serde(default)]
@@ -242,6 +259,7 @@ impl FleetSpec {
             profile: Profile::default(),
             max_memory: None,
             logs: LogSpec::default(),
+            cgroup: CgroupLimits::default(),
             start_gate: None,
         }
     }
@@ -352,6 +370,18 @@ impl FleetSpec {
             if m < 1024 * 1024 {
                 bad("max_memory", "must be at least 1 MiB".into());
             }
+        }
+        if self.cgroup.memory_max.is_some_and(|m| m < 1024 * 1024) {
+            bad("cgroup.memory_max", "must be at least 1 MiB".into());
+        }
+        if self.cgroup.pids_max == Some(0) {
+            bad("cgroup.pids_max", "must be at least 1".into());
+        }
+        if self.cgroup.cpu_max == Some(0) {
+            bad(
+                "cgroup.cpu_max",
+                "must be at least 1 (percent of one core)".into(),
+            );
         }
         p
     }

@@ -515,19 +515,18 @@ fn check_table(raw: &mut RawTable, schema: &Json, base: &Path) -> Found {
             Err(e) => fail(map, "command", format!("cannot split into words: {e}")),
         }
     }
-    match map.get("max_memory") {
-        Some(Json::String(s)) => match parse_bytes(s) {
-            Ok(n) => {
-                map.insert("max_memory".into(), Json::from(n));
-            }
-            Err(e) => fail(map, "max_memory", e),
-        },
-        Some(Json::Number(n)) if n.as_u64().is_none() => fail(
-            map,
-            "max_memory",
-            format!("{n} is not a byte count: use a whole number or a size like \"768MiB\""),
-        ),
-        _ => {}
+    if let Err(e) = normalize_size(map, "max_memory") {
+        fail(map, "max_memory", e);
+    }
+    if let Some(Json::Object(cg)) = map.get_mut("cgroup") {
+        if let Err(e) = normalize_size(cg, "memory_max") {
+            cg.remove("memory_max");
+            found.push((
+                spans.get("cgroup.memory_max").cloned(),
+                "cgroup.memory_max".into(),
+                e,
+            ));
+        }
     }
     if let Some(Json::String(t)) = map.get("template") {
         let p = Path::new(t);
@@ -552,6 +551,21 @@ fn check_table(raw: &mut RawTable, schema: &Json, base: &Path) -> Found {
         }
     }
     found
+}
+
+/// A size given as a string with a unit (`"768MiB"`) becomes a byte count in place.
+fn normalize_size(map: &mut Map<String, Json>, key: &str) -> Result<(), String> {
+    match map.get(key) {
+        Some(Json::String(s)) => {
+            let n = parse_bytes(s)?;
+            map.insert(key.into(), Json::from(n));
+            Ok(())
+        }
+        Some(Json::Number(n)) if n.as_u64().is_none() => Err(format!(
+            "{n} is not a byte count: use a whole number or a size like \"768MiB\""
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The keys to check one by one: the fleet's own keys, and the keys inside sub-tables that
@@ -806,6 +820,23 @@ template = "/opt/t.json"
             let msg = err(&format!("[[fleet]]\nname = \"f\"\nmax_memory = {bad}\n"));
             assert_has(&msg, &["fleets.toml:3:14: fleet \"f\": max_memory:"]);
         }
+    }
+
+    #[test]
+    fn cgroup_limits_take_units_and_name_bad_fields() {
+        let specs = ok("[[fleet]]\nname = \"f\"\n[fleet.cgroup]\nmemory_max = \"1GiB\"\npids_max = 64\ncpu_max = 50\n");
+        assert_eq!(specs[0].cgroup.memory_max, Some(1 << 30));
+        assert_eq!(specs[0].cgroup.pids_max, Some(64));
+        assert_eq!(specs[0].cgroup.cpu_max, Some(50));
+        let inline = ok("[[fleet]]\nname = \"f\"\ncgroup = { memory_max = 2097152 }\n");
+        assert_eq!(inline[0].cgroup.memory_max, Some(2 << 20));
+        assert_eq!(inline[0].cgroup.pids_max, None);
+        let msg = err("[[fleet]]\nname = \"f\"\n[fleet.cgroup]\nmemory_max = \"lots\"\n");
+        assert_has(&msg, &["fleets.toml:4:14:", "cgroup.memory_max"]);
+        let msg = err("[[fleet]]\nname = \"f\"\n[fleet.cgroup]\ncpu_max = 0\npids_max = -1\n");
+        assert_has(&msg, &["cgroup.cpu_max", "cgroup.pids_max"]);
+        let msg = err("[[fleet]]\nname = \"f\"\n[fleet.cgroup]\nmemory.max = 5\n");
+        assert_has(&msg, &["cgroup"]);
     }
 
     #[test]

@@ -527,8 +527,9 @@ fn two_real_agents_default_profile() {
     d.stop();
 }
 
-/// 10 lean gateways through the start gate (`--max-concurrent-starts 2`): prints create →
-/// all running. Takes minutes and ~7 GB; run with
+/// 10 lean gateways (or `FLEET_REAL_AGENTS`) through the start gate
+/// (`--max-concurrent-starts 2`): every one running and answering `/readyz` 200 at the same
+/// time; prints create → all running. Takes minutes and ~700 MB per agent; run with
 /// `cargo test --test real_openclaw -- --ignored --nocapture ten`.
 #[test]
 #[ignore]
@@ -537,37 +538,68 @@ fn ten_real_agents_with_start_gate() {
         return;
     };
     let _one_at_a_time = serial();
+    let n: usize = std::env::var("FLEET_REAL_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
     let mut d = daemon(&inst, "51000-52999", &["--max-concurrent-starts", "2"]);
     let t0 = Instant::now();
+    let count = n.to_string();
     d.ctl(&[
         "fleet",
         "create",
         "ten",
         "--agents",
-        "10",
+        &count,
         "--profile",
         "lean",
     ]);
     let mut first_running: BTreeMap<String, f64> = BTreeMap::new();
-    wait_until(Duration::from_secs(900), "10 gateways running", |last| {
-        let rows: Vec<Value> = d
-            .status()
-            .into_iter()
-            .filter(|r| r["fleet"] == "ten")
-            .collect();
-        for r in &rows {
-            if r["state"] == "running" && r["healthy"] == true {
-                first_running
-                    .entry(r["agent"].as_str().unwrap().to_string())
-                    .or_insert_with(|| t0.elapsed().as_secs_f64());
+    wait_until(
+        Duration::from_secs(900 + 60 * n as u64),
+        "gateways running",
+        |last| {
+            let rows: Vec<Value> = d
+                .status()
+                .into_iter()
+                .filter(|r| r["fleet"] == "ten")
+                .collect();
+            for r in &rows {
+                if r["state"] == "running" && r["healthy"] == true {
+                    first_running
+                        .entry(r["agent"].as_str().unwrap().to_string())
+                        .or_insert_with(|| t0.elapsed().as_secs_f64());
+                }
             }
-        }
-        *last = format!("{} running: {first_running:?}", first_running.len());
-        (first_running.len() == 10).then_some(())
-    });
+            *last = format!("{} running: {first_running:?}", first_running.len());
+            (first_running.len() == n).then_some(())
+        },
+    );
     eprintln!(
-        "ten_real_agents_with_start_gate: all 10 running {:.1} s after fleet create; per agent {first_running:?}",
+        "ten_real_agents_with_start_gate: all {n} running {:.1} s after fleet create; per agent {first_running:?}",
         t0.elapsed().as_secs_f64()
+    );
+    // Every one ready at once, each on its own port.
+    let rows: Vec<Value> = d
+        .status()
+        .into_iter()
+        .filter(|r| r["fleet"] == "ten")
+        .collect();
+    for r in &rows {
+        let port = r["port"].as_u64().unwrap() as u16;
+        wait_ready(port, r["agent"].as_str().unwrap());
+    }
+    let running_now = d
+        .status()
+        .iter()
+        .filter(|r| r["fleet"] == "ten" && r["state"] == "running")
+        .count();
+    assert_eq!(
+        running_now, n,
+        "an agent left running while the others were checked"
+    );
+    eprintln!(
+        "ten_real_agents_with_start_gate: {n} lean gateways running at once, every /readyz 200"
     );
     let rows = d.status();
     let restarts: u64 = rows
@@ -580,7 +612,7 @@ fn ten_real_agents_with_start_gate() {
     let t_stop = Instant::now();
     d.ctl(&["fleet", "stop", "ten"]);
     let prefix = format!("{}/ten/", d.node_id());
-    wait_until(Duration::from_secs(120), "10 gateways gone", |last| {
+    wait_until(Duration::from_secs(120), "gateways gone", |last| {
         let m = marked_pids(&prefix);
         *last = format!("{m:?}");
         m.is_empty().then_some(())

@@ -19,6 +19,7 @@ use crate::restart::{self, Decision, ExitCause, History};
 use crate::spec::FleetSpec;
 use crate::state::{now_ms, AgentState, ExitInfo};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -314,6 +315,7 @@ impl AgentRuntime {
             port: self.port,
             token: self.token.clone(),
             marker: tree::marker(&self.ctx.node_id, &self.fleet, &self.agent, gen),
+            gen,
         };
         let me = myself.clone();
         tokio::spawn(async move {
@@ -323,7 +325,7 @@ impl AgentRuntime {
             {
                 // The actor is gone: the child must not survive it.
                 if let Ok(sp) = *result {
-                    kill_orphan_child(sp.child);
+                    kill_orphan(sp);
                 }
             }
         });
@@ -337,7 +339,7 @@ impl AgentRuntime {
     ) {
         if gen != self.gen || !self.want_running {
             if let Ok(sp) = result {
-                kill_orphan_child(sp.child);
+                kill_orphan(sp);
             }
             if gen == self.gen {
                 self.set_state(AgentState::Stopped, None, None);
@@ -365,6 +367,7 @@ impl AgentRuntime {
                     sp.child,
                     tree::marker(&self.ctx.node_id, &self.fleet, &self.agent, gen),
                     self.ctx.sweeper.clone(),
+                    sp.cgroup,
                     log,
                     move |event| {
                         let _ = me.send_message(AgentMsg::Owner { gen, event });
@@ -591,15 +594,21 @@ impl AgentRuntime {
 }
 
 /// A child that nobody will own: kill it and everything it started.
-fn kill_orphan_child(mut child: tokio::process::Child) {
+fn kill_orphan(sp: Spawned) {
+    let mut child = sp.child;
     if let Some(pid) = child.id() {
         let _ = nix::sys::signal::killpg(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
     }
+    let cgroup = sp.cgroup;
     tokio::spawn(async move {
         let _ = child.wait().await;
+        if let Some(cg) = cgroup {
+            let _ = tokio::task::spawn_blocking(move || cg.kill_and_remove(Duration::from_secs(2)))
+                .await;
+        }
     });
 }
 
@@ -616,6 +625,7 @@ struct StartJob {
     port: u16,
     token: String,
     marker: String,
+    gen: u64,
 }
 
 impl StartJob {
@@ -691,22 +701,45 @@ impl StartJob {
         } else {
             None
         };
+        // Created last, so a start that waits at the gate or fails before leaves no cgroup.
+        let mut cgroup = match &self.ctx.cgroups {
+            Some(tree) => Some(
+                tree.create(&self.fleet, &self.agent, self.gen, &self.spec.cgroup)
+                    .map_err(|e| fail(format!("cgroup: {e}")))?,
+            ),
+            None => None,
+        };
         let req = SpawnRequest {
             program: program.clone(),
             args,
             env,
             cwd: self.paths.home.clone(),
+            cgroup_procs: cgroup
+                .as_ref()
+                .and_then(|c| c.procs_fd())
+                .map(|fd| fd.as_raw_fd()),
         };
-        let child = self
-            .ctx
-            .spawner
-            .spawn(req)
-            .await
-            .map_err(|e| fail(format!("cannot run {}: {e}", program.display())))?;
+        let spawned = self.ctx.spawner.spawn(req).await;
+        if let Some(cg) = &mut cgroup {
+            cg.spawned();
+        }
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    let _ = tokio::task::spawn_blocking(move || {
+                        cg.kill_and_remove(Duration::from_secs(2))
+                    })
+                    .await;
+                }
+                return Err(fail(format!("cannot run {}: {e}", program.display())));
+            }
+        };
         Ok(Spawned {
             child,
             port: self.port,
             permit,
+            cgroup,
         })
     }
 

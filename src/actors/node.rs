@@ -117,7 +117,7 @@ impl Actor for NodeActor {
                 }
             }
             NodeMsg::CreateFleet(spec, reply) => {
-                let r = rt.create_fleet(&myself, spec, Desired::Running).await;
+                let r = rt.create_fleet(&myself, *spec, Desired::Running).await;
                 let _ = reply.send(r);
             }
             NodeMsg::ApplySpec(specs, reply) => {
@@ -526,6 +526,7 @@ impl NodeRuntime {
         if self.fleets.contains_key(&spec.name) {
             return Err(FleetError::FleetExists { fleet: spec.name });
         }
+        self.warn_unenforced(&spec);
         let stride = spec.effective_stride();
         let free = match self
             .ports
@@ -1139,14 +1140,45 @@ impl NodeRuntime {
         rows
     }
 
+    /// Says when a fleet sets cgroup limits this host cannot enforce.
+    fn warn_unenforced(&self, spec: &FleetSpec) {
+        let available = self
+            .ctx
+            .cgroups
+            .as_ref()
+            .map(|t| t.controllers())
+            .unwrap_or_default();
+        let missing = crate::process::cgroup::unenforced(&spec.cgroup, available);
+        if !missing.is_empty() {
+            tracing::warn!(fleet = %spec.name, limits = ?missing, cgroups = self.ctx.cgroups.is_some(), "cgroup limits not enforced: no delegated cgroup v2 controller for them on this host");
+        }
+    }
+
+    /// Running agents take changed cgroup limits at once (the kernel applies them live);
+    /// later starts write them anyway. Said once when the host cannot enforce one.
+    fn apply_cgroup_limits(&self, spec: &FleetSpec) {
+        self.warn_unenforced(spec);
+        let Some(tree) = &self.ctx.cgroups else {
+            return;
+        };
+        if let Err(e) = tree.apply_fleet_limits(&spec.name, &spec.cgroup) {
+            tracing::warn!(fleet = %spec.name, error = %e, "cannot write cgroup limits of running agents");
+        }
+    }
+
     fn update_spec(&mut self, fleet: &str, mut spec: FleetSpec) -> Result<(), FleetError> {
         let f = self.fleet_ref(fleet)?;
+        let mut limits_changed = false;
         if let Some(rec) = self.data.fleets.get_mut(fleet) {
             // The agent list is managed by AddAgent/RemoveAgent changes.
             spec.agents = rec.spec.agents.clone();
+            limits_changed = rec.spec.cgroup != spec.cgroup;
             rec.spec = spec.clone();
         }
         self.save()?;
+        if limits_changed {
+            self.apply_cgroup_limits(&spec);
+        }
         let _ = f.send_message(FleetMsg::UpdateSpec(Arc::new(spec)));
         self.tell_rotator(fleet);
         Ok(())

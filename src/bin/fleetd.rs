@@ -59,6 +59,10 @@ struct Args {
     /// Refuse agent starts that would leave less than this MemAvailable, in MiB.
     #[arg(long, default_value_t = 512)]
     memory_reserve_mib: u64,
+    /// Per-agent cgroups: `auto` uses the daemon's own cgroup where the host delegates
+    /// cgroup v2 to it (systemd: Delegate=yes), `off` never, or a cgroup v2 directory.
+    #[arg(long, default_value = "auto", value_name = "auto|off|DIR")]
+    cgroup: fleet_commander::context::CgroupMode,
 }
 
 fn main() -> Result<()> {
@@ -103,6 +107,7 @@ async fn run(args: Args) -> Result<()> {
     config.openclaw_bin = args.openclaw.clone();
     config.pid_namespace = !args.no_pid_namespace;
     config.memory_reserve = args.memory_reserve_mib * 1024 * 1024;
+    config.cgroup = args.cgroup.clone();
     if let Some(n) = args.max_concurrent_starts {
         if n == 0 {
             bail!("--max-concurrent-starts must be at least 1");

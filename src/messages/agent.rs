@@ -67,6 +67,8 @@ pub struct Spawned {
     /// The agent's base port (new if its old block was taken by another process).
     pub port: u16,
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The incarnation's cgroup, where the node has cgroups.
+    pub cgroup: Option<crate::process::cgroup::AgentCgroup>,
 }
 
 /// Why an agent could not be started: never retried in a loop.

@@ -9,7 +9,7 @@ pub enum NodeMsg {
     /// One command of the command language, answered with its reply.
     Command(Command, RpcReplyPort<Reply>),
     /// Create a fleet from a full spec (the library API and the spec file).
-    CreateFleet(FleetSpec, RpcReplyPort<Result<(), FleetError>>),
+    CreateFleet(Box<FleetSpec>, RpcReplyPort<Result<(), FleetError>>),
     /// Apply a whole desired spec (spec file load or reload): create, remove, restart only what
     /// changed.
     ApplySpec(Vec<FleetSpec>, RpcReplyPort<Result<String, FleetError>>),

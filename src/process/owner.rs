@@ -4,6 +4,7 @@
 //! handle is dropped, from any code path, it kills the tree. One small task per agent, no
 //! thread.
 
+use super::cgroup::AgentCgroup;
 use super::tree::{self, Member, Sweeper};
 use crate::logs::writer::{LineSplitter, LogWriter, Stream};
 use crate::state::ExitInfo;
@@ -56,12 +57,16 @@ impl ProcessHandle {
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(100);
 /// Grace for leftovers of a process that exited by itself.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
+/// How long a killed cgroup may take to empty before its removal is given up (logged).
+const CGROUP_EMPTY_WITHIN: Duration = Duration::from_secs(5);
 
-/// Takes ownership of `child`. `marker` is this incarnation's environment marker.
+/// Takes ownership of `child`. `marker` is this incarnation's environment marker; `cgroup`,
+/// where the node has cgroups, holds the child and everything it starts.
 pub fn own(
     mut child: Child,
     marker: String,
     sweeper: Sweeper,
+    cgroup: Option<AgentCgroup>,
     log: LogWriter,
     on_event: impl Fn(OwnerEvent) + Send + 'static,
 ) -> ProcessHandle {
@@ -75,6 +80,7 @@ pub fn own(
     let guard = KillGuard {
         pgid: pid,
         marker: marker.clone(),
+        cgroup,
         armed: true,
     };
     tokio::spawn(run(
@@ -92,13 +98,40 @@ pub fn own(
 struct KillGuard {
     pgid: u32,
     marker: String,
+    cgroup: Option<AgentCgroup>,
     armed: bool,
+}
+
+impl KillGuard {
+    /// SIGKILL to everything in the cgroup (nothing to do without one).
+    fn kill_cgroup(&self) {
+        if let Some(cg) = &self.cgroup {
+            let _ = cg.kill();
+        }
+    }
+
+    /// The processes in the cgroup that `members` does not hold yet, as signalable members:
+    /// helpers that left the tree and dropped the marker are still in the cgroup.
+    fn add_cgroup_members(&self, members: &mut Vec<Member>) {
+        let Some(cg) = &self.cgroup else {
+            return;
+        };
+        for pid in cg.pids() {
+            if pid == self.pgid || members.iter().any(|m| m.pid == pid) {
+                continue;
+            }
+            if let Some(p) = super::procfs::read_proc(pid) {
+                members.push(Member::from(&p));
+            }
+        }
+    }
 }
 
 impl Drop for KillGuard {
     fn drop(&mut self) {
         if self.armed && self.pgid > 1 {
             let _ = killpg(Pid::from_raw(self.pgid as i32), Signal::SIGKILL);
+            self.kill_cgroup();
             let left = tree::collect(None, &self.marker);
             tree::signal_members(&left, Signal::SIGKILL);
         }
@@ -153,6 +186,7 @@ async fn run(
                     Some(Ctl::Stop { timeout }) => {
                         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
                         members = sweeper.collect_since(Some(pid), &marker, since).await;
+                        guard.add_cgroup_members(&mut members);
                         tree::signal_members(&members, Signal::SIGTERM);
                         let at = Instant::now() + timeout;
                         kill_at = Some(kill_at.map_or(at, |k| k.min(at)));
@@ -162,6 +196,7 @@ async fn run(
                             ctl_open = false;
                         }
                         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                        guard.kill_cgroup();
                         members = sweeper.collect_since(Some(pid), &marker, since).await;
                         tree::signal_members(&members, Signal::SIGKILL);
                         kill_at = None;
@@ -173,6 +208,7 @@ async fn run(
                 if let Ok(None) = child.try_wait() {
                     let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 }
+                guard.kill_cgroup();
                 let more = sweeper.collect_since(Some(pid), &marker, since).await;
                 members.extend(more);
                 tree::signal_members(&members, Signal::SIGKILL);
@@ -208,7 +244,8 @@ async fn run(
         on_event(OwnerEvent::Exited { exit, requested });
     }
     // Whatever the tree left behind (helpers in their own sessions) goes now.
-    let leftovers = sweeper.collect_since(None, &marker, since).await;
+    let mut leftovers = sweeper.collect_since(None, &marker, since).await;
+    guard.add_cgroup_members(&mut leftovers);
     let grace = kill_at
         .map(|k| k.saturating_duration_since(Instant::now()))
         .unwrap_or(LEFTOVER_GRACE);
@@ -219,6 +256,11 @@ async fn run(
             .await
             .unwrap_or(0)
     };
+    // The cgroup is the last word: whatever is still in it goes, and the tree counts as
+    // gone only once the kernel says the cgroup is empty.
+    if let Some(cg) = guard.cgroup.take() {
+        let _ = tokio::task::spawn_blocking(move || cg.kill_and_remove(CGROUP_EMPTY_WITHIN)).await;
+    }
     guard.armed = false;
     let _ = closing.await;
     if requested {

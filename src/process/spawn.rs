@@ -44,6 +44,9 @@ pub struct SpawnRequest {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: PathBuf,
+    /// The agent cgroup's `cgroup.procs`, open for writing; the child moves itself in before
+    /// anything else, so nothing it starts runs outside. Must stay open until `spawn` returns.
+    pub cgroup_procs: Option<RawFd>,
 }
 
 struct Job {
@@ -176,9 +179,16 @@ fn spawn_one(req: &SpawnRequest, in_ns: bool) -> io::Result<tokio::process::Chil
     } else {
         std::process::id() as libc::pid_t
     };
+    let cgroup_procs = req.cgroup_procs;
     unsafe {
         cmd.pre_exec(move || {
             // Only async-signal-safe calls here: we are between fork and exec.
+            if let Some(fd) = cgroup_procs {
+                // "0" moves the writing process itself.
+                if libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
