@@ -268,3 +268,31 @@ fn next_daemon_sweeps_what_a_crashed_one_left_in_cgroups() {
     let now = sleeper(tok);
     assert_ne!(now, helper);
 }
+
+/// With `--cgroup auto` (the default) the daemon says once, at start, whether agents get
+/// cgroups; on a host without cgroup2 at /sys/fs/cgroup (cgroup v1 or hybrid, like this one)
+/// it must be the fallback, and starting agents must not repeat it.
+#[test]
+fn daemon_says_once_whether_agents_get_cgroups() {
+    let d = Daemon::start();
+    d.create_stub_fleet("once", 2, "--no-helper", &[]);
+    d.wait_running("once", 2, Duration::from_secs(30));
+    let log = d.log();
+    let absent = log.matches("cgroup v2 is not delegated").count();
+    let present = log.matches("agents run in cgroups of their own").count();
+    assert_eq!(
+        absent + present,
+        1,
+        "said {absent} + {present} times:\n{log}"
+    );
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let unified_at_sys = mountinfo.lines().any(|l| {
+        l.split(" - ").next().and_then(|pre| pre.split(' ').nth(4)) == Some("/sys/fs/cgroup")
+            && l.split(" - ")
+                .nth(1)
+                .is_some_and(|post| post.starts_with("cgroup2 "))
+    });
+    if !unified_at_sys {
+        assert_eq!(absent, 1, "no cgroup2 at /sys/fs/cgroup, yet:\n{log}");
+    }
+}
