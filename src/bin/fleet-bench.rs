@@ -65,6 +65,9 @@ struct Args {
     keep: bool,
 }
 
+/// Share of the descriptor limit the largest-N estimate may plan for.
+const FD_HEADROOM: f64 = 0.95;
+
 fn main() {
     let args = Args::parse();
     let dir = std::env::temp_dir().join(format!(
@@ -342,9 +345,13 @@ fn choose_max_n(flag: usize, first: u16, last: u16, runs: &[Figures]) -> MaxN {
             let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
                 .map(|(_, h)| h)
                 .unwrap_or(1024);
+            // Steady state is `per` each; probes in flight, log rotation and control
+            // connections need descriptors on top (a run at the exact quotient left 37 agents
+            // unable to start).
+            let spare = (hard as f64 - a as f64) * FD_HEADROOM - 64.0;
             limits.push((
-                format!("fleetd RLIMIT_NOFILE {hard} at {per:.1} fds/agent"),
-                ((hard as f64 - a as f64) / per) as usize,
+                format!("fleetd RLIMIT_NOFILE {hard} at {per:.1} fds/agent, 5 % kept spare"),
+                (spare.max(0.0) / per) as usize,
             ));
         }
         let per_child_kib =
