@@ -596,12 +596,10 @@ impl AgentRuntime {
 /// A child that nobody will own: kill it and everything it started.
 fn kill_orphan(sp: Spawned) {
     let mut child = sp.child;
-    if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     let cgroup = sp.cgroup;
     tokio::spawn(async move {
         let _ = child.wait().await;

@@ -63,7 +63,7 @@ pub enum AgentMsg {
 
 /// A process that was started, with the start-gate permit it holds until healthy.
 pub struct Spawned {
-    pub child: tokio::process::Child,
+    pub child: crate::process::child::Child,
     /// The agent's base port (new if its old block was taken by another process).
     pub port: u16,
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,

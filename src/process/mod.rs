@@ -2,6 +2,7 @@
 //! child and stopping whole process trees.
 
 pub mod cgroup;
+pub mod child;
 pub mod owner;
 pub mod procfs;
 pub mod spawn;

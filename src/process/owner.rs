@@ -5,6 +5,7 @@
 //! thread.
 
 use super::cgroup::AgentCgroup;
+use super::child::Child;
 use super::tree::{self, Member, Sweeper};
 use crate::logs::writer::{LineSplitter, LogWriter, Stream};
 use crate::state::ExitInfo;
@@ -12,7 +13,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
-use tokio::process::Child;
+use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -70,7 +71,7 @@ pub fn own(
     log: LogWriter,
     on_event: impl Fn(OwnerEvent) + Send + 'static,
 ) -> ProcessHandle {
-    let pid = child.id().unwrap_or(0);
+    let pid = child.id();
     let start_time = super::procfs::read_proc(pid)
         .map(|p| p.start_time)
         .unwrap_or(0);
@@ -141,8 +142,8 @@ impl Drop for KillGuard {
 #[allow(clippy::too_many_arguments)]
 async fn run(
     mut child: Child,
-    mut stdout: Option<tokio::process::ChildStdout>,
-    mut stderr: Option<tokio::process::ChildStderr>,
+    mut stdout: Option<pipe::Receiver>,
+    mut stderr: Option<pipe::Receiver>,
     mut rx: mpsc::UnboundedReceiver<Ctl>,
     marker: String,
     sweeper: Sweeper,

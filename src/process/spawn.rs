@@ -12,10 +12,12 @@
 //!
 //! Not here: what to run (provision) or what to do when it exits (the AgentActor).
 
+use super::child::Child;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
-use std::process::Stdio;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use tokio::sync::oneshot;
 
@@ -51,7 +53,7 @@ pub struct SpawnRequest {
 
 struct Job {
     req: SpawnRequest,
-    reply: oneshot::Sender<io::Result<tokio::process::Child>>,
+    reply: oneshot::Sender<io::Result<Child>>,
 }
 
 /// Handle to the spawner thread. Dropping it ends the thread and, with it, the guardian and
@@ -92,7 +94,7 @@ impl Spawner {
 
     /// Spawns one agent process: its own session and process group, stdin null, stdout and
     /// stderr piped, umask 077, parent-death signal SIGKILL.
-    pub async fn spawn(&self, req: SpawnRequest) -> io::Result<tokio::process::Child> {
+    pub async fn spawn(&self, req: SpawnRequest) -> io::Result<Child> {
         let (reply, rx) = oneshot::channel();
         let tx = self
             .tx
@@ -163,50 +165,314 @@ fn guardian_exited(pid: libc::pid_t) -> bool {
     unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) == pid }
 }
 
-fn spawn_one(req: &SpawnRequest, in_ns: bool) -> io::Result<tokio::process::Child> {
-    let mut cmd = tokio::process::Command::new(&req.program);
-    cmd.args(&req.args)
-        .env_clear()
-        .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&req.cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(false);
+fn spawn_one(req: &SpawnRequest, in_ns: bool) -> io::Result<Child> {
     // In a PID namespace the parent lives outside it, so getppid() reads 0.
     let expected_ppid: libc::pid_t = if in_ns {
         0
     } else {
         std::process::id() as libc::pid_t
     };
-    let cgroup_procs = req.cgroup_procs;
-    unsafe {
-        cmd.pre_exec(move || {
-            // Only async-signal-safe calls here: we are between fork and exec.
-            if let Some(fd) = cgroup_procs {
-                // "0" moves the writing process itself.
-                if libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            libc::umask(0o077);
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The parent may have died between fork and prctl: then nobody will signal us.
-            if libc::getppid() != expected_ppid {
-                libc::_exit(1);
-            }
-            if in_ns {
-                mount_own_proc()?;
-            }
-            Ok(())
-        });
+    let prepared = Prepared::new(req)?;
+    let (out_r, out_w) = pipe_above_stdio()?;
+    let (err_r, err_w) = pipe_above_stdio()?;
+    let devnull = open_above_stdio(c"/dev/null", libc::O_RDONLY)?;
+    let args = ChildArgs {
+        program: prepared.program.as_ptr(),
+        argv: prepared.argv_ptrs.as_ptr(),
+        envp: prepared.envp_ptrs.as_ptr(),
+        cwd: prepared.cwd.as_ptr(),
+        stdin: devnull.as_raw_fd(),
+        stdout: out_w.as_raw_fd(),
+        stderr: err_w.as_raw_fd(),
+        cgroup_procs: req.cgroup_procs.unwrap_or(-1),
+        expected_ppid,
+        in_ns,
+        failed_at: std::sync::atomic::AtomicU32::new(0),
+        errno: std::sync::atomic::AtomicI32::new(0),
+    };
+    let pid = clone_vfork(&args)?;
+    drop((out_w, err_w, devnull));
+    use std::sync::atomic::Ordering;
+    let stage = args.failed_at.load(Ordering::SeqCst);
+    if stage != 0 {
+        let errno = args.errno.load(Ordering::SeqCst);
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        let err = io::Error::from_raw_os_error(errno);
+        return Err(io::Error::new(
+            err.kind(),
+            format!("{}: {err}", Stage::name(stage)),
+        ));
     }
-    cmd.spawn()
+    Child::adopt(pid as u32, out_r, err_r)
+}
+
+/// What the child does before exec, numbered so a failure can say which step failed.
+struct Stage;
+
+impl Stage {
+    const CGROUP: u32 = 1;
+    const SETSID: u32 = 2;
+    const PDEATHSIG: u32 = 3;
+    const PARENT_GONE: u32 = 4;
+    const PROC: u32 = 5;
+    const STDIO: u32 = 6;
+    const CHDIR: u32 = 7;
+    const EXEC: u32 = 8;
+
+    fn name(stage: u32) -> &'static str {
+        match stage {
+            Self::CGROUP => "joining the agent cgroup",
+            Self::SETSID => "setsid",
+            Self::PDEATHSIG => "setting the parent-death signal",
+            Self::PARENT_GONE => "the daemon exited during the start",
+            Self::PROC => "mounting the namespace's /proc",
+            Self::STDIO => "setting up stdin/stdout/stderr",
+            Self::CHDIR => "changing to the agent's HOME",
+            Self::EXEC => "exec",
+            _ => "starting the child",
+        }
+    }
+}
+
+/// Program, arguments, environment and directory as C strings, built before the clone: the
+/// child shares our memory and must not allocate.
+struct Prepared {
+    program: CString,
+    cwd: CString,
+    _argv: Vec<CString>,
+    _envp: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    envp_ptrs: Vec<*const libc::c_char>,
+}
+
+impl Prepared {
+    fn new(req: &SpawnRequest) -> io::Result<Prepared> {
+        let cstr = |b: &[u8], what: &str| {
+            CString::new(b).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{what} contains a NUL byte"),
+                )
+            })
+        };
+        let program = resolve_program(&req.program, &req.env)?;
+        let program = cstr(program.as_os_str().as_bytes(), "program")?;
+        let mut argv = vec![cstr(req.program.as_os_str().as_bytes(), "program")?];
+        for a in &req.args {
+            argv.push(cstr(a.as_bytes(), "argument")?);
+        }
+        let envp = req
+            .env
+            .iter()
+            .map(|(k, v)| {
+                if k.is_empty() || k.contains('=') {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("environment name {k:?} is empty or contains '='"),
+                    ));
+                }
+                cstr(format!("{k}={v}").as_bytes(), "environment")
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let argv_ptrs = argv
+            .iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let envp_ptrs = envp
+            .iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        Ok(Prepared {
+            program,
+            cwd: cstr(req.cwd.as_os_str().as_bytes(), "directory")?,
+            _argv: argv,
+            _envp: envp,
+            argv_ptrs,
+            envp_ptrs,
+        })
+    }
+}
+
+/// The program to exec: as given when it names a path, else the first executable of that
+/// name in the PATH of the agent's environment (the daemon's PATH when it has none), as
+/// `Command` does with a cleared environment.
+fn resolve_program(program: &Path, env: &[(String, String)]) -> io::Result<PathBuf> {
+    if program.as_os_str().as_bytes().contains(&b'/') {
+        return Ok(program.to_path_buf());
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| std::ffi::OsString::from(v))
+        .or_else(|| std::env::var_os("PATH"))
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(program);
+        if is_executable_file(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "{} not found in PATH {}",
+            program.display(),
+            path.to_string_lossy()
+        ),
+    ))
+}
+
+fn is_executable_file(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// A close-on-exec pipe whose ends are not 0, 1 or 2, so the child's dup2 onto its stdio
+/// never overwrites an end it still needs (a daemon started with a closed stdin would
+/// otherwise get fd 0 back from pipe()).
+fn pipe_above_stdio() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((above_stdio(r)?, above_stdio(w)?))
+}
+
+fn open_above_stdio(path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    above_stdio(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// What the child reads, and where it reports a failure (shared memory: the parent reads it
+/// once the clone returns).
+struct ChildArgs {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: *const libc::c_char,
+    stdin: RawFd,
+    stdout: RawFd,
+    stderr: RawFd,
+    cgroup_procs: RawFd,
+    expected_ppid: libc::pid_t,
+    in_ns: bool,
+    failed_at: std::sync::atomic::AtomicU32,
+    errno: std::sync::atomic::AtomicI32,
+}
+
+/// Stack of the cloned child until it execs: it runs only `child_main`'s system calls.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// Starts `child_main` in a child that shares our memory and suspends this thread until the
+/// child has exec'd or exited (what `posix_spawn` does inside glibc).
+///
+/// Why not fork: fork copies the page tables of the whole daemon (tens of MiB with a thousand
+/// agents) for every start, and every page any daemon thread then writes faults and is copied
+/// until the child execs; perf showed `copy_page_range` leading the cost of adding agents.
+/// `posix_spawn` itself cannot do the setup we need (session, parent-death signal, cgroup,
+/// private /proc), so the child runs our own code, which must be async-signal-safe and must
+/// not allocate. All signals stay blocked across the clone so no handler of the daemon runs
+/// on the shared memory in the child.
+fn clone_vfork(args: &ChildArgs) -> io::Result<libc::pid_t> {
+    let mut stack = vec![0u8; CHILD_STACK];
+    // The stack grows down on every Linux architecture Rust supports; 16-byte aligned top.
+    let top = ((stack.as_mut_ptr() as usize + CHILD_STACK) & !15) as *mut libc::c_void;
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            args as *const ChildArgs as *mut libc::c_void,
+        )
+    };
+    let err = io::Error::last_os_error();
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    if pid < 0 {
+        return Err(err);
+    }
+    Ok(pid)
+}
+
+/// Runs in the cloned child, between clone and exec, on the daemon's memory: raw system
+/// calls only, no allocation, no locks. A failure is written to `args` and ends the child.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    let a = unsafe { &*(arg as *const ChildArgs) };
+    let fail = |stage: u32| -> libc::c_int {
+        use std::sync::atomic::Ordering;
+        a.errno.store(
+            io::Error::last_os_error().raw_os_error().unwrap_or(0),
+            Ordering::SeqCst,
+        );
+        a.failed_at.store(stage, Ordering::SeqCst);
+        unsafe { libc::_exit(127) }
+    };
+    unsafe {
+        if a.cgroup_procs >= 0 && libc::write(a.cgroup_procs, c"0".as_ptr().cast(), 1) != 1 {
+            // "0" moves the writing process itself.
+            return fail(Stage::CGROUP);
+        }
+        if libc::setsid() < 0 {
+            return fail(Stage::SETSID);
+        }
+        libc::umask(0o077);
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return fail(Stage::PDEATHSIG);
+        }
+        // The parent may have died between clone and prctl: then nobody will signal us.
+        if libc::getppid() != a.expected_ppid {
+            return fail(Stage::PARENT_GONE);
+        }
+        if a.in_ns && mount_own_proc().is_err() {
+            return fail(Stage::PROC);
+        }
+        // dup2 clears close-on-exec on the copy; the originals close at exec.
+        if libc::dup2(a.stdin, 0) < 0 || libc::dup2(a.stdout, 1) < 0 || libc::dup2(a.stderr, 2) < 0
+        {
+            return fail(Stage::STDIO);
+        }
+        if libc::chdir(a.cwd) != 0 {
+            return fail(Stage::CHDIR);
+        }
+        // Handlers are reset by exec, but ignored signals stay ignored: Rust ignores SIGPIPE,
+        // and an agent must start with the default disposition of every signal.
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for sig in 1..libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::execve(a.program, a.argv, a.envp);
+        fail(Stage::EXEC)
+    }
 }
 
 /// Gives the agent a /proc of its own PID namespace (in a private mount namespace).
@@ -299,5 +565,162 @@ fn guardian_main(pipe: RawFd) -> ! {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn req(program: &str, args: &[&str], env: &[(&str, &str)], cwd: &Path) -> SpawnRequest {
+        SpawnRequest {
+            program: program.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            cwd: cwd.to_path_buf(),
+            cgroup_procs: None,
+        }
+    }
+
+    async fn output(mut child: Child) -> (String, String, std::process::ExitStatus) {
+        let (mut out, mut err) = (String::new(), String::new());
+        let mut so = child.stdout.take().unwrap();
+        let mut se = child.stderr.take().unwrap();
+        let deadline = std::time::Duration::from_secs(10);
+        tokio::time::timeout(deadline, async {
+            let _ = tokio::join!(so.read_to_string(&mut out), se.read_to_string(&mut err));
+        })
+        .await
+        .expect("child output within 10 s");
+        let st = tokio::time::timeout(deadline, child.wait())
+            .await
+            .expect("child exit within 10 s")
+            .unwrap();
+        (out, err, st)
+    }
+
+    // Both isolations: a PID namespace needs CAP_SYS_ADMIN; without it the spawner falls back.
+    async fn spawner() -> Spawner {
+        Spawner::start(tokio::runtime::Handle::current(), true).unwrap()
+    }
+
+    #[tokio::test]
+    async fn child_gets_exactly_its_environment_null_stdin_own_session_and_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let sp = spawner().await;
+        let script = "env | sort; echo stdin=$(cat | wc -c); echo cwd=$(pwd); \
+                      echo sid=$(cut -d' ' -f6 /proc/self/stat) pid=$$; umask; \
+                      grep SigIgn /proc/self/status; echo oops >&2; exit 3";
+        let child = sp
+            .spawn(req(
+                "sh",
+                &["-c", script],
+                &[("PATH", "/usr/bin:/bin"), ("ONLY", "this one")],
+                dir.path(),
+            ))
+            .await
+            .unwrap();
+        let pid = child.id();
+        let (out, err, st) = output(child).await;
+        let env: Vec<&str> = out
+            .lines()
+            .take_while(|l| !l.starts_with("stdin="))
+            .collect();
+        // sh adds PWD (and may add SHLVL and _) itself; nothing comes from the daemon.
+        let foreign: Vec<&&str> = env
+            .iter()
+            .filter(|l| {
+                !["PATH=", "ONLY=", "PWD=", "SHLVL=", "_="]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .collect();
+        assert!(foreign.is_empty(), "inherited variables: {foreign:?}");
+        assert!(env.contains(&"ONLY=this one"), "{out}");
+        assert!(out.contains("stdin=0\n"), "{out}");
+        let cwd = dir.path().canonicalize().unwrap();
+        assert!(out.contains(&format!("cwd={}\n", cwd.display())), "{out}");
+        // Session leader: sid equals its pid (as seen in its own namespace).
+        let sid_line = out.lines().find(|l| l.starts_with("sid=")).unwrap();
+        let (sid, own) = sid_line.split_once(' ').unwrap();
+        assert_eq!(&sid[4..], &own[4..], "{sid_line}");
+        assert!(out.contains("0077\n"), "umask: {out}");
+        // Rust ignores SIGPIPE in the daemon; the agent must not inherit that, nor any other
+        // ignored signal (but glibc's reserved 32 and 33, which its sigaction refuses and the
+        // agent's libc manages itself).
+        let ign = out
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:\t"))
+            .unwrap();
+        let ign = u64::from_str_radix(ign, 16).unwrap() & !(0b11 << 31);
+        assert_eq!(ign, 0, "ignored signals: {ign:#x}");
+        assert_eq!(err, "oops\n");
+        assert_eq!(st.code(), Some(3));
+        assert!(pid > 0);
+        sp.close();
+    }
+
+    #[tokio::test]
+    async fn program_is_looked_up_in_the_agents_path_and_errors_name_the_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let sp = spawner().await;
+        let missing = sp
+            .spawn(req(
+                "no-such-program-x",
+                &[],
+                &[("PATH", "/nonexistent")],
+                dir.path(),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+        let msg = missing.to_string();
+        assert!(
+            msg.contains("no-such-program-x") && msg.contains("/nonexistent"),
+            "{msg}"
+        );
+
+        let gone = dir.path().join("gone");
+        let bad_cwd = sp
+            .spawn(req("/bin/true", &[], &[], &gone))
+            .await
+            .unwrap_err();
+        assert!(bad_cwd.to_string().contains("HOME"), "{bad_cwd}");
+
+        let not_exec = dir.path().join("plain-file");
+        std::fs::write(&not_exec, "x").unwrap();
+        let e = sp
+            .spawn(req(not_exec.to_str().unwrap(), &[], &[], dir.path()))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().starts_with("exec:"), "{e}");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        sp.close();
+    }
+
+    #[tokio::test]
+    async fn dropped_child_is_reaped_not_left_a_zombie() {
+        let dir = tempfile::tempdir().unwrap();
+        let sp = spawner().await;
+        let child = sp
+            .spawn(req("/bin/true", &[], &[], dir.path()))
+            .await
+            .unwrap();
+        let pid = child.id();
+        drop(child);
+        // The handle's task reaps it once it exits: its /proc entry goes (a zombie keeps one).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} never reaped"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        sp.close();
     }
 }
