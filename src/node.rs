@@ -92,7 +92,7 @@ impl Node {
         let own_start = procfs::read_proc(std::process::id())
             .map(|p| p.start_time)
             .unwrap_or(0);
-        let sweeper = Sweeper::start(own_start);
+        let sweeper = Sweeper::start(own_start, spawner.guardian_pid());
         let ctx = Arc::new(NodeContext::new(
             config,
             data.node_id.clone(),

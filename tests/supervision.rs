@@ -315,6 +315,49 @@ async fn stop_escalates_to_sigkill_and_leaves_no_descendant() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_takes_the_orphaned_helper_with_it() {
+    let (_d, node) = node().await;
+    node.create_fleet(stub_spec("crashy", 1, "--helper-orphan"))
+        .await
+        .unwrap();
+    let pid = wait_all_running(&node, "crashy", 1).await[0].pid.unwrap();
+    let marker = format!("{}/crashy/agent-1/", node.node_id());
+    // The helper left the agent's tree (re-parented, own session) and carries the marker.
+    let helpers = wait_until(Duration::from_secs(5), "the helper to exist", |seen| {
+        let m: Vec<u32> = marked_pids(&marker)
+            .into_iter()
+            .filter(|p| *p != pid)
+            .collect();
+        *seen = format!("{m:?}");
+        (!m.is_empty()).then_some(m)
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_agent(
+        &node,
+        "crashy",
+        "agent-1",
+        Duration::from_secs(10),
+        "restarted",
+        |s| s.restarts >= 1 && s.state == AgentState::Running,
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(5),
+        "the old helper to be gone",
+        |seen| {
+            let left: Vec<u32> = helpers.iter().copied().filter(|p| alive(*p)).collect();
+            *seen = format!("{left:?}");
+            left.is_empty().then_some(())
+        },
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_an_agent_in_backoff_leaves_nothing_running() {
     let (_d, node) = node().await;
     let mut spec = stub_spec("flaky", 1, "--crash-after-ms 100");

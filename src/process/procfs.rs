@@ -126,6 +126,50 @@ pub fn scan() -> Vec<ProcInfo> {
     out
 }
 
+/// Every live process below `roots` (the roots themselves excluded), found by following
+/// `/proc/<pid>/task/<tid>/children` down from them: a few reads when the trees are small,
+/// where `scan` reads every process on the host. `None` when the kernel does not offer the
+/// children files (CONFIG_PROC_CHILDREN) or the first root is gone, so the caller scans.
+pub fn subtrees(roots: &[u32]) -> Option<Vec<ProcInfo>> {
+    let mut out: Vec<ProcInfo> = Vec::new();
+    let mut seen: std::collections::HashSet<u32> = roots.iter().copied().collect();
+    let mut queue: Vec<u32> = roots.to_vec();
+    let mut text = String::with_capacity(256);
+    let mut first = true;
+    while let Some(pid) = queue.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            if first {
+                return None;
+            }
+            continue; // exited meanwhile
+        };
+        let mut any_children_file = false;
+        for task in tasks.flatten() {
+            let path = task.path().join("children");
+            if !read_into(&path, &mut text) {
+                continue;
+            }
+            any_children_file = true;
+            for child in text
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+            {
+                if seen.insert(child) {
+                    if let Some(info) = read_proc(child) {
+                        out.push(info);
+                        queue.push(child);
+                    }
+                }
+            }
+        }
+        if first && !any_children_file {
+            return None;
+        }
+        first = false;
+    }
+    Some(out)
+}
+
 /// Transitive children of `root` in `procs` (root itself excluded), parents before children.
 /// Follows ppid only, so helpers that moved to their own process group or session are still
 /// found as long as their parent is alive. For many roots over one scan, build a `Forest`.
@@ -718,6 +762,33 @@ mod tests {
         let all = scan();
         let shell_rss = all.iter().find(|x| x.pid == sh_pid).map(|x| x.rss_pages);
         assert!(tree_rss_bytes(sh_pid, &all) > shell_rss.unwrap_or(0) * page_size());
+    }
+
+    #[test]
+    fn subtrees_find_the_same_tree_as_a_full_scan() {
+        // A grandchild in a session of its own, as OpenClaw's helpers are.
+        let shell = Spawned::new(
+            Command::new("sh").args(["-c", "sleep 30 & sh -c 'setsid sleep 31 & wait' & wait"]),
+        );
+        let sh_pid = shell.pid();
+        let pids = |v: &[ProcInfo]| {
+            let mut p: Vec<u32> = v.iter().map(|x| x.pid).collect();
+            p.sort();
+            p
+        };
+        let from_scan = wait_for("the shell's tree", Duration::from_secs(5), || {
+            let desc = descendants(sh_pid, &scan());
+            if desc.iter().filter(|d| d.comm == "sleep").count() == 2 {
+                Ok(desc)
+            } else {
+                Err(desc)
+            }
+        });
+        let from_children = subtrees(&[sh_pid]).expect("children files on this kernel");
+        assert_eq!(pids(&from_children), pids(&from_scan));
+        assert!(!from_children.iter().any(|p| p.pid == sh_pid));
+        // A root that is gone: the caller must fall back to a scan.
+        assert!(subtrees(&[u32::MAX]).is_none());
     }
 
     #[test]

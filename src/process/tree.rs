@@ -7,6 +7,8 @@
 use super::procfs::{self, ProcInfo};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 /// The variable that marks every agent process and its descendants:
 /// `<node-id>/<fleet>/<agent>/<incarnation>`.
@@ -129,7 +131,8 @@ pub struct Sweeper {
 impl Sweeper {
     /// `min_start_time`: processes started before this (clock ticks since boot) are never
     /// ours at run time, so their environment is not read.
-    pub fn start(min_start_time: u64) -> Sweeper {
+    /// `guardian`: the host pid of the agents' PID-namespace init (0 without a namespace).
+    pub fn start(min_start_time: u64, guardian: Arc<AtomicU32>) -> Sweeper {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SweepReq>();
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -145,10 +148,12 @@ impl Sweeper {
                         since: r.since,
                     })
                     .collect();
-                let answers =
-                    tokio::task::spawn_blocking(move || collect_many(&queries, min_start_time))
-                        .await
-                        .unwrap_or_default();
+                let guardian = guardian.load(Ordering::Relaxed);
+                let answers = tokio::task::spawn_blocking(move || {
+                    collect_many_scoped(&queries, min_start_time, guardian)
+                })
+                .await
+                .unwrap_or_default();
                 for (req, ans) in batch.into_iter().zip(answers) {
                     let _ = req.reply.send(ans);
                 }
@@ -194,10 +199,34 @@ pub struct Query {
 
 /// One scan answering many queries.
 pub fn collect_many(queries: &[Query], min_start_time: u64) -> Vec<Vec<Member>> {
-    let procs: Vec<ProcInfo> = procfs::scan()
-        .into_iter()
-        .filter(|p| p.state != 'Z')
-        .collect();
+    let procs: Vec<ProcInfo> = procfs::scan();
+    answer(queries, procs, min_start_time)
+}
+
+/// `collect_many`, looking only below the namespace guardian and the queries' roots when the
+/// agents run in a PID namespace. Every process an agent started is there: below its main
+/// process while its parent lives, below the guardian (the namespace's init, which adopts
+/// orphans) once its parent has died. Other agents' main processes are children of the
+/// daemon, not of the guardian, so a crash costs a few reads instead of reading every process
+/// on the host while the agent restarts (measured: 1,300 reads, competing with the restart on a
+/// 2-core host at 1000 agents).
+pub fn collect_many_scoped(
+    queries: &[Query],
+    min_start_time: u64,
+    guardian: u32,
+) -> Vec<Vec<Member>> {
+    if guardian > 1 {
+        let mut roots = vec![guardian];
+        roots.extend(queries.iter().filter_map(|q| q.root));
+        if let Some(procs) = procfs::subtrees(&roots) {
+            return answer(queries, procs, min_start_time);
+        }
+    }
+    collect_many(queries, min_start_time)
+}
+
+fn answer(queries: &[Query], procs: Vec<ProcInfo>, min_start_time: u64) -> Vec<Vec<Member>> {
+    let procs: Vec<ProcInfo> = procs.into_iter().filter(|p| p.state != 'Z').collect();
     let mut answers: Vec<Vec<Member>> = queries
         .iter()
         .map(|q| match q.root {
