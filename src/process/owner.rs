@@ -163,6 +163,7 @@ async fn run(
     let mut kill_at: Option<Instant> = None;
     let mut requested = false;
     let mut members: Vec<Member> = Vec::new();
+    let mut term_sweep: Option<SweepFuture> = None;
     let mut ctl_open = true;
 
     let status = loop {
@@ -186,9 +187,14 @@ async fn run(
                 match ctl {
                     Some(Ctl::Stop { timeout }) => {
                         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
-                        members = sweeper.collect_since(Some(pid), &marker, since).await;
-                        guard.add_cgroup_members(&mut members);
-                        tree::signal_members(&members, Signal::SIGTERM);
+                        // The search for descendants in other groups runs beside the wait:
+                        // an agent that exits on SIGTERM at once is reaped at once (a fleet
+                        // stop waited for a thousand-root scan before reaping anything). If it
+                        // exits first, the leftover sweep after the exit catches the rest.
+                        let (sw, mk) = (sweeper.clone(), marker.clone());
+                        term_sweep = Some(Box::pin(async move {
+                            sw.collect_since(Some(pid), &mk, since).await
+                        }));
                         let at = Instant::now() + timeout;
                         kill_at = Some(kill_at.map_or(at, |k| k.min(at)));
                     }
@@ -203,6 +209,12 @@ async fn run(
                         kill_at = None;
                     }
                 }
+            }
+            found = sweep_opt(&mut term_sweep) => {
+                term_sweep = None;
+                members = found;
+                guard.add_cgroup_members(&mut members);
+                tree::signal_members(&members, Signal::SIGTERM);
             }
             _ = sleep_until_opt(kill_at) => {
                 kill_at = None;
@@ -278,6 +290,15 @@ async fn read_some<R: tokio::io::AsyncRead + Unpin>(
 ) -> std::io::Result<usize> {
     match r {
         Some(r) => r.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+type SweepFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Member>> + Send>>;
+
+async fn sweep_opt(f: &mut Option<SweepFuture>) -> Vec<Member> {
+    match f {
+        Some(f) => f.await,
         None => std::future::pending().await,
     }
 }

@@ -755,8 +755,14 @@ mod tests {
 
     #[tokio::test]
     async fn child_gets_exactly_its_environment_null_stdin_own_session_and_directory() {
+        for want_namespace in [true, false] {
+            let sp = Spawner::start(tokio::runtime::Handle::current(), want_namespace).unwrap();
+            environment_case(sp).await;
+        }
+    }
+
+    async fn environment_case(sp: Spawner) {
         let dir = tempfile::tempdir().unwrap();
-        let sp = spawner().await;
         let script = "env | sort; echo stdin=$(cat | wc -c); echo cwd=$(pwd); \
                       echo sid=$(cut -d' ' -f6 /proc/self/stat) pid=$$; umask; \
                       grep SigIgn /proc/self/status; echo oops >&2; exit 3";

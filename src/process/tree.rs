@@ -140,6 +140,11 @@ impl Sweeper {
                 while let Ok(more) = rx.try_recv() {
                     batch.push(more);
                 }
+                // Whoever stopped waiting (its agent exited first) needs no answer.
+                batch.retain(|r| !r.reply.is_closed());
+                if batch.is_empty() {
+                    continue;
+                }
                 let queries: Vec<Query> = batch
                     .iter()
                     .map(|r| Query {
@@ -215,7 +220,10 @@ pub fn collect_many_scoped(
     min_start_time: u64,
     guardian: u32,
 ) -> Vec<Vec<Member>> {
-    if guardian > 1 {
+    // Walking the trees costs a few reads per root; a scan costs one per host process. A
+    // batch as large as a fleet stop is cheaper as one scan.
+    let roots_in_batch = queries.iter().filter(|q| q.root.is_some()).count();
+    if guardian > 1 && roots_in_batch <= SCOPED_ROOTS_MAX {
         let mut roots = vec![guardian];
         roots.extend(queries.iter().filter_map(|q| q.root));
         if let Some(procs) = procfs::subtrees(&roots) {
@@ -224,6 +232,9 @@ pub fn collect_many_scoped(
     }
     collect_many(queries, min_start_time)
 }
+
+/// Most roots one scoped sweep walks (see `collect_many_scoped`).
+const SCOPED_ROOTS_MAX: usize = 64;
 
 fn answer(queries: &[Query], procs: Vec<ProcInfo>, min_start_time: u64) -> Vec<Vec<Member>> {
     let procs: Vec<ProcInfo> = procs.into_iter().filter(|p| p.state != 'Z').collect();
