@@ -84,8 +84,10 @@ pub fn own(
         cgroup,
         armed: true,
     };
+    // What this incarnation started is younger than it: sweeps need not read older processes.
+    let since = start_time;
     tokio::spawn(run(
-        child, stdout, stderr, rx, marker, sweeper, log, on_event, guard,
+        child, stdout, stderr, rx, marker, sweeper, log, on_event, guard, since,
     ));
     ProcessHandle {
         pid,
@@ -150,12 +152,9 @@ async fn run(
     mut log: LogWriter,
     on_event: impl Fn(OwnerEvent),
     mut guard: KillGuard,
+    since: u64,
 ) {
     let pid = guard.pgid;
-    // What this incarnation started is younger than it: sweeps need not read older processes.
-    let since = super::procfs::read_proc(pid)
-        .map(|p| p.start_time)
-        .unwrap_or(0);
     let mut split_out = LineSplitter::new();
     let mut split_err = LineSplitter::new();
     let mut buf_out = PumpBuf::new();
