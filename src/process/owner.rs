@@ -11,14 +11,14 @@ use crate::logs::writer::{LineSplitter, LogWriter, Stream};
 use crate::state::ExitInfo;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Requests to the owner task.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Ctl {
     Stop { timeout: Duration },
     Kill,
@@ -39,18 +39,69 @@ pub enum OwnerEvent {
 pub struct ProcessHandle {
     pub pid: u32,
     pub start_time: u64,
-    ctl: mpsc::UnboundedSender<Ctl>,
+    ctl: Arc<CtlCell>,
 }
 
 impl ProcessHandle {
     /// Graceful stop: SIGTERM to the tree, SIGKILL after `timeout`.
     pub fn stop(&self, timeout: Duration) {
-        let _ = self.ctl.send(Ctl::Stop { timeout });
+        self.ctl.post(Ctl::Stop { timeout });
     }
 
     /// SIGKILL to the tree at once.
     pub fn kill(&self) {
-        let _ = self.ctl.send(Ctl::Kill);
+        self.ctl.post(Ctl::Kill);
+    }
+}
+
+impl Drop for ProcessHandle {
+    /// The owner kills the tree when nobody holds its handle any more.
+    fn drop(&mut self) {
+        self.ctl.dropped.store(true, Ordering::Release);
+        self.ctl.notify.notify_one();
+    }
+}
+
+/// The owner's mailbox: at most one pending request, merged (a kill wins over a stop, two
+/// stops keep the shorter timeout). A thousand idle agents each held an unbounded channel
+/// whose first block alone was larger than this whole cell.
+#[derive(Default)]
+struct CtlCell {
+    pending: std::sync::Mutex<Option<Ctl>>,
+    notify: tokio::sync::Notify,
+    dropped: AtomicBool,
+}
+
+impl CtlCell {
+    fn post(&self, ctl: Ctl) {
+        if let Ok(mut p) = self.pending.lock() {
+            *p = Some(merge(*p, ctl));
+        }
+        self.notify.notify_one();
+    }
+
+    /// The next request; `None` once the handle is dropped and nothing is pending.
+    async fn next(&self) -> Option<Ctl> {
+        loop {
+            if let Some(c) = self.pending.lock().ok().and_then(|mut p| p.take()) {
+                return Some(c);
+            }
+            if self.dropped.load(Ordering::Acquire) {
+                return None;
+            }
+            // notify_one stores a permit when nobody waits: no wake-up is lost.
+            self.notify.notified().await;
+        }
+    }
+}
+
+fn merge(pending: Option<Ctl>, new: Ctl) -> Ctl {
+    match (pending, new) {
+        (Some(Ctl::Kill), _) | (_, Ctl::Kill) => Ctl::Kill,
+        (Some(Ctl::Stop { timeout: a }), Ctl::Stop { timeout: b }) => {
+            Ctl::Stop { timeout: a.min(b) }
+        }
+        (None, s) => s,
     }
 }
 
@@ -75,7 +126,7 @@ pub fn own(
     let start_time = super::procfs::read_proc(pid)
         .map(|p| p.start_time)
         .unwrap_or(0);
-    let (tx, rx) = mpsc::unbounded_channel();
+    let ctl = Arc::new(CtlCell::default());
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let guard = KillGuard {
@@ -87,12 +138,21 @@ pub fn own(
     // What this incarnation started is younger than it: sweeps need not read older processes.
     let since = start_time;
     tokio::spawn(run(
-        child, stdout, stderr, rx, marker, sweeper, log, on_event, guard, since,
+        child,
+        stdout,
+        stderr,
+        ctl.clone(),
+        marker,
+        sweeper,
+        log,
+        on_event,
+        guard,
+        since,
     ));
     ProcessHandle {
         pid,
         start_time,
-        ctl: tx,
+        ctl,
     }
 }
 
@@ -146,7 +206,7 @@ async fn run(
     mut child: Child,
     mut stdout: Option<pipe::Receiver>,
     mut stderr: Option<pipe::Receiver>,
-    mut rx: mpsc::UnboundedReceiver<Ctl>,
+    ctl_cell: Arc<CtlCell>,
     marker: String,
     sweeper: Sweeper,
     mut log: LogWriter,
@@ -168,17 +228,17 @@ async fn run(
     let status = loop {
         tokio::select! {
             st = child.wait() => break st,
-            r = read_some(&mut stdout, buf_out.space()) => {
+            r = readable(&stdout) => {
                 pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &mut buf_out);
                 report_drops(&mut log, &on_event);
                 buf_out.yield_if_busy().await;
             }
-            r = read_some(&mut stderr, buf_err.space()) => {
+            r = readable(&stderr) => {
                 pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &mut buf_err);
                 report_drops(&mut log, &on_event);
                 buf_err.yield_if_busy().await;
             }
-            ctl = rx.recv(), if ctl_open => {
+            ctl = ctl_cell.next(), if ctl_open => {
                 if let Ok(Some(_)) = child.try_wait() {
                     continue; // exited meanwhile; the wait branch reports it
                 }
@@ -236,8 +296,8 @@ async fn run(
     let drain_until = Instant::now() + DRAIN_AFTER_EXIT;
     while stdout.is_some() || stderr.is_some() {
         tokio::select! {
-            r = read_some(&mut stdout, buf_out.space()) => pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &mut buf_out),
-            r = read_some(&mut stderr, buf_err.space()) => pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &mut buf_err),
+            r = readable(&stdout) => pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &mut buf_out),
+            r = readable(&stderr) => pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &mut buf_err),
             _ = tokio::time::sleep_until(drain_until) => break,
         }
     }
@@ -283,12 +343,10 @@ async fn run(
     });
 }
 
-async fn read_some<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut Option<R>,
-    buf: &mut [u8],
-) -> std::io::Result<usize> {
+/// Waits until the pipe has data or is closed (forever once it is gone).
+async fn readable(r: &Option<pipe::Receiver>) -> std::io::Result<()> {
     match r {
-        Some(r) => r.read(buf).await,
+        Some(r) => r.readable().await,
         None => std::future::pending().await,
     }
 }
@@ -309,45 +367,27 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// Read buffer of one pipe. Idle agents vastly outnumber busy ones, so it starts small and
-/// only grows while reads keep filling it (data is flowing faster than we read); a flood is
-/// then read in pipe-sized chunks, one log write each instead of one per KiB.
-struct PumpBuf {
-    buf: Vec<u8>,
-    /// Bytes read since this pump last gave the runtime back.
-    since_yield: usize,
-}
-
-/// Size of the buffer of an idle or quiet pipe.
-const READ_SMALL: usize = 1024;
 /// Largest read: the default Linux pipe capacity, so one read empties a full pipe.
 const READ_LARGE: usize = 64 * 1024;
 /// A flooding agent yields after this much so its worker thread serves other tasks too.
 /// tokio's cooperative budget would only yield after 128 reads (8 MiB of log work).
 const YIELD_EVERY: usize = 256 * 1024;
 
+thread_local! {
+    /// Pipes are read into one buffer per runtime thread, never held across an await: a
+    /// thousand mostly idle agents need no read buffer of their own.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; READ_LARGE].into_boxed_slice());
+}
+
+/// How much a pipe has delivered since its pump last gave the runtime back.
+struct PumpBuf {
+    since_yield: usize,
+}
+
 impl PumpBuf {
     fn new() -> Self {
-        PumpBuf {
-            buf: vec![0; READ_SMALL],
-            since_yield: 0,
-        }
-    }
-
-    fn space(&mut self) -> &mut [u8] {
-        &mut self.buf
-    }
-
-    /// Adapts the size to the last read of `n` bytes.
-    fn filled(&mut self, n: usize) {
-        self.since_yield += n;
-        let len = self.buf.len();
-        if n == len && len < READ_LARGE {
-            self.buf = vec![0; (len * 8).min(READ_LARGE)];
-        } else if n < READ_SMALL && len > READ_SMALL {
-            // The burst is over: give the memory back.
-            self.buf = vec![0; READ_SMALL];
-        }
+        PumpBuf { since_yield: 0 }
     }
 
     async fn yield_if_busy(&mut self) {
@@ -358,22 +398,41 @@ impl PumpBuf {
     }
 }
 
-fn pump<R>(
+/// One read of a pipe that reported readiness, into the log; end of file or an error closes
+/// the stream (after its last partial line).
+fn pump(
     log: &mut LogWriter,
     split: &mut LineSplitter,
     stream: Stream,
-    src: &mut Option<R>,
-    r: std::io::Result<usize>,
-    buf: &mut PumpBuf,
+    src: &mut Option<pipe::Receiver>,
+    ready: std::io::Result<()>,
+    pace: &mut PumpBuf,
 ) {
-    match r {
-        Ok(0) | Err(_) => {
+    let Some(r) = src.as_ref() else {
+        return;
+    };
+    let got = match ready {
+        Err(e) => Err(e),
+        Ok(()) => SCRATCH.with(|b| {
+            let mut b = b.borrow_mut();
+            match r.try_read(&mut b) {
+                Ok(0) => Ok(None),
+                Ok(n) => {
+                    split.push(&b[..n], &mut |l, cut| log.write_line(stream, l, cut));
+                    pace.since_yield += n;
+                    Ok(Some(n))
+                }
+                Err(e) => Err(e),
+            }
+        }),
+    };
+    match got {
+        // Spurious readiness: try_read cleared it; wait again.
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Ok(Some(_)) => {}
+        Ok(None) | Err(_) => {
             split.finish(&mut |l, cut| log.write_line(stream, l, cut));
             *src = None;
-        }
-        Ok(n) => {
-            split.push(&buf.buf[..n], &mut |l, cut| log.write_line(stream, l, cut));
-            buf.filled(n);
         }
     }
     log.flush();
@@ -382,5 +441,44 @@ fn pump<R>(
 fn report_drops(log: &mut LogWriter, on_event: &impl Fn(OwnerEvent)) {
     if let Some(lines) = log.take_dropped_report() {
         on_event(OwnerEvent::LogDropped { lines });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_wins_and_two_stops_keep_the_shorter_timeout() {
+        let s = |ms| Ctl::Stop {
+            timeout: Duration::from_millis(ms),
+        };
+        let timeout = |c: Ctl| match c {
+            Ctl::Stop { timeout } => Some(timeout.as_millis()),
+            Ctl::Kill => None,
+        };
+        assert_eq!(timeout(merge(None, s(500))), Some(500));
+        assert_eq!(timeout(merge(Some(s(500)), s(200))), Some(200));
+        assert_eq!(timeout(merge(Some(s(200)), s(500))), Some(200));
+        assert_eq!(timeout(merge(Some(s(200)), Ctl::Kill)), None);
+        assert_eq!(timeout(merge(Some(Ctl::Kill), s(200))), None);
+    }
+
+    #[tokio::test]
+    async fn cell_delivers_a_request_posted_before_the_wait_then_none_after_drop() {
+        let cell = Arc::new(CtlCell::default());
+        cell.post(Ctl::Kill);
+        assert!(matches!(cell.next().await, Some(Ctl::Kill)));
+        let waiter = tokio::spawn({
+            let cell = cell.clone();
+            async move { cell.next().await.is_none() }
+        });
+        cell.dropped.store(true, Ordering::Release);
+        cell.notify.notify_one();
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter wakes up")
+            .unwrap();
+        assert!(got, "a dropped handle reads as None");
     }
 }
