@@ -1,7 +1,9 @@
 //! Peer supervisors as bench subjects, each with its own defaults and a private home under the
 //! bench's temporary directory: supervisord 4.3 (one `[program:x]` per child, added with
-//! `supervisorctl update`) and PM2 7 (an ecosystem file with N apps, private `PM2_HOME`).
-//! Both are installed by `scripts/install-peers.sh`; every process they leave is ended by pid.
+//! `supervisorctl update`), PM2 7 (an ecosystem file with N apps, private `PM2_HOME`) and s6
+//! 2.11 (one service directory per child under a private `s6-svscan`). The first two are
+//! installed by `scripts/install-peers.sh`, s6 by its Debian package; every process they leave
+//! is ended by pid.
 
 use super::{probe, Subject};
 use anyhow::{bail, Context, Result};
@@ -309,6 +311,169 @@ impl Drop for Pm2 {
     fn drop(&mut self) {
         if self.god > 0 && probe::alive(self.god) {
             kill_pid(self.god);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// s6 2.11 (Debian package `s6`): one `s6-svscan` over a scan directory, one service
+/// directory per child with a `run` script, picked up by `s6-svscanctl -a`. Its supervisor
+/// is s6-svscan plus one `s6-supervise` per child, so memory counts all of them.
+pub struct S6 {
+    child: Child,
+    scandir: PathBuf,
+    dir: PathBuf,
+    command: Vec<String>,
+    services: Vec<PathBuf>,
+}
+
+/// Services one bench s6-svscan may supervise (its default, 500, is below N = 1000).
+const S6_MAX_SERVICES: usize = 12_000;
+
+/// `name` on the PATH, if any.
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+impl S6 {
+    pub fn start(dir: &Path, command: Vec<String>) -> Result<S6> {
+        let Some(svscan) = on_path("s6-svscan") else {
+            bail!("s6 is not installed (Debian: apt-get install s6)");
+        };
+        let scandir = dir.join("scan");
+        std::fs::create_dir_all(&scandir)?;
+        std::fs::create_dir_all(dir.join("staging"))?;
+        let out = std::fs::File::create(dir.join("s6-svscan.out"))?;
+        // -c: s6-svscan supervises at most 500 services by default; a thousand need more. Its
+        // tables are sized by this up front, which the memory figure (N minus 0) leaves out.
+        let child = Command::new(&svscan)
+            .arg("-c")
+            .arg(S6_MAX_SERVICES.to_string())
+            .arg(&scandir)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", svscan.display()))?;
+        let s = S6 {
+            child,
+            scandir,
+            dir: dir.to_path_buf(),
+            command,
+            services: Vec::new(),
+        };
+        let control = s.scandir.join(".s6-svscan/control");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !control.exists() {
+            if Instant::now() >= deadline {
+                bail!("s6-svscan did not create {} within 20 s", control.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(s)
+    }
+
+    /// Writes one command byte to a supervisor's control FIFO, as `s6-svc` does.
+    fn svc(service: &Path, cmd: &[u8]) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let fifo = service.join("supervise/control");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .with_context(|| format!("opening {}", fifo.display()))?;
+        f.write_all(cmd)
+            .with_context(|| format!("writing {}", fifo.display()))
+    }
+}
+
+impl Subject for S6 {
+    fn name(&self) -> String {
+        "s6".into()
+    }
+    fn supervisor_pids(&self) -> Vec<u32> {
+        let root = self.child.id();
+        let mut pids = vec![root];
+        pids.extend(
+            crate::process::procfs::scan()
+                .into_iter()
+                .filter(|p| p.ppid == root && p.comm == "s6-supervise")
+                .map(|p| p.pid),
+        );
+        pids
+    }
+    fn add(&mut self, ports: &[u16]) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let cmd = shell_words::join(&self.command);
+        for (i, p) in ports.iter().enumerate() {
+            // Made whole outside the scan directory, then moved in: s6-svscan never sees a
+            // half-written service.
+            let staged = self.dir.join(format!("staging/c{i}"));
+            std::fs::create_dir_all(&staged)?;
+            let run = staged.join("run");
+            std::fs::write(
+                &run,
+                format!("#!/bin/sh\nOPENCLAW_GATEWAY_PORT={p} exec {cmd}\n"),
+            )?;
+            std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))?;
+            let live = self.scandir.join(format!("c{i}"));
+            std::fs::rename(&staged, &live)?;
+            self.services.push(live);
+        }
+        run(
+            Command::new("s6-svscanctl").arg("-a").arg(&self.scandir),
+            "s6-svscanctl -a",
+            Duration::from_secs(60),
+        )
+        .map(|_| ())
+    }
+    fn ports(&mut self, _n: usize, given: &[u16]) -> Result<Option<Vec<u16>>> {
+        Ok(Some(given.to_vec()))
+    }
+    fn stop_all(&mut self) -> Result<()> {
+        for s in &self.services {
+            Self::svc(s, b"d")?;
+        }
+        Ok(())
+    }
+    fn shutdown(&mut self) -> Result<()> {
+        let pids = self.supervisor_pids();
+        // -t: bring every service down and exit.
+        let r = run(
+            Command::new("s6-svscanctl").arg("-t").arg(&self.scandir),
+            "s6-svscanctl -t",
+            Duration::from_secs(60),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() >= deadline {
+                kill_pid(self.child.id());
+                let _ = self.child.wait();
+                bail!("s6-svscan ignored -t for 30 s: killed");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for p in pids.into_iter().skip(1) {
+            if !wait_gone(p, Duration::from_secs(5)) {
+                kill_pid(p);
+            }
+        }
+        r.map(|_| ())
+    }
+}
+
+impl Drop for S6 {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            for p in self.supervisor_pids().into_iter().skip(1) {
+                kill_pid(p);
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

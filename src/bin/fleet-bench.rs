@@ -6,7 +6,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use fleet_commander::bench::fleetd::{Fleetd, FLEET};
-use fleet_commander::bench::peers::{Pm2, Supervisord};
+use fleet_commander::bench::peers::{Pm2, Supervisord, S6};
 use fleet_commander::bench::report::{self, MaxN, RealFigures, Report};
 use fleet_commander::bench::{free_ports, measure, probe, Figures, Plan, Subject};
 use std::collections::HashSet;
@@ -135,10 +135,7 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
     let mut peers: Vec<String> = Vec::new();
     for p in &args.vs {
         match p.as_str() {
-            "supervisord" | "pm2" => peers.push(p.clone()),
-            "s6" => report.notes.push(
-                "s6: not measured; its Debian package is not installed here and the bench has no s6 driver yet".into(),
-            ),
+            "supervisord" | "pm2" | "s6" => peers.push(p.clone()),
             other => bail!("--vs: unknown peer {other:?} (supervisord, pm2, s6)"),
         }
     }
@@ -300,6 +297,7 @@ fn run_peer(
     say(format!("{peer}, N = {n}"));
     let started: Result<Box<dyn Subject>> = match peer {
         "supervisord" => Supervisord::start(dir, command.to_vec()).map(|s| Box::new(s) as _),
+        "s6" => S6::start(dir, command.to_vec()).map(|s| Box::new(s) as _),
         _ => Pm2::start(dir, command.to_vec()).map(|s| Box::new(s) as _),
     };
     let mut f = match started {
