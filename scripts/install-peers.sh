@@ -30,12 +30,10 @@ supervisord_ok() {
 
 pm2_ok() {
     [[ -x "$PM2_BIN" ]] || return 1
-    # `pm2 --version` would start nothing, but give it a private home so it never touches ~/.pm2.
-    local home
-    home="$(mktemp -d)"
+    # The version from the installed package.json: any pm2 command, even `--version`, starts a
+    # PM2 daemon that outlives this script.
     local v
-    v="$(PM2_HOME="$home" "$PM2_BIN" --version 2>/dev/null | tail -n1)" || { rm -rf "$home"; return 1; }
-    rm -rf "$home"
+    v="$(sed -n 's/^ *"version": *"\([^"]*\)".*/\1/p' "$PM2_DIR/node_modules/pm2/package.json" 2>/dev/null | head -n1)"
     [[ "$v" == "$PM2_VERSION" ]]
 }
 
