@@ -1295,7 +1295,6 @@ async fn sample_memory(ctx: Arc<NodeContext>, node: ActorRef<NodeMsg>) {
             samples.iter().map(|(key, _, _)| key).collect();
         ctx.memory.retain(|k, _| sampled.contains(k));
         streaks.retain(|k, _| sampled.contains(k));
-        drop(sampled);
         for (key, rss, processes) in samples {
             ctx.memory
                 .insert(key.clone(), crate::context::MemSample { rss, processes });

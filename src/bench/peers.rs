@@ -34,21 +34,12 @@ pub fn run(cmd: &mut Command, what: &str, timeout: Duration) -> Result<String> {
         .stderr(out)
         .spawn()
         .with_context(|| format!("starting {what}"))?;
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = std::fs::remove_file(&out_path);
-            bail!(
-                "{what}: no exit within {timeout:?}, killed pid {}",
-                child.id()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let Some(status) = exit_within(&mut child, timeout)? else {
+        let _ = std::fs::remove_file(&out_path);
+        bail!(
+            "{what}: no exit within {timeout:?}, killed pid {}",
+            child.id()
+        );
     };
     let text = std::fs::read_to_string(&out_path).unwrap_or_default();
     let _ = std::fs::remove_file(&out_path);
@@ -56,6 +47,22 @@ pub fn run(cmd: &mut Command, what: &str, timeout: Duration) -> Result<String> {
         bail!("{what}: {status}: {}", text.trim());
     }
     Ok(text)
+}
+
+/// Waits up to `timeout` for `child` to exit; past that kills and reaps it and returns `None`.
+fn exit_within(child: &mut Child, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(Some(st));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn wait_gone(pid: u32, timeout: Duration) -> bool {
@@ -181,14 +188,8 @@ impl Subject for Supervisord {
     fn shutdown(&mut self) -> Result<()> {
         let _ = self.ctl(&["shutdown"], Duration::from_secs(30));
         let pid = self.child.id();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait()?.is_none() {
-            if Instant::now() >= deadline {
-                kill_pid(pid);
-                let _ = self.child.wait();
-                bail!("supervisord pid {pid} ignored shutdown for 30 s: killed");
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if exit_within(&mut self.child, Duration::from_secs(30))?.is_none() {
+            bail!("supervisord pid {pid} ignored shutdown for 30 s: killed");
         }
         Ok(())
     }
@@ -448,14 +449,8 @@ impl Subject for S6 {
             "s6-svscanctl -t",
             Duration::from_secs(60),
         );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait()?.is_none() {
-            if Instant::now() >= deadline {
-                kill_pid(self.child.id());
-                let _ = self.child.wait();
-                bail!("s6-svscan ignored -t for 30 s: killed");
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if exit_within(&mut self.child, Duration::from_secs(30))?.is_none() {
+            bail!("s6-svscan ignored -t for 30 s: killed");
         }
         for p in pids.into_iter().skip(1) {
             if !wait_gone(p, Duration::from_secs(5)) {

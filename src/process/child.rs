@@ -8,7 +8,7 @@
 //! the process is still our unreaped child.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use tokio::io::unix::AsyncFd;
@@ -85,30 +85,6 @@ impl Child {
             let mut ready = fd.readable().await?;
             ready.clear_ready();
         }
-    }
-
-    /// SIGKILL to the process (not its group), unless it was already reaped.
-    pub fn start_kill(&mut self) -> io::Result<()> {
-        if self.status.is_some() {
-            return Ok(());
-        }
-        let Some(fd) = &self.pidfd else {
-            return Ok(());
-        };
-        // Through the pidfd: never a recycled pid.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.get_ref().as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
     }
 }
 

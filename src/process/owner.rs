@@ -135,8 +135,6 @@ pub fn own(
         cgroup,
         armed: true,
     };
-    // What this incarnation started is younger than it: sweeps need not read older processes.
-    let since = start_time;
     tokio::spawn(run(
         child,
         stdout,
@@ -147,7 +145,9 @@ pub fn own(
         log,
         on_event,
         guard,
-        since,
+        // What this incarnation started is younger than it: sweeps need not read older
+        // processes.
+        start_time,
     ));
     ProcessHandle {
         pid,
@@ -217,8 +217,8 @@ async fn run(
     let pid = guard.pgid;
     let mut split_out = LineSplitter::new();
     let mut split_err = LineSplitter::new();
-    let mut buf_out = PumpBuf::new();
-    let mut buf_err = PumpBuf::new();
+    let mut pace_out = Pace::new();
+    let mut pace_err = Pace::new();
     let mut kill_at: Option<Instant> = None;
     let mut requested = false;
     let mut members: Vec<Member> = Vec::new();
@@ -229,14 +229,14 @@ async fn run(
         tokio::select! {
             st = child.wait() => break st,
             r = readable(&stdout) => {
-                pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &mut buf_out);
+                pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &mut pace_out);
                 report_drops(&mut log, &on_event);
-                buf_out.yield_if_busy().await;
+                pace_out.yield_if_busy().await;
             }
             r = readable(&stderr) => {
-                pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &mut buf_err);
+                pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &mut pace_err);
                 report_drops(&mut log, &on_event);
-                buf_err.yield_if_busy().await;
+                pace_err.yield_if_busy().await;
             }
             ctl = ctl_cell.next(), if ctl_open => {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -296,8 +296,8 @@ async fn run(
     let drain_until = Instant::now() + DRAIN_AFTER_EXIT;
     while stdout.is_some() || stderr.is_some() {
         tokio::select! {
-            r = readable(&stdout) => pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &mut buf_out),
-            r = readable(&stderr) => pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &mut buf_err),
+            r = readable(&stdout) => pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &mut pace_out),
+            r = readable(&stderr) => pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &mut pace_err),
             _ = tokio::time::sleep_until(drain_until) => break,
         }
     }
@@ -381,13 +381,13 @@ thread_local! {
 }
 
 /// How much a pipe has delivered since its pump last gave the runtime back.
-struct PumpBuf {
+struct Pace {
     since_yield: usize,
 }
 
-impl PumpBuf {
+impl Pace {
     fn new() -> Self {
-        PumpBuf { since_yield: 0 }
+        Pace { since_yield: 0 }
     }
 
     async fn yield_if_busy(&mut self) {
@@ -406,7 +406,7 @@ fn pump(
     stream: Stream,
     src: &mut Option<pipe::Receiver>,
     ready: std::io::Result<()>,
-    pace: &mut PumpBuf,
+    pace: &mut Pace,
 ) {
     let Some(r) = src.as_ref() else {
         return;

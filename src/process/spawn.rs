@@ -18,7 +18,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use tokio::sync::oneshot;
 
@@ -227,15 +227,14 @@ fn spawn_one(req: &SpawnRequest, in_ns: bool, slots: &Slots) -> io::Result<Child
         share_files: slots.share_files,
         expected_ppid,
         in_ns,
-        failed_at: std::sync::atomic::AtomicU32::new(0),
-        errno: std::sync::atomic::AtomicI32::new(0),
+        failed_at: AtomicU32::new(0),
+        errno: AtomicI32::new(0),
     };
     let pid = clone_vfork(&args);
     // The child (if it got as far as exec) holds the write ends now; ours must go, or the
     // pipes would never report end-of-file.
     drop(loaded);
     let pid = pid?;
-    use std::sync::atomic::Ordering;
     let stage = args.failed_at.load(Ordering::SeqCst);
     if stage != 0 {
         let errno = args.errno.load(Ordering::SeqCst);
@@ -496,8 +495,8 @@ struct ChildArgs {
     share_files: bool,
     expected_ppid: libc::pid_t,
     in_ns: bool,
-    failed_at: std::sync::atomic::AtomicU32,
-    errno: std::sync::atomic::AtomicI32,
+    failed_at: AtomicU32,
+    errno: AtomicI32,
 }
 
 /// Stack of the cloned child until it execs: it runs only `child_main`'s system calls.
@@ -552,7 +551,6 @@ fn clone_vfork(args: &ChildArgs) -> io::Result<libc::pid_t> {
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     let a = unsafe { &*(arg as *const ChildArgs) };
     let fail = |stage: u32| -> libc::c_int {
-        use std::sync::atomic::Ordering;
         a.errno.store(
             io::Error::last_os_error().raw_os_error().unwrap_or(0),
             Ordering::SeqCst,
@@ -748,7 +746,8 @@ mod tests {
         (out, err, st)
     }
 
-    // Both isolations: a PID namespace needs CAP_SYS_ADMIN; without it the spawner falls back.
+    // A PID namespace where the host allows one (CAP_SYS_ADMIN); the parent-death-signal
+    // fallback otherwise.
     async fn spawner() -> Spawner {
         Spawner::start(tokio::runtime::Handle::current(), true).unwrap()
     }
