@@ -19,6 +19,8 @@ pub struct Child {
     /// Always `Some` until drop.
     pidfd: Option<AsyncFd<OwnedFd>>,
     status: Option<ExitStatus>,
+    /// The handle a dropped `Child` handed to a task: dropping it again hands nothing on.
+    orphan: bool,
     pub stdout: Option<pipe::Receiver>,
     pub stderr: Option<pipe::Receiver>,
 }
@@ -42,6 +44,7 @@ impl Child {
                         .map_err(io::Error::from)?
                 }),
                 status: None,
+                orphan: false,
                 stdout: Some(pipe::Receiver::from_owned_fd(stdout)?),
                 stderr: Some(pipe::Receiver::from_owned_fd(stderr)?),
             })
@@ -90,9 +93,14 @@ impl Child {
 
 /// A handle dropped before its process was reaped hands the wait to a task, so the process
 /// does not stay a zombie (what tokio's orphan queue does for its own children).
+///
+/// That task is only dropped unfinished when its runtime shuts down, and a runtime that is
+/// shutting down drops every task spawned on it on the spot, so the orphan must not hand
+/// itself on again: it did, recursively, until the worker's stack overflowed. The process
+/// then gets its parent-death signal when the spawner thread ends.
 impl Drop for Child {
     fn drop(&mut self) {
-        if matches!(self.try_wait(), Ok(Some(_)) | Err(_)) {
+        if self.orphan || matches!(self.try_wait(), Ok(Some(_)) | Err(_)) {
             return;
         }
         let (Some(pidfd), Ok(rt)) = (self.pidfd.take(), tokio::runtime::Handle::try_current())
@@ -103,6 +111,7 @@ impl Drop for Child {
             pid: self.pid,
             pidfd: Some(pidfd),
             status: None,
+            orphan: true,
             stdout: None,
             stderr: None,
         };

@@ -183,7 +183,11 @@ fn spawner_thread(
         }
         let in_ns = guardian.is_some();
         let result = spawn_one(&job.req, in_ns, &slots);
-        let _ = job.reply.send(result);
+        // The requester gave up (its agent was stopped meanwhile): nobody would own the
+        // process, so it must not run. Its session leader's group is the whole agent so far.
+        if let Err(Ok(child)) = job.reply.send(result) {
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+        }
     }
     // Dropping `guardian` closes the pipe: the guardian exits and the kernel ends the namespace.
     show(&None);
@@ -896,6 +900,78 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        sp.close();
+    }
+
+    /// A spawn whose requester is gone by the time it runs (its agent was stopped) leaves
+    /// no process running.
+    #[tokio::test]
+    async fn a_spawn_nobody_waits_for_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sp = spawner().await;
+        let (reply, rx) = oneshot::channel();
+        drop(rx);
+        let tx = sp.tx.lock().unwrap().clone().unwrap();
+        tx.send(Job {
+            req: req("/bin/sleep", &["30"], &[], dir.path()),
+            reply,
+        })
+        .unwrap();
+        // Jobs run in order: once this one is back, the abandoned one has been handled.
+        let other = sp
+            .spawn(req("/bin/true", &[], &[], Path::new("/")))
+            .await
+            .unwrap();
+        drop(other);
+        let cwd = dir.path().canonicalize().unwrap();
+        let in_dir = || {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+                .filter(|e| std::fs::read_link(e.path().join("cwd")).is_ok_and(|c| c == cwd))
+                .count()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while in_dir() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the abandoned child still runs"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        sp.close();
+    }
+
+    /// A runtime that shuts down while a task holds a running child drops that child inside
+    /// the shutdown: the wait handed to a task is dropped on the spot, and must not hand itself
+    /// on again (it did, recursively, until the worker's stack overflowed).
+    #[test]
+    fn a_live_child_dropped_by_a_runtime_shutdown_is_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (sp, pid) = rt.block_on(async {
+            let sp = spawner().await;
+            let child = sp
+                .spawn(req("/bin/sleep", &["30"], &[], dir.path()))
+                .await
+                .unwrap();
+            let pid = child.id();
+            let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let _child = child;
+                let _ = held_tx.send(());
+                std::future::pending::<()>().await
+            });
+            held_rx.await.unwrap();
+            (sp, pid)
+        });
+        drop(rt);
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         sp.close();
     }
 }
