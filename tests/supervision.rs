@@ -388,6 +388,88 @@ async fn removing_an_agent_in_backoff_leaves_nothing_running() {
     node.shutdown().await;
 }
 
+/// A stop that comes while a start waits at the start gate cancels that start at once: it
+/// leaves the queue, and no process of it runs when the gate opens later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_cancels_a_start_waiting_at_the_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::new(dir.path().join("state"));
+    config.port_range =
+        fleet_commander::ports::PortRange::parse(&common::next_port_range()).unwrap();
+    config.max_concurrent_starts = 1;
+    let node = Node::start(config).await.unwrap();
+    // Never healthy: the first start holds the only gate permit for its whole grace.
+    let mut spec = stub_spec("gate", 2, "--hang-healthz");
+    spec.start_gate = Some(true);
+    node.create_fleet(spec).await.unwrap();
+    let queue = |node: &NodeHandle| -> Option<i64> {
+        node.metrics_text()
+            .lines()
+            .find(|l| l.starts_with("fleet_start_gate_queue "))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let waiting = loop {
+        let rows = node.status(Some("gate"), None).await.unwrap();
+        let starting = rows.iter().find(|r| r.state == AgentState::Starting);
+        let queued = rows.iter().find(|r| r.state == AgentState::Provisioning);
+        if let (Some(_), Some(q), Some(1)) = (starting, queued, queue(&node)) {
+            break q.agent.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no start waiting at the gate: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    node.stop_agent("gate", &waiting).await.unwrap();
+    let s = status_of(&node, "gate", &waiting).await.unwrap();
+    assert_eq!(s.state, AgentState::Stopped, "{s:?}");
+    // The queue empties now, not when the permit holder's grace ends 10 s later.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while queue(&node) != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "the stopped start still waits at the gate"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The gate opens: the cancelled start must not run.
+    let marker = format!("{}/gate/{waiting}/", node.node_id());
+    node.stop_fleet("gate").await.unwrap();
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        let m = marked_pids(&marker);
+        assert!(m.is_empty(), "a process of the stopped start: {m:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.shutdown().await;
+}
+
+/// A node shut down while its agents are still starting has no agent process left when
+/// `shutdown` returns: starts in flight are cancelled or stopped, and waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_starts_leaves_no_process() {
+    for round in 0..5 {
+        let (_d, node) = node().await;
+        let mut rx = node.subscribe();
+        node.create_fleet(stub_spec("early", 8, "")).await.unwrap();
+        // Shut down once `round` agents have a process: the others are mid-start.
+        for _ in 0..round {
+            next_transition(&mut rx, Duration::from_secs(10), |t| {
+                t.new == AgentState::Starting
+            })
+            .await;
+        }
+        node.shutdown().await;
+        let left = marked_pids(&format!("{}/", node.node_id()));
+        assert!(
+            left.is_empty(),
+            "round {round}: processes after shutdown: {left:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_healthz_restarts_after_n_failed_probes() {
     let (_d, node) = node().await;

@@ -65,13 +65,17 @@ pub struct AgentRuntime {
     state: AgentState,
     reason: Option<String>,
     gen: u64,
+    /// `gen` as a start in flight sees it: a start whose incarnation is no longer current
+    /// gives up before it spawns (or while it waits at the start gate).
+    gen_tx: tokio::sync::watch::Sender<u64>,
     process: Option<ProcessHandle>,
     prober: Option<tokio::task::JoinHandle<()>>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     stopping: Option<Purpose>,
     stop_waiters: Vec<ractor::RpcReplyPort<()>>,
-    /// Incarnations whose main process exited but whose leftovers (helpers) are still being
-    /// swept: a stop is not finished until they are gone.
+    /// Incarnations that may still have processes: a start in flight (until its result is
+    /// back), or a main process that exited or was not wanted while its leftovers are swept.
+    /// A stop is not finished until they are gone.
     sweeping: Vec<u64>,
     history: History,
     restarts: u32,
@@ -121,6 +125,7 @@ impl Actor for AgentActor {
             state: AgentState::Stopped,
             reason: None,
             gen: 0,
+            gen_tx: tokio::sync::watch::Sender::new(0),
             process: None,
             prober: None,
             permit: None,
@@ -303,8 +308,8 @@ impl AgentRuntime {
 
     /// `begin_start`, telling in the event how the previous process ended.
     fn begin_start_after(&mut self, myself: &ActorRef<AgentMsg>, exit: Option<ExitInfo>) {
-        self.gen = self.ctx.next_incarnation();
-        let gen = self.gen;
+        let gen = self.next_gen();
+        self.sweeping.push(gen);
         self.set_state(AgentState::Provisioning, exit, None);
         let job = StartJob {
             fleet: self.fleet.clone(),
@@ -316,19 +321,30 @@ impl AgentRuntime {
             token: self.token.clone(),
             marker: tree::marker(&self.ctx.node_id, &self.fleet, &self.agent, gen),
             gen,
+            current: self.gen_tx.subscribe(),
         };
         let me = myself.clone();
+        let (ctx, spec, paths) = (self.ctx.clone(), self.spec.clone(), self.paths.clone());
         tokio::spawn(async move {
+            let marker = job.marker.clone();
             let result = Box::new(job.run().await);
             if let Err(ractor::MessagingErr::SendErr(AgentMsg::Spawned { result, .. })) =
                 me.send_message(AgentMsg::Spawned { gen, result })
             {
                 // The actor is gone: the child must not survive it.
                 if let Ok(sp) = *result {
-                    kill_orphan(sp);
+                    kill_unwanted(sp, &ctx, &spec, &paths, marker, |_| {});
                 }
             }
         });
+    }
+
+    /// Moves on to a new incarnation: reports of older ones are stale from now on, and a
+    /// start in flight for one of them gives up.
+    fn next_gen(&mut self) -> u64 {
+        self.gen = self.ctx.next_incarnation();
+        self.gen_tx.send_replace(self.gen);
+        self.gen
     }
 
     fn on_spawned(
@@ -338,15 +354,34 @@ impl AgentRuntime {
         result: Result<Spawned, SpawnFailure>,
     ) {
         if gen != self.gen || !self.want_running {
-            if let Ok(sp) = result {
-                kill_orphan(sp);
-            }
             if gen == self.gen {
+                self.next_gen();
                 self.set_state(AgentState::Stopped, None, None);
-                self.reply_stop_waiters();
+            }
+            match result {
+                // Its owner kills it at once; its `TreeGone` ends the sweep of `gen`.
+                Ok(sp) => {
+                    let me = myself.clone();
+                    kill_unwanted(
+                        sp,
+                        &self.ctx,
+                        &self.spec,
+                        &self.paths,
+                        tree::marker(&self.ctx.node_id, &self.fleet, &self.agent, gen),
+                        move |event| {
+                            let _ = me.send_message(AgentMsg::Owner { gen, event });
+                        },
+                    );
+                }
+                Err(_) => {
+                    self.sweeping.retain(|g| *g != gen);
+                    self.reply_stop_waiters();
+                }
             }
             return;
         }
+        // From here on the incarnation's processes are `self.process`'s.
+        self.sweeping.retain(|g| *g != gen);
         match result {
             Err(f) => {
                 self.set_state(AgentState::Failed, None, Some(f.reason.clone()));
@@ -356,12 +391,7 @@ impl AgentRuntime {
                 });
             }
             Ok(sp) => {
-                let mut log = LogWriter::open(
-                    self.paths.agent_log.clone(),
-                    self.spec.logs.max_bytes,
-                    self.spec.logs.keep,
-                );
-                log.count_into(self.ctx.metrics.log_bytes.clone());
+                let log = open_log(&self.ctx, &self.spec, &self.paths);
                 let me = myself.clone();
                 let handle = owner::own(
                     sp.child,
@@ -525,7 +555,7 @@ impl AgentRuntime {
                     agent: self.agent.clone(),
                 });
                 let why = self.reason.take().unwrap_or_else(|| cause.describe());
-                self.gen = self.ctx.next_incarnation();
+                self.next_gen();
                 self.set_state(
                     AgentState::Backoff,
                     Some(exit),
@@ -572,7 +602,9 @@ impl AgentRuntime {
             return;
         }
         // No process: cancel a pending backoff or a start in flight by moving on a generation.
-        self.gen = self.ctx.next_incarnation();
+        // A start already spawning is killed when its result comes back, and the stop is
+        // answered only then (`sweeping`).
+        self.next_gen();
         match purpose {
             Purpose::Fail(reason) => self.set_state(AgentState::Failed, None, Some(reason)),
             _ if self.state == AgentState::Failed => {}
@@ -593,21 +625,34 @@ impl AgentRuntime {
     }
 }
 
-/// A child that nobody will own: kill it and everything it started.
-fn kill_orphan(sp: Spawned) {
-    let mut child = sp.child;
-    let _ = nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
+/// The agent's log writer, counting into the node's log metrics.
+fn open_log(ctx: &NodeContext, spec: &FleetSpec, paths: &AgentPaths) -> LogWriter {
+    let mut log = LogWriter::open(paths.agent_log.clone(), spec.logs.max_bytes, spec.logs.keep);
+    log.count_into(ctx.metrics.log_bytes.clone());
+    log
+}
+
+/// A child nobody will run (its start was cancelled while it spawned, or its actor is gone):
+/// an owner kills it and everything it started, as for any stop, and reports to `on_event`
+/// (last `TreeGone`). What it printed meanwhile goes to the agent's log.
+fn kill_unwanted(
+    sp: Spawned,
+    ctx: &NodeContext,
+    spec: &FleetSpec,
+    paths: &AgentPaths,
+    marker: String,
+    on_event: impl Fn(OwnerEvent) + Send + 'static,
+) {
+    let log = open_log(ctx, spec, paths);
+    let handle = owner::own(
+        sp.child,
+        marker,
+        ctx.sweeper.clone(),
+        sp.cgroup,
+        log,
+        on_event,
     );
-    let cgroup = sp.cgroup;
-    tokio::spawn(async move {
-        let _ = child.wait().await;
-        if let Some(cg) = cgroup {
-            let _ = tokio::task::spawn_blocking(move || cg.kill_and_remove(Duration::from_secs(2)))
-                .await;
-        }
-    });
+    handle.kill();
 }
 
 /// Looks at a taken base port this many times, 100 ms apart, before moving the agent.
@@ -624,6 +669,8 @@ struct StartJob {
     token: String,
     marker: String,
     gen: u64,
+    /// The agent's current incarnation: once it is not `gen`, this start is cancelled.
+    current: tokio::sync::watch::Receiver<u64>,
 }
 
 impl StartJob {
@@ -693,12 +740,24 @@ impl StartJob {
         let permit = if self.spec.gated() {
             use std::sync::atomic::Ordering;
             self.ctx.gate_waiting.fetch_add(1, Ordering::Relaxed);
-            let p = self.ctx.gate.clone().acquire_owned().await;
+            let gen = self.gen;
+            let mut current = self.current.clone();
+            let p = tokio::select! {
+                p = self.ctx.gate.clone().acquire_owned() => Some(p),
+                _ = current.wait_for(|g| *g != gen) => None,
+            };
             self.ctx.gate_waiting.fetch_sub(1, Ordering::Relaxed);
-            Some(p.map_err(|_| fail("start gate closed".into()))?)
+            match p {
+                None => return Err(fail("start cancelled".into())),
+                Some(p) => Some(p.map_err(|_| fail("start gate closed".into()))?),
+            }
         } else {
             None
         };
+        // Last look before a process exists: a stop that came meanwhile wins.
+        if *self.current.borrow() != self.gen {
+            return Err(fail("start cancelled".into()));
+        }
         // Created last, so a start that waits at the gate or fails before leaves no cgroup.
         let mut cgroup = match &self.ctx.cgroups {
             Some(tree) => Some(
