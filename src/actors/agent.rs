@@ -324,16 +324,14 @@ impl AgentRuntime {
             current: self.gen_tx.subscribe(),
         };
         let me = myself.clone();
-        let (ctx, spec, paths) = (self.ctx.clone(), self.spec.clone(), self.paths.clone());
         tokio::spawn(async move {
-            let marker = job.marker.clone();
             let result = Box::new(job.run().await);
             if let Err(ractor::MessagingErr::SendErr(AgentMsg::Spawned { result, .. })) =
                 me.send_message(AgentMsg::Spawned { gen, result })
             {
                 // The actor is gone: the child must not survive it.
                 if let Ok(sp) = *result {
-                    kill_unwanted(sp, &ctx, &spec, &paths, marker, |_| {});
+                    kill_orphan(sp);
                 }
             }
         });
@@ -625,6 +623,24 @@ impl AgentRuntime {
     }
 }
 
+/// A child whose actor is gone. No log (its HOME may be being purged): kill its group and
+/// reap it. It started a moment ago; its helpers, if any, are in its group or its cgroup.
+fn kill_orphan(sp: Spawned) {
+    let mut child = sp.child;
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let cgroup = sp.cgroup;
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+        if let Some(cg) = cgroup {
+            let _ = tokio::task::spawn_blocking(move || cg.kill_and_remove(Duration::from_secs(2)))
+                .await;
+        }
+    });
+}
+
 /// The agent's log writer, counting into the node's log metrics.
 fn open_log(ctx: &NodeContext, spec: &FleetSpec, paths: &AgentPaths) -> LogWriter {
     let mut log = LogWriter::open(paths.agent_log.clone(), spec.logs.max_bytes, spec.logs.keep);
@@ -632,9 +648,9 @@ fn open_log(ctx: &NodeContext, spec: &FleetSpec, paths: &AgentPaths) -> LogWrite
     log
 }
 
-/// A child nobody will run (its start was cancelled while it spawned, or its actor is gone):
-/// an owner kills it and everything it started, as for any stop, and reports to `on_event`
-/// (last `TreeGone`). What it printed meanwhile goes to the agent's log.
+/// A child its agent no longer wants (the start was cancelled while it spawned): an owner
+/// kills it and everything it started, as for any stop, and reports to `on_event` (last
+/// `TreeGone`). What it printed meanwhile goes to the agent's log.
 fn kill_unwanted(
     sp: Spawned,
     ctx: &NodeContext,
