@@ -5,24 +5,14 @@
 
 mod common;
 
-use common::{wait_until, STUB};
+use common::{node_with, wait_until, STUB};
 use fleet_commander::messages::command::{Command, Reply};
 use fleet_commander::spec::FleetSpec;
 use fleet_commander::state::AgentState;
-use fleet_commander::{Node, NodeConfig, NodeHandle};
+use fleet_commander::NodeHandle;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
-
-async fn node_with(f: impl FnOnce(&mut NodeConfig)) -> (tempfile::TempDir, NodeHandle) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig::new(dir.path().join("state"));
-    config.port_range =
-        fleet_commander::ports::PortRange::parse(&common::next_port_range()).unwrap();
-    f(&mut config);
-    let node = Node::start(config).await.unwrap();
-    (dir, node)
-}
 
 fn stub(name: &str, args: &str) -> FleetSpec {
     let mut s = FleetSpec::new(name);

@@ -13,7 +13,7 @@ use common::{marked_pids, wait_until, Daemon, FLEETCTL, STUB};
 use fleet_commander::messages::events::Event;
 use fleet_commander::spec::{FleetSpec, LogSpec};
 use fleet_commander::state::AgentState;
-use fleet_commander::{Node, NodeConfig, NodeHandle};
+use fleet_commander::NodeHandle;
 use serde_json::Value;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -27,16 +27,7 @@ use tokio::sync::broadcast::Receiver;
 const DAY: Duration = Duration::from_secs(86_400);
 
 async fn node(log_interval: Duration) -> (tempfile::TempDir, NodeHandle) {
-    let dir = tempfile::Builder::new()
-        .prefix("fleet-logs")
-        .tempdir()
-        .unwrap();
-    let mut config = NodeConfig::new(dir.path().join("state"));
-    config.port_range =
-        fleet_commander::ports::PortRange::parse(&common::next_port_range()).unwrap();
-    config.log_interval = log_interval;
-    let node = Node::start(config).await.unwrap();
-    (dir, node)
+    common::node_with(|c| c.log_interval = log_interval).await
 }
 
 /// A fleet whose agents run `/bin/sh -c <script>` (the script ends by exec'ing the stub).

@@ -9,7 +9,6 @@ use common::{wait_until, Daemon, STUB};
 use fleet_commander::messages::events::Event;
 use fleet_commander::spec::FleetSpec;
 use fleet_commander::state::AgentState;
-use fleet_commander::{Node, NodeConfig};
 use serde_json::Value;
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
@@ -182,12 +181,7 @@ fn ports_bound_by_other_processes_are_skipped_at_lease_and_before_a_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_start_gate_bounds_concurrent_starts() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig::new(dir.path().join("state"));
-    config.port_range =
-        fleet_commander::ports::PortRange::parse(&common::next_port_range()).unwrap();
-    config.max_concurrent_starts = 2;
-    let node = Node::start(config).await.unwrap();
+    let (_d, node) = common::node_with(|c| c.max_concurrent_starts = 2).await;
     let mut rx = node.subscribe();
     let mut spec = FleetSpec::new("gated");
     spec.agents = FleetSpec::numbered_agents(6);

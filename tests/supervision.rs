@@ -11,20 +11,22 @@ use fleet_commander::messages::command::AgentStatus;
 use fleet_commander::messages::events::{AgentTransition, Event};
 use fleet_commander::spec::{BackoffSpec, FleetSpec, Intensity, Strategy};
 use fleet_commander::state::{AgentState, ExitInfo};
-use fleet_commander::{Node, NodeConfig, NodeHandle};
+use fleet_commander::NodeHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast::Receiver;
 
 async fn node() -> (tempfile::TempDir, NodeHandle) {
-    let dir = tempfile::Builder::new()
-        .prefix("fleet-sup")
-        .tempdir()
-        .unwrap();
-    let mut config = NodeConfig::new(dir.path().join("state"));
-    config.port_range =
-        fleet_commander::ports::PortRange::parse(&common::next_port_range()).unwrap();
-    let node = Node::start(config).await.unwrap();
-    (dir, node)
+    common::node_with(|_| {}).await
+}
+
+/// Watches for `watch` that no process marked with `marker` runs.
+async fn none_marked_for(marker: &str, watch: Duration, what: &str) {
+    let until = Instant::now() + watch;
+    while Instant::now() < until {
+        let m = marked_pids(marker);
+        assert!(m.is_empty(), "{what}: {m:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn stub_spec(name: &str, n: u32, args: &str) -> FleetSpec {
@@ -379,12 +381,12 @@ async fn removing_an_agent_in_backoff_leaves_nothing_running() {
     assert!(status_of(&node, "flaky", "agent-1").await.is_none());
     // Watch past the moment the backoff timer would have fired: nothing of the agent may run.
     let marker = format!("{}/flaky/agent-1/", node.node_id());
-    let until = Instant::now() + Duration::from_millis(1200);
-    while Instant::now() < until {
-        let m = marked_pids(&marker);
-        assert!(m.is_empty(), "processes of a removed agent: {m:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    none_marked_for(
+        &marker,
+        Duration::from_millis(1200),
+        "processes of a removed agent",
+    )
+    .await;
     node.shutdown().await;
 }
 
@@ -392,12 +394,7 @@ async fn removing_an_agent_in_backoff_leaves_nothing_running() {
 /// leaves the queue, and no process of it runs when the gate opens later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_cancels_a_start_waiting_at_the_gate() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig::new(dir.path().join("state"));
-    config.port_range =
-        fleet_commander::ports::PortRange::parse(&common::next_port_range()).unwrap();
-    config.max_concurrent_starts = 1;
-    let node = Node::start(config).await.unwrap();
+    let (_d, node) = common::node_with(|c| c.max_concurrent_starts = 1).await;
     // Never healthy: the first start holds the only gate permit for its whole grace.
     let mut spec = stub_spec("gate", 2, "--hang-healthz");
     spec.start_gate = Some(true);
@@ -437,12 +434,12 @@ async fn a_stop_cancels_a_start_waiting_at_the_gate() {
     // The gate opens: the cancelled start must not run.
     let marker = format!("{}/gate/{waiting}/", node.node_id());
     node.stop_fleet("gate").await.unwrap();
-    let until = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < until {
-        let m = marked_pids(&marker);
-        assert!(m.is_empty(), "a process of the stopped start: {m:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    none_marked_for(
+        &marker,
+        Duration::from_millis(500),
+        "a process of the stopped start",
+    )
+    .await;
     node.shutdown().await;
 }
 

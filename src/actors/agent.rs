@@ -319,7 +319,7 @@ impl AgentRuntime {
             paths: self.paths.clone(),
             port: self.port,
             token: self.token.clone(),
-            marker: tree::marker(&self.ctx.node_id, &self.fleet, &self.agent, gen),
+            marker: self.marker(gen),
             gen,
             current: self.gen_tx.subscribe(),
         };
@@ -335,6 +335,11 @@ impl AgentRuntime {
                 }
             }
         });
+    }
+
+    /// The environment marker of this agent's incarnation `gen`.
+    fn marker(&self, gen: u64) -> String {
+        tree::marker(&self.ctx.node_id, &self.fleet, &self.agent, gen)
     }
 
     /// Moves on to a new incarnation: reports of older ones are stale from now on, and a
@@ -365,7 +370,7 @@ impl AgentRuntime {
                         &self.ctx,
                         &self.spec,
                         &self.paths,
-                        tree::marker(&self.ctx.node_id, &self.fleet, &self.agent, gen),
+                        self.marker(gen),
                         move |event| {
                             let _ = me.send_message(AgentMsg::Owner { gen, event });
                         },
@@ -393,7 +398,7 @@ impl AgentRuntime {
                 let me = myself.clone();
                 let handle = owner::own(
                     sp.child,
-                    tree::marker(&self.ctx.node_id, &self.fleet, &self.agent, gen),
+                    self.marker(gen),
                     self.ctx.sweeper.clone(),
                     sp.cgroup,
                     log,

@@ -1,6 +1,7 @@
 //! Test fixtures that boot the real daemon: `Daemon::start()` runs `fleetd` on a temporary
 //! state directory and talks to it only through its socket (via `fleetctl`); dropping it
-//! stops the daemon and kills anything of its node still running. `wait_until` waits for a
+//! stops the daemon and kills anything of its node still running. `node_with` starts a node
+//! in this process instead, for tests that use the embedding API. `wait_until` waits for a
 //! condition with a deadline and reports what it last saw.
 #![allow(dead_code)]
 
@@ -41,6 +42,22 @@ pub fn next_port_range() -> String {
     let i = NEXT.fetch_add(1, Ordering::Relaxed);
     let first = 21000 + (i % 30) * 1000;
     format!("{first}-{}", first + 999)
+}
+
+/// An in-process node on a temporary state directory, with a port range of its own; `f`
+/// adjusts its config first.
+pub async fn node_with(
+    f: impl FnOnce(&mut fleet_commander::NodeConfig),
+) -> (tempfile::TempDir, fleet_commander::NodeHandle) {
+    let dir = tempfile::Builder::new()
+        .prefix("fleet-node")
+        .tempdir()
+        .unwrap();
+    let mut config = fleet_commander::NodeConfig::new(dir.path().join("state"));
+    config.port_range = fleet_commander::ports::PortRange::parse(&next_port_range()).unwrap();
+    f(&mut config);
+    let node = fleet_commander::Node::start(config).await.unwrap();
+    (dir, node)
 }
 
 pub struct Daemon {
