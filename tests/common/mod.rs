@@ -280,15 +280,28 @@ pub fn marked_pids(prefix: &str) -> Vec<u32> {
     out
 }
 
-/// Exists and is not a zombie.
+/// Exists, is not a zombie and is not exiting.
+///
+/// Exiting counts as gone: a PID namespace's init that was killed stays in its exit (state
+/// S, no memory, flag PF_EXITING) until every process of its namespace has been reaped, and
+/// those, orphaned by a killed fleetd, are reaped by the host's init. Measured on this VM: its
+/// init reaps orphans only every ~1.8 s, so the guardian looked alive for up to 1.7 s after
+/// a fleetd SIGKILL while running nothing.
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rfind(')')
-            .and_then(|i| s[i + 2..].chars().next())
-            .is_some_and(|c| c != 'Z' && c != 'X'),
-        Err(_) => false,
-    }
+    const PF_EXITING: u64 = 0x4;
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(i) = s.rfind(')') else {
+        return false;
+    };
+    let fields: Vec<&str> = s[i + 2..].split(' ').collect();
+    let state = fields.first().and_then(|f| f.chars().next());
+    let flags = fields
+        .get(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(0);
+    state.is_some_and(|c| c != 'Z' && c != 'X') && flags & PF_EXITING == 0
 }
 
 /// Children, grandchildren … of `root` (by ppid), live ones only.
