@@ -138,6 +138,8 @@ pub struct NodeContext {
     pub metrics: crate::metrics::Metrics,
     /// Per-agent cgroups, where a cgroup v2 directory is delegated to the daemon.
     pub cgroups: Option<crate::process::cgroup::CgroupTree>,
+    /// The state dir's lock, held from before the registry is read until `shutdown` ends.
+    pub state_lock: std::sync::Mutex<Option<crate::state_dir::StateLock>>,
     incarnations: AtomicU64,
 }
 
@@ -184,6 +186,7 @@ impl NodeContext {
             gate_waiting: std::sync::atomic::AtomicI64::new(0),
             metrics: crate::metrics::Metrics::default(),
             cgroups,
+            state_lock: std::sync::Mutex::new(None),
             incarnations: AtomicU64::new(1),
         }
     }

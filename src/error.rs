@@ -53,6 +53,13 @@ pub enum FleetError {
     ShuttingDown,
     #[error("timed out waiting for {what}")]
     Timeout { what: String },
+    /// A change that was carried out only in part: `done` says what did happen.
+    #[error("partly done: {done}; then: {failed}")]
+    Partial { done: String, failed: String },
+    #[error("{what} is declared in the spec file {spec}: change it there and `reload` (the spec owns the fleets it declares)")]
+    OwnedBySpec { what: String, spec: String },
+    #[error("{what} is still being removed; try again once its removal is complete")]
+    BeingRemoved { what: String },
     #[error("internal error: {reason}")]
     Internal { reason: String },
 }

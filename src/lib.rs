@@ -14,6 +14,7 @@ pub mod memory;
 pub mod messages;
 pub mod metrics;
 pub mod node;
+pub mod operator_file;
 pub mod ports;
 pub mod process;
 pub mod provision;
@@ -22,6 +23,7 @@ pub mod restart;
 pub mod spec;
 pub mod specfile;
 pub mod state;
+pub mod state_dir;
 pub mod strategy;
 
 pub use context::NodeConfig;

@@ -186,14 +186,35 @@ pub fn render(ctx: &NodeContext) -> String {
 }
 
 /// Serves `GET /metrics` (anything else: 404) until the task is dropped.
+/// Most scrape connections open at once (a scraper needs one): the port is reachable by every
+/// local user, and each idle connection would hold one of the daemon's descriptors.
+pub const MAX_CONNECTIONS: usize = 16;
+/// A connection gets this long for its request and the answer, then it is closed.
+pub const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<NodeContext>) {
     use hyper::service::service_fn;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = crate::admin::socket::AcceptBackoff::default();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.ok();
+                stream
+            }
+            Err(e) => {
+                let wait = backoff.failed();
+                tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "metrics accept failed");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let ctx = ctx.clone();
                 async move {
@@ -211,9 +232,14 @@ pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<NodeContext>) {
                         .body(http_body_util::Full::new(bytes::Bytes::from(body)))
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                .await;
+            // One request per connection, within a deadline: a slow or idle client cannot
+            // keep its slot.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(CONNECTION_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
         });
     }
 }

@@ -53,15 +53,22 @@ impl Node {
     /// state.
     pub async fn start(config: NodeConfig) -> Result<NodeHandle, FleetError> {
         let dir = config.state_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|e| FleetError::Store {
-            reason: format!("cannot create state dir {}: {e}", dir.display()),
-        })?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-        }
+        // Before anything in the directory is read or touched: a second daemon on the same
+        // state dir must stop here, not after sweeping the first one's agents.
+        let lock = crate::state_dir::take(&dir)?;
         let store = FileStore::new(&dir);
-        let mut data = match store.load()? {
+        let loaded = store.load()?;
+        if let Some(d) = &loaded {
+            crate::registry::validate(d, &config.port_range).map_err(|reason| {
+                FleetError::Store {
+                    reason: format!(
+                        "{} is not a valid registry: {reason}; the file was left untouched",
+                        store.path().display()
+                    ),
+                }
+            })?;
+        }
+        let mut data = match loaded {
             Some(d) => d,
             None => RegistryData {
                 version: 1,
@@ -100,6 +107,7 @@ impl Node {
             sweeper,
             cgroups,
         ));
+        *ctx.state_lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
         let (actor, _) = Actor::spawn(
             None,
             NodeActor,
@@ -438,13 +446,28 @@ impl NodeHandle {
         lines: usize,
     ) -> Result<(Vec<String>, LogFollow), FleetError> {
         let first = self.logs(fleet, agent, lines).await?;
-        let token = self.token(fleet, agent, false).await?;
+        let (f, a) = (fleet.to_string(), agent.to_string());
+        let tokens = match self
+            .actor
+            .call(
+                |r| NodeMsg::AgentTokens {
+                    fleet: f,
+                    agent: a,
+                    reply: r,
+                },
+                Some(Duration::from_secs(10)),
+            )
+            .await
+        {
+            Ok(CallResult::Success(r)) => r?,
+            _ => return Err(FleetError::ShuttingDown),
+        };
         let path = crate::provision::AgentPaths::new(self.state_dir(), fleet, agent).agent_log;
         Ok((
             first,
             LogFollow {
                 follower: crate::logs::tail::Follower::new(&path),
-                token,
+                tokens,
             },
         ))
     }
@@ -499,22 +522,29 @@ impl NodeHandle {
             .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))
             .await;
         self.ctx.spawner.close();
+        // Another daemon (or a new node in this process) may take the state dir from now on.
+        self.ctx
+            .state_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 }
 
 /// New lines of one agent's log, its token redacted; poll it every few hundred ms.
 pub struct LogFollow {
     follower: crate::logs::tail::Follower,
-    token: String,
+    tokens: Vec<String>,
 }
 
 impl LogFollow {
     pub fn poll(&mut self) -> Vec<String> {
+        let secrets: Vec<&str> = self.tokens.iter().map(String::as_str).collect();
         self.follower
             .poll()
             .unwrap_or_default()
             .iter()
-            .map(|l| crate::logs::tail::redact(l, &[self.token.as_str()]))
+            .map(|l| crate::logs::tail::redact(l, &secrets))
             .collect()
     }
 }

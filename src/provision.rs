@@ -365,7 +365,8 @@ pub fn load_template(path: &Path) -> Result<Value, FleetError> {
     let spec = |reason: String| FleetError::Spec {
         reason: format!("template {}: {reason}", path.display()),
     };
-    let text = fs::read_to_string(path).map_err(|e| spec(format!("cannot read: {e}")))?;
+    let text = crate::operator_file::read_text(path, crate::operator_file::MAX_TEMPLATE_BYTES)
+        .map_err(|e| spec(format!("it {e}")))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| {
         let full = e.to_string();
         let msg = full
@@ -384,6 +385,50 @@ pub fn load_template(path: &Path) -> Result<Value, FleetError> {
         )));
     }
     Ok(v)
+}
+
+/// Reads and checks what a fleet's spec names on disk, at the moment the command or reload
+/// arrives: the template's content becomes part of the desired state (`template_config`), so
+/// a later edit, a deleted file or a FIFO put in its place can never change or break a start
+/// that was accepted; a custom command's program must exist and be executable.
+pub fn accept_files(spec: &mut crate::spec::FleetSpec) -> Result<(), FleetError> {
+    let fleet = spec.name.clone();
+    spec.template_config = match &spec.template {
+        Some(t) => Some(load_template(t).map_err(|e| match e {
+            FleetError::Spec { reason } => FleetError::Spec {
+                reason: format!("fleet {fleet:?}: {reason}"),
+            },
+            other => other,
+        })?),
+        None => None,
+    };
+    if let Some(cmd) = &spec.command {
+        let Some(program) = cmd.first() else {
+            return Ok(()); // validate() names an empty command
+        };
+        let path = spec
+            .env
+            .get("PATH")
+            .cloned()
+            .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        crate::process::spawn::resolve_program(Path::new(program), &[("PATH".into(), path)])
+            .and_then(|p| {
+                use std::os::unix::fs::PermissionsExt;
+                let m = fs::metadata(&p)?;
+                if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(format!(
+                        "{} is not an executable file",
+                        p.display()
+                    )))
+                }
+            })
+            .map_err(|e| FleetError::Spec {
+                reason: format!("fleet {fleet:?}: command: {program:?} cannot be run: {e}"),
+            })?;
+    }
+    Ok(())
 }
 
 /// What `agent_env` needs to know about one agent.
@@ -596,23 +641,7 @@ fn purge_home_with_lock_dir(
     paths: &AgentPaths,
     lock_dir: &Path,
 ) -> Result<(), FleetError> {
-    let refuse =
-        |why: &str| paths.err(format!("refusing to purge {}: {why}", paths.home.display()));
-    if paths.home.components().any(|c| c == Component::ParentDir) {
-        return Err(refuse("the path contains '..'"));
-    }
-    let fleets = state_dir.join("fleets");
-    let fleets = fs::canonicalize(&fleets)
-        .map_err(|e| paths.err(format!("resolving {}: {e}", fleets.display())))?;
-    let home = resolve_via_existing_ancestor(&paths.home)
-        .map_err(|e| paths.err(format!("resolving {}: {e}", paths.home.display())))?;
-    if home == fleets || !home.starts_with(&fleets) {
-        return Err(refuse(&format!(
-            "it resolves to {}, which is not inside {}",
-            home.display(),
-            fleets.display()
-        )));
-    }
+    let home = check_purge(state_dir, paths)?;
     // The lock names hash the state database's resolved path: compute it before it is gone.
     let db = resolve_via_existing_ancestor(&home.join(".openclaw/state/openclaw.sqlite"))
         .map_err(|e| paths.err(format!("resolving the state database path: {e}")))?;
@@ -639,6 +668,29 @@ fn purge_home_with_lock_dir(
         }
     }
     Ok(())
+}
+
+/// Whether `purge_home` would go ahead, checked before anything of the agent is removed (so
+/// a refused purge changes nothing): the HOME, resolved, must lie inside `<state>/fleets`.
+/// Returns the resolved HOME.
+pub fn check_purge(state_dir: &Path, paths: &AgentPaths) -> Result<PathBuf, FleetError> {
+    let refuse =
+        |why: &str| paths.err(format!("refusing to purge {}: {why}", paths.home.display()));
+    if paths.home.components().any(|c| c == Component::ParentDir) {
+        return Err(refuse("the path contains '..'"));
+    }
+    let fleets = resolve_via_existing_ancestor(&state_dir.join("fleets"))
+        .map_err(|e| paths.err(format!("resolving {}: {e}", state_dir.display())))?;
+    let home = resolve_via_existing_ancestor(&paths.home)
+        .map_err(|e| paths.err(format!("resolving {}: {e}", paths.home.display())))?;
+    if home == fleets || !home.starts_with(&fleets) {
+        return Err(refuse(&format!(
+            "it resolves to {}, which is not inside {}",
+            home.display(),
+            fleets.display()
+        )));
+    }
+    Ok(home)
 }
 
 /// Node's `path.resolve(realpath)` with OpenClaw's fallback for paths that do not exist yet:
@@ -965,7 +1017,14 @@ mod tests {
         assert!(e.contains("must be a JSON object"), "{e}");
         let missing = t.path().join("nope.json");
         let e = load_template(&missing).unwrap_err().to_string();
-        assert!(e.contains("nope.json") && e.contains("cannot read"), "{e}");
+        assert!(
+            e.contains("nope.json") && e.contains("does not exist"),
+            "{e}"
+        );
+        let e = load_template(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
         fs::write(&f, r#"{"gateway":{"bind":"lan"}}"#).unwrap();
         assert_eq!(load_template(&f).unwrap()["gateway"]["bind"], "lan");
     }

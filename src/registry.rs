@@ -40,6 +40,40 @@ pub struct AgentRecord {
     pub stride: u16,
     pub token: String,
     pub process: Option<ProcessRecord>,
+    /// Tokens this agent had before, newest last (at most `PREVIOUS_TOKENS`): its old log
+    /// lines still carry them, and `logs` redacts them too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_tokens: Vec<String>,
+}
+
+/// How many earlier tokens an agent record keeps for redaction.
+pub const PREVIOUS_TOKENS: usize = 8;
+
+impl AgentRecord {
+    /// Takes `token` as the current one, keeping the old one for redaction.
+    pub fn replace_token(&mut self, token: String) {
+        let old = std::mem::replace(&mut self.token, token);
+        self.previous_tokens.push(old);
+        let extra = self.previous_tokens.len().saturating_sub(PREVIOUS_TOKENS);
+        self.previous_tokens.drain(..extra);
+    }
+
+    /// Every token to redact from this agent's logs: the current one and the earlier ones.
+    pub fn all_tokens(&self) -> Vec<String> {
+        let mut v = self.previous_tokens.clone();
+        v.push(self.token.clone());
+        v
+    }
+}
+
+/// Who made a fleet, and so who may change or remove it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// A command (`fleet create`, the library API): `reload` never touches it.
+    Command,
+    /// The spec file: only `reload` changes or removes it.
+    Spec,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +81,10 @@ pub struct FleetRecord {
     pub spec: crate::spec::FleetSpec,
     pub desired: Desired,
     pub agents: BTreeMap<String, AgentRecord>,
+    /// `None` in registries written before origins were recorded: such a fleet is adopted
+    /// by the spec when the spec declares it, and otherwise left alone by `reload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -155,10 +193,15 @@ impl FileStore {
 
 impl Store for FileStore {
     fn load(&self) -> Result<Option<RegistryData>, FleetError> {
-        let bytes = match fs::read(&self.path) {
+        use crate::operator_file::{read_bounded, ReadError, MAX_REGISTRY_BYTES};
+        let bytes = match read_bounded(&self.path, MAX_REGISTRY_BYTES) {
             Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("reading", &self.path, e)),
+            Err(ReadError::NotFound) => return Ok(None),
+            Err(e) => {
+                return Err(FleetError::Store {
+                    reason: format!("reading {}: it {e}", self.path.display()),
+                })
+            }
         };
         parse(&bytes, &self.path, &self.bak).map(Some)
     }
@@ -197,6 +240,87 @@ fn io_err(what: &str, path: &Path, e: io::Error) -> FleetError {
     FleetError::Store {
         reason: format!("{what} {}: {e}", path.display()),
     }
+}
+
+/// Everything a hand-edited or damaged registry could hold that the daemon must not act on,
+/// as the first problem found, located by its JSON path (`fleets.bots.agents.a1.port_base`).
+/// The registry is input like any other: an id with `..` would put a HOME outside the state
+/// dir, a lease outside the range or overlapping another would run two agents on one port.
+pub fn validate(data: &RegistryData, range: &crate::ports::PortRange) -> Result<(), String> {
+    use crate::ids::{is_valid_id, ID_RULE};
+    if !data
+        .node_id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        || data.node_id.len() > 64
+    {
+        return Err(format!(
+            "node_id: {:?} must be at most 64 letters, digits or '-'",
+            data.node_id
+        ));
+    }
+    let mut leases: Vec<(u32, u32, String)> = Vec::new();
+    for (name, f) in &data.fleets {
+        let at = format!("fleets.{name}");
+        if !is_valid_id(name) {
+            return Err(format!("fleets: {name:?} must be {ID_RULE}"));
+        }
+        if &f.spec.name != name {
+            return Err(format!(
+                "{at}.spec.name: {:?} differs from its key {name:?}",
+                f.spec.name
+            ));
+        }
+        if let Some(p) = f.spec.validate().into_iter().next() {
+            return Err(format!("{at}.spec.{}: {}", p.field, p.reason));
+        }
+        let listed: std::collections::BTreeSet<&String> = f.spec.agents.iter().collect();
+        let recorded: std::collections::BTreeSet<&String> = f.agents.keys().collect();
+        if listed != recorded {
+            return Err(format!(
+                "{at}: spec.agents {:?} and agents {:?} name different agents",
+                f.spec.agents,
+                f.agents.keys().collect::<Vec<_>>()
+            ));
+        }
+        for (id, a) in &f.agents {
+            let at = format!("{at}.agents.{id}");
+            if !is_valid_id(id) {
+                return Err(format!("{at}: {id:?} must be {ID_RULE}"));
+            }
+            if a.stride == 0 {
+                return Err(format!("{at}.stride: must be at least 1"));
+            }
+            if a.token.is_empty() || !a.token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!("{at}.token: must be a non-empty printable token"));
+            }
+            if let Some(base) = a.port_base {
+                let end = base as u32 + a.stride as u32 - 1;
+                if base < range.first || end > range.last as u32 {
+                    return Err(format!(
+                        "{at}.port_base: block {base}-{end} is outside the port range {}-{} (start fleetd with the --port-range its leases were made in)",
+                        range.first, range.last
+                    ));
+                }
+                leases.push((base as u32, end, at.clone()));
+            }
+            if let Some(p) = &a.process {
+                if p.pid == 0 || p.pid > i32::MAX as u32 {
+                    return Err(format!("{at}.process.pid: {} is not a pid", p.pid));
+                }
+            }
+        }
+    }
+    leases.sort();
+    for w in leases.windows(2) {
+        if w[1].0 <= w[0].1 {
+            return Err(format!(
+                "{}.port_base: block {}-{} overlaps {}'s block {}-{}",
+                w[1].2, w[1].0, w[1].1, w[0].2, w[0].0, w[0].1
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn parse(bytes: &[u8], path: &Path, bak: &Path) -> Result<RegistryData, FleetError> {
@@ -244,6 +368,7 @@ mod tests {
             spec,
             desired: Desired::Running,
             agents: BTreeMap::new(),
+            origin: None,
         };
         for (i, a) in agents.iter().enumerate() {
             fleet.agents.insert(
@@ -262,6 +387,7 @@ mod tests {
                         pgid: 1000 + i as u32,
                         start_time: 987_654 + i as u64,
                     }),
+                    previous_tokens: vec![],
                 },
             );
         }
@@ -460,6 +586,107 @@ mod tests {
         let store = FileStore::new(&not_dir);
         let msg = reason(store.save(&sample("n", &[])).unwrap_err());
         assert!(msg.contains(&not_dir.display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn validate_refuses_every_kind_of_damage_by_its_path() {
+        let range = crate::ports::PortRange {
+            first: 20000,
+            last: 30000,
+        };
+        let good = sample("node-a", &["a1", "a2", "a3"]);
+        assert_eq!(validate(&good, &range), Ok(()));
+        type Edit = fn(&mut RegistryData);
+        let cases: Vec<(&str, Edit, &str)> = vec![
+            (
+                "dotdot id",
+                |d| {
+                    let f = d.fleets.get_mut("bots").unwrap();
+                    let a = f.agents.remove("a2").unwrap();
+                    f.agents.insert("../../x".into(), a);
+                    f.spec.agents[1] = "../../x".into();
+                },
+                "fleets.bots.spec.agents[1]",
+            ),
+            (
+                "fleet key",
+                |d| {
+                    let f = d.fleets.remove("bots").unwrap();
+                    d.fleets.insert("..".into(), f);
+                },
+                "fleets: \"..\"",
+            ),
+            (
+                "port outside",
+                |d| {
+                    d.fleets
+                        .get_mut("bots")
+                        .unwrap()
+                        .agents
+                        .get_mut("a2")
+                        .unwrap()
+                        .port_base = Some(50000);
+                },
+                "fleets.bots.agents.a2.port_base: block 50000-50127 is outside",
+            ),
+            (
+                "stride 0",
+                |d| {
+                    d.fleets
+                        .get_mut("bots")
+                        .unwrap()
+                        .agents
+                        .get_mut("a2")
+                        .unwrap()
+                        .stride = 0;
+                },
+                "fleets.bots.agents.a2.stride",
+            ),
+            (
+                "duplicate base",
+                |d| {
+                    let f = d.fleets.get_mut("bots").unwrap();
+                    let b = f.agents["a2"].port_base;
+                    f.agents.get_mut("a3").unwrap().port_base = b;
+                },
+                "overlaps",
+            ),
+            (
+                "empty command",
+                |d| {
+                    d.fleets.get_mut("bots").unwrap().spec.command = Some(vec![]);
+                },
+                "fleets.bots.spec.command",
+            ),
+            (
+                "agent lists differ",
+                |d| {
+                    d.fleets.get_mut("bots").unwrap().spec.agents.pop();
+                },
+                "name different agents",
+            ),
+            (
+                "empty token",
+                |d| {
+                    d.fleets
+                        .get_mut("bots")
+                        .unwrap()
+                        .agents
+                        .get_mut("a1")
+                        .unwrap()
+                        .token
+                        .clear();
+                },
+                "fleets.bots.agents.a1.token",
+            ),
+            ("node id", |d| d.node_id = "a/b".into(), "node_id"),
+        ];
+        for (what, edit, want) in cases {
+            let mut d = good.clone();
+            edit(&mut d);
+            let e = validate(&d, &range).expect_err(what);
+            assert!(e.contains(want), "{what}: {e}");
+        }
     }
 
     #[test]

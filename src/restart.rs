@@ -16,13 +16,18 @@ pub enum ExitCause {
     HealthFailed,
     /// The process tree stayed above the fleet's `max_memory`; the supervisor killed it.
     MemoryLimit,
+    /// The start itself failed (provisioning, admission, spawn); `permanent` when what was
+    /// asked for is at fault and no retry can fix it.
+    StartFailed { permanent: bool },
 }
 
 impl ExitCause {
     fn abnormal(self) -> bool {
         match self {
             ExitCause::Exited(e) => !e.is_clean(),
-            ExitCause::HealthFailed | ExitCause::MemoryLimit => true,
+            ExitCause::HealthFailed | ExitCause::MemoryLimit | ExitCause::StartFailed { .. } => {
+                true
+            }
         }
     }
 
@@ -34,6 +39,7 @@ impl ExitCause {
             ExitCause::Exited(e) => e.to_string(),
             ExitCause::HealthFailed => "health check failed".into(),
             ExitCause::MemoryLimit => "memory limit".into(),
+            ExitCause::StartFailed { .. } => "start failed".into(),
         }
     }
 }
@@ -107,6 +113,11 @@ pub fn decide(
     now: Instant,
     rand01: f64,
 ) -> Decision {
+    if cause == (ExitCause::StartFailed { permanent: true }) {
+        return Decision::GiveUp {
+            reason: "start failed on what was asked for; not retried".into(),
+        };
+    }
     if cause == ExitCause::Exited(ExitInfo::Code(EXIT_CONFIG)) {
         return Decision::GiveUp {
             reason: format!("{}; not restarted", cause.describe()),
@@ -200,6 +211,45 @@ mod tests {
     }
 
     const CRASH: ExitCause = ExitCause::Exited(ExitInfo::Code(1));
+
+    #[test]
+    fn a_failed_start_follows_the_restart_policy_unless_it_is_permanent() {
+        let spec = FleetSpec::new("f");
+        let now = Instant::now();
+        let transient = ExitCause::StartFailed { permanent: false };
+        let history = History::default();
+        assert_eq!(
+            decide(&spec, &history, transient, None, now, 0.5),
+            Decision::Restart {
+                after: Duration::ZERO
+            }
+        );
+        assert!(matches!(
+            decide(
+                &spec,
+                &history,
+                ExitCause::StartFailed { permanent: true },
+                None,
+                now,
+                0.5
+            ),
+            Decision::GiveUp { .. }
+        ));
+        let mut temp = spec.clone();
+        temp.restart = RestartType::Temporary;
+        assert!(matches!(
+            decide(&temp, &history, transient, None, now, 0.5),
+            Decision::Stay { .. }
+        ));
+        let mut busy = History::default();
+        for _ in 0..spec.intensity.max_restarts {
+            busy.record_restart(now, spec.intensity.window());
+        }
+        assert!(matches!(
+            decide(&spec, &busy, transient, None, now, 0.5),
+            Decision::GiveUp { .. }
+        ));
+    }
 
     #[test]
     fn backoff_schedule_table() {

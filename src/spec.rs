@@ -211,6 +211,11 @@ pub struct FleetSpec {
     /// JSON config template merged under the values the commander enforces.
     #[serde(default)]
     pub template: Option<PathBuf>,
+    /// The template's content as fleetd read it when the command or reload was accepted
+    /// (`provision::accept_files`): what every start renders, whatever the file says later.
+    /// Set by fleetd, never written in a spec file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_config: Option<serde_json::Value>,
     /// Extra environment for the agent (added to the explicit set, never inherited).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -253,6 +258,7 @@ impl FleetSpec {
             stop_timeout_ms: default_stop_timeout(),
             command: None,
             template: None,
+            template_config: None,
             env: BTreeMap::new(),
             stride: None,
             health: HealthSpec::default(),
@@ -302,6 +308,16 @@ impl FleetSpec {
         };
         if !is_valid_id(&self.name) {
             bad("name", format!("{:?} must be {ID_RULE}", self.name));
+        }
+        if self.agents.len() > crate::specfile::MAX_AGENT_COUNT as usize {
+            bad(
+                "agents",
+                format!(
+                    "{} agents is more than {}",
+                    self.agents.len(),
+                    crate::specfile::MAX_AGENT_COUNT
+                ),
+            );
         }
         let mut seen = std::collections::HashSet::new();
         for (i, a) in self.agents.iter().enumerate() {
@@ -361,9 +377,16 @@ impl FleetSpec {
         if self.logs.budget_bytes < self.logs.max_bytes {
             bad("logs.budget_bytes", "must be >= logs.max_bytes".into());
         }
-        for k in self.env.keys() {
+        for (k, v) in &self.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 bad(&format!("env.{k}"), "invalid variable name".into());
+            } else if k == "HOME" || k == crate::provision::MARKER_VAR {
+                bad(
+                    &format!("env.{k}"),
+                    "is set by fleetd for every agent and cannot be overridden".into(),
+                );
+            } else if v.contains('\0') {
+                bad(&format!("env.{k}"), "value contains a NUL byte".into());
             }
         }
         if let Some(m) = self.max_memory {

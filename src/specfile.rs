@@ -27,14 +27,109 @@ pub fn parse_spec(text: &str, origin: &str) -> Result<Vec<FleetSpec>, FleetError
     parse_with_base(text, origin, base)
 }
 
-/// Reads and parses a spec file; relative templates become absolute paths next to it.
+/// Reads and parses a spec file (bounded, regular files only); relative templates become
+/// absolute paths next to it. Every template must exist inside the spec file's directory tree
+/// (after symlinks are resolved) and be a JSON object; every custom command must name a
+/// program that can run. Each template's content is taken into the spec (`template_config`).
 pub fn load_spec(path: &Path) -> Result<Vec<FleetSpec>, FleetError> {
-    let text = std::fs::read_to_string(path).map_err(|e| FleetError::Spec {
-        reason: format!("cannot read {}: {e}", path.display()),
-    })?;
+    let text = crate::operator_file::read_text(path, crate::operator_file::MAX_SPEC_BYTES)
+        .map_err(|e| FleetError::Spec {
+            reason: format!("{}: it {e}", path.display()),
+        })?;
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let base = abs.parent().unwrap_or(Path::new("/"));
-    parse_with_base(&text, &path.display().to_string(), base)
+    let mut specs = parse_with_base(&text, &path.display().to_string(), base)?;
+    let root = std::fs::canonicalize(base).map_err(|e| FleetError::Spec {
+        reason: format!("{}: cannot resolve its directory: {e}", path.display()),
+    })?;
+    let mut problems = Vec::new();
+    for spec in &mut specs {
+        if let Some(t) = &spec.template {
+            match std::fs::canonicalize(t) {
+                Err(e) => problems.push(format!(
+                    "fleet {:?}: template: {}: {}",
+                    spec.name,
+                    t.display(),
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        "does not exist".to_string()
+                    } else {
+                        e.to_string()
+                    }
+                )),
+                Ok(real) if !real.starts_with(&root) => problems.push(format!(
+                    "fleet {:?}: template: {} resolves to {}, outside the spec's directory {}",
+                    spec.name,
+                    t.display(),
+                    real.display(),
+                    root.display()
+                )),
+                Ok(_) => {}
+            }
+            if !problems.is_empty() {
+                continue;
+            }
+        }
+        if let Err(e) = crate::provision::accept_files(spec) {
+            problems.push(match e {
+                FleetError::Spec { reason } => reason,
+                other => other.to_string(),
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok(specs)
+    } else {
+        Err(FleetError::Spec {
+            reason: format!(
+                "{}: {}; nothing applied",
+                path.display(),
+                problems.join("; ")
+            ),
+        })
+    }
+}
+
+/// What differs between two versions of a fleet that its agents can only take by
+/// restarting, by field name; empty when a restart is not needed.
+pub fn run_differences(old: &FleetSpec, new: &FleetSpec) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if old.command != new.command {
+        v.push("command");
+    }
+    if old.env != new.env {
+        v.push("env");
+    }
+    if old.template != new.template {
+        v.push("template");
+    } else if old.template_config != new.template_config {
+        v.push("template content");
+    }
+    if old.profile != new.profile {
+        v.push("profile");
+    }
+    if old.stride != new.stride {
+        v.push("stride");
+    }
+    v
+}
+
+/// One change in words, by name: what the log and the reply of `reload` say.
+pub fn describe(c: &Change, old: &[FleetSpec], new: &[FleetSpec]) -> String {
+    let find = |v: &[FleetSpec], name: &str| v.iter().find(|s| s.name == name).cloned();
+    match c {
+        Change::AddFleet(s) => format!("create fleet {} ({} agents)", s.name, s.agents.len()),
+        Change::RemoveFleet(f) => format!("remove fleet {f}"),
+        Change::UpdateFleet { fleet, .. } => format!("update fleet {fleet}'s settings"),
+        Change::AddAgent { fleet, agent } => format!("add agent {fleet}/{agent}"),
+        Change::RemoveAgent { fleet, agent } => format!("remove agent {fleet}/{agent}"),
+        Change::RestartAgent { fleet, agent } => {
+            let why = match (find(old, fleet), find(new, fleet)) {
+                (Some(o), Some(n)) => run_differences(&o, &n).join(", "),
+                _ => String::new(),
+            };
+            format!("restart agent {fleet}/{agent} ({why} changed)")
+        }
+    }
 }
 
 /// One step of bringing the running fleets from an old spec to a new one. The consumer
@@ -88,11 +183,7 @@ pub fn diff(old: &[FleetSpec], new: &[FleetSpec]) -> Vec<Change> {
 
 fn diff_fleet(old: &FleetSpec, new: &FleetSpec, out: &mut Vec<Change>) {
     let fleet = || new.name.clone();
-    let runs_differently = old.command != new.command
-        || old.env != new.env
-        || old.template != new.template
-        || old.profile != new.profile
-        || old.stride != new.stride;
+    let runs_differently = !run_differences(old, new).is_empty();
     let staying_old: Vec<&String> = old
         .agents
         .iter()
@@ -109,6 +200,7 @@ fn diff_fleet(old: &FleetSpec, new: &FleetSpec, out: &mut Vec<Change>) {
     rest.command = new.command.clone();
     rest.env = new.env.clone();
     rest.template = new.template.clone();
+    rest.template_config = new.template_config.clone();
     rest.profile = new.profile;
     rest.stride = new.stride;
     if rest != *new || staying_old != staying_new {
@@ -218,9 +310,11 @@ fn parse_with_base(text: &str, origin: &str, base: &Path) -> Result<Vec<FleetSpe
                 }
                 for (t, header) in tables {
                     let i = fleets.len();
+                    let name = t.get("name").and_then(Item::as_str).map(str::to_string);
                     fleets.push(raw_table(t, header, &mut conv));
-                    label(&mut problems, std::mem::take(&mut conv), |f| {
-                        format!("fleet[{i}].{f}")
+                    label(&mut problems, std::mem::take(&mut conv), |f| match &name {
+                        Some(n) => format!("fleet {n:?}: {f}"),
+                        None => format!("fleet[{i}].{f}"),
                     });
                 }
             }
@@ -780,10 +874,12 @@ template = "/opt/t.json"
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fleets.toml");
         std::fs::write(&path, "[[fleet]]\nname = \"f\"\ntemplate = \"t.json\"\n").unwrap();
+        std::fs::write(dir.path().join("t.json"), r#"{"a":1}"#).unwrap();
         let specs = load_spec(&path).unwrap();
         let t = specs[0].template.clone().unwrap();
         assert!(t.is_absolute(), "{t:?}");
         assert_eq!(t, std::path::absolute(dir.path()).unwrap().join("t.json"));
+        assert_eq!(specs[0].template_config, Some(serde_json::json!({"a": 1})));
     }
 
     #[test]
@@ -791,7 +887,54 @@ template = "/opt/t.json"
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nope.toml");
         let msg = load_spec(&path).unwrap_err().to_string();
-        assert_has(&msg, &[&path.display().to_string(), "No such file"]);
+        assert_has(&msg, &[&path.display().to_string(), "does not exist"]);
+    }
+
+    #[test]
+    fn load_spec_refuses_what_its_fleets_name_on_disk() {
+        let outer = tempfile::tempdir().unwrap();
+        let dir = outer.path().join("spec");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(outer.path().join("outside.json"), "{}").unwrap();
+        std::fs::write(dir.join("array.json"), "[1]").unwrap();
+        std::fs::write(dir.join("bad.json"), "{,}").unwrap();
+        std::os::unix::fs::symlink(outer.path().join("outside.json"), dir.join("link.json"))
+            .unwrap();
+        let fifo = dir.join("fifo.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let path = dir.join("fleets.toml");
+        let cases = [
+            ("template = \"missing.json\"", "does not exist"),
+            (
+                "template = \"../outside.json\"",
+                "outside the spec's directory",
+            ),
+            ("template = \"link.json\"", "outside the spec's directory"),
+            ("template = \"array.json\"", "must be a JSON object"),
+            ("template = \"bad.json\"", "invalid JSON at line 1"),
+            ("template = \"fifo.json\"", "a FIFO, not a regular file"),
+            ("template = \".\"", "a directory, not a regular file"),
+            ("command = \"/nonexistent/agent --x\"", "cannot be run"),
+            (
+                "command = \"no-such-program-anywhere\"",
+                "not found in PATH",
+            ),
+        ];
+        for (line, want) in cases {
+            std::fs::write(&path, format!("[[fleet]]\nname = \"f\"\n{line}\n")).unwrap();
+            let msg = load_spec(&path).unwrap_err().to_string();
+            assert_has(&msg, &["fleet \"f\"", want]);
+        }
+        for target in ["/dev/zero", "/nonexistent"] {
+            let link = dir.join("spec-link.toml");
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(target, &link).unwrap();
+            let msg = load_spec(&link).unwrap_err().to_string();
+            assert!(
+                msg.contains("not a regular file") || msg.contains("does not exist"),
+                "{msg}"
+            );
+        }
     }
 
     #[test]
@@ -1027,7 +1170,11 @@ name = "good-two"
 
     #[test]
     fn example_file_parses() {
-        let specs = load_spec(&example_path("examples/fleets.toml")).unwrap();
+        // The example names files of an operator's host: parse it as text (load_spec would
+        // check them on this machine).
+        let path = example_path("examples/fleets.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let specs = parse_spec(&text, &path.display().to_string()).unwrap();
         let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["bots", "workers"]);
         let bots = &specs[0];

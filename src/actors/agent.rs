@@ -195,21 +195,13 @@ impl Actor for AgentActor {
                 rt.want_running = false;
                 rt.stop_process(Purpose::Fail(reason));
             }
-            AgentMsg::RotateToken { reply } => match provision::generate_token() {
-                Ok(t) => {
-                    rt.token = t.clone();
-                    if rt.process.is_some() {
-                        rt.reason = Some("token rotated".into());
-                        rt.stop_process(Purpose::Restart);
-                    }
-                    let _ = reply.send(Ok(t));
+            AgentMsg::SetToken { token, reply } => {
+                rt.token = token;
+                if rt.process.is_some() {
+                    rt.reason = Some("token rotated".into());
+                    rt.stop_process(Purpose::Restart);
                 }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
-            AgentMsg::GetToken { reply } => {
-                let _ = reply.send(rt.token.clone());
+                let _ = reply.send(());
             }
             AgentMsg::UpdateSpec(spec) => rt.spec = spec,
             AgentMsg::MemoryLimit { reason } => {
@@ -387,11 +379,12 @@ impl AgentRuntime {
         self.sweeping.retain(|g| *g != gen);
         match result {
             Err(f) => {
-                self.set_state(AgentState::Failed, None, Some(f.reason.clone()));
-                let _ = self.fleet_ref.send_message(FleetMsg::AgentFailed {
-                    agent: self.agent.clone(),
-                    reason: f.reason,
-                });
+                tracing::warn!(fleet = %self.fleet, agent = %self.agent, reason = %f.reason, permanent = f.permanent, "start failed");
+                self.reason = Some(format!("start failed: {}", f.reason));
+                let cause = ExitCause::StartFailed {
+                    permanent: f.permanent,
+                };
+                self.after_exit(myself, cause, None, None);
             }
             Ok(sp) => {
                 let log = open_log(&self.ctx, &self.spec, &self.paths);
@@ -501,12 +494,14 @@ impl AgentRuntime {
                 self.started_at = None;
                 self.last_exit = Some(exit);
                 match self.stopping.take() {
-                    None => self.after_exit(myself, ExitCause::Exited(exit), healthy_for, exit),
+                    None => {
+                        self.after_exit(myself, ExitCause::Exited(exit), healthy_for, Some(exit))
+                    }
                     Some(Purpose::Health) => {
-                        self.after_exit(myself, ExitCause::HealthFailed, healthy_for, exit)
+                        self.after_exit(myself, ExitCause::HealthFailed, healthy_for, Some(exit))
                     }
                     Some(Purpose::Memory) => {
-                        self.after_exit(myself, ExitCause::MemoryLimit, healthy_for, exit)
+                        self.after_exit(myself, ExitCause::MemoryLimit, healthy_for, Some(exit))
                     }
                     Some(Purpose::Stop) => {
                         self.set_state(AgentState::Stopped, Some(exit), None);
@@ -533,10 +528,11 @@ impl AgentRuntime {
         myself: &ActorRef<AgentMsg>,
         cause: ExitCause,
         healthy_for: Option<Duration>,
-        exit: ExitInfo,
+        exit: Option<ExitInfo>,
     ) {
+        let exit = exit.or(self.last_exit);
         if !self.want_running {
-            self.set_state(AgentState::Stopped, Some(exit), None);
+            self.set_state(AgentState::Stopped, exit, None);
             self.reply_stop_waiters();
             return;
         }
@@ -561,7 +557,7 @@ impl AgentRuntime {
                 self.next_gen();
                 self.set_state(
                     AgentState::Backoff,
-                    Some(exit),
+                    exit,
                     Some(format!("{why}; restart in {} ms", after.as_millis())),
                 );
                 if after.is_zero() {
@@ -573,7 +569,11 @@ impl AgentRuntime {
             }
             Decision::GiveUp { reason } => {
                 self.want_running = false;
-                self.set_state(AgentState::Failed, Some(exit), Some(reason.clone()));
+                let reason = match (cause, self.reason.take()) {
+                    (ExitCause::StartFailed { .. }, Some(why)) => format!("{why}; {reason}"),
+                    _ => reason,
+                };
+                self.set_state(AgentState::Failed, exit, Some(reason.clone()));
                 let _ = self.fleet_ref.send_message(FleetMsg::AgentFailed {
                     agent: self.agent.clone(),
                     reason,
@@ -581,7 +581,7 @@ impl AgentRuntime {
             }
             Decision::Stay { reason } => {
                 self.want_running = false;
-                self.set_state(AgentState::Stopped, Some(exit), Some(reason));
+                self.set_state(AgentState::Stopped, exit, Some(reason));
             }
         }
     }
@@ -696,7 +696,20 @@ struct StartJob {
 
 impl StartJob {
     async fn run(mut self) -> Result<Spawned, SpawnFailure> {
-        let fail = |reason: String| SpawnFailure { reason };
+        let fail = |reason: String| SpawnFailure {
+            reason,
+            permanent: false,
+        };
+        // A fault in what was asked for: no retry can fix it.
+        let fail_e = |e: FleetError| SpawnFailure {
+            permanent: matches!(
+                e,
+                FleetError::Spec { .. }
+                    | FleetError::InvalidId { .. }
+                    | FleetError::InvalidArgument { .. }
+            ),
+            reason: e.to_string(),
+        };
         self.port = self.free_port().await.map_err(|e| fail(e.to_string()))?;
         let (program, args, node_bin_dir) = match &self.spec.command {
             Some(cmd) => (cmd[0].clone().into(), cmd[1..].to_vec(), None),
@@ -726,9 +739,11 @@ impl StartJob {
                     agent: String::new(),
                     reason: format!("{}: {e}", cache.display()),
                 })?;
-                let template = match &spec.template {
-                    Some(t) => Some(provision::load_template(t)?),
-                    None => None,
+                // What was accepted, never the file as it is now (an edit takes a reload).
+                let template = match (&spec.template_config, &spec.template) {
+                    (Some(v), _) => Some(v.clone()),
+                    (None, Some(t)) => Some(provision::load_template(t)?),
+                    (None, None) => None,
                 };
                 let enforced = provision::Enforced {
                     token: &token,
@@ -755,7 +770,7 @@ impl StartJob {
             })
             .await
             .map_err(|e| fail(format!("provisioning task failed: {e}")))?
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(fail_e)?;
         self.admit().map_err(|e| fail(e.to_string()))?;
         // Only expensive starts (OpenClaw by default) queue behind the gate.
         let permit = if self.spec.gated() {

@@ -157,48 +157,32 @@ impl Actor for FleetSupervisor {
                     }
                 }
             }
-            FleetMsg::RotateToken { agent, reply } => {
-                let Some(entry) = rt.agents.get(&agent) else {
+            FleetMsg::SetToken {
+                agent,
+                token,
+                reply,
+            } => {
+                let Some(entry) = rt.agents.get_mut(&agent) else {
                     let _ = reply.send(Err(rt.no_such(&agent)));
                     return Ok(());
                 };
+                entry.token = token.clone();
                 let actor = entry.actor.clone();
-                let fleet = myself.clone();
-                let name = agent.clone();
                 tokio::spawn(async move {
                     let r = match actor
                         .call(
-                            |r| AgentMsg::RotateToken { reply: r },
+                            |r| AgentMsg::SetToken { token, reply: r },
                             Some(Duration::from_secs(10)),
                         )
                         .await
                     {
-                        Ok(ractor::rpc::CallResult::Success(r)) => r,
+                        Ok(ractor::rpc::CallResult::Success(())) => Ok(()),
                         _ => Err(FleetError::Timeout {
-                            what: format!("agent {name} to rotate its token"),
+                            what: format!("agent {agent} to take its new token"),
                         }),
                     };
-                    if let Ok(t) = &r {
-                        let _ = fleet.send_message(FleetMsg::UpdateToken {
-                            agent: name,
-                            token: t.clone(),
-                        });
-                    }
                     let _ = reply.send(r);
                 });
-            }
-            FleetMsg::UpdateToken { agent, token } => {
-                if let Some(e) = rt.agents.get_mut(&agent) {
-                    e.token = token;
-                }
-            }
-            FleetMsg::GetToken { agent, reply } => {
-                let r = rt
-                    .agents
-                    .get(&agent)
-                    .map(|e| e.token.clone())
-                    .ok_or_else(|| rt.no_such(&agent));
-                let _ = reply.send(r);
             }
             FleetMsg::StartAll { reply } => {
                 rt.history.reset();

@@ -17,7 +17,7 @@ use crate::messages::node::NodeMsg;
 use crate::messages::ports::PortsMsg;
 use crate::ports::Lease;
 use crate::provision::{self, AgentPaths};
-use crate::registry::{AgentRecord, Desired, FleetRecord, RegistryData, Store};
+use crate::registry::{AgentRecord, Desired, FleetRecord, Origin, RegistryData, Store};
 use crate::spec::FleetSpec;
 use crate::specfile::{self, Change};
 use crate::state::FleetState;
@@ -42,6 +42,10 @@ pub struct NodeRuntime {
     fleets: BTreeMap<String, ActorRef<FleetMsg>>,
     ports: ActorRef<PortsMsg>,
     logs: ActorRef<LogsMsg>,
+    /// Names whose removal is under way (`None`: the whole fleet). Until it is complete (the
+    /// processes gone, the HOME purged, the lease released) the name cannot be created again:
+    /// the old removal would otherwise delete the new agent's HOME or lease.
+    removing: std::collections::BTreeSet<(String, Option<String>)>,
 }
 
 const CALL: Duration = Duration::from_secs(10);
@@ -90,6 +94,7 @@ impl Actor for NodeActor {
             fleets: BTreeMap::new(),
             ports,
             logs,
+            removing: Default::default(),
         };
         let data = a.data;
         rt.data.version = data.version;
@@ -117,12 +122,24 @@ impl Actor for NodeActor {
                 }
             }
             NodeMsg::CreateFleet(spec, reply) => {
-                let r = rt.create_fleet(&myself, *spec, Desired::Running).await;
+                let r = rt
+                    .create_fleet(&myself, *spec, Desired::Running, Origin::Command)
+                    .await;
                 let _ = reply.send(r);
             }
             NodeMsg::ApplySpec(specs, reply) => {
-                let r = rt.apply_spec(&myself, specs).await;
+                let r = rt.apply_spec(&myself, specs, false).await;
                 let _ = reply.send(r);
+            }
+            NodeMsg::AgentTokens {
+                fleet,
+                agent,
+                reply,
+            } => {
+                let _ = reply.send(rt.agent_record(&fleet, &agent).map(|a| a.all_tokens()));
+            }
+            NodeMsg::RemovalDone { fleet, agent } => {
+                rt.removing.remove(&(fleet, agent));
             }
             NodeMsg::MemoryLimit {
                 fleet,
@@ -234,7 +251,9 @@ impl NodeRuntime {
                 if let Some(p) = profile {
                     spec.profile = p;
                 }
-                let r = self.create_fleet(myself, spec, Desired::Running).await;
+                let r = self
+                    .create_fleet(myself, spec, Desired::Running, Origin::Command)
+                    .await;
                 answer(
                     reply,
                     r.and_then(|_| done(format!("fleet {fleet} created with {agents} agents"))),
@@ -273,9 +292,17 @@ impl NodeRuntime {
                 });
                 None
             }
-            Command::FleetRm { fleet, purge } => self.remove_fleet(fleet, purge, reply),
+            Command::FleetRm { fleet, purge } => {
+                if let Err(e) = self.imperative_change(&fleet, format!("fleet {fleet}")) {
+                    return answer(reply, Err(e));
+                }
+                self.remove_fleet(myself, fleet, purge, reply)
+            }
             Command::AgentAdd { fleet, agent } => {
-                let r = self.add_agent(&fleet, &agent).await;
+                let r = match self.imperative_change(&fleet, format!("fleet {fleet}")) {
+                    Err(e) => Err(e),
+                    Ok(()) => self.add_agent(&fleet, &agent).await,
+                };
                 answer(
                     reply,
                     r.and_then(|_| done(format!("agent {fleet}/{agent} added"))),
@@ -297,7 +324,12 @@ impl NodeRuntime {
                 fleet,
                 agent,
                 purge,
-            } => self.remove_agent(fleet, agent, purge, reply),
+            } => {
+                if let Err(e) = self.imperative_change(&fleet, format!("fleet {fleet}")) {
+                    return answer(reply, Err(e));
+                }
+                self.remove_agent(myself, fleet, agent, purge, reply)
+            }
             Command::Status { fleet, agent } => answer(reply, self.status(fleet, agent)),
             Command::Logs {
                 fleet,
@@ -305,18 +337,17 @@ impl NodeRuntime {
                 lines,
                 follow: _,
             } => {
-                let token = match self.agent_record(&fleet, &agent) {
-                    Ok(a) => a.token.clone(),
+                let tokens = match self.agent_record(&fleet, &agent) {
+                    Ok(a) => a.all_tokens(),
                     Err(e) => return answer(reply, Err(e)),
                 };
                 let paths = AgentPaths::new(&self.ctx.config.state_dir, &fleet, &agent);
                 tokio::task::spawn_blocking(move || {
                     let r = match tail::last_lines(&paths.agent_log, lines) {
-                        Ok(v) => Reply::Logs(
-                            v.iter()
-                                .map(|l| tail::redact(l, &[token.as_str()]))
-                                .collect(),
-                        ),
+                        Ok(v) => {
+                            let secrets: Vec<&str> = tokens.iter().map(String::as_str).collect();
+                            Reply::Logs(v.iter().map(|l| tail::redact(l, &secrets)).collect())
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Reply::Logs(vec![]),
                         Err(e) => Reply::Error(FleetError::internal(format!(
                             "reading {}: {e}",
@@ -348,7 +379,7 @@ impl NodeRuntime {
                     .call(|r| PortsMsg::List { reply: r }, Some(CALL))
                     .await;
                 let rows = match r {
-                    Ok(CallResult::Success(v)) => v
+                    Ok(CallResult::Success(v)) => Ok(v
                         .into_iter()
                         .map(|(fleet, agent, l)| PortLeaseRow {
                             fleet,
@@ -356,16 +387,17 @@ impl NodeRuntime {
                             base: l.base,
                             stride: l.stride,
                         })
-                        .collect(),
-                    _ => vec![],
+                        .collect()),
+                    _ => Err(FleetError::internal("the port allocator did not answer")),
                 };
-                answer(reply, Ok(Reply::Ports(rows)))
+                answer(reply, rows.map(Reply::Ports))
             }
             Command::Top => {
                 let rows = self.status(None, None);
+                let node_id = self.ctx.node_id.clone();
                 tokio::task::spawn_blocking(move || {
                     let r = rows.map(|r| match r {
-                        Reply::Status(rows) => Reply::Top(top_rows(&rows)),
+                        Reply::Status(rows) => Reply::Top(top_rows(&rows, &node_id)),
                         other => other,
                     });
                     let _ = reply.send(r.unwrap_or_else(Reply::Error));
@@ -380,18 +412,21 @@ impl NodeRuntime {
                     "events is a stream: use it from the REPL or fleetctl",
                 )),
             ),
-            Command::Reload => {
-                let r = match &self.ctx.config.spec_path {
+            Command::Reload { dry_run } => {
+                let r = match self.ctx.config.spec_path.clone() {
                     None => Err(FleetError::invalid(
                         "reload",
                         "the daemon was started without --spec",
                     )),
-                    Some(p) => match specfile::load_spec(p) {
-                        Ok(specs) => self
-                            .apply_spec(myself, specs)
+                    Some(p) => match tokio::task::spawn_blocking(move || specfile::load_spec(&p))
+                        .await
+                        .map_err(FleetError::internal)
+                    {
+                        Ok(Ok(specs)) => self
+                            .apply_spec(myself, specs, dry_run)
                             .await
                             .map(|m| Reply::Done { message: m }),
-                        Err(e) => Err(e),
+                        Ok(Err(e)) | Err(e) => Err(e),
                     },
                 };
                 answer(reply, r)
@@ -516,26 +551,72 @@ impl NodeRuntime {
             .collect()
     }
 
+    /// Refuses a command that would change the structure of a fleet the spec file owns.
+    fn imperative_change(&self, fleet: &str, what: String) -> Result<(), FleetError> {
+        match self.data.fleets.get(fleet).and_then(|r| r.origin) {
+            Some(Origin::Spec) => Err(FleetError::OwnedBySpec {
+                what,
+                spec: self
+                    .ctx
+                    .config
+                    .spec_path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(none)".into()),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A name whose removal is not complete yet cannot be created again.
+    fn check_not_removing(&self, fleet: &str, agent: Option<&str>) -> Result<(), FleetError> {
+        let busy = self
+            .removing
+            .iter()
+            .any(|(f, a)| f == fleet && (a.is_none() || agent.is_none() || a.as_deref() == agent));
+        if busy {
+            return Err(FleetError::BeingRemoved {
+                what: match agent {
+                    Some(a) => format!("agent {fleet}/{a}"),
+                    None => format!("fleet {fleet}"),
+                },
+            });
+        }
+        Ok(())
+    }
+
+    async fn free_blocks(&self, stride: u16) -> Result<u64, FleetError> {
+        match self
+            .ports
+            .call(|r| PortsMsg::Free { stride, reply: r }, Some(CALL))
+            .await
+        {
+            Ok(CallResult::Success(n)) => Ok(n),
+            _ => Err(FleetError::internal("the port allocator did not answer")),
+        }
+    }
+
     async fn create_fleet(
         &mut self,
         myself: &ActorRef<NodeMsg>,
         spec: FleetSpec,
         desired: Desired,
+        origin: Origin,
     ) -> Result<(), FleetError> {
         spec.check()?;
         if self.fleets.contains_key(&spec.name) {
             return Err(FleetError::FleetExists { fleet: spec.name });
         }
+        self.check_not_removing(&spec.name, None)?;
+        let spec = accept_files(spec).await?;
+        // The files were read off the actor: look again.
+        if self.fleets.contains_key(&spec.name) {
+            return Err(FleetError::FleetExists { fleet: spec.name });
+        }
+        self.check_not_removing(&spec.name, None)?;
         self.warn_unenforced(&spec);
         let stride = spec.effective_stride();
-        let free = match self
-            .ports
-            .call(|r| PortsMsg::Free { stride, reply: r }, Some(CALL))
-            .await
-        {
-            Ok(CallResult::Success(n)) => n,
-            _ => 0,
-        };
+        let free = self.free_blocks(stride).await?;
         if (spec.agents.len() as u64) > free {
             return Err(FleetError::PortRangeExhausted {
                 fleet: spec.name.clone(),
@@ -584,6 +665,7 @@ impl NodeRuntime {
                     stride: lease.stride,
                     token,
                     process: None,
+                    previous_tokens: vec![],
                 },
             );
         }
@@ -591,6 +673,7 @@ impl NodeRuntime {
             spec: spec.clone(),
             desired,
             agents,
+            origin: Some(origin),
         };
         self.data.fleets.insert(spec.name.clone(), rec.clone());
         if let Err(e) = self.save() {
@@ -600,6 +683,7 @@ impl NodeRuntime {
             }
             return Err(e);
         }
+        tracing::info!(fleet = %spec.name, agents = spec.agents.len(), origin = ?origin, "fleet created");
         self.start_fleet_actor(myself, rec).await
     }
 
@@ -655,8 +739,18 @@ impl NodeRuntime {
     async fn restore_fleet(
         &mut self,
         myself: &ActorRef<NodeMsg>,
-        rec: FleetRecord,
+        mut rec: FleetRecord,
     ) -> Result<(), FleetError> {
+        // A registry from before templates were kept in it: read the file once, now. If it
+        // cannot be read the agents' starts fail with the reason and are retried.
+        if rec.spec.template.is_some() && rec.spec.template_config.is_none() {
+            match accept_files(rec.spec.clone()).await {
+                Ok(spec) => rec.spec.template_config = spec.template_config,
+                Err(e) => {
+                    tracing::error!(fleet = %rec.spec.name, error = %e, "cannot read the fleet's template")
+                }
+            }
+        }
         for (agent, a) in &rec.agents {
             if let Some(base) = a.port_base {
                 let lease = Lease {
@@ -726,6 +820,7 @@ impl NodeRuntime {
 
     fn remove_fleet(
         &mut self,
+        myself: &ActorRef<NodeMsg>,
         fleet: String,
         purge: bool,
         reply: ractor::RpcReplyPort<Reply>,
@@ -734,6 +829,23 @@ impl NodeRuntime {
             Ok(f) => f,
             Err(e) => return answer(reply, Err(e)),
         };
+        let state_dir = self.ctx.config.state_dir.clone();
+        if purge {
+            // A purge that would be refused must refuse the whole command, before anything.
+            let names: Vec<String> = self
+                .data
+                .fleets
+                .get(&fleet)
+                .map(|r| r.agents.keys().cloned().collect())
+                .unwrap_or_default();
+            for a in &names {
+                if let Err(e) =
+                    provision::check_purge(&state_dir, &AgentPaths::new(&state_dir, &fleet, a))
+                {
+                    return answer(reply, Err(e));
+                }
+            }
+        }
         let Some(rec) = self.data.fleets.remove(&fleet) else {
             return answer(reply, Err(FleetError::NoSuchFleet { fleet }));
         };
@@ -741,39 +853,60 @@ impl NodeRuntime {
             self.data.fleets.insert(fleet, rec);
             return answer(reply, Err(e));
         }
+        tracing::info!(fleet = %fleet, purge, "fleet removed");
+        self.removing.insert((fleet.clone(), None));
         self.fleets.remove(&fleet);
         for a in rec.agents.keys() {
-            self.release(&fleet, a);
             self.ctx.observed.remove(&(fleet.clone(), a.clone()));
         }
         let _ = self.logs.send_message(LogsMsg::ForgetFleet {
             fleet: fleet.clone(),
         });
-        let state_dir = self.ctx.config.state_dir.clone();
         let ctx = self.ctx.clone();
+        let (ports, me) = (self.ports.clone(), myself.clone());
         tokio::spawn(async move {
             let _ = f
                 .call(|r| FleetMsg::StopAll { reply: r }, Some(LONG_CALL))
                 .await;
             f.stop(Some("removed".into()));
             ctx.fleet_states.remove(&fleet);
-            let mut msg = format!("fleet {fleet} removed");
+            // Leases go back only once the processes holding them are gone.
+            for a in rec.agents.keys() {
+                let _ = ports.send_message(PortsMsg::Release {
+                    fleet: fleet.clone(),
+                    agent: a.clone(),
+                });
+            }
+            let mut rep = Reply::Done {
+                message: format!("fleet {fleet} removed"),
+            };
             if purge {
+                let (sd, name) = (state_dir.clone(), fleet.clone());
                 let r = tokio::task::spawn_blocking(move || {
                     for a in rec.agents.keys() {
-                        provision::purge_home(&state_dir, &AgentPaths::new(&state_dir, &fleet, a))?;
+                        provision::purge_home(&sd, &AgentPaths::new(&sd, &name, a))?;
                     }
-                    let _ = std::fs::remove_dir(state_dir.join("fleets").join(&fleet));
+                    let _ = std::fs::remove_dir(sd.join("fleets").join(&name));
                     Ok::<(), FleetError>(())
                 })
-                .await;
-                match r {
-                    Ok(Ok(())) => msg.push_str(" and purged"),
-                    Ok(Err(e)) => msg = format!("{msg}, but purge failed: {e}"),
-                    Err(e) => msg = format!("{msg}, but purge failed: {e}"),
-                }
+                .await
+                .map_err(FleetError::internal)
+                .and_then(|r| r);
+                rep = match r {
+                    Ok(()) => Reply::Done {
+                        message: format!("fleet {fleet} removed and purged"),
+                    },
+                    Err(e) => Reply::Error(FleetError::Partial {
+                        done: format!("fleet {fleet} removed"),
+                        failed: format!("its HOMEs were not purged: {e}"),
+                    }),
+                };
             }
-            let _ = reply.send(Reply::Done { message: msg });
+            let _ = me.send_message(NodeMsg::RemovalDone {
+                fleet: fleet.clone(),
+                agent: None,
+            });
+            let _ = reply.send(rep);
         });
         None
     }
@@ -797,6 +930,7 @@ impl NodeRuntime {
     async fn add_agent(&mut self, fleet: &str, agent: &str) -> Result<(), FleetError> {
         crate::ids::validate_id("agent", agent)?;
         let f = self.fleet_ref(fleet)?;
+        self.check_not_removing(fleet, Some(agent))?;
         let rec = self
             .data
             .fleets
@@ -823,6 +957,7 @@ impl NodeRuntime {
                     stride: lease.stride,
                     token: token.clone(),
                     process: None,
+                    previous_tokens: vec![],
                 },
             );
         }
@@ -912,6 +1047,7 @@ impl NodeRuntime {
 
     fn remove_agent(
         &mut self,
+        myself: &ActorRef<NodeMsg>,
         fleet: String,
         agent: String,
         purge: bool,
@@ -924,6 +1060,13 @@ impl NodeRuntime {
             Ok(f) => f,
             Err(e) => return answer(reply, Err(e)),
         };
+        let state_dir = self.ctx.config.state_dir.clone();
+        let paths = AgentPaths::new(&state_dir, &fleet, &agent);
+        if purge {
+            if let Err(e) = provision::check_purge(&state_dir, &paths) {
+                return answer(reply, Err(e));
+            }
+        }
         let rec = self.data.fleets.get_mut(&fleet).expect("checked");
         let old = rec.agents.remove(&agent);
         let pos = rec.spec.agents.iter().position(|a| a == &agent);
@@ -938,10 +1081,11 @@ impl NodeRuntime {
             }
             return answer(reply, Err(e));
         }
+        tracing::info!(fleet = %fleet, agent = %agent, purge, "agent removed");
+        self.removing.insert((fleet.clone(), Some(agent.clone())));
         self.tell_rotator(&fleet);
         self.ctx.observed.remove(&(fleet.clone(), agent.clone()));
-        let ports = self.ports.clone();
-        let state_dir = self.ctx.config.state_dir.clone();
+        let (ports, me) = (self.ports.clone(), myself.clone());
         tokio::spawn(async move {
             let name = agent.clone();
             let r = f
@@ -957,60 +1101,101 @@ impl NodeRuntime {
                 fleet: fleet.clone(),
                 agent: agent.clone(),
             });
+            let done = format!("agent {fleet}/{agent} removed");
             let mut rep = match r {
                 Ok(CallResult::Success(Ok(()))) => Reply::Done {
-                    message: format!("agent {fleet}/{agent} removed"),
+                    message: done.clone(),
                 },
-                Ok(CallResult::Success(Err(e))) => Reply::Error(e),
-                _ => Reply::Error(FleetError::internal("fleet did not answer")),
+                Ok(CallResult::Success(Err(e))) => Reply::Error(FleetError::Partial {
+                    done: done.clone(),
+                    failed: e.to_string(),
+                }),
+                _ => Reply::Error(FleetError::Partial {
+                    done: done.clone(),
+                    failed: "its fleet did not confirm that the agent stopped".into(),
+                }),
             };
             if purge {
-                let paths = AgentPaths::new(&state_dir, &fleet, &agent);
                 let sd = state_dir.clone();
                 let r =
                     tokio::task::spawn_blocking(move || provision::purge_home(&sd, &paths)).await;
+                let r = r.map_err(FleetError::internal).and_then(|r| r);
                 match (r, &mut rep) {
-                    (Ok(Ok(())), Reply::Done { message }) => message.push_str(" and purged"),
-                    (Ok(Err(e)), _) => rep = Reply::Error(e),
-                    _ => {}
+                    (Ok(()), Reply::Done { message }) => message.push_str(" and purged"),
+                    (Ok(()), _) => {}
+                    (Err(e), _) => {
+                        rep = Reply::Error(FleetError::Partial {
+                            done,
+                            failed: format!("its HOME was not purged: {e}"),
+                        })
+                    }
                 }
             }
+            let _ = me.send_message(NodeMsg::RemovalDone {
+                fleet: fleet.clone(),
+                agent: Some(agent.clone()),
+            });
             let _ = reply.send(rep);
         });
         None
     }
 
+    /// The agent's token; `rotate`: a new one is saved first (the registry owns it), then
+    /// the agent takes it and restarts. A failed save changes nothing.
     async fn token(
         &mut self,
         fleet: &str,
         agent: &str,
         rotate: bool,
     ) -> Result<String, FleetError> {
-        self.agent_record(fleet, agent)?;
+        let current = self.agent_record(fleet, agent)?.clone();
         if !rotate {
-            return Ok(self.agent_record(fleet, agent)?.token.clone());
+            return Ok(current.token);
         }
-        let name = agent.to_string();
-        let t = self
-            .fleet_call(
-                fleet,
-                |r| FleetMsg::RotateToken {
-                    agent: name,
-                    reply: r,
-                },
-                CALL,
-            )
-            .await??;
+        let f = self.fleet_ref(fleet)?;
+        let t = provision::generate_token()?;
         if let Some(a) = self
             .data
             .fleets
             .get_mut(fleet)
             .and_then(|f| f.agents.get_mut(agent))
         {
-            a.token = t.clone();
+            a.replace_token(t.clone());
         }
-        self.save()?;
-        Ok(t)
+        if let Err(e) = self.save() {
+            if let Some(a) = self
+                .data
+                .fleets
+                .get_mut(fleet)
+                .and_then(|f| f.agents.get_mut(agent))
+            {
+                *a = current;
+            }
+            return Err(e);
+        }
+        let name = agent.to_string();
+        let token = t.clone();
+        match f
+            .call(
+                |r| FleetMsg::SetToken {
+                    agent: name,
+                    token,
+                    reply: r,
+                },
+                Some(CALL),
+            )
+            .await
+        {
+            Ok(CallResult::Success(Ok(()))) => Ok(t),
+            Ok(CallResult::Success(Err(e))) => Err(FleetError::Partial {
+                done: format!("a new token for {fleet}/{agent} was saved"),
+                failed: format!("the agent did not take it yet ({e}); it will at its next start"),
+            }),
+            _ => Err(FleetError::Partial {
+                done: format!("a new token for {fleet}/{agent} was saved"),
+                failed: "the agent did not confirm it; it takes it at its next start".into(),
+            }),
+        }
     }
 
     fn status(&self, fleet: Option<String>, agent: Option<String>) -> Result<Reply, FleetError> {
@@ -1037,51 +1222,177 @@ impl NodeRuntime {
         )))
     }
 
-    /// Makes the running fleets match `specs`: creates what is new, removes what is gone,
-    /// restarts only agents whose settings changed.
+    /// Makes the fleets the spec owns match `specs`: creates what is new, removes what is
+    /// gone, restarts only agents whose settings changed; fleets made by commands are never
+    /// touched, and a spec fleet may not take the name of one. Everything that can be checked
+    /// (every fleet's fields, files and commands, room for the new port blocks) is checked
+    /// before the first change. Each change is logged and answered by name; `dry_run` only
+    /// says what would be done.
     async fn apply_spec(
         &mut self,
         myself: &ActorRef<NodeMsg>,
         specs: Vec<FleetSpec>,
+        dry_run: bool,
     ) -> Result<String, FleetError> {
-        for s in &specs {
+        let mut accepted = Vec::with_capacity(specs.len());
+        for s in specs {
             s.check()?;
+            accepted.push(accept_files(s).await?);
         }
-        let old: Vec<FleetSpec> = self.data.fleets.values().map(|r| r.spec.clone()).collect();
+        let specs = accepted;
+        for s in &specs {
+            if let Some(rec) = self.data.fleets.get(&s.name) {
+                if rec.origin == Some(Origin::Command) {
+                    return Err(FleetError::Spec {
+                        reason: format!(
+                            "fleet {:?} exists and was made by a command, not by the spec: remove it (fleet rm {}) or give the spec's fleet another name; nothing was changed",
+                            s.name, s.name
+                        ),
+                    });
+                }
+            }
+        }
+        let declared: std::collections::BTreeSet<&str> =
+            specs.iter().map(|s| s.name.as_str()).collect();
+        let old: Vec<FleetSpec> = self
+            .data
+            .fleets
+            .values()
+            .filter(|r| match r.origin {
+                Some(Origin::Spec) => true,
+                Some(Origin::Command) => false,
+                None => declared.contains(r.spec.name.as_str()),
+            })
+            .map(|r| r.spec.clone())
+            .collect();
         let changes = specfile::diff(&old, &specs);
-        let n = changes.len();
-        for c in changes {
-            match c {
-                Change::AddFleet(spec) => self.create_fleet(myself, spec, Desired::Running).await?,
+        let described: Vec<String> = changes
+            .iter()
+            .map(|c| specfile::describe(c, &old, &specs))
+            .collect();
+        if dry_run {
+            return Ok(if changes.is_empty() {
+                "reload --dry-run: the spec matches; nothing would change".into()
+            } else {
+                format!(
+                    "reload --dry-run: {} changes would be made: {}",
+                    changes.len(),
+                    described.join("; ")
+                )
+            });
+        }
+        self.check_room(&changes).await?;
+        for c in &changes {
+            if let Change::AddFleet(s) = c {
+                self.check_not_removing(&s.name, None)?;
+            }
+            if let Change::AddAgent { fleet, agent } = c {
+                self.check_not_removing(fleet, Some(agent))?;
+            }
+        }
+        // Fleets of an old registry that the spec declares are the spec's from now on.
+        for name in &declared {
+            if let Some(rec) = self.data.fleets.get_mut(*name) {
+                rec.origin = Some(Origin::Spec);
+            }
+        }
+        let mut done: Vec<String> = Vec::new();
+        for (c, what) in changes.into_iter().zip(described) {
+            let r = match c {
+                Change::AddFleet(spec) => {
+                    self.create_fleet(myself, spec, Desired::Running, Origin::Spec)
+                        .await
+                }
                 Change::RemoveFleet(fleet) => {
                     let (tx, _rx) = tokio::sync::oneshot::channel();
                     let port = ractor::RpcReplyPort::from(tx);
-                    if let Some((r, a)) = self.remove_fleet(fleet, false, port) {
+                    if let Some((r, a)) = self.remove_fleet(myself, fleet, false, port) {
                         let _ = r.send(a);
                     }
+                    Ok(())
                 }
-                Change::UpdateFleet { fleet, spec } => {
-                    self.update_spec(&fleet, spec)?;
-                }
-                Change::AddAgent { fleet, agent } => self.add_agent(&fleet, &agent).await?,
+                Change::UpdateFleet { fleet, spec } => self.update_spec(&fleet, spec),
+                Change::AddAgent { fleet, agent } => self.add_agent(&fleet, &agent).await,
                 Change::RemoveAgent { fleet, agent } => {
                     let (tx, _rx) = tokio::sync::oneshot::channel();
-                    if let Some((r, a)) = self.remove_agent(fleet, agent, false, tx.into()) {
+                    if let Some((r, a)) = self.remove_agent(myself, fleet, agent, false, tx.into())
+                    {
                         let _ = r.send(a);
                     }
+                    Ok(())
                 }
                 Change::RestartAgent { fleet, agent } => {
-                    if let Some(spec) = specs.iter().find(|s| s.name == fleet) {
-                        self.update_spec(&fleet, spec.clone())?;
-                    }
+                    let r = match specs.iter().find(|s| s.name == fleet) {
+                        Some(spec) => self.update_spec(&fleet, spec.clone()),
+                        None => Ok(()),
+                    };
                     let (tx, _rx) = tokio::sync::oneshot::channel();
                     let _ = self
                         .agent_op(fleet, agent, AgentOp::Restart, Desired::Running, tx.into())
                         .await;
+                    r
+                }
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!(change = %what, "spec applied");
+                    done.push(what);
+                }
+                Err(e) if done.is_empty() => return Err(e),
+                Err(e) => {
+                    return Err(FleetError::Partial {
+                        done: format!(
+                            "{} of the spec's changes made ({})",
+                            done.len(),
+                            done.join("; ")
+                        ),
+                        failed: format!("{what} failed: {e}"),
+                    })
                 }
             }
         }
-        Ok(format!("spec applied: {n} changes"))
+        if let Err(e) = self.save() {
+            tracing::error!(error = %e, "could not save which fleets the spec owns");
+        }
+        Ok(if done.is_empty() {
+            "spec applied: 0 changes".into()
+        } else {
+            format!("spec applied: {} changes: {}", done.len(), done.join("; "))
+        })
+    }
+
+    /// Refuses a set of changes whose new agents would not all get a port block.
+    async fn check_room(&self, changes: &[Change]) -> Result<(), FleetError> {
+        let mut need: BTreeMap<u16, u64> = BTreeMap::new();
+        for c in changes {
+            match c {
+                Change::AddFleet(s) => {
+                    *need.entry(s.effective_stride()).or_default() += s.agents.len() as u64
+                }
+                Change::AddAgent { fleet, .. } => {
+                    let stride = self
+                        .data
+                        .fleets
+                        .get(fleet)
+                        .map(|r| r.spec.effective_stride())
+                        .unwrap_or(1);
+                    *need.entry(stride).or_default() += 1;
+                }
+                _ => {}
+            }
+        }
+        for (stride, n) in need {
+            let free = self.free_blocks(stride).await?;
+            if n > free {
+                return Err(FleetError::Spec {
+                    reason: format!(
+                        "the spec needs {n} new port blocks of {stride} ports, the range {}-{} has {free} free; nothing was changed",
+                        self.ctx.config.port_range.first, self.ctx.config.port_range.last
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// How many more agents of each fleet fit, by memory, ports, descriptors and pids.
@@ -1212,21 +1523,32 @@ pub fn status_rows(
 
 /// Whole-tree processes, RSS, PSS and CPU of each agent; CPU from two scans `TOP_WINDOW`
 /// apart (blocking: runs in a blocking task).
-fn top_rows(rows: &[AgentStatus]) -> Vec<TopRow> {
+fn top_rows(rows: &[AgentStatus], node_id: &str) -> Vec<TopRow> {
     use crate::process::procfs::{self, ProcInfo};
     let ticks = |t: &[&ProcInfo]| t.iter().map(|p| p.utime + p.stime).sum::<u64>();
+    // The same membership as the memory sampler and a stop: trees plus marked processes.
+    let agents: Vec<((String, String), u32)> = rows
+        .iter()
+        .filter_map(|r| r.pid.map(|p| ((r.fleet.clone(), r.agent.clone()), p)))
+        .collect();
+    let prefix = crate::process::tree::node_marker_prefix(node_id);
+    let since = procfs::read_proc(std::process::id())
+        .map(|p| p.start_time)
+        .unwrap_or(0);
+    let mut membership = crate::process::members::Membership::default();
     let before_scan = procfs::scan();
-    let before = procfs::Forest::new(&before_scan);
+    let before = membership.assign(&before_scan, &agents, &prefix, since);
     std::thread::sleep(TOP_WINDOW);
     let after_scan = procfs::scan();
-    let after = procfs::Forest::new(&after_scan);
+    let after = membership.assign(&after_scan, &agents, &prefix, since);
     let hz = procfs::clock_ticks_per_sec().max(1) as f64;
     rows.iter()
         .map(|r| {
+            let key = (r.fleet.clone(), r.agent.clone());
             let (procs, rss, pss, cpu) = match r.pid {
-                Some(pid) => {
-                    let now = after.tree(pid);
-                    let then = ticks(&before.tree(pid));
+                Some(_) => {
+                    let now = after.get(&key).cloned().unwrap_or_default();
+                    let then = ticks(before.get(&key).map(Vec::as_slice).unwrap_or(&[]));
                     let cpu =
                         ticks(&now).saturating_sub(then) as f64 / hz / TOP_WINDOW.as_secs_f64()
                             * 100.0;
@@ -1260,6 +1582,11 @@ const TOP_WINDOW: Duration = Duration::from_millis(500);
 /// reports agents that stay above their fleet's `max_memory` for two samples in a row.
 async fn sample_memory(ctx: Arc<NodeContext>, node: ActorRef<NodeMsg>) {
     let mut streaks: std::collections::HashMap<(String, String), u32> = Default::default();
+    let mut membership = crate::process::members::Membership::default();
+    let node_prefix = crate::process::tree::node_marker_prefix(&ctx.node_id);
+    let since = crate::process::procfs::read_proc(std::process::id())
+        .map(|p| p.start_time)
+        .unwrap_or(0);
     let mut tick = tokio::time::interval(ctx.config.sample_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1274,21 +1601,26 @@ async fn sample_memory(ctx: Arc<NodeContext>, node: ActorRef<NodeMsg>) {
             streaks.clear();
             continue;
         }
-        let samples = tokio::task::spawn_blocking(move || {
+        let mut m = std::mem::take(&mut membership);
+        let prefix = node_prefix.clone();
+        let (samples, m) = tokio::task::spawn_blocking(move || {
             let procs = crate::process::procfs::scan();
-            let forest = crate::process::procfs::Forest::new(&procs);
             let page = crate::process::procfs::page_size();
-            agents
+            // Stop's rule: the tree plus every marked process (a setsid helper too).
+            let mut owned = m.assign(&procs, &agents, &prefix, since);
+            let samples = agents
                 .into_iter()
-                .map(|(key, pid)| {
-                    let tree = forest.tree(pid);
+                .map(|(key, _)| {
+                    let tree = owned.remove(&key).unwrap_or_default();
                     let rss = tree.iter().map(|p| p.rss_pages).sum::<u64>() * page;
                     (key, rss, tree.len() as u32)
                 })
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            (samples, m)
         })
         .await
         .unwrap_or_default();
+        membership = m;
         // A set, not a scan of `samples` per entry: that was O(N²) string compares, the largest
         // share of the idle daemon's CPU at 1000 agents.
         let sampled: std::collections::HashSet<&(String, String)> =
@@ -1317,4 +1649,11 @@ async fn sample_memory(ctx: Arc<NodeContext>, node: ActorRef<NodeMsg>) {
             }
         }
     }
+}
+
+/// `provision::accept_files` off the actor's thread (it reads operator files).
+async fn accept_files(mut spec: FleetSpec) -> Result<FleetSpec, FleetError> {
+    tokio::task::spawn_blocking(move || provision::accept_files(&mut spec).map(|()| spec))
+        .await
+        .map_err(FleetError::internal)?
 }

@@ -306,10 +306,17 @@ static SPECS: &[Spec] = &[
     Spec {
         name: "reload",
         args: "",
-        summary: "re-read the spec file and apply the differences",
+        summary: "re-read the spec file and apply the differences (it changes only the fleets it declares)",
         max_pos: 0,
-        flags: &[],
-        build: |_| Ok(Command::Reload),
+        flags: &[switch(
+            "--dry-run",
+            "only list, by name, what would be created, removed and restarted",
+        )],
+        build: |a| {
+            Ok(Command::Reload {
+                dry_run: a.switch("--dry-run"),
+            })
+        },
     },
     Spec {
         name: "help",
@@ -966,7 +973,8 @@ mod tests {
             ("top", Command::Top),
             ("capacity", Command::Capacity),
             ("events", Command::Events),
-            ("reload", Command::Reload),
+            ("reload", Command::Reload { dry_run: false }),
+            ("reload --dry-run", Command::Reload { dry_run: true }),
             ("help", Command::Help { topic: None }),
             ("help status", Command::Help { topic: Some(s("status")) }),
             ("help fleet   create", Command::Help { topic: Some(s("fleet create")) }),

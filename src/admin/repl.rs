@@ -23,6 +23,9 @@ pub enum ReplEnd {
 
 enum Input {
     Line(String),
+    /// A line that is no command at all (not UTF-8, too long): answered with this error, as
+    /// the control socket answers the same bytes.
+    Bad(String),
     Eof,
 }
 
@@ -46,8 +49,14 @@ pub async fn run(node: NodeHandle, tty: bool, history: Option<std::path::PathBuf
         }
     }
     loop {
-        let Some(Input::Line(line)) = rx.recv().await else {
-            return ReplEnd::Eof;
+        let line = match rx.recv().await {
+            Some(Input::Line(line)) => line,
+            Some(Input::Bad(why)) => {
+                println!("error: {why}");
+                let _ = ack_tx.send(());
+                continue;
+            }
+            Some(Input::Eof) | None => return ReplEnd::Eof,
         };
         let req = match parse_line(&line) {
             Ok(Some(r)) => r,
@@ -82,7 +91,7 @@ pub async fn run(node: NodeHandle, tty: bool, history: Option<std::path::PathBuf
                             Err(_) => break,
                         },
                         input = rx.recv() => {
-                            if !matches!(input, Some(Input::Line(_))) {
+                            if !matches!(input, Some(Input::Line(_) | Input::Bad(_))) {
                                 return ReplEnd::Eof;
                             }
                             break;
@@ -118,7 +127,7 @@ pub async fn run(node: NodeHandle, tty: bool, history: Option<std::path::PathBuf
                             }
                         }
                         input = rx.recv() => {
-                            if !matches!(input, Some(Input::Line(_))) {
+                            if !matches!(input, Some(Input::Line(_) | Input::Bad(_))) {
                                 return ReplEnd::Eof;
                             }
                             break;
@@ -193,11 +202,104 @@ fn read_lines(
     }
     drop(printer);
     let stdin = std::io::stdin();
-    for line in stdin.lock().lines() {
-        let Ok(line) = line else { break };
-        if tx.blocking_send(Input::Line(line)).is_err() || ack.recv().is_err() {
+    let mut input = stdin.lock();
+    loop {
+        let item = match read_line_bounded(&mut input, crate::admin::parse::MAX_LINE_BYTES) {
+            Ok(PipeLine::Eof) | Err(_) => break,
+            Ok(PipeLine::TooLong) => Input::Bad(format!(
+                "line longer than {} bytes; it was discarded",
+                crate::admin::parse::MAX_LINE_BYTES
+            )),
+            Ok(PipeLine::Line(bytes)) => match String::from_utf8(bytes) {
+                Ok(line) => Input::Line(line),
+                Err(_) => Input::Bad("line is not valid UTF-8".into()),
+            },
+        };
+        if tx.blocking_send(item).is_err() || ack.recv().is_err() {
             return;
         }
     }
     let _ = tx.blocking_send(Input::Eof);
+}
+
+/// One line of a pipe.
+#[derive(Debug, PartialEq)]
+enum PipeLine {
+    Line(Vec<u8>),
+    TooLong,
+    Eof,
+}
+
+/// Reads one line (without its `\n` or `\r\n`), never holding more than `limit` bytes of it:
+/// the bytes of a longer line are read and dropped.
+fn read_line_bounded(r: &mut impl BufRead, limit: usize) -> std::io::Result<PipeLine> {
+    let mut buf = Vec::new();
+    let mut too_long = false;
+    let mut any = false;
+    loop {
+        let chunk = r.fill_buf()?;
+        if chunk.is_empty() {
+            break;
+        }
+        any = true;
+        let (take, end) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        if !too_long {
+            if buf.len() + take > limit + 2 {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(&chunk[..take]);
+            }
+        }
+        r.consume(take);
+        if end {
+            break;
+        }
+    }
+    if !any {
+        return Ok(PipeLine::Eof);
+    }
+    if too_long {
+        return Ok(PipeLine::TooLong);
+    }
+    while matches!(buf.last(), Some(b'\n' | b'\r')) {
+        buf.pop();
+    }
+    Ok(PipeLine::Line(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipe_lines_survive_bad_bytes_and_long_lines() {
+        let mut input: Vec<u8> = Vec::new();
+        input.extend_from_slice(b"status\n");
+        input.extend_from_slice(&[0xff, 0xfe, b'\n']);
+        input.extend(std::iter::repeat_n(b'x', 100));
+        input.extend_from_slice(b"\nshutdown\r\n");
+        input.extend_from_slice(b"last");
+        let mut r = std::io::BufReader::with_capacity(8, &input[..]);
+        let mut got = Vec::new();
+        loop {
+            match read_line_bounded(&mut r, 50).unwrap() {
+                PipeLine::Eof => break,
+                other => got.push(other),
+            }
+        }
+        assert_eq!(
+            got,
+            vec![
+                PipeLine::Line(b"status".to_vec()),
+                PipeLine::Line(vec![0xff, 0xfe]),
+                PipeLine::TooLong,
+                PipeLine::Line(b"shutdown".to_vec()),
+                PipeLine::Line(b"last".to_vec()),
+            ]
+        );
+    }
 }

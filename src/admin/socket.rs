@@ -1,12 +1,15 @@
-//! The control socket: a Unix socket (mode 0600, peers checked by uid) speaking the command
-//! language one line per request. Every answer is one or more JSON `Frame` lines: a reply
-//! closes a one-shot command; `events` and `logs --follow` stream frames until the client
-//! hangs up. A malformed request (unknown word, bad id, empty line, over-long line, invalid
-//! UTF-8) gets an error reply and the connection goes on.
+//! The control socket: a Unix socket (mode 0600, peers checked by uid). A request is one
+//! line: a JSON `Request` (what `fleetctl` sends: no byte of an argument can end it) or, for a
+//! person at `socat`, a line of the command language. Every answer is one or more JSON `Frame`
+//! lines: a reply closes a one-shot command; `events` and `logs --follow` stream frames until
+//! the client hangs up. A malformed request (unknown word, bad id, empty line, over-long line,
+//! invalid UTF-8, bad JSON) gets an error reply and the connection goes on. Connections are
+//! capped, a request must arrive within `REQUEST_TIMEOUT` and a frame be taken within
+//! `WRITE_TIMEOUT`, so idle, slow or many clients cannot hold the daemon's descriptors.
 
 use crate::admin::parse::{parse_line, MAX_LINE_BYTES};
 use crate::error::FleetError;
-use crate::messages::command::{Command, Reply};
+use crate::messages::command::{Command, Reply, Request};
 use crate::messages::events::Event;
 use crate::node::NodeHandle;
 use serde::{Deserialize, Serialize};
@@ -27,15 +30,17 @@ pub enum Frame {
     Line { line: String },
 }
 
-/// Binds the socket (replacing a stale one) with owner-only permissions.
+/// Most control connections open at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request line must be complete this long after the daemon starts waiting for it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// A frame must be taken by the client within this.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds the socket with owner-only permissions. Only a stale socket (one nobody serves) is
+/// ever replaced: any other file at the path is an operator's and stays.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{} is served by another running daemon", path.display()),
-            ));
-        }
+    if check_path(path)? {
         std::fs::remove_file(path)?;
     }
     if let Some(dir) = path.parent() {
@@ -51,6 +56,62 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
+/// Whether `bind` may use `path`, without changing anything: `Ok(true)` when a stale socket
+/// is there to be replaced, `Ok(false)` when nothing is; an error for a socket another daemon
+/// serves and for any other kind of file. fleetd asks before it starts its node.
+pub fn check_path(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{} is served by another running daemon", path.display()),
+                ));
+            }
+            Ok(true)
+        }
+        Ok(m) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is {}; refusing to replace it (only a stale socket is replaced)",
+                    path.display(),
+                    crate::operator_file::kind_of(&m.file_type())
+                ),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the socket at `path` only if it is still a socket (an operator may have put
+/// something else there since).
+pub fn unlink(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Delay after a failed `accept` (EMFILE, ENFILE, ENOMEM): doubling up to a second, so a
+/// descriptor shortage is not turned into a busy loop, reset by the next success.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    failures: u32,
+}
+
+impl AcceptBackoff {
+    pub fn failed(&mut self) -> Duration {
+        self.failures = (self.failures + 1).min(10);
+        Duration::from_millis((5u64 << self.failures).min(1000))
+    }
+    pub fn ok(&mut self) {
+        self.failures = 0;
+    }
+}
+
 /// Serves connections until the listener fails. `on_shutdown` is called after a `shutdown`
 /// request was answered.
 pub async fn serve(
@@ -59,14 +120,28 @@ pub async fn serve(
     on_shutdown: std::sync::Arc<tokio::sync::Notify>,
 ) {
     let me = nix::unistd::geteuid().as_raw();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = AcceptBackoff::default();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.ok();
+                stream
+            }
+            Err(e) => {
+                let wait = backoff.failed();
+                tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "control socket accept failed");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
         };
         let node = node.clone();
         let on_shutdown = on_shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let allowed = stream
                 .peer_cred()
                 .map(|c| c.uid() == me || c.uid() == 0)
@@ -81,7 +156,24 @@ pub async fn serve(
 async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, f: &Frame) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(f).map_err(std::io::Error::other)?;
     line.push(b'\n');
-    w.write_all(&line).await
+    match tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&line)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "client did not take its reply",
+        )),
+    }
+}
+
+/// A request line as the daemon takes it: a JSON `Request`, or the command language.
+fn parse_request(line: &str) -> Result<Option<Request>, FleetError> {
+    if line.starts_with('{') {
+        let req: Request = serde_json::from_str(line)
+            .map_err(|e| FleetError::invalid("request", format!("not a valid request: {e}")))?;
+        req.command.check_ids()?;
+        return Ok(Some(req));
+    }
+    parse_line(line).map_err(|e| FleetError::invalid("command", e.to_string()))
 }
 
 fn error_reply(e: FleetError, json: bool) -> Frame {
@@ -115,9 +207,28 @@ async fn connection(
         .await;
     }
     loop {
-        let too_long = match read_request(&mut reader, &mut buf).await? {
-            None => return Ok(()),
-            Some(too_long) => too_long,
+        let too_long = match tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            read_request(&mut reader, &mut buf),
+        )
+        .await
+        {
+            Err(_) => {
+                let why = format!(
+                    "no complete request within {} s; closing",
+                    REQUEST_TIMEOUT.as_secs()
+                );
+                let _ = send(
+                    &mut w,
+                    &error_reply(FleetError::invalid("request", why), false),
+                )
+                .await;
+                return Ok(());
+            }
+            Ok(r) => match r? {
+                None => return Ok(()),
+                Some(too_long) => too_long,
+            },
         };
         // One reply per line, even for lines that hold no command: a client that writes a
         // line can always wait for exactly one answer.
@@ -136,7 +247,7 @@ async fn connection(
             send(&mut w, &refuse("line is not valid UTF-8".into())).await?;
             continue;
         };
-        let req = match parse_line(line.trim_end_matches(['\n', '\r'])) {
+        let req = match parse_request(line.trim_end_matches(['\n', '\r'])) {
             Ok(Some(r)) => r,
             Ok(None) => {
                 send(
@@ -147,11 +258,7 @@ async fn connection(
                 continue;
             }
             Err(e) => {
-                send(
-                    &mut w,
-                    &error_reply(FleetError::invalid("command", e.to_string()), false),
-                )
-                .await?;
+                send(&mut w, &error_reply(e, false)).await?;
                 continue;
             }
         };

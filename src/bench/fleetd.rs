@@ -2,14 +2,11 @@
 //! only through its control socket (one connection per request, as `fleetctl` does).
 
 use super::{probe, Subject};
-use crate::admin::parse::join_words;
-use crate::admin::socket::Frame;
+use crate::admin::parse::{join_words, parse_words};
 use crate::messages::command::{AgentStatus, Reply};
 use crate::state::AgentState;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -90,19 +87,9 @@ impl Fleetd {
 
     /// Sends one command (words as typed after `fleetctl`) and returns the reply.
     pub fn request(&self, words: &[&str]) -> Result<Reply> {
-        let mut s = UnixStream::connect(&self.socket)
-            .with_context(|| format!("connecting to {}", self.socket.display()))?;
         let words: Vec<String> = words.iter().map(|w| w.to_string()).collect();
-        let mut line = join_words(&words);
-        line.push('\n');
-        s.write_all(line.as_bytes()).context("sending a command")?;
-        let mut r = BufReader::new(s);
-        let mut l = String::new();
-        r.read_line(&mut l).context("reading the reply")?;
-        match serde_json::from_str::<Frame>(&l).with_context(|| format!("bad frame {l:?}"))? {
-            Frame::Reply { reply, .. } => Ok(reply),
-            other => bail!("expected a reply frame, got {other:?}"),
-        }
+        let req = parse_words(&words).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(crate::admin::client::request(&self.socket, &req)?)
     }
 
     /// `status [<path>] --json`; an empty path asks for every agent.

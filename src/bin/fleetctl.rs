@@ -1,15 +1,16 @@
 //! fleetctl: sends one command to a running fleetd over its control socket and prints the
 //! reply. Exit 0 on success; non-zero with the error on stderr otherwise.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
-use fleet_commander::admin::parse::join_words;
+use fleet_commander::admin::client::Client;
+use fleet_commander::admin::parse::parse_words;
 use fleet_commander::admin::render::{render, render_event};
 use fleet_commander::admin::socket::Frame;
 use fleet_commander::context::{default_socket, default_state_dir};
-use fleet_commander::messages::command::Reply;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use fleet_commander::messages::command::{Command, Reply};
+use fleet_commander::FleetError;
+use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -58,31 +59,26 @@ fn run() -> Result<i32> {
             }
         }
     }
-    if args.json && !words.iter().any(|w| w == "--json") {
-        words.push("--json".into());
-    }
-    let mut stream = UnixStream::connect(&socket).with_context(|| {
-        format!(
-            "connecting to fleetd at {} (is it running?)",
-            socket.display()
-        )
-    })?;
-    let mut line = join_words(&words);
-    line.push('\n');
-    // If the write fails the daemon may still have answered (a refused peer gets its reason
-    // before the connection closes): read that first, report the write error otherwise.
-    let sent = stream.write_all(line.as_bytes());
-    let reader = BufReader::new(stream.try_clone().context("socket")?);
+    // Parsed here and sent typed (one JSON line): no byte of an argument can end the request
+    // or smuggle a second one, whatever it holds.
+    let mut req = match parse_words(&words) {
+        Ok(r) => r,
+        Err(e) => {
+            // The same answer, and exit code, as the daemon gives a bad line.
+            let reply = Reply::Error(FleetError::from(e));
+            eprintln!("{}", render(&reply, args.json));
+            return Ok(1);
+        }
+    };
+    req.json |= args.json;
+    let stream = matches!(
+        req.command,
+        Command::Events | Command::Logs { follow: true, .. }
+    );
+    let mut client = Client::connect(&socket)?;
+    client.send(&req)?;
     let mut code = 0;
-    let stream = is_stream(&words);
-    for l in reader.lines() {
-        let l = match (l, &sent) {
-            (Ok(l), _) => l,
-            (Err(_), Err(e)) => return Err(anyhow::anyhow!("sending the command: {e}")),
-            (Err(e), Ok(())) => return Err(e).context("reading the reply"),
-        };
-        let frame: Frame =
-            serde_json::from_str(&l).with_context(|| format!("bad reply from fleetd: {l}"))?;
+    while let Some(frame) = client.next_frame()? {
         match frame {
             Frame::Reply { reply, json } => {
                 let text = render(&reply, json);
@@ -102,7 +98,6 @@ fn run() -> Result<i32> {
         }
         let _ = std::io::stdout().flush();
     }
-    sent.context("sending the command")?;
     // A stream ends when the daemon goes away; a one-shot command must have had its answer.
     if !stream {
         anyhow::bail!(
@@ -111,10 +106,4 @@ fn run() -> Result<i32> {
         );
     }
     Ok(code)
-}
-
-fn is_stream(words: &[String]) -> bool {
-    words.first().map(String::as_str) == Some("events")
-        || (words.first().map(String::as_str) == Some("logs")
-            && words.iter().any(|w| w == "--follow" || w == "-f"))
 }

@@ -126,6 +126,10 @@ async fn run(args: Args) -> Result<()> {
         Some(p) => Some(specfile::load_spec(p).map_err(|e| anyhow::anyhow!("{e}"))?),
         None => None,
     };
+    // Before the node starts: a path that names an operator's file, or a socket another
+    // daemon serves, must stop this one before it touches any agent.
+    socket::check_path(&socket_path)
+        .with_context(|| format!("control socket {}", socket_path.display()))?;
     // Installed before the node starts: a SIGTERM while fleets come back up (systemd stopping
     // a slow start) is then a graceful stop once the node runs, not an abrupt death.
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -154,9 +158,20 @@ async fn run(args: Args) -> Result<()> {
         tracing::info!(%bound, "serving Prometheus metrics on /metrics");
     }
     if let Some(specs) = specs {
+        // A spec that parses but cannot be applied is a failed start, never READY=1.
         match node.apply_spec(specs).await {
             Ok(msg) => tracing::info!("{msg}"),
-            Err(e) => tracing::error!(error = %e, "applying the spec"),
+            Err(e) => {
+                node.shutdown().await;
+                socket::unlink(&socket_path);
+                bail!(
+                    "applying the spec {}: {e}",
+                    spec_path
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                );
+            }
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -185,12 +200,9 @@ async fn run(args: Args) -> Result<()> {
             _ = hup.recv() => {
                 match &spec_path {
                     None => tracing::warn!("SIGHUP ignored: started without --spec"),
-                    Some(p) => match specfile::load_spec(p) {
-                        Err(e) => tracing::error!(error = %e, "reload rejected; nothing changed"),
-                        Ok(specs) => match node.apply_spec(specs).await {
-                            Ok(m) => tracing::info!("reload: {m}"),
-                            Err(e) => tracing::error!(error = %e, "reload failed"),
-                        },
+                    Some(_) => match node.execute(fleet_commander::messages::command::Command::Reload { dry_run: false }).await {
+                        fleet_commander::messages::command::Reply::Error(e) => tracing::error!(error = %e, "SIGHUP reload"),
+                        other => tracing::info!("SIGHUP reload: {}", fleet_commander::admin::render::render(&other, false)),
                     },
                 }
             }
@@ -198,7 +210,7 @@ async fn run(args: Args) -> Result<()> {
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     node.shutdown().await;
-    let _ = std::fs::remove_file(&socket_path);
+    socket::unlink(&socket_path);
     tracing::info!("fleetd stopped");
     Ok(())
 }

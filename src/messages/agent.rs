@@ -2,7 +2,6 @@
 //! tasks it started (provisioning/spawn, the process owner, the prober, timers). Every report
 //! carries the incarnation (`gen`) it belongs to; older ones are dropped.
 
-use crate::error::FleetError;
 use crate::health::ProbeReport;
 use crate::process::owner::OwnerEvent;
 use ractor::RpcReplyPort;
@@ -24,13 +23,11 @@ pub enum AgentMsg {
     Fail {
         reason: String,
     },
-    /// New token: config rewritten, agent restarted if it runs.
-    RotateToken {
-        reply: RpcReplyPort<Result<String, FleetError>>,
-    },
-    /// The current token (for the `token` command; never logged).
-    GetToken {
-        reply: RpcReplyPort<String>,
+    /// A new token, already durable in the registry: the agent restarts with it if it runs
+    /// (its config is rendered at every start).
+    SetToken {
+        token: String,
+        reply: RpcReplyPort<()>,
     },
     /// Over the fleet's max_memory: restart, counted like a crash.
     MemoryLimit {
@@ -71,8 +68,11 @@ pub struct Spawned {
     pub cgroup: Option<crate::process::cgroup::AgentCgroup>,
 }
 
-/// Why an agent could not be started: never retried in a loop.
+/// Why an agent could not be started. A start failure goes through the restart policy like a
+/// crash (a full disk, EMFILE or a busy port heal by themselves), unless it is `permanent`: a
+/// fault in what was asked for (an invalid spec or template) that no retry can fix.
 #[derive(Debug)]
 pub struct SpawnFailure {
     pub reason: String,
+    pub permanent: bool,
 }

@@ -83,11 +83,105 @@ pub enum Command {
     Top,
     Capacity,
     Events,
-    Reload,
+    Reload {
+        /// Only say what would change.
+        #[serde(default)]
+        dry_run: bool,
+    },
     Help {
         topic: Option<String>,
     },
     Shutdown,
+}
+
+impl Command {
+    /// What the parser checks, for a command that arrived already typed (a JSON request):
+    /// every id against the id rule, counts within their limits, no NUL in any word. The node
+    /// looks names up in its own maps, but a path is built from them first in places.
+    pub fn check_ids(&self) -> Result<(), FleetError> {
+        use crate::ids::validate_id;
+        let fleet = |f: &str| validate_id("fleet", f);
+        let both = |f: &str, a: &str| validate_id("fleet", f).and_then(|_| validate_id("agent", a));
+        match self {
+            Command::FleetCreate {
+                fleet: f,
+                agents,
+                command,
+                template,
+                ..
+            } => {
+                fleet(f)?;
+                if *agents > crate::admin::parse::MAX_AGENTS {
+                    return Err(FleetError::invalid(
+                        "--agents",
+                        format!("{agents} is more than {}", crate::admin::parse::MAX_AGENTS),
+                    ));
+                }
+                let nul = command.iter().flatten().any(|w| w.contains('\0'))
+                    || template
+                        .as_ref()
+                        .is_some_and(|t| t.as_os_str().as_encoded_bytes().contains(&0));
+                if nul {
+                    return Err(FleetError::invalid("request", "a word contains a NUL byte"));
+                }
+                Ok(())
+            }
+            Command::FleetStart { fleet: f }
+            | Command::FleetStop { fleet: f }
+            | Command::FleetRestart { fleet: f }
+            | Command::FleetRm { fleet: f, .. } => fleet(f),
+            Command::AgentAdd { fleet: f, agent: a }
+            | Command::AgentStart { fleet: f, agent: a }
+            | Command::AgentStop { fleet: f, agent: a }
+            | Command::AgentRestart { fleet: f, agent: a }
+            | Command::AgentRm {
+                fleet: f, agent: a, ..
+            }
+            | Command::Token {
+                fleet: f, agent: a, ..
+            } => both(f, a),
+            Command::Logs {
+                fleet: f,
+                agent: a,
+                lines,
+                ..
+            } => {
+                both(f, a)?;
+                if *lines > crate::admin::parse::MAX_LOG_LINES {
+                    return Err(FleetError::invalid(
+                        "-n",
+                        format!(
+                            "{lines} is more than {}",
+                            crate::admin::parse::MAX_LOG_LINES
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            Command::Status { fleet: f, agent: a } => {
+                if let Some(f) = f {
+                    fleet(f)?;
+                }
+                match a {
+                    Some(a) => validate_id("agent", a),
+                    None => Ok(()),
+                }
+            }
+            Command::Help { topic } => match topic {
+                Some(t) if t.len() > 64 || t.chars().any(char::is_control) => {
+                    Err(FleetError::invalid("help", "not a command name"))
+                }
+                _ => Ok(()),
+            },
+            Command::FleetList
+            | Command::Ports
+            | Command::Top
+            | Command::Capacity
+            | Command::Events
+            | Command::Reload { .. }
+            | Command::Shutdown => Ok(()),
+        }
+    }
 }
 
 /// One row of `status`. Field names are a contract (`status --json`).

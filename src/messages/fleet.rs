@@ -33,13 +33,11 @@ pub enum FleetMsg {
         op: AgentOp,
         reply: RpcReplyPort<Result<(), FleetError>>,
     },
-    RotateToken {
+    /// A new token for the agent, already saved by the node (the token's owner).
+    SetToken {
         agent: String,
-        reply: RpcReplyPort<Result<String, FleetError>>,
-    },
-    GetToken {
-        agent: String,
-        reply: RpcReplyPort<Result<String, FleetError>>,
+        token: String,
+        reply: RpcReplyPort<Result<(), FleetError>>,
     },
     StartAll {
         reply: RpcReplyPort<()>,
@@ -52,11 +50,6 @@ pub enum FleetMsg {
         reply: RpcReplyPort<()>,
     },
     UpdateSpec(Arc<FleetSpec>),
-    /// Internal: a token rotation finished; the recipe keeps the new token.
-    UpdateToken {
-        agent: String,
-        token: String,
-    },
     /// Internal: a StopAll finished.
     Stopped,
     /// The sampler saw the agent above the fleet's max_memory twice in a row.

@@ -17,6 +17,18 @@ pub enum NodeMsg {
     Shutdown(RpcReplyPort<()>),
     /// Copy what agents observed (pids, start times, ports) into the registry and save it.
     FlushObserved,
+    /// A removal's task finished (processes gone, HOME purged if asked): the name may be
+    /// used again. `agent: None` for a whole fleet.
+    RemovalDone {
+        fleet: String,
+        agent: Option<String>,
+    },
+    /// Every token of an agent, current and earlier (for redacting a followed log).
+    AgentTokens {
+        fleet: String,
+        agent: String,
+        reply: RpcReplyPort<Result<Vec<String>, FleetError>>,
+    },
     /// From the sampler: the agent stayed above its fleet's max_memory.
     MemoryLimit {
         fleet: String,

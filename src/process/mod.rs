@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod child;
+pub mod members;
 pub mod owner;
 pub mod procfs;
 pub mod spawn;

@@ -1,0 +1,151 @@
+//! Reading a file from a path someone gave the daemon (a template, a spec, the registry): the
+//! path may name a FIFO, a device, a directory, a symlink to any of those, or a huge file.
+//! Every such read opens without blocking, insists on a regular file and stops at a size
+//! limit, so no input can hang or exhaust the daemon. It does not parse anything.
+
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Largest JSON template fleetd reads.
+pub const MAX_TEMPLATE_BYTES: u64 = 1024 * 1024;
+/// Largest spec file fleetd reads.
+pub const MAX_SPEC_BYTES: u64 = 4 * 1024 * 1024;
+/// Largest registry fleetd reads (about 100 000 agents).
+pub const MAX_REGISTRY_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Why a file could not be read, in words for the operator (the caller adds which file).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error("does not exist")]
+    NotFound,
+    #[error("is {0}, not a regular file")]
+    NotRegular(&'static str),
+    #[error("is {size} bytes, more than the limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("is not valid UTF-8")]
+    NotUtf8,
+    #[error("cannot be read: {0}")]
+    Io(String),
+}
+
+/// The whole content of the regular file at `path` (symlinks followed), at most `limit`
+/// bytes. Never blocks on a FIFO or a device: they are opened non-blocking and refused.
+pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ReadError::NotFound,
+            _ => ReadError::Io(e.to_string()),
+        })?;
+    let meta = f.metadata().map_err(|e| ReadError::Io(e.to_string()))?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        return Err(ReadError::NotRegular(kind_of(&ft)));
+    }
+    if meta.len() > limit {
+        return Err(ReadError::TooLarge {
+            size: meta.len(),
+            limit,
+        });
+    }
+    // The size can grow between fstat and read: never take more than limit + 1 bytes.
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    (&f).take(limit + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| ReadError::Io(e.to_string()))?;
+    if buf.len() as u64 > limit {
+        return Err(ReadError::TooLarge {
+            size: buf.len() as u64,
+            limit,
+        });
+    }
+    Ok(buf)
+}
+
+/// `read_bounded` as text.
+pub fn read_text(path: &Path, limit: u64) -> Result<String, ReadError> {
+    String::from_utf8(read_bounded(path, limit)?).map_err(|_| ReadError::NotUtf8)
+}
+
+/// What a non-regular file is, for messages.
+pub fn kind_of(ft: &std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else if ft.is_file() {
+        "a regular file"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Checks what `read_bounded` would refuse, without keeping the content.
+pub fn check_readable(path: &Path, limit: u64) -> Result<(), ReadError> {
+    read_bounded(path, limit).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn regular_file_within_the_limit_is_read() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.json");
+        std::fs::write(&p, b"{}").unwrap();
+        assert_eq!(read_bounded(&p, 2).unwrap(), b"{}");
+        assert_eq!(
+            read_bounded(&p, 1),
+            Err(ReadError::TooLarge { size: 2, limit: 1 })
+        );
+    }
+
+    #[test]
+    fn everything_but_a_regular_file_is_refused_without_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let link = d.path().join("zero-link");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        let cases: Vec<(&Path, ReadError)> = vec![
+            (d.path(), ReadError::NotRegular("a directory")),
+            (&fifo, ReadError::NotRegular("a FIFO")),
+            (
+                Path::new("/dev/zero"),
+                ReadError::NotRegular("a character device"),
+            ),
+            (&link, ReadError::NotRegular("a character device")),
+            (Path::new("/nonexistent/x"), ReadError::NotFound),
+        ];
+        for (path, want) in cases {
+            let t = Instant::now();
+            assert_eq!(read_bounded(path, 1024), Err(want), "{}", path.display());
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{} blocked",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("bad");
+        std::fs::write(&p, [0xff, 0xfe]).unwrap();
+        assert_eq!(read_text(&p, 10), Err(ReadError::NotUtf8));
+    }
+}
