@@ -318,7 +318,8 @@ pub fn write_config_atomic(path: &Path, value: &Value) -> Result<(), FleetError>
     let mut body = serde_json::to_vec_pretty(value).map_err(|e| fail("serialize", &e))?;
     body.push(b'\n');
     // Restarts rewrite the same config: leave the file (and its inode) alone.
-    if fs::read(path).is_ok_and(|old| old == body) {
+    // The agent can write its own HOME: the old file may be a FIFO or huge. Never block on it.
+    if crate::operator_file::read_bounded(path, body.len() as u64).is_ok_and(|old| old == body) {
         return Ok(());
     }
     let mut suffix = [0u8; 6];

@@ -891,6 +891,15 @@ template = "/opt/t.json"
     }
 
     #[test]
+    fn value_errors_name_the_fleet_not_its_index() {
+        let msg = err("[[fleet]]\nname = \"web\"\nstop_timeout_ms = 1979-05-27\n");
+        assert_has(&msg, &["fleet \"web\": stop_timeout_ms", "dates and times"]);
+        assert!(!msg.contains("fleet[0]"), "{msg}");
+        let msg = err("[[fleet]]\nstop_timeout_ms = 1979-05-27\n");
+        assert_has(&msg, &["fleet[0].stop_timeout_ms"]);
+    }
+
+    #[test]
     fn load_spec_refuses_what_its_fleets_name_on_disk() {
         let outer = tempfile::tempdir().unwrap();
         let dir = outer.path().join("spec");

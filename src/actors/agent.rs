@@ -702,12 +702,7 @@ impl StartJob {
         };
         // A fault in what was asked for: no retry can fix it.
         let fail_e = |e: FleetError| SpawnFailure {
-            permanent: matches!(
-                e,
-                FleetError::Spec { .. }
-                    | FleetError::InvalidId { .. }
-                    | FleetError::InvalidArgument { .. }
-            ),
+            permanent: matches!(e, FleetError::Spec { .. } | FleetError::InvalidId { .. }),
             reason: e.to_string(),
         };
         self.port = self.free_port().await.map_err(|e| fail(e.to_string()))?;

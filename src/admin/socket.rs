@@ -71,16 +71,14 @@ pub fn check_path(path: &Path) -> std::io::Result<bool> {
             }
             Ok(true)
         }
-        Ok(m) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is {}; refusing to replace it (only a stale socket is replaced)",
-                    path.display(),
-                    crate::operator_file::kind_of(&m.file_type())
-                ),
-            ))
-        }
+        Ok(m) => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is {}; refusing to replace it (only a stale socket is replaced)",
+                path.display(),
+                crate::operator_file::kind_of(&m.file_type())
+            ),
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
     }

@@ -26,7 +26,7 @@ const PAGE: usize = 4096;
 const LEAK_TICK: Duration = Duration::from_millis(100);
 
 const USAGE: &str = "usage: fleet-stub-agent [--no-config] [--bind-retry-ms N] [--bind-delay-ms N] [--ready-delay-ms N]
-  [--no-helper] [--helper-orphan] [--term-delay-ms N] [--ignore-sigterm]
+  [--no-helper] [--helper-orphan] [--helper-mb N] [--term-delay-ms N] [--ignore-sigterm]
   [--crash-after-ms N] [--exit-code N] [--abort-after-ms N] [--leak-mb-per-s N] [--spike-mb N] [--spike-ms N] [--spike-every-ms N]
   [--hang-healthz] [--hang-healthz-after-ms N] [--flood-bytes N] [--flood-stderr]
   [--line-bytes N] [--print-every-ms N]
@@ -43,6 +43,8 @@ struct Opts {
     ready_delay_ms: u64,
     no_helper: bool,
     helper_orphan: bool,
+    /// Memory the helper touches and holds (a setsid helper that costs something).
+    helper_mb: u64,
     term_delay_ms: u64,
     ignore_sigterm: bool,
     crash_after_ms: Option<u64>,
@@ -72,6 +74,7 @@ impl Default for Opts {
             ready_delay_ms: 0,
             no_helper: false,
             helper_orphan: false,
+            helper_mb: 0,
             term_delay_ms: 0,
             ignore_sigterm: false,
             crash_after_ms: None,
@@ -112,6 +115,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
                 | "--bind-delay-ms"
                 | "--ready-delay-ms"
                 | "--term-delay-ms"
+                | "--helper-mb"
                 | "--crash-after-ms"
                 | "--exit-code"
                 | "--abort-after-ms"
@@ -143,6 +147,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
             "--bind-delay-ms" => o.bind_delay_ms = num(flag, val)?,
             "--ready-delay-ms" => o.ready_delay_ms = num(flag, val)?,
             "--term-delay-ms" => o.term_delay_ms = num(flag, val)?,
+            "--helper-mb" => o.helper_mb = num(flag, val)?,
             "--crash-after-ms" => o.crash_after_ms = Some(num(flag, val)?),
             "--exit-code" => {
                 let c: i32 = num(flag, val)?;
@@ -429,7 +434,7 @@ fn install_signals() -> RawFd {
 /// Forks the spawn-broker look-alike: a process in a session of its own that waits forever and
 /// outlives the stub, so a supervisor has to find and stop it. Returns its pid once it has
 /// called setsid, so a caller looking at /proc never sees it half set up.
-fn spawn_helper(orphan: bool) -> Option<i32> {
+fn spawn_helper(orphan: bool, mb: u64) -> Option<i32> {
     let mut fds = [0; 2];
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return None;
@@ -437,7 +442,7 @@ fn spawn_helper(orphan: bool) -> Option<i32> {
     let (rd, wr) = (fds[0], fds[1]);
     let child = unsafe { libc::fork() };
     if child == 0 {
-        unsafe { helper_main(wr, orphan) }
+        unsafe { helper_main(wr, orphan, mb) }
     }
     unsafe { libc::close(wr) };
     let mut pid = None;
@@ -468,7 +473,7 @@ fn spawn_helper(orphan: bool) -> Option<i32> {
 
 /// Runs in the forked helper: async-signal-safe calls only and no allocation, so the helper's
 /// private memory stays at the few pages fork had to copy.
-unsafe fn helper_main(report: RawFd, orphan: bool) -> ! {
+unsafe fn helper_main(report: RawFd, orphan: bool, mb: u64) -> ! {
     if orphan {
         match libc::fork() {
             -1 => libc::_exit(1),
@@ -484,6 +489,25 @@ unsafe fn helper_main(report: RawFd, orphan: bool) -> ! {
     if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
         for fd in 3..1024 {
             libc::close(fd);
+        }
+    }
+    if mb > 0 {
+        let bytes = mb as usize * MIB;
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p != libc::MAP_FAILED {
+            let p = p as *mut u8;
+            let mut off = 0;
+            while off < bytes {
+                std::ptr::write_volatile(p.add(off), 1);
+                off += PAGE;
+            }
         }
     }
     loop {
@@ -947,7 +971,7 @@ fn main() {
     let helper = if opts.no_helper {
         None
     } else {
-        let h = spawn_helper(opts.helper_orphan);
+        let h = spawn_helper(opts.helper_orphan, opts.helper_mb);
         if h.is_none() {
             warn("stub-agent warning: could not start the helper process");
         }
