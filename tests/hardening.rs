@@ -336,7 +336,10 @@ fn a_damaged_registry_is_refused_with_its_location_and_left_untouched() {
             "--port-range",
             &range,
         ]);
-        assert_eq!(code, 1, "{what}: {err}");
+        assert_eq!(
+            code, 78,
+            "{what}: EX_CONFIG, so systemd does not loop: {err}"
+        );
         assert!(
             err.contains("registry.json") && err.contains(want),
             "{what}: {err}"

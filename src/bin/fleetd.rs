@@ -65,7 +65,44 @@ struct Args {
     cgroup: fleet_commander::context::CgroupMode,
 }
 
-fn main() -> Result<()> {
+/// Exit status for a start refused on what the operator gave (a damaged registry, a bad spec,
+/// a state dir or socket path that is refused, a state dir another daemon holds): EX_CONFIG,
+/// which the unit file's `RestartPreventExitStatus=78` keeps from becoming a restart loop.
+const EXIT_CONFIG: i32 = 78;
+
+/// Marks an error as `EXIT_CONFIG`.
+#[derive(Debug)]
+struct Refused;
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("refused")
+    }
+}
+
+impl std::error::Error for Refused {}
+
+fn refused(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(Refused).context(e.to_string())
+}
+
+fn main() {
+    match start() {
+        Ok(()) => {}
+        Err(e) => {
+            let config = e.chain().any(|c| c.is::<Refused>());
+            if config {
+                // The outermost context says it all; `Refused` itself is only a marker.
+                eprintln!("fleetd: {e}");
+            } else {
+                eprintln!("fleetd: {e:#}");
+            }
+            std::process::exit(if config { EXIT_CONFIG } else { 1 });
+        }
+    }
+}
+
+fn start() -> Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
     match fleet_commander::process::procfs::raise_nofile_limit() {
@@ -123,22 +160,25 @@ async fn run(args: Args) -> Result<()> {
     config.spec_path = spec_path.clone();
     // A bad spec stops the start before anything runs.
     let specs = match &spec_path {
-        Some(p) => Some(specfile::load_spec(p).map_err(|e| anyhow::anyhow!("{e}"))?),
+        Some(p) => Some(specfile::load_spec(p).map_err(refused)?),
         None => None,
     };
     // Before the node starts: a path that names an operator's file, or a socket another
     // daemon serves, must stop this one before it touches any agent.
     socket::check_path(&socket_path)
-        .with_context(|| format!("control socket {}", socket_path.display()))?;
+        .map_err(|e| refused(format!("control socket {}: {e}", socket_path.display())))?;
     // Installed before the node starts: a SIGTERM while fleets come back up (systemd stopping
     // a slow start) is then a graceful stop once the node runs, not an abrupt death.
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let node = Node::start(config)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("starting the node on {}", state_dir.display()))?;
+    let node = Node::start(config).await.map_err(|e| match e {
+        // The state dir, its lock or its registry: what the operator must fix.
+        fleet_commander::FleetError::Store { .. } => {
+            refused(format!("starting the node on {}: {e}", state_dir.display()))
+        }
+        other => anyhow::anyhow!("starting the node on {}: {other}", state_dir.display()),
+    })?;
     tracing::info!(state_dir = %state_dir.display(), socket = %socket_path.display(), node_id = node.node_id(), "fleetd started");
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let listener = socket::bind(&socket_path)
@@ -164,13 +204,13 @@ async fn run(args: Args) -> Result<()> {
             Err(e) => {
                 node.shutdown().await;
                 socket::unlink(&socket_path);
-                bail!(
+                return Err(refused(format!(
                     "applying the spec {}: {e}",
                     spec_path
                         .as_ref()
                         .map(|p| p.display().to_string())
                         .unwrap_or_default()
-                );
+                )));
             }
         }
     }
