@@ -353,7 +353,7 @@ pub fn write_config_atomic(path: &Path, value: &Value) -> Result<(), FleetError>
 
 /// `gateway.auth.token` of an existing config, so a re-provisioned agent keeps its token.
 pub fn read_token(config: &Path) -> Option<String> {
-    let bytes = fs::read(config).ok()?;
+    let bytes = crate::operator_file::read_bounded(config, 4 << 20).ok()?;
     let v: Value = serde_json::from_slice(&bytes).ok()?;
     v.pointer("/gateway/auth/token")
         .and_then(Value::as_str)

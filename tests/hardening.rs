@@ -708,6 +708,29 @@ fn logs_redact_earlier_tokens_too() {
     assert!(!logs.contains(&second), "current token shown: {logs}");
 }
 
+#[test]
+fn a_fifo_in_place_of_an_agents_log_never_hangs_the_daemon() {
+    let d = Daemon::start();
+    d.create_stub_fleet("f", 1, "--no-helper", &[]);
+    d.wait_running("f", 1, Duration::from_secs(20));
+    d.ctl(&["agent", "stop", "f/agent-1"]);
+    // What a hostile agent can do to its own HOME.
+    let log = d.state_dir().join("fleets/f/agent-1/logs/agent.log");
+    std::fs::remove_file(&log).unwrap();
+    nix::unistd::mkfifo(&log, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let t = Instant::now();
+    let out = d.ctl_output(&["logs", "f/agent-1"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "logs blocked {:?}",
+        t.elapsed()
+    );
+    assert!(!text(&out).contains("panicked"), "{}", text(&out));
+    d.ctl(&["agent", "start", "f/agent-1"]);
+    d.wait_running("f", 1, Duration::from_secs(20));
+    assert!(d.ctl_output(&["fleet", "list"]).status.success());
+}
+
 // ---- reload owns only what the spec declares ----------------------------------------------
 
 #[test]

@@ -116,9 +116,9 @@ fn is_gz(path: &Path) -> bool {
 
 fn read_last(path: &Path, n: usize) -> io::Result<Vec<String>> {
     if is_gz(path) {
-        last_lines_gz(File::open(path)?, n)
+        last_lines_gz(crate::operator_file::open_regular(path)?, n)
     } else {
-        last_lines_plain(File::open(path)?, n)
+        last_lines_plain(crate::operator_file::open_regular(path)?, n)
     }
 }
 
@@ -225,7 +225,7 @@ impl Follower {
             offset: 0,
             partial: Vec::new(),
         };
-        if let Ok(file) = File::open(log_path) {
+        if let Ok(file) = crate::operator_file::open_regular(log_path) {
             if let Ok(meta) = file.metadata() {
                 f.ino = meta.ino();
                 f.dev = meta.dev();
@@ -254,7 +254,7 @@ impl Follower {
             if !self.partial.is_empty() {
                 lines.push(lossy(&std::mem::take(&mut self.partial)));
             }
-            let file = match File::open(&self.path) {
+            let file = match crate::operator_file::open_regular(&self.path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(lines),
                 Err(e) => return Err(e),

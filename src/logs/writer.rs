@@ -520,9 +520,15 @@ impl Drop for LogWriter {
 
 fn open_append(path: &Path) -> io::Result<File> {
     let mut opts = OpenOptions::new();
-    // Agent output can carry secrets: owner-only, like OpenClaw's own log.
-    opts.read(true).append(true).create(true).mode(0o600);
-    match opts.open(path) {
+    // Agent output can carry secrets: owner-only, like OpenClaw's own log. The log sits in
+    // the agent's HOME, which the agent can write: never block on a FIFO put in its place,
+    // never follow a link it planted.
+    opts.read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY);
+    let f = match opts.open(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent() {
                 fs::create_dir_all(dir)?;
@@ -530,7 +536,14 @@ fn open_append(path: &Path) -> io::Result<File> {
             opts.open(path)
         }
         other => other,
+    }?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
     }
+    Ok(f)
 }
 
 fn format_prefix(secs: u64) -> [u8; 19] {
