@@ -133,6 +133,9 @@ pub struct NodeContext {
     /// Each fleet's current spec, written only by its FleetSupervisor (read by the sampler,
     /// admission and capacity).
     pub fleet_specs: DashMap<String, Arc<crate::spec::FleetSpec>>,
+    /// Per fleet: how a file its spec names differs on disk from the accepted version, written
+    /// only by the memory sampler's loop (which looks every sample interval).
+    pub drift: DashMap<String, String>,
     /// Starts waiting at the start gate.
     pub gate_waiting: std::sync::atomic::AtomicI64,
     pub metrics: crate::metrics::Metrics,
@@ -183,6 +186,7 @@ impl NodeContext {
             ports: std::sync::OnceLock::new(),
             memory: DashMap::new(),
             fleet_specs: DashMap::new(),
+            drift: DashMap::new(),
             gate_waiting: std::sync::atomic::AtomicI64::new(0),
             metrics: crate::metrics::Metrics::default(),
             cgroups,
@@ -204,6 +208,7 @@ impl NodeContext {
     /// The status row of one agent view, with its latest memory sample.
     pub fn status_row(&self, key: &AgentKey, view: &AgentView) -> AgentStatus {
         let mut row = view.snapshot();
+        row.drift = self.drift.get(&key.0).map(|d| d.clone());
         if row.pid.is_some() {
             row.rss_bytes = self.memory.get(key).map(|m| m.rss);
         }

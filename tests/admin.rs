@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 const T: Duration = Duration::from_secs(30);
 
 /// The fields `status --json` promises for every agent.
-const STATUS_FIELDS: [&str; 12] = [
+const STATUS_FIELDS: [&str; 14] = [
     "fleet",
     "agent",
     "state",
@@ -34,6 +34,8 @@ const STATUS_FIELDS: [&str; 12] = [
     "uptime_s",
     "rss_bytes",
     "last_exit",
+    "reason",
+    "drift",
 ];
 
 fn stdout(o: &Output) -> String {

@@ -277,6 +277,7 @@ impl AgentRuntime {
             healthy: self.healthy,
             ready: self.ready,
             uptime_s: 0,
+            drift: None,
             rss_bytes: None,
             last_exit: self.last_exit,
             reason: self.reason.clone(),

@@ -1591,6 +1591,7 @@ async fn sample_memory(ctx: Arc<NodeContext>, node: ActorRef<NodeMsg>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        check_drift(&ctx).await;
         let agents: Vec<((String, String), u32)> = ctx
             .status
             .iter()
@@ -1656,4 +1657,63 @@ async fn accept_files(mut spec: FleetSpec) -> Result<FleetSpec, FleetError> {
     tokio::task::spawn_blocking(move || provision::accept_files(&mut spec).map(|()| spec))
         .await
         .map_err(FleetError::internal)?
+}
+
+/// Compares each fleet's template on disk with the version its agents render, and records
+/// the difference for `status`. An agent never takes a changed file by itself: that takes a
+/// `reload`, and until then its restarts render the accepted version.
+async fn check_drift(ctx: &Arc<NodeContext>) {
+    let specs: Vec<(String, std::path::PathBuf, Option<serde_json::Value>)> = ctx
+        .fleet_specs
+        .iter()
+        .filter_map(|e| {
+            e.template
+                .clone()
+                .map(|t| (e.key().clone(), t, e.template_config.clone()))
+        })
+        .collect();
+    let names: std::collections::HashSet<String> =
+        ctx.fleet_specs.iter().map(|e| e.key().clone()).collect();
+    ctx.drift.retain(|f, _| names.contains(f));
+    if specs.is_empty() {
+        return;
+    }
+    let found = tokio::task::spawn_blocking(move || {
+        specs
+            .into_iter()
+            .map(|(fleet, path, accepted)| {
+                let d = template_drift(&path, accepted.as_ref());
+                (fleet, d)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    for (fleet, d) in found {
+        match d {
+            Some(d) => {
+                ctx.drift.insert(fleet, d);
+            }
+            None => {
+                ctx.drift.remove(&fleet);
+            }
+        }
+    }
+}
+
+/// How the template at `path` differs from `accepted`, in words; `None` when it does not.
+pub fn template_drift(
+    path: &std::path::Path,
+    accepted: Option<&serde_json::Value>,
+) -> Option<String> {
+    match provision::load_template(path) {
+        Ok(v) if Some(&v) == accepted => None,
+        Ok(_) => Some(format!(
+            "template {} changed on disk since it was accepted; agents run the accepted version until `reload`",
+            path.display()
+        )),
+        Err(e) => Some(format!(
+            "{e}; agents run the accepted version"
+        )),
+    }
 }

@@ -227,7 +227,11 @@ fn status_table(rows: &[AgentStatus]) -> String {
                 },
                 opt(&r.rss_bytes.map(mib)),
                 opt(&r.last_exit),
-                opt(&r.reason),
+                match (&r.reason, &r.drift) {
+                    (Some(why), Some(_)) => format!("{why}; files changed, see --json drift"),
+                    (None, Some(_)) => "files changed on disk: reload to apply".into(),
+                    (reason, None) => opt(reason),
+                },
             ]
         }),
     )
@@ -336,6 +340,7 @@ mod tests {
             rss_bytes: Some(150 * 1024 * 1024 + 512 * 1024),
             last_exit: Some(ExitInfo::Code(78)),
             reason: Some("config conflict".into()),
+            drift: None,
         }
     }
 
@@ -371,6 +376,7 @@ mod tests {
             "rss_bytes",
             "last_exit",
             "reason",
+            "drift",
         ];
         want.sort_unstable();
         for obj in arr {

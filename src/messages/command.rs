@@ -201,6 +201,9 @@ pub struct AgentStatus {
     pub last_exit: Option<ExitInfo>,
     /// Why the agent is in its state, when there is more to say (failed, backoff, unhealthy).
     pub reason: Option<String>,
+    /// Set when a file the agent's spec names (its template) now differs on disk from the
+    /// version that was accepted and that its starts render: a `reload` applies it.
+    pub drift: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
