@@ -31,12 +31,6 @@ pub enum FleetError {
         needed: u32,
         held: u32,
     },
-    #[error("cannot start {fleet}/{agent}: {reason}")]
-    SpawnFailed {
-        fleet: String,
-        agent: String,
-        reason: String,
-    },
     #[error("provisioning {fleet}/{agent} failed: {reason}")]
     Provision {
         fleet: String,
@@ -74,17 +68,6 @@ impl FleetError {
     pub fn internal(reason: impl std::fmt::Display) -> Self {
         FleetError::Internal {
             reason: reason.to_string(),
-        }
-    }
-}
-
-impl From<ractor::RactorErr<crate::messages::node::NodeMsg>> for FleetError {
-    fn from(e: ractor::RactorErr<crate::messages::node::NodeMsg>) -> Self {
-        match e {
-            ractor::RactorErr::Timeout => FleetError::Timeout {
-                what: "the node to answer".into(),
-            },
-            other => FleetError::internal(other),
         }
     }
 }

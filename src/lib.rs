@@ -4,7 +4,6 @@
 
 pub mod actors;
 pub mod admin;
-pub mod bench;
 pub mod context;
 pub mod error;
 pub mod health;

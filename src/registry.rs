@@ -110,8 +110,6 @@ pub trait Store: Send + Sync + 'static {
     /// `Ok(None)`: no registry yet (first start).
     fn load(&self) -> Result<Option<RegistryData>, FleetError>;
     fn save(&self, data: &RegistryData) -> Result<(), FleetError>;
-    /// Change notifications from other writers; `None` when this process is the only writer.
-    fn watch(&self) -> Option<tokio::sync::watch::Receiver<u64>>;
 }
 
 /// `<state_dir>/registry.json`, replaced atomically on every save; the file it replaced is
@@ -229,10 +227,6 @@ impl Store for FileStore {
         File::open(self.dir())
             .and_then(|d| d.sync_all())
             .map_err(|e| io_err("syncing directory", self.dir(), e))
-    }
-
-    fn watch(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        None
     }
 }
 
@@ -409,7 +403,6 @@ mod tests {
         let store = FileStore::new(dir.path());
         assert_eq!(store.path(), dir.path().join("registry.json"));
         assert_eq!(store.load().unwrap(), None);
-        assert!(store.watch().is_none());
     }
 
     #[test]

@@ -795,7 +795,7 @@ fn the_unit_file_command_notifies_readiness_and_stopping() {
 #[test]
 fn the_default_state_dir_works_for_a_non_root_user() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("not root: cannot run fleetd as another user here; skipped");
+        common::skipped("admin default_state_dir: not root, cannot run fleetd as another user");
         return;
     }
     let home = tempfile::Builder::new()

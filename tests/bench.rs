@@ -2,7 +2,13 @@
 //! running, and report every figure for fleetd. No timing is asserted; speed figures belong
 //! in `docs/bench.md`.
 
-use fleet_commander::bench::report::{labels, Report};
+// The bench lives in its binary, not in the library: its report types are compiled in here
+// from the same files, so the test reads the very shape the binary writes.
+#[allow(dead_code)]
+#[path = "../src/bin/fleet-bench/bench/mod.rs"]
+mod bench;
+
+use bench::report::{labels, Report};
 use std::process::Command;
 
 const BENCH: &str = env!("CARGO_BIN_EXE_fleet-bench");

@@ -36,10 +36,10 @@ impl Cgroup2 {
             )
         };
         if rc != 0 {
-            eprintln!(
-                "cgroups: cannot mount cgroup2 here ({}): nothing checked",
+            common::skipped(&format!(
+                "cgroups {name}: cannot mount cgroup2 here ({})",
                 std::io::Error::last_os_error()
-            );
+            ));
             return None;
         }
         let dir = mount.join(format!("fleet-test-{name}-{}", std::process::id()));

@@ -178,7 +178,7 @@ fn typos_in_paths_never_destroy_what_is_there() {
         assert_ne!(code, 0);
         assert!(err.contains("owned by uid 65534"), "{err}");
     } else {
-        eprintln!("SKIPPED (not root): a state dir owned by another user");
+        common::skipped("hardening: a state dir owned by another user (needs root)");
     }
 }
 

@@ -542,7 +542,7 @@ async fn full_disk_drops_only_lines_written_while_full_and_recovers() {
     let log_dir = h.join("logs");
     let Some(_tmpfs) = Tmpfs::mount(&log_dir, "2m") else {
         // The writer's own unit test injects the failure instead; say so loudly.
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        common::skipped("logs full_disk: cannot mount a tmpfs here (needs root)");
         return;
     };
     let mut rx = node.subscribe();

@@ -18,11 +18,6 @@ pub fn marker(node_id: &str, fleet: &str, agent: &str, incarnation: u64) -> Stri
     format!("{node_id}/{fleet}/{agent}/{incarnation}")
 }
 
-/// Prefix matching every incarnation of one agent.
-pub fn agent_marker_prefix(node_id: &str, fleet: &str, agent: &str) -> String {
-    format!("{node_id}/{fleet}/{agent}/")
-}
-
 /// Prefix matching every agent of a node.
 pub fn node_marker_prefix(node_id: &str) -> String {
     format!("{node_id}/")

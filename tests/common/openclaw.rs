@@ -25,9 +25,9 @@ pub struct Install {
 /// set `FLEET_SKIP_REAL_OPENCLAW=1`; a missing install is a failure, never a silent skip.
 pub fn install(test: &str) -> Option<Install> {
     if std::env::var("FLEET_SKIP_REAL_OPENCLAW").as_deref() == Ok("1") {
-        eprintln!(
-            "{test}: SKIPPED because FLEET_SKIP_REAL_OPENCLAW=1 (real-gateway check not run)"
-        );
+        crate::common::skipped(&format!(
+            "{test}: FLEET_SKIP_REAL_OPENCLAW=1 (real-gateway check not run)"
+        ));
         return None;
     }
     let resolved = fleet_commander::provision::resolve_openclaw(None).unwrap_or_else(|e| {

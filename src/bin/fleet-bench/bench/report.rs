@@ -209,6 +209,7 @@ const ROWS: &[Row] = &[
 ];
 
 /// The figure labels every human report prints, in order.
+#[allow(dead_code)] // read by tests/bench.rs, which compiles this module too
 pub fn labels() -> Vec<&'static str> {
     ROWS.iter().map(|r| r.0).collect()
 }

@@ -2,10 +2,10 @@
 //! only through its control socket (one connection per request, as `fleetctl` does).
 
 use super::{probe, Subject};
-use crate::admin::parse::{join_words, parse_words};
-use crate::messages::command::{AgentStatus, Reply};
-use crate::state::AgentState;
 use anyhow::{bail, Context, Result};
+use fleet_commander::admin::parse::{join_words, parse_words};
+use fleet_commander::messages::command::{AgentStatus, Reply};
+use fleet_commander::state::AgentState;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,7 +16,6 @@ pub const FLEET: &str = "bench";
 pub struct Fleetd {
     child: Child,
     pub socket: PathBuf,
-    pub dir: PathBuf,
     exe: String,
     /// The child program and its arguments (`None`: the real gateway).
     command: Option<Vec<String>>,
@@ -52,7 +51,6 @@ impl Fleetd {
         let mut d = Fleetd {
             child,
             socket,
-            dir: dir.to_path_buf(),
             exe: exe.display().to_string(),
             command,
             profile,
@@ -89,7 +87,7 @@ impl Fleetd {
     pub fn request(&self, words: &[&str]) -> Result<Reply> {
         let words: Vec<String> = words.iter().map(|w| w.to_string()).collect();
         let req = parse_words(&words).map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(crate::admin::client::request(&self.socket, &req)?)
+        Ok(fleet_commander::admin::client::request(&self.socket, &req)?)
     }
 
     /// `status [<path>] --json`; an empty path asks for every agent.

@@ -1,14 +1,16 @@
 //! fleet-bench: measures fleetd (the release build next to this binary) against peer
 //! supervisors on the same workload, N children of one tiny HTTP server added to an
 //! already-running supervisor with default settings, and prints them side by side (human
-//! tables or `--json`). The procedure itself lives in `fleet_commander::bench`.
+//! tables or `--json`). The procedure itself lives in `bench` (a module of this binary, not of the library).
 
+mod bench;
+
+use crate::bench::fleetd::{Fleetd, FLEET};
+use crate::bench::peers::{Pm2, Supervisord, S6};
+use crate::bench::report::{self, MaxN, RealFigures, Report};
+use crate::bench::{free_ports, measure, probe, Figures, Plan, Subject};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use fleet_commander::bench::fleetd::{Fleetd, FLEET};
-use fleet_commander::bench::peers::{Pm2, Supervisord, S6};
-use fleet_commander::bench::report::{self, MaxN, RealFigures, Report};
-use fleet_commander::bench::{free_ports, measure, probe, Figures, Plan, Subject};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

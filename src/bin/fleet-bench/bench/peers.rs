@@ -400,7 +400,7 @@ impl Subject for S6 {
         let root = self.child.id();
         let mut pids = vec![root];
         pids.extend(
-            crate::process::procfs::scan()
+            fleet_commander::process::procfs::scan()
                 .into_iter()
                 .filter(|p| p.ppid == root && p.comm == "s6-supervise")
                 .map(|p| p.pid),
