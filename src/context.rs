@@ -126,8 +126,6 @@ pub struct NodeContext {
     /// what a crashed one left running.
     pub observed: DashMap<AgentKey, Observed>,
     pub observed_changed: tokio::sync::Notify,
-    /// The PortAllocator, for agents that must move off a port taken by another process.
-    pub ports: std::sync::OnceLock<ractor::ActorRef<crate::messages::ports::PortsMsg>>,
     /// Each agent's last memory sample, written only by the sampler.
     pub memory: DashMap<AgentKey, MemSample>,
     /// Each fleet's current spec, written only by its FleetSupervisor (read by the sampler,
@@ -153,11 +151,11 @@ pub struct MemSample {
     pub processes: u32,
 }
 
-/// An agent's running process and port, as last observed.
+/// An agent's running process, as last observed (its port is desired state: the registry
+/// has it, and a move goes through the node).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observed {
     pub process: Option<crate::registry::ProcessRecord>,
-    pub port: u16,
 }
 
 impl NodeContext {
@@ -183,7 +181,6 @@ impl NodeContext {
             compile_cache,
             observed: DashMap::new(),
             observed_changed: tokio::sync::Notify::new(),
-            ports: std::sync::OnceLock::new(),
             memory: DashMap::new(),
             fleet_specs: DashMap::new(),
             drift: DashMap::new(),

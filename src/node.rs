@@ -472,6 +472,17 @@ impl NodeHandle {
         ))
     }
 
+    /// Fault injection for tests: the agent's actor panics, as a bug would make it. Its
+    /// process is killed by the actor's drop and the fleet re-spawns the actor from the
+    /// agent's recipe. Not reachable from the command language.
+    #[doc(hidden)]
+    pub fn inject_agent_panic(&self, fleet: &str, agent: &str) {
+        let _ = self.actor.send_message(NodeMsg::InjectPanic {
+            fleet: fleet.into(),
+            agent: agent.into(),
+        });
+    }
+
     /// Every lifecycle event from now on. A subscriber that falls behind by more than the
     /// channel capacity loses the oldest events (`RecvError::Lagged`).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {

@@ -540,3 +540,55 @@ fn graceful_daemon_stop_leaves_no_process_behind() {
         .collect();
     assert!(left.is_empty(), "alive after graceful stop: {left:?}");
 }
+
+/// The port an agent moved to lives in its recipe: an AgentActor re-spawned after a panic
+/// starts on the block leased to it, not on the one it was created with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_respawned_after_its_actor_panics_keeps_its_leased_port() {
+    let (_dir, node) = node().await;
+    node.create_fleet(stub_spec("mv", 1, "--no-helper"))
+        .await
+        .unwrap();
+    let first = wait_all_running(&node, "mv", 1).await;
+    let old_port = first[0].port.unwrap();
+    node.stop_agent("mv", "agent-1").await.unwrap();
+    // Another process takes the agent's port while it is stopped: its next start moves.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", old_port)).unwrap();
+    node.start_agent("mv", "agent-1").await.unwrap();
+    let moved = wait_agent(
+        &node,
+        "mv",
+        "agent-1",
+        Duration::from_secs(20),
+        "running on a new port",
+        |s| s.state == AgentState::Running && s.port.is_some_and(|p| p != old_port),
+    )
+    .await;
+    let new_port = moved.port.unwrap();
+    let lease = |rows: Vec<fleet_commander::messages::command::PortLeaseRow>| {
+        rows.into_iter().find(|r| r.fleet == "mv").map(|r| r.base)
+    };
+    assert_eq!(lease(node.ports().await.unwrap()), Some(new_port));
+    node.inject_agent_panic("mv", "agent-1");
+    let back = wait_agent(
+        &node,
+        "mv",
+        "agent-1",
+        Duration::from_secs(20),
+        "re-spawned and running",
+        |s| s.state == AgentState::Running && s.pid.is_some() && s.pid != moved.pid,
+    )
+    .await;
+    assert_eq!(
+        back.port,
+        Some(new_port),
+        "the re-spawned actor did not start on its lease"
+    );
+    assert_eq!(
+        lease(node.ports().await.unwrap()),
+        Some(new_port),
+        "the lease moved again"
+    );
+    drop(squatter);
+    node.shutdown().await;
+}

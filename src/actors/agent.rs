@@ -195,6 +195,7 @@ impl Actor for AgentActor {
                 rt.want_running = false;
                 rt.stop_process(Purpose::Fail(reason));
             }
+            AgentMsg::InjectPanic => panic!("fault injection: {}/{}", rt.fleet, rt.agent),
             AgentMsg::SetToken { token, reply } => {
                 rt.token = token;
                 if rt.process.is_some() {
@@ -257,10 +258,7 @@ impl AgentRuntime {
     fn observe(&self, process: Option<crate::registry::ProcessRecord>) {
         self.ctx.observed.insert(
             (self.fleet.clone(), self.agent.clone()),
-            Observed {
-                process,
-                port: self.port,
-            },
+            Observed { process },
         );
         self.ctx.observed_changed.notify_one();
     }
@@ -315,6 +313,7 @@ impl AgentRuntime {
             marker: self.marker(gen),
             gen,
             current: self.gen_tx.subscribe(),
+            fleet_ref: self.fleet_ref.clone(),
         };
         let me = myself.clone();
         tokio::spawn(async move {
@@ -693,6 +692,8 @@ struct StartJob {
     gen: u64,
     /// The agent's current incarnation: once it is not `gen`, this start is cancelled.
     current: tokio::sync::watch::Receiver<u64>,
+    /// Where a port move is asked for (the fleet keeps the recipe, the node the lease).
+    fleet_ref: ActorRef<FleetMsg>,
 }
 
 impl StartJob {
@@ -853,29 +854,21 @@ impl StartJob {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let Some(ports) = self.ctx.ports.get() else {
-            return Ok(self.port);
-        };
         tracing::warn!(fleet = %self.fleet, agent = %self.agent, port = self.port, "base port is bound by another process; leasing a new block");
-        let (fleet, agent, stride) = (
-            self.fleet.clone(),
-            self.agent.clone(),
-            self.spec.effective_stride(),
-        );
-        match ports
+        // Through the lease's owner (fleet, then node), so the recipe and the registry know.
+        let agent = self.agent.clone();
+        match self
+            .fleet_ref
             .call(
-                |r| crate::messages::ports::PortsMsg::Reallocate {
-                    fleet,
-                    agent,
-                    stride,
-                    reply: r,
-                },
-                Some(Duration::from_secs(10)),
+                |r| crate::messages::fleet::FleetMsg::MovePort { agent, reply: r },
+                Some(Duration::from_secs(15)),
             )
             .await
         {
-            Ok(ractor::rpc::CallResult::Success(r)) => r.map(|l| l.base),
-            _ => Err(FleetError::internal("port allocator did not answer")),
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(FleetError::Timeout {
+                what: "the fleet to move the agent's port".into(),
+            }),
         }
     }
 }

@@ -23,6 +23,8 @@ pub struct FleetSupervisor;
 pub struct FleetArgs {
     pub spec: Arc<FleetSpec>,
     pub ctx: Arc<NodeContext>,
+    /// The node owns the desired state (leases, tokens): changes go to it.
+    pub node: ActorRef<crate::messages::node::NodeMsg>,
 }
 
 struct AgentEntry {
@@ -35,6 +37,7 @@ struct AgentEntry {
 pub struct FleetRuntime {
     spec: Arc<FleetSpec>,
     ctx: Arc<NodeContext>,
+    node: ActorRef<crate::messages::node::NodeMsg>,
     /// Start order.
     order: Vec<String>,
     agents: HashMap<String, AgentEntry>,
@@ -64,6 +67,7 @@ impl Actor for FleetSupervisor {
         Ok(FleetRuntime {
             spec: a.spec,
             ctx: a.ctx,
+            node: a.node,
             order: Vec::new(),
             agents: HashMap::new(),
             history: FleetHistory::default(),
@@ -155,6 +159,45 @@ impl Actor for FleetSupervisor {
                             let _ = reply.send(Ok(()));
                         });
                     }
+                }
+            }
+            FleetMsg::MovePort { agent, reply } => {
+                let (node, me) = (rt.node.clone(), myself.clone());
+                let (fleet, stride) = (rt.spec.name.clone(), rt.spec.effective_stride());
+                tokio::spawn(async move {
+                    let name = agent.clone();
+                    let r = match node
+                        .call(
+                            |r| crate::messages::node::NodeMsg::MovePort {
+                                fleet,
+                                agent: name,
+                                stride,
+                                reply: r,
+                            },
+                            Some(Duration::from_secs(10)),
+                        )
+                        .await
+                    {
+                        Ok(ractor::rpc::CallResult::Success(r)) => r,
+                        _ => Err(FleetError::Timeout {
+                            what: "the node to lease a new port block".into(),
+                        }),
+                    };
+                    // The recipe learns the port before the agent starts on it.
+                    if let Ok(port) = r {
+                        let _ = me.send_message(FleetMsg::PortMoved { agent, port });
+                    }
+                    let _ = reply.send(r);
+                });
+            }
+            FleetMsg::PortMoved { agent, port } => {
+                if let Some(e) = rt.agents.get_mut(&agent) {
+                    e.port = port;
+                }
+            }
+            FleetMsg::InjectPanic { agent } => {
+                if let Some(e) = rt.agents.get(&agent) {
+                    let _ = e.actor.send_message(AgentMsg::InjectPanic);
                 }
             }
             FleetMsg::SetToken {

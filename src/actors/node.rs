@@ -74,7 +74,6 @@ impl Actor for NodeActor {
         .await?;
         let (logs, _) =
             Actor::spawn_linked(None, LogRotator, a.ctx.clone(), myself.get_cell()).await?;
-        let _ = a.ctx.ports.set(ports.clone());
         tokio::spawn(sample_memory(a.ctx.clone(), myself.clone()));
         // Pids and ports change at every restart: batch their registry writes.
         let (ctx, me) = (a.ctx.clone(), myself.clone());
@@ -130,6 +129,20 @@ impl Actor for NodeActor {
             NodeMsg::ApplySpec(specs, reply) => {
                 let r = rt.apply_spec(&myself, specs, false).await;
                 let _ = reply.send(r);
+            }
+            NodeMsg::MovePort {
+                fleet,
+                agent,
+                stride,
+                reply,
+            } => {
+                let r = rt.move_port(&fleet, &agent, stride).await;
+                let _ = reply.send(r);
+            }
+            NodeMsg::InjectPanic { fleet, agent } => {
+                if let Some(f) = rt.fleets.get(&fleet) {
+                    let _ = f.send_message(FleetMsg::InjectPanic { agent });
+                }
             }
             NodeMsg::AgentTokens {
                 fleet,
@@ -483,8 +496,7 @@ impl NodeRuntime {
         self.store.save(&self.data)
     }
 
-    /// Copies each agent's observed process and port into the registry; saves if anything
-    /// changed.
+    /// Copies each agent's observed process into the registry; saves if anything changed.
     fn flush_observed(&mut self) -> Result<(), FleetError> {
         let mut changed = false;
         for e in self.ctx.observed.iter() {
@@ -497,9 +509,8 @@ impl NodeRuntime {
             else {
                 continue;
             };
-            if rec.process != e.process || rec.port_base != Some(e.port) {
+            if rec.process != e.process {
                 rec.process = e.process.clone();
-                rec.port_base = Some(e.port);
                 changed = true;
             }
         }
@@ -700,6 +711,7 @@ impl NodeRuntime {
             FleetArgs {
                 spec: spec.clone(),
                 ctx: self.ctx.clone(),
+                node: myself.clone(),
             },
             myself.get_cell(),
         )
@@ -809,6 +821,51 @@ impl NodeRuntime {
             Ok(CallResult::Success(r)) => r,
             _ => Err(FleetError::internal("port allocator did not answer")),
         }
+    }
+
+    /// A new port block for an agent whose base port another process holds: leased, then
+    /// recorded and saved before anyone starts on it.
+    async fn move_port(
+        &mut self,
+        fleet: &str,
+        agent: &str,
+        stride: u16,
+    ) -> Result<u16, FleetError> {
+        self.agent_record(fleet, agent)?;
+        let (f, a) = (fleet.to_string(), agent.to_string());
+        let lease = match self
+            .ports
+            .call(
+                |r| PortsMsg::Reallocate {
+                    fleet: f,
+                    agent: a,
+                    stride,
+                    reply: r,
+                },
+                Some(CALL),
+            )
+            .await
+        {
+            Ok(CallResult::Success(r)) => r?,
+            _ => return Err(FleetError::internal("the port allocator did not answer")),
+        };
+        if let Some(rec) = self
+            .data
+            .fleets
+            .get_mut(fleet)
+            .and_then(|f| f.agents.get_mut(agent))
+        {
+            rec.port_base = Some(lease.base);
+            rec.stride = lease.stride;
+        }
+        self.save()?;
+        tracing::warn!(
+            fleet,
+            agent,
+            port = lease.base,
+            "agent moved to a new port block"
+        );
+        Ok(lease.base)
     }
 
     fn release(&self, fleet: &str, agent: &str) {

@@ -23,6 +23,9 @@ pub enum AgentMsg {
     Fail {
         reason: String,
     },
+    /// Fault injection for tests: the handler panics.
+    #[doc(hidden)]
+    InjectPanic,
     /// A new token, already durable in the registry: the agent restarts with it if it runs
     /// (its config is rendered at every start).
     SetToken {

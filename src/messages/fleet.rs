@@ -33,6 +33,24 @@ pub enum FleetMsg {
         op: AgentOp,
         reply: RpcReplyPort<Result<(), FleetError>>,
     },
+    /// From an agent's start: its base port is held by another process. The fleet asks the
+    /// node (the lease's owner) for a new block, keeps it in the agent's recipe, and answers
+    /// with its base.
+    MovePort {
+        agent: String,
+        reply: RpcReplyPort<Result<u16, FleetError>>,
+    },
+    /// Internal: the node moved the agent's lease; the recipe takes the new port.
+    PortMoved {
+        agent: String,
+        port: u16,
+    },
+    /// Fault injection for tests: the agent's actor panics (its process is killed by its
+    /// drop, and the fleet re-spawns it from its recipe).
+    #[doc(hidden)]
+    InjectPanic {
+        agent: String,
+    },
     /// A new token for the agent, already saved by the node (the token's owner).
     SetToken {
         agent: String,

@@ -23,6 +23,17 @@ pub enum NodeMsg {
         fleet: String,
         agent: Option<String>,
     },
+    /// An agent's base port is held by another process: lease it a new block, record it,
+    /// answer with its base (asked by the agent's fleet).
+    MovePort {
+        fleet: String,
+        agent: String,
+        stride: u16,
+        reply: RpcReplyPort<Result<u16, FleetError>>,
+    },
+    /// Fault injection for tests: make an agent's actor panic.
+    #[doc(hidden)]
+    InjectPanic { fleet: String, agent: String },
     /// Every token of an agent, current and earlier (for redacting a followed log).
     AgentTokens {
         fleet: String,
