@@ -1,7 +1,8 @@
-//! What every actor of one node shares: its settings, the spawner thread, the /proc sweeper,
-//! the event channel, the start gate and the status view. The status view is written only by
-//! each agent's own actor (one entry each) and read by anyone, so `status` never waits on a
-//! mailbox.
+//! What every actor of one node shares, split three ways: its configuration (`NodeConfig`,
+//! node id), its services (spawner thread, /proc sweeper, event channel, start gate, metrics,
+//! cgroups) and its views (status, fleet states, observed processes, memory samples, specs,
+//! drift), each view written by one owner and read by anyone, so `status` never waits on a
+//! mailbox. Desired state is not here: the registry, owned by the NodeActor, holds it.
 
 use crate::messages::command::AgentStatus;
 use crate::messages::events::Event;
@@ -109,21 +110,42 @@ impl AgentView {
     }
 }
 
+/// What every actor of one node shares, in three parts: what it was configured with, the
+/// services it uses, and the read-mostly views, each written by exactly one owner.
 pub struct NodeContext {
     pub config: NodeConfig,
     pub node_id: String,
+    /// Shared compile cache for every OpenClaw agent (one 48 MB copy instead of one per TMPDIR).
+    pub compile_cache: PathBuf,
+    pub services: Services,
+    pub views: Views,
+}
+
+/// The node's machinery: used by the actors, owned by none of them.
+pub struct Services {
     pub spawner: Spawner,
     pub sweeper: Sweeper,
     pub events: broadcast::Sender<Event>,
+    pub gate: Arc<Semaphore>,
+    /// Starts waiting at the start gate (counted by the starts themselves).
+    pub gate_waiting: std::sync::atomic::AtomicI64,
+    pub metrics: crate::metrics::Metrics,
+    /// Per-agent cgroups, where a cgroup v2 directory is delegated to the daemon.
+    pub cgroups: Option<crate::process::cgroup::CgroupTree>,
+    /// The state dir's lock, held from before the registry is read until `shutdown` ends.
+    pub state_lock: std::sync::Mutex<Option<crate::state_dir::StateLock>>,
+    incarnations: AtomicU64,
+}
+
+/// Read-mostly views, so that `status`, metrics and the sampler never wait on a mailbox. Each
+/// is written only by the owner its comment names.
+pub struct Views {
+    /// One row per agent, written only by that agent's actor.
     pub status: DashMap<AgentKey, AgentView>,
     /// Fleet states, written only by each fleet's supervisor.
     pub fleet_states: DashMap<String, (crate::state::FleetState, Option<String>)>,
-    pub gate: Arc<Semaphore>,
-    /// Shared compile cache for every OpenClaw agent (one 48 MB copy instead of one per TMPDIR).
-    pub compile_cache: PathBuf,
-    /// What each agent last observed of its own process and port, written only by that agent;
-    /// the NodeActor copies it into the registry (debounced) so a restarted daemon can find
-    /// what a crashed one left running.
+    /// The process each agent last ran, written only by that agent; the NodeActor copies it
+    /// into the registry (debounced) so a restarted daemon can find what a crashed one left.
     pub observed: DashMap<AgentKey, Observed>,
     pub observed_changed: tokio::sync::Notify,
     /// Each agent's last memory sample, written only by the sampler.
@@ -132,16 +154,8 @@ pub struct NodeContext {
     /// admission and capacity).
     pub fleet_specs: DashMap<String, Arc<crate::spec::FleetSpec>>,
     /// Per fleet: how a file its spec names differs on disk from the accepted version, written
-    /// only by the memory sampler's loop (which looks every sample interval).
+    /// only by the sampler (which looks every sample interval).
     pub drift: DashMap<String, String>,
-    /// Starts waiting at the start gate.
-    pub gate_waiting: std::sync::atomic::AtomicI64,
-    pub metrics: crate::metrics::Metrics,
-    /// Per-agent cgroups, where a cgroup v2 directory is delegated to the daemon.
-    pub cgroups: Option<crate::process::cgroup::CgroupTree>,
-    /// The state dir's lock, held from before the registry is read until `shutdown` ends.
-    pub state_lock: std::sync::Mutex<Option<crate::state_dir::StateLock>>,
-    incarnations: AtomicU64,
 }
 
 /// One measurement of an agent's whole process tree.
@@ -172,49 +186,54 @@ impl NodeContext {
         NodeContext {
             config,
             node_id,
-            spawner,
-            sweeper,
-            events,
-            status: DashMap::new(),
-            fleet_states: DashMap::new(),
-            gate,
             compile_cache,
-            observed: DashMap::new(),
-            observed_changed: tokio::sync::Notify::new(),
-            memory: DashMap::new(),
-            fleet_specs: DashMap::new(),
-            drift: DashMap::new(),
-            gate_waiting: std::sync::atomic::AtomicI64::new(0),
-            metrics: crate::metrics::Metrics::default(),
-            cgroups,
-            state_lock: std::sync::Mutex::new(None),
-            incarnations: AtomicU64::new(1),
+            services: Services {
+                spawner,
+                sweeper,
+                events,
+                gate,
+                gate_waiting: std::sync::atomic::AtomicI64::new(0),
+                metrics: crate::metrics::Metrics::default(),
+                cgroups,
+                state_lock: std::sync::Mutex::new(None),
+                incarnations: AtomicU64::new(1),
+            },
+            views: Views {
+                status: DashMap::new(),
+                fleet_states: DashMap::new(),
+                observed: DashMap::new(),
+                observed_changed: tokio::sync::Notify::new(),
+                memory: DashMap::new(),
+                fleet_specs: DashMap::new(),
+                drift: DashMap::new(),
+            },
         }
     }
 
     /// A node-wide unique number for each process start (part of the environment marker).
     pub fn next_incarnation(&self) -> u64 {
-        self.incarnations.fetch_add(1, Ordering::Relaxed)
+        self.services.incarnations.fetch_add(1, Ordering::Relaxed)
     }
 
     pub fn publish(&self, ev: Event) {
-        self.metrics.observe_event(&ev);
-        let _ = self.events.send(ev);
+        self.services.metrics.observe_event(&ev);
+        let _ = self.services.events.send(ev);
     }
 
     /// The status row of one agent view, with its latest memory sample.
     pub fn status_row(&self, key: &AgentKey, view: &AgentView) -> AgentStatus {
         let mut row = view.snapshot();
-        row.drift = self.drift.get(&key.0).map(|d| d.clone());
+        row.drift = self.views.drift.get(&key.0).map(|d| d.clone());
         if row.pid.is_some() {
-            row.rss_bytes = self.memory.get(key).map(|m| m.rss);
+            row.rss_bytes = self.views.memory.get(key).map(|m| m.rss);
         }
         row
     }
 
     /// Mean observed tree RSS of a fleet's running agents.
     pub fn observed_rss(&self, fleet: &str) -> Vec<u64> {
-        self.memory
+        self.views
+            .memory
             .iter()
             .filter(|e| e.key().0 == fleet && e.rss > 0)
             .map(|e| e.rss)

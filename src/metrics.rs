@@ -112,10 +112,10 @@ impl Metrics {
 
 /// Prometheus text exposition of the node's metrics now.
 pub fn render(ctx: &NodeContext) -> String {
-    let m = &ctx.metrics;
+    let m = &ctx.services.metrics;
     let mut reg = Registry::with_prefix("fleet");
     let agents = Family::<FleetState, Gauge>::default();
-    for fleet in ctx.fleet_specs.iter() {
+    for fleet in ctx.views.fleet_specs.iter() {
         for s in AgentState::ALL {
             let _ = agents.get_or_create(&FleetState {
                 fleet: fleet.key().clone(),
@@ -123,7 +123,7 @@ pub fn render(ctx: &NodeContext) -> String {
             });
         }
     }
-    for v in ctx.status.iter() {
+    for v in ctx.views.status.iter() {
         agents
             .get_or_create(&FleetState {
                 fleet: v.key().0.clone(),
@@ -133,7 +133,7 @@ pub fn render(ctx: &NodeContext) -> String {
     }
     reg.register("agents", "Agents by fleet and state", agents);
     let rss = Family::<AgentLabels, Gauge>::default();
-    for e in ctx.memory.iter() {
+    for e in ctx.views.memory.iter() {
         rss.get_or_create(&AgentLabels {
             fleet: e.key().0.clone(),
             agent: e.key().1.clone(),
@@ -178,7 +178,7 @@ pub fn render(ctx: &NodeContext) -> String {
         m.ports_free.clone(),
     );
     let gate = Gauge::<i64>::default();
-    gate.set(ctx.gate_waiting.load(Ordering::Relaxed));
+    gate.set(ctx.services.gate_waiting.load(Ordering::Relaxed));
     reg.register("start_gate_queue", "Starts waiting at the start gate", gate);
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut out, &reg);

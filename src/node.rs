@@ -107,7 +107,10 @@ impl Node {
             sweeper,
             cgroups,
         ));
-        *ctx.state_lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
+        *ctx.services
+            .state_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(lock);
         let (actor, _) = Actor::spawn(
             None,
             NodeActor,
@@ -376,6 +379,7 @@ impl NodeHandle {
     fn status_all(&self) -> Vec<AgentStatus> {
         let mut rows: Vec<AgentStatus> = self
             .ctx
+            .views
             .status
             .iter()
             .map(|v| self.ctx.status_row(v.key(), &v))
@@ -486,7 +490,7 @@ impl NodeHandle {
     /// Every lifecycle event from now on. A subscriber that falls behind by more than the
     /// channel capacity loses the oldest events (`RecvError::Lagged`).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.ctx.events.subscribe()
+        self.ctx.services.events.subscribe()
     }
 
     /// Prometheus text of the node's metrics now.
@@ -508,7 +512,7 @@ impl NodeHandle {
 
     /// How agents are kept from outliving the node on this host.
     pub fn isolation(&self) -> Isolation {
-        self.ctx.spawner.isolation()
+        self.ctx.services.spawner.isolation()
     }
 
     /// The node's state directory (registry, agent HOMEs, socket).
@@ -532,9 +536,10 @@ impl NodeHandle {
             .actor
             .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))
             .await;
-        self.ctx.spawner.close();
+        self.ctx.services.spawner.close();
         // Another daemon (or a new node in this process) may take the state dir from now on.
         self.ctx
+            .services
             .state_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner())

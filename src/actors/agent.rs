@@ -97,7 +97,7 @@ impl Drop for AgentRuntime {
         // never keep a row for an agent that no longer exists.
         let key = (self.fleet.clone(), self.agent.clone());
         let me = self.instance;
-        self.ctx.status.remove_if(&key, |_, v| v.owner == me);
+        self.ctx.views.status.remove_if(&key, |_, v| v.owner == me);
     }
 }
 
@@ -153,7 +153,10 @@ impl Actor for AgentActor {
         _myself: ActorRef<AgentMsg>,
         rt: &mut AgentRuntime,
     ) -> Result<(), ActorProcessingErr> {
-        rt.ctx.status.remove(&(rt.fleet.clone(), rt.agent.clone()));
+        rt.ctx
+            .views
+            .status
+            .remove(&(rt.fleet.clone(), rt.agent.clone()));
         Ok(())
     }
 
@@ -256,11 +259,11 @@ impl AgentRuntime {
 
     /// Records the running process (or none) for the registry.
     fn observe(&self, process: Option<crate::registry::ProcessRecord>) {
-        self.ctx.observed.insert(
+        self.ctx.views.observed.insert(
             (self.fleet.clone(), self.agent.clone()),
             Observed { process },
         );
-        self.ctx.observed_changed.notify_one();
+        self.ctx.views.observed_changed.notify_one();
     }
 
     fn publish_view(&self) {
@@ -281,7 +284,7 @@ impl AgentRuntime {
             reason: self.reason.clone(),
         };
         let started = self.process.as_ref().and(self.started_at);
-        self.ctx.status.insert(
+        self.ctx.views.status.insert(
             (self.fleet.clone(), self.agent.clone()),
             AgentView {
                 row,
@@ -392,7 +395,7 @@ impl AgentRuntime {
                 let handle = owner::own(
                     sp.child,
                     self.marker(gen),
-                    self.ctx.sweeper.clone(),
+                    self.ctx.services.sweeper.clone(),
                     sp.cgroup,
                     log,
                     move |event| {
@@ -418,7 +421,7 @@ impl AgentRuntime {
                 self.prober = Some(health::spawn_prober(
                     self.port,
                     self.spec.health.clone(),
-                    Some(self.ctx.metrics.probe_latency.clone()),
+                    Some(self.ctx.services.metrics.probe_latency.clone()),
                     move |report| {
                         let _ = me.send_message(AgentMsg::Probe { gen, report });
                     },
@@ -649,7 +652,7 @@ fn kill_orphan(sp: Spawned) {
 /// The agent's log writer, counting into the node's log metrics.
 fn open_log(ctx: &NodeContext, spec: &FleetSpec, paths: &AgentPaths) -> LogWriter {
     let mut log = LogWriter::open(paths.agent_log.clone(), spec.logs.max_bytes, spec.logs.keep);
-    log.count_into(ctx.metrics.log_bytes.clone());
+    log.count_into(ctx.services.metrics.log_bytes.clone());
     log
 }
 
@@ -668,7 +671,7 @@ fn kill_unwanted(
     let handle = owner::own(
         sp.child,
         marker,
-        ctx.sweeper.clone(),
+        ctx.services.sweeper.clone(),
         sp.cgroup,
         log,
         on_event,
@@ -772,14 +775,20 @@ impl StartJob {
         // Only expensive starts (OpenClaw by default) queue behind the gate.
         let permit = if self.spec.gated() {
             use std::sync::atomic::Ordering;
-            self.ctx.gate_waiting.fetch_add(1, Ordering::Relaxed);
+            self.ctx
+                .services
+                .gate_waiting
+                .fetch_add(1, Ordering::Relaxed);
             let gen = self.gen;
             let mut current = self.current.clone();
             let p = tokio::select! {
-                p = self.ctx.gate.clone().acquire_owned() => Some(p),
+                p = self.ctx.services.gate.clone().acquire_owned() => Some(p),
                 _ = current.wait_for(|g| *g != gen) => None,
             };
-            self.ctx.gate_waiting.fetch_sub(1, Ordering::Relaxed);
+            self.ctx
+                .services
+                .gate_waiting
+                .fetch_sub(1, Ordering::Relaxed);
             match p {
                 None => return Err(fail("start cancelled".into())),
                 Some(p) => Some(p.map_err(|_| fail("start gate closed".into()))?),
@@ -792,7 +801,7 @@ impl StartJob {
             return Err(fail("start cancelled".into()));
         }
         // Created last, so a start that waits at the gate or fails before leaves no cgroup.
-        let mut cgroup = match &self.ctx.cgroups {
+        let mut cgroup = match &self.ctx.services.cgroups {
             Some(tree) => Some(
                 tree.create(&self.fleet, &self.agent, self.gen, &self.spec.cgroup)
                     .map_err(|e| fail(format!("cgroup: {e}")))?,
@@ -809,7 +818,7 @@ impl StartJob {
                 .and_then(|c| c.procs_fd())
                 .map(|fd| fd.as_raw_fd()),
         };
-        let spawned = self.ctx.spawner.spawn(req).await;
+        let spawned = self.ctx.services.spawner.spawn(req).await;
         if let Some(cg) = &mut cgroup {
             cg.spawned();
         }

@@ -59,9 +59,11 @@ impl Actor for FleetSupervisor {
         a: FleetArgs,
     ) -> Result<FleetRuntime, ActorProcessingErr> {
         a.ctx
+            .views
             .fleet_states
             .insert(a.spec.name.clone(), (FleetState::Running, None));
         a.ctx
+            .views
             .fleet_specs
             .insert(a.spec.name.clone(), a.spec.clone());
         Ok(FleetRuntime {
@@ -285,7 +287,10 @@ impl Actor for FleetSupervisor {
                 }
             }
             FleetMsg::UpdateSpec(spec) => {
-                rt.ctx.fleet_specs.insert(spec.name.clone(), spec.clone());
+                rt.ctx
+                    .views
+                    .fleet_specs
+                    .insert(spec.name.clone(), spec.clone());
                 for e in rt.agents.values() {
                     let _ = e.actor.send_message(AgentMsg::UpdateSpec(spec.clone()));
                 }
@@ -390,7 +395,7 @@ impl Actor for FleetSupervisor {
 impl Drop for FleetRuntime {
     fn drop(&mut self) {
         // Runs on every exit path, Kill included (post_stop does not).
-        self.ctx.fleet_specs.remove(&self.spec.name);
+        self.ctx.views.fleet_specs.remove(&self.spec.name);
     }
 }
 
@@ -439,6 +444,7 @@ impl FleetRuntime {
         let old = self.state;
         self.state = new;
         self.ctx
+            .views
             .fleet_states
             .insert(self.spec.name.clone(), (new, reason.clone()));
         if old != new {

@@ -68,7 +68,7 @@ impl Actor for NodeActor {
         let (ports, _) = Actor::spawn_linked(
             None,
             PortAllocator,
-            (a.ctx.config.port_range, a.ctx.metrics.clone()),
+            (a.ctx.config.port_range, a.ctx.services.metrics.clone()),
             myself.get_cell(),
         )
         .await?;
@@ -79,7 +79,7 @@ impl Actor for NodeActor {
         let (ctx, me) = (a.ctx.clone(), myself.clone());
         tokio::spawn(async move {
             loop {
-                ctx.observed_changed.notified().await;
+                ctx.views.observed_changed.notified().await;
                 tokio::time::sleep(OBSERVED_BATCH).await;
                 if me.send_message(NodeMsg::FlushObserved).is_err() {
                     return;
@@ -499,7 +499,7 @@ impl NodeRuntime {
     /// Copies each agent's observed process into the registry; saves if anything changed.
     fn flush_observed(&mut self) -> Result<(), FleetError> {
         let mut changed = false;
-        for e in self.ctx.observed.iter() {
+        for e in self.ctx.views.observed.iter() {
             let (fleet, agent) = e.key();
             let Some(rec) = self
                 .data
@@ -537,12 +537,14 @@ impl NodeRuntime {
             .map(|(name, rec)| {
                 let (state, reason) = self
                     .ctx
+                    .views
                     .fleet_states
                     .get(name)
                     .map(|s| s.clone())
                     .unwrap_or((FleetState::Running, None));
                 let running = self
                     .ctx
+                    .views
                     .status
                     .iter()
                     .filter(|e| {
@@ -914,7 +916,7 @@ impl NodeRuntime {
         self.removing.insert((fleet.clone(), None));
         self.fleets.remove(&fleet);
         for a in rec.agents.keys() {
-            self.ctx.observed.remove(&(fleet.clone(), a.clone()));
+            self.ctx.views.observed.remove(&(fleet.clone(), a.clone()));
         }
         let _ = self.logs.send_message(LogsMsg::ForgetFleet {
             fleet: fleet.clone(),
@@ -926,7 +928,7 @@ impl NodeRuntime {
                 .call(|r| FleetMsg::StopAll { reply: r }, Some(LONG_CALL))
                 .await;
             f.stop(Some("removed".into()));
-            ctx.fleet_states.remove(&fleet);
+            ctx.views.fleet_states.remove(&fleet);
             // Leases go back only once the processes holding them are gone.
             for a in rec.agents.keys() {
                 let _ = ports.send_message(PortsMsg::Release {
@@ -1141,7 +1143,10 @@ impl NodeRuntime {
         tracing::info!(fleet = %fleet, agent = %agent, purge, "agent removed");
         self.removing.insert((fleet.clone(), Some(agent.clone())));
         self.tell_rotator(&fleet);
-        self.ctx.observed.remove(&(fleet.clone(), agent.clone()));
+        self.ctx
+            .views
+            .observed
+            .remove(&(fleet.clone(), agent.clone()));
         let (ports, me) = (self.ports.clone(), myself.clone());
         tokio::spawn(async move {
             let name = agent.clone();
@@ -1480,6 +1485,7 @@ impl NodeRuntime {
             let per_agent = crate::memory::estimate(&rec.spec, &self.ctx.observed_rss(name));
             let procs: Vec<u64> = self
                 .ctx
+                .views
                 .memory
                 .iter()
                 .filter(|e| &e.key().0 == name)
@@ -1512,13 +1518,14 @@ impl NodeRuntime {
     fn warn_unenforced(&self, spec: &FleetSpec) {
         let available = self
             .ctx
+            .services
             .cgroups
             .as_ref()
             .map(|t| t.controllers())
             .unwrap_or_default();
         let missing = crate::process::cgroup::unenforced(&spec.cgroup, available);
         if !missing.is_empty() {
-            tracing::warn!(fleet = %spec.name, limits = ?missing, cgroups = self.ctx.cgroups.is_some(), "cgroup limits not enforced: no delegated cgroup v2 controller for them on this host");
+            tracing::warn!(fleet = %spec.name, limits = ?missing, cgroups = self.ctx.services.cgroups.is_some(), "cgroup limits not enforced: no delegated cgroup v2 controller for them on this host");
         }
     }
 
@@ -1526,7 +1533,7 @@ impl NodeRuntime {
     /// later starts write them anyway. Said once when the host cannot enforce one.
     fn apply_cgroup_limits(&self, spec: &FleetSpec) {
         self.warn_unenforced(spec);
-        let Some(tree) = &self.ctx.cgroups else {
+        let Some(tree) = &self.ctx.services.cgroups else {
             return;
         };
         if let Err(e) = tree.apply_fleet_limits(&spec.name, &spec.cgroup) {
@@ -1570,7 +1577,7 @@ pub fn status_rows(
                 continue;
             }
             let key = (fname.clone(), a.clone());
-            if let Some(v) = ctx.status.get(&key) {
+            if let Some(v) = ctx.views.status.get(&key) {
                 rows.push(ctx.status_row(&key, &v));
             }
         }
@@ -1650,12 +1657,13 @@ async fn sample_memory(ctx: Arc<NodeContext>, node: ActorRef<NodeMsg>) {
         tick.tick().await;
         check_drift(&ctx).await;
         let agents: Vec<((String, String), u32)> = ctx
+            .views
             .status
             .iter()
             .filter_map(|v| v.row.pid.map(|p| (v.key().clone(), p)))
             .collect();
         if agents.is_empty() {
-            ctx.memory.clear();
+            ctx.views.memory.clear();
             streaks.clear();
             continue;
         }
@@ -1683,12 +1691,13 @@ async fn sample_memory(ctx: Arc<NodeContext>, node: ActorRef<NodeMsg>) {
         // share of the idle daemon's CPU at 1000 agents.
         let sampled: std::collections::HashSet<&(String, String)> =
             samples.iter().map(|(key, _, _)| key).collect();
-        ctx.memory.retain(|k, _| sampled.contains(k));
+        ctx.views.memory.retain(|k, _| sampled.contains(k));
         streaks.retain(|k, _| sampled.contains(k));
         for (key, rss, processes) in samples {
-            ctx.memory
+            ctx.views
+                .memory
                 .insert(key.clone(), crate::context::MemSample { rss, processes });
-            let limit = ctx.fleet_specs.get(&key.0).and_then(|s| s.max_memory);
+            let limit = ctx.views.fleet_specs.get(&key.0).and_then(|s| s.max_memory);
             let streak = streaks.entry(key.clone()).or_default();
             *streak = crate::memory::next_streak(*streak, rss, limit);
             if *streak >= crate::memory::OVER_LIMIT_SAMPLES {
@@ -1721,6 +1730,7 @@ async fn accept_files(mut spec: FleetSpec) -> Result<FleetSpec, FleetError> {
 /// `reload`, and until then its restarts render the accepted version.
 async fn check_drift(ctx: &Arc<NodeContext>) {
     let specs: Vec<(String, std::path::PathBuf, Option<serde_json::Value>)> = ctx
+        .views
         .fleet_specs
         .iter()
         .filter_map(|e| {
@@ -1729,9 +1739,13 @@ async fn check_drift(ctx: &Arc<NodeContext>) {
                 .map(|t| (e.key().clone(), t, e.template_config.clone()))
         })
         .collect();
-    let names: std::collections::HashSet<String> =
-        ctx.fleet_specs.iter().map(|e| e.key().clone()).collect();
-    ctx.drift.retain(|f, _| names.contains(f));
+    let names: std::collections::HashSet<String> = ctx
+        .views
+        .fleet_specs
+        .iter()
+        .map(|e| e.key().clone())
+        .collect();
+    ctx.views.drift.retain(|f, _| names.contains(f));
     if specs.is_empty() {
         return;
     }
@@ -1749,10 +1763,10 @@ async fn check_drift(ctx: &Arc<NodeContext>) {
     for (fleet, d) in found {
         match d {
             Some(d) => {
-                ctx.drift.insert(fleet, d);
+                ctx.views.drift.insert(fleet, d);
             }
             None => {
-                ctx.drift.remove(&fleet);
+                ctx.views.drift.remove(&fleet);
             }
         }
     }
