@@ -17,6 +17,7 @@ pub mod operator_file;
 pub mod ports;
 pub mod process;
 pub mod provision;
+pub mod reconcile;
 pub mod registry;
 pub mod restart;
 pub mod spec;

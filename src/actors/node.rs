@@ -17,9 +17,10 @@ use crate::messages::node::NodeMsg;
 use crate::messages::ports::PortsMsg;
 use crate::ports::Lease;
 use crate::provision::{self, AgentPaths};
+use crate::reconcile::{self, Action};
 use crate::registry::{AgentRecord, Desired, FleetRecord, Origin, RegistryData, Store};
 use crate::spec::FleetSpec;
-use crate::specfile::{self, Change};
+use crate::specfile;
 use crate::state::FleetState;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -98,10 +99,19 @@ impl Actor for NodeActor {
         let data = a.data;
         rt.data.version = data.version;
         rt.data.node_id = data.node_id.clone();
-        // Bring back every fleet in its desired state, with the same ports and tokens.
-        for (name, rec) in data.fleets {
+        // Bring back every fleet in its desired state, with the same ports and tokens: the
+        // registry is what is desired and nothing runs yet.
+        let mut records = data.fleets;
+        let desired: Vec<FleetSpec> = records.values().map(|r| r.spec.clone()).collect();
+        for action in reconcile::plan(&[], &desired) {
+            let Action::AddFleet(spec) = action else {
+                continue; // from nothing, a plan only adds
+            };
+            let Some(rec) = records.remove(&spec.name) else {
+                continue;
+            };
             if let Err(e) = rt.restore_fleet(&myself, rec).await {
-                tracing::error!(fleet = %name, error = %e, "could not restore fleet");
+                tracing::error!(fleet = %spec.name, error = %e, "could not restore fleet");
             }
         }
         Ok(rt)
@@ -1327,10 +1337,10 @@ impl NodeRuntime {
             })
             .map(|r| r.spec.clone())
             .collect();
-        let changes = specfile::diff(&old, &specs);
+        let changes = reconcile::plan(&old, &specs);
         let described: Vec<String> = changes
             .iter()
-            .map(|c| specfile::describe(c, &old, &specs))
+            .map(|c| reconcile::describe(c, &old, &specs))
             .collect();
         if dry_run {
             return Ok(if changes.is_empty() {
@@ -1345,10 +1355,10 @@ impl NodeRuntime {
         }
         self.check_room(&changes).await?;
         for c in &changes {
-            if let Change::AddFleet(s) = c {
+            if let Action::AddFleet(s) = c {
                 self.check_not_removing(&s.name, None)?;
             }
-            if let Change::AddAgent { fleet, agent } = c {
+            if let Action::AddAgent { fleet, agent } = c {
                 self.check_not_removing(fleet, Some(agent))?;
             }
         }
@@ -1361,11 +1371,11 @@ impl NodeRuntime {
         let mut done: Vec<String> = Vec::new();
         for (c, what) in changes.into_iter().zip(described) {
             let r = match c {
-                Change::AddFleet(spec) => {
+                Action::AddFleet(spec) => {
                     self.create_fleet(myself, spec, Desired::Running, Origin::Spec)
                         .await
                 }
-                Change::RemoveFleet(fleet) => {
+                Action::RemoveFleet(fleet) => {
                     let (tx, _rx) = tokio::sync::oneshot::channel();
                     let port = ractor::RpcReplyPort::from(tx);
                     if let Some((r, a)) = self.remove_fleet(myself, fleet, false, port) {
@@ -1373,9 +1383,9 @@ impl NodeRuntime {
                     }
                     Ok(())
                 }
-                Change::UpdateFleet { fleet, spec } => self.update_spec(&fleet, spec),
-                Change::AddAgent { fleet, agent } => self.add_agent(&fleet, &agent).await,
-                Change::RemoveAgent { fleet, agent } => {
+                Action::UpdateFleet { fleet, spec } => self.update_spec(&fleet, spec),
+                Action::AddAgent { fleet, agent } => self.add_agent(&fleet, &agent).await,
+                Action::RemoveAgent { fleet, agent } => {
                     let (tx, _rx) = tokio::sync::oneshot::channel();
                     if let Some((r, a)) = self.remove_agent(myself, fleet, agent, false, tx.into())
                     {
@@ -1383,7 +1393,7 @@ impl NodeRuntime {
                     }
                     Ok(())
                 }
-                Change::RestartAgent { fleet, agent } => {
+                Action::RestartAgent { fleet, agent } => {
                     let r = match specs.iter().find(|s| s.name == fleet) {
                         Some(spec) => self.update_spec(&fleet, spec.clone()),
                         None => Ok(()),
@@ -1424,14 +1434,14 @@ impl NodeRuntime {
     }
 
     /// Refuses a set of changes whose new agents would not all get a port block.
-    async fn check_room(&self, changes: &[Change]) -> Result<(), FleetError> {
+    async fn check_room(&self, changes: &[Action]) -> Result<(), FleetError> {
         let mut need: BTreeMap<u16, u64> = BTreeMap::new();
         for c in changes {
             match c {
-                Change::AddFleet(s) => {
+                Action::AddFleet(s) => {
                     *need.entry(s.effective_stride()).or_default() += s.agents.len() as u64
                 }
-                Change::AddAgent { fleet, .. } => {
+                Action::AddAgent { fleet, .. } => {
                     let stride = self
                         .data
                         .fleets
