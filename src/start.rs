@@ -1,0 +1,270 @@
+//! The start pipeline, off the actor: everything between "start this agent" and a running
+//! child (port re-check and move, provisioning of HOME and config, admission against
+//! MemAvailable, the start gate, the cgroup, the spawn), and the helpers that kill a child
+//! nobody wants any more. The AgentActor decides when to start and what a result means; this
+//! module only does the work and reports back.
+
+use crate::context::NodeContext;
+use crate::error::FleetError;
+use crate::logs::writer::LogWriter;
+use crate::messages::agent::{SpawnFailure, Spawned};
+use crate::messages::fleet::FleetMsg;
+use crate::process::owner::{self, OwnerEvent};
+use crate::process::spawn::SpawnRequest;
+use crate::provision::{self, AgentPaths};
+use crate::spec::FleetSpec;
+use ractor::ActorRef;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A child whose actor is gone. No log (its HOME may be being purged): kill its group and
+/// reap it. It started a moment ago; its helpers, if any, are in its group or its cgroup.
+pub fn kill_orphan(sp: Spawned) {
+    let mut child = sp.child;
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let cgroup = sp.cgroup;
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+        if let Some(cg) = cgroup {
+            let _ = tokio::task::spawn_blocking(move || cg.kill_and_remove(Duration::from_secs(2)))
+                .await;
+        }
+    });
+}
+
+/// The agent's log writer, counting into the node's log metrics.
+pub fn open_log(ctx: &NodeContext, spec: &FleetSpec, paths: &AgentPaths) -> LogWriter {
+    let mut log = LogWriter::open(paths.agent_log.clone(), spec.logs.max_bytes, spec.logs.keep);
+    log.count_into(ctx.services.metrics.log_bytes.clone());
+    log
+}
+
+/// A child its agent no longer wants (the start was cancelled while it spawned): an owner
+/// kills it and everything it started, as for any stop, and reports to `on_event` (last
+/// `TreeGone`). What it printed meanwhile goes to the agent's log.
+pub fn kill_unwanted(
+    sp: Spawned,
+    ctx: &NodeContext,
+    spec: &FleetSpec,
+    paths: &AgentPaths,
+    marker: String,
+    on_event: impl Fn(OwnerEvent) + Send + 'static,
+) {
+    let log = open_log(ctx, spec, paths);
+    let handle = owner::own(
+        sp.child,
+        marker,
+        ctx.services.sweeper.clone(),
+        sp.cgroup,
+        log,
+        on_event,
+    );
+    handle.kill();
+}
+
+/// Looks at a taken base port this many times, 100 ms apart, before moving the agent.
+const PORT_RECHECKS: u32 = 10;
+
+/// Everything between "start" and a running child, off the actor.
+pub struct StartJob {
+    pub fleet: String,
+    pub agent: String,
+    pub ctx: Arc<NodeContext>,
+    pub spec: Arc<FleetSpec>,
+    pub paths: AgentPaths,
+    pub port: u16,
+    pub token: String,
+    pub marker: String,
+    pub gen: u64,
+    /// The agent's current incarnation: once it is not `gen`, this start is cancelled.
+    pub current: tokio::sync::watch::Receiver<u64>,
+    /// Where a port move is asked for (the fleet keeps the recipe, the node the lease).
+    pub fleet_ref: ActorRef<FleetMsg>,
+}
+
+impl StartJob {
+    pub async fn run(mut self) -> Result<Spawned, SpawnFailure> {
+        let fail = |reason: String| SpawnFailure {
+            reason,
+            permanent: false,
+        };
+        // A fault in what was asked for: no retry can fix it.
+        let fail_e = |e: FleetError| SpawnFailure {
+            permanent: matches!(e, FleetError::Spec { .. } | FleetError::InvalidId { .. }),
+            reason: e.to_string(),
+        };
+        self.port = self.free_port().await.map_err(|e| fail(e.to_string()))?;
+        let (program, args, node_bin_dir) = match &self.spec.command {
+            Some(cmd) => (cmd[0].clone().into(), cmd[1..].to_vec(), None),
+            None => {
+                let inst = provision::resolve_openclaw(self.ctx.config.openclaw_bin.as_deref())
+                    .map_err(|e| fail(e.to_string()))?;
+                (
+                    inst.openclaw,
+                    vec!["gateway".to_string(), "run".to_string()],
+                    inst.node_bin_dir,
+                )
+            }
+        };
+        let (paths, spec, token, port, cache) = (
+            self.paths.clone(),
+            self.spec.clone(),
+            self.token.clone(),
+            self.port,
+            self.ctx.compile_cache.clone(),
+        );
+        let marker = self.marker.clone();
+        let env =
+            tokio::task::spawn_blocking(move || -> Result<Vec<(String, String)>, FleetError> {
+                provision::ensure_home(&paths)?;
+                std::fs::create_dir_all(&cache).map_err(|e| FleetError::Provision {
+                    fleet: spec.name.clone(),
+                    agent: String::new(),
+                    reason: format!("{}: {e}", cache.display()),
+                })?;
+                // What was accepted, never the file as it is now (an edit takes a reload).
+                let template = match (&spec.template_config, &spec.template) {
+                    (Some(v), _) => Some(v.clone()),
+                    (None, Some(t)) => Some(provision::load_template(t)?),
+                    (None, None) => None,
+                };
+                let enforced = provision::Enforced {
+                    token: &token,
+                    port,
+                    log_file: &paths.openclaw_log,
+                    log_max_bytes: spec.logs.max_bytes,
+                    profile: spec.profile,
+                };
+                let (config, warnings) = provision::render_config(template.as_ref(), &enforced)?;
+                for w in warnings {
+                    tracing::warn!(fleet = %spec.name, "{w}");
+                }
+                provision::write_config_atomic(&paths.config, &config)?;
+                Ok(provision::agent_env(&provision::EnvInput {
+                    paths: &paths,
+                    port,
+                    compile_cache: &cache,
+                    node_bin_dir: node_bin_dir.as_deref(),
+                    profile: spec.profile,
+                    marker: &marker,
+                    extra: &spec.env,
+                    runs_openclaw: spec.runs_openclaw(),
+                }))
+            })
+            .await
+            .map_err(|e| fail(format!("provisioning task failed: {e}")))?
+            .map_err(fail_e)?;
+        self.admit().map_err(|e| fail(e.to_string()))?;
+        // Only expensive starts (OpenClaw by default) queue behind the gate.
+        let permit = if self.spec.gated() {
+            use std::sync::atomic::Ordering;
+            self.ctx
+                .services
+                .gate_waiting
+                .fetch_add(1, Ordering::Relaxed);
+            let gen = self.gen;
+            let mut current = self.current.clone();
+            let p = tokio::select! {
+                p = self.ctx.services.gate.clone().acquire_owned() => Some(p),
+                _ = current.wait_for(|g| *g != gen) => None,
+            };
+            self.ctx
+                .services
+                .gate_waiting
+                .fetch_sub(1, Ordering::Relaxed);
+            match p {
+                None => return Err(fail("start cancelled".into())),
+                Some(p) => Some(p.map_err(|_| fail("start gate closed".into()))?),
+            }
+        } else {
+            None
+        };
+        // Last look before a process exists: a stop that came meanwhile wins.
+        if *self.current.borrow() != self.gen {
+            return Err(fail("start cancelled".into()));
+        }
+        // Created last, so a start that waits at the gate or fails before leaves no cgroup.
+        let mut cgroup = match &self.ctx.services.cgroups {
+            Some(tree) => Some(
+                tree.create(&self.fleet, &self.agent, self.gen, &self.spec.cgroup)
+                    .map_err(|e| fail(format!("cgroup: {e}")))?,
+            ),
+            None => None,
+        };
+        let req = SpawnRequest {
+            program: program.clone(),
+            args,
+            env,
+            cwd: self.paths.home.clone(),
+            cgroup_procs: cgroup
+                .as_ref()
+                .and_then(|c| c.procs_fd())
+                .map(|fd| fd.as_raw_fd()),
+        };
+        let spawned = self.ctx.services.spawner.spawn(req).await;
+        if let Some(cg) = &mut cgroup {
+            cg.spawned();
+        }
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    let _ = tokio::task::spawn_blocking(move || {
+                        cg.kill_and_remove(Duration::from_secs(2))
+                    })
+                    .await;
+                }
+                return Err(fail(format!("cannot run {}: {e}", program.display())));
+            }
+        };
+        Ok(Spawned {
+            child,
+            port: self.port,
+            permit,
+            cgroup,
+        })
+    }
+
+    /// Node admission: refuse a start that would take MemAvailable below the reserve.
+    fn admit(&self) -> Result<(), FleetError> {
+        let Some(avail) = crate::memory::mem_available(&self.ctx.config.meminfo_path) else {
+            return Ok(()); // no reading, no basis to refuse
+        };
+        let estimate = crate::memory::estimate(&self.spec, &self.ctx.observed_rss(&self.fleet));
+        crate::memory::admit(avail, self.ctx.config.memory_reserve, estimate)
+            .map_err(|reason| FleetError::NotAdmitted { reason })
+    }
+
+    /// The agent's base port, or a new block when another process now holds it (checked at
+    /// lease time and again before every start).
+    async fn free_port(&self) -> Result<u16, FleetError> {
+        // A previous process of this agent that is still exiting holds the port for a few
+        // milliseconds; only a port that stays taken is someone else's.
+        for _ in 0..PORT_RECHECKS {
+            if crate::ports::port_is_bindable(self.port) {
+                return Ok(self.port);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::warn!(fleet = %self.fleet, agent = %self.agent, port = self.port, "base port is bound by another process; leasing a new block");
+        // Through the lease's owner (fleet, then node), so the recipe and the registry know.
+        let agent = self.agent.clone();
+        match self
+            .fleet_ref
+            .call(
+                |r| crate::messages::fleet::FleetMsg::MovePort { agent, reply: r },
+                Some(Duration::from_secs(15)),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(FleetError::Timeout {
+                what: "the fleet to move the agent's port".into(),
+            }),
+        }
+    }
+}
