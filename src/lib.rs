@@ -4,6 +4,7 @@
 
 pub mod actors;
 pub mod admin;
+pub mod capacity;
 pub mod context;
 pub mod error;
 pub mod health;
@@ -21,12 +22,14 @@ pub mod provision;
 pub mod reconcile;
 pub mod registry;
 pub mod restart;
+pub mod sampler;
 pub mod spec;
 pub mod specfile;
 pub mod start;
 pub mod state;
 pub mod state_dir;
 pub mod strategy;
+pub mod top;
 
 pub use context::NodeConfig;
 pub use error::{FleetError, Result};

@@ -3,14 +3,14 @@
 //! the registry (saved before a command replies). It never waits on an agent itself: long
 //! operations (stops) are awaited from tasks or by the fleets.
 
+use crate::actors::call_t;
 use crate::actors::fleet::{FleetArgs, FleetSupervisor};
 use crate::actors::logs::LogRotator;
 use crate::actors::ports::PortAllocator;
 use crate::admin::parse::help_text;
 use crate::context::NodeContext;
 use crate::error::FleetError;
-use crate::logs::tail;
-use crate::messages::command::{AgentStatus, Command, FleetInfo, PortLeaseRow, Reply, TopRow};
+use crate::messages::command::{AgentStatus, Command, FleetInfo, PortLeaseRow, Reply};
 use crate::messages::fleet::{AgentOp, FleetMsg};
 use crate::messages::logs::LogsMsg;
 use crate::messages::node::NodeMsg;
@@ -75,7 +75,7 @@ impl Actor for NodeActor {
         .await?;
         let (logs, _) =
             Actor::spawn_linked(None, LogRotator, a.ctx.clone(), myself.get_cell()).await?;
-        tokio::spawn(sample_memory(a.ctx.clone(), myself.clone()));
+        tokio::spawn(crate::sampler::run(a.ctx.clone(), myself.clone()));
         // Pids and ports change at every restart: batch their registry writes.
         let (ctx, me) = (a.ctx.clone(), myself.clone());
         tokio::spawn(async move {
@@ -124,12 +124,7 @@ impl Actor for NodeActor {
         rt: &mut NodeRuntime,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            NodeMsg::Command(cmd, reply) => {
-                if let Some(r) = rt.command(&myself, cmd, reply).await {
-                    let (reply, answer) = r;
-                    let _ = reply.send(answer);
-                }
-            }
+            NodeMsg::Command(cmd, reply) => rt.answer(&myself, cmd, reply).await,
             NodeMsg::CreateFleet(spec, reply) => {
                 let r = rt
                     .create_fleet(&myself, *spec, Desired::Running, Origin::Command)
@@ -230,25 +225,54 @@ impl Actor for NodeActor {
     }
 }
 
-type Answer = Option<(ractor::RpcReplyPort<Reply>, Reply)>;
+/// Work that answers later (a stop to wait for, a file to read): `command` runs it in a task
+/// and replies with what it gives, so no handler waits on agents.
+type Later = std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>;
 
-fn answer(reply: ractor::RpcReplyPort<Reply>, r: Result<Reply, FleetError>) -> Answer {
-    Some((reply, r.unwrap_or_else(Reply::Error)))
+/// What an operation gives back; only `command` turns it into a reply.
+enum Outcome {
+    Now(Reply),
+    Later(Later),
 }
 
-fn done(msg: impl Into<String>) -> Result<Reply, FleetError> {
-    Ok(Reply::Done {
+fn done(msg: impl Into<String>) -> Result<Outcome, FleetError> {
+    Ok(Outcome::Now(Reply::Done {
         message: msg.into(),
-    })
+    }))
+}
+
+fn now(r: Reply) -> Result<Outcome, FleetError> {
+    Ok(Outcome::Now(r))
 }
 
 impl NodeRuntime {
-    async fn command(
+    /// Runs one command and answers it: at once, or from a task once its work is done.
+    async fn answer(
         &mut self,
         myself: &ActorRef<NodeMsg>,
         cmd: Command,
         reply: ractor::RpcReplyPort<Reply>,
-    ) -> Answer {
+    ) {
+        match self.command(myself, cmd).await {
+            Ok(Outcome::Now(r)) => {
+                let _ = reply.send(r);
+            }
+            Ok(Outcome::Later(work)) => {
+                tokio::spawn(async move {
+                    let _ = reply.send(work.await);
+                });
+            }
+            Err(e) => {
+                let _ = reply.send(Reply::Error(e));
+            }
+        }
+    }
+
+    async fn command(
+        &mut self,
+        myself: &ActorRef<NodeMsg>,
+        cmd: Command,
+    ) -> Result<Outcome, FleetError> {
         match cmd {
             Command::FleetCreate {
                 fleet,
@@ -260,149 +284,108 @@ impl NodeRuntime {
                 stride,
                 profile,
             } => {
-                let mut spec = FleetSpec::new(fleet.clone());
-                spec.agents = FleetSpec::numbered_agents(agents);
-                if let Some(s) = strategy {
-                    spec.strategy = s;
-                }
-                if let Some(r) = restart {
-                    spec.restart = r;
-                }
-                spec.command = command;
-                spec.template = template;
-                spec.stride = stride;
-                if let Some(p) = profile {
-                    spec.profile = p;
-                }
-                let r = self
-                    .create_fleet(myself, spec, Desired::Running, Origin::Command)
-                    .await;
-                answer(
-                    reply,
-                    r.and_then(|_| done(format!("fleet {fleet} created with {agents} agents"))),
-                )
+                let spec = FleetSpec::from_create(
+                    &fleet, agents, strategy, command, template, restart, stride, profile,
+                );
+                self.create_fleet(myself, spec, Desired::Running, Origin::Command)
+                    .await?;
+                done(format!("fleet {fleet} created with {agents} agents"))
             }
-            Command::FleetList => answer(reply, Ok(Reply::Fleets(self.fleet_infos()))),
+            Command::FleetList => now(Reply::Fleets(self.fleet_infos())),
             Command::FleetStart { fleet } => {
-                let r = self.run_fleet(&fleet, false).await;
-                answer(
-                    reply,
-                    r.and_then(|_| done(format!("fleet {fleet} started"))),
-                )
+                self.run_fleet(&fleet, false).await?;
+                done(format!("fleet {fleet} started"))
             }
             Command::FleetRestart { fleet } => {
-                let r = self.run_fleet(&fleet, true).await;
-                answer(
-                    reply,
-                    r.and_then(|_| done(format!("fleet {fleet} restarting"))),
-                )
+                self.run_fleet(&fleet, true).await?;
+                done(format!("fleet {fleet} restarting"))
             }
             Command::FleetStop { fleet } => {
-                let f = match self.fleet_ref(&fleet) {
-                    Ok(f) => f,
-                    Err(e) => return answer(reply, Err(e)),
-                };
-                if let Err(e) = self.set_fleet_desired(&fleet, Desired::Stopped) {
-                    return answer(reply, Err(e));
-                }
-                tokio::spawn(async move {
+                let f = self.fleet_ref(&fleet)?;
+                self.set_fleet_desired(&fleet, Desired::Stopped)?;
+                Ok(Outcome::Later(Box::pin(async move {
                     let _ = f
                         .call(|r| FleetMsg::StopAll { reply: r }, Some(LONG_CALL))
                         .await;
-                    let _ = reply.send(Reply::Done {
+                    Reply::Done {
                         message: format!("fleet {fleet} stopped"),
-                    });
-                });
-                None
+                    }
+                })))
             }
             Command::FleetRm { fleet, purge } => {
-                if let Err(e) = self.imperative_change(&fleet, format!("fleet {fleet}")) {
-                    return answer(reply, Err(e));
-                }
-                self.remove_fleet(myself, fleet, purge, reply)
+                self.imperative_change(&fleet, format!("fleet {fleet}"))?;
+                Ok(Outcome::Later(self.remove_fleet(myself, fleet, purge)?))
             }
             Command::AgentAdd { fleet, agent } => {
-                let r = match self.imperative_change(&fleet, format!("fleet {fleet}")) {
-                    Err(e) => Err(e),
-                    Ok(()) => self.add_agent(&fleet, &agent).await,
-                };
-                answer(
-                    reply,
-                    r.and_then(|_| done(format!("agent {fleet}/{agent} added"))),
-                )
+                self.imperative_change(&fleet, format!("fleet {fleet}"))?;
+                self.add_agent(&fleet, &agent).await?;
+                done(format!("agent {fleet}/{agent} added"))
             }
-            Command::AgentStart { fleet, agent } => {
-                self.agent_op(fleet, agent, AgentOp::Start, Desired::Running, reply)
-                    .await
-            }
-            Command::AgentRestart { fleet, agent } => {
-                self.agent_op(fleet, agent, AgentOp::Restart, Desired::Running, reply)
-                    .await
-            }
-            Command::AgentStop { fleet, agent } => {
-                self.agent_op(fleet, agent, AgentOp::Stop, Desired::Stopped, reply)
-                    .await
-            }
+            Command::AgentStart { fleet, agent } => Ok(Outcome::Later(self.agent_op(
+                fleet,
+                agent,
+                AgentOp::Start,
+                Desired::Running,
+            )?)),
+            Command::AgentRestart { fleet, agent } => Ok(Outcome::Later(self.agent_op(
+                fleet,
+                agent,
+                AgentOp::Restart,
+                Desired::Running,
+            )?)),
+            Command::AgentStop { fleet, agent } => Ok(Outcome::Later(self.agent_op(
+                fleet,
+                agent,
+                AgentOp::Stop,
+                Desired::Stopped,
+            )?)),
             Command::AgentRm {
                 fleet,
                 agent,
                 purge,
             } => {
-                if let Err(e) = self.imperative_change(&fleet, format!("fleet {fleet}")) {
-                    return answer(reply, Err(e));
-                }
-                self.remove_agent(myself, fleet, agent, purge, reply)
+                self.imperative_change(&fleet, format!("fleet {fleet}"))?;
+                Ok(Outcome::Later(
+                    self.remove_agent(myself, fleet, agent, purge)?,
+                ))
             }
-            Command::Status { fleet, agent } => answer(reply, self.status(fleet, agent)),
+            Command::Status { fleet, agent } => now(self.status(fleet, agent)?),
             Command::Logs {
                 fleet,
                 agent,
                 lines,
                 follow: _,
             } => {
-                let tokens = match self.agent_record(&fleet, &agent) {
-                    Ok(a) => a.all_tokens(),
-                    Err(e) => return answer(reply, Err(e)),
-                };
+                let tokens = self.agent_record(&fleet, &agent)?.all_tokens();
                 let paths = AgentPaths::new(&self.ctx.config.state_dir, &fleet, &agent);
-                tokio::task::spawn_blocking(move || {
-                    let r = match tail::last_lines(&paths.agent_log, lines) {
-                        Ok(v) => {
-                            let secrets: Vec<&str> = tokens.iter().map(String::as_str).collect();
-                            Reply::Logs(v.iter().map(|l| tail::redact(l, &secrets)).collect())
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Reply::Logs(vec![]),
-                        Err(e) => Reply::Error(FleetError::internal(format!(
-                            "reading {}: {e}",
-                            paths.agent_log.display()
-                        ))),
-                    };
-                    let _ = reply.send(r);
-                });
-                None
+                Ok(Outcome::Later(Box::pin(async move {
+                    tokio::task::spawn_blocking(move || read_logs(&paths, lines, &tokens))
+                        .await
+                        .unwrap_or_else(|e| Reply::Error(FleetError::internal(e)))
+                })))
             }
             Command::Token {
                 fleet,
                 agent,
                 rotate,
             } => {
-                let r = self.token(&fleet, &agent, rotate).await;
-                answer(
-                    reply,
-                    r.map(|token| Reply::Token {
-                        fleet,
-                        agent,
-                        token,
-                    }),
-                )
+                let token = self.token(&fleet, &agent, rotate).await?;
+                now(Reply::Token {
+                    fleet,
+                    agent,
+                    token,
+                })
             }
             Command::Ports => {
-                let r = self
-                    .ports
-                    .call(|r| PortsMsg::List { reply: r }, Some(CALL))
-                    .await;
-                let rows = match r {
-                    Ok(CallResult::Success(v)) => Ok(v
+                let leases = call_t(
+                    &self.ports,
+                    |r| PortsMsg::List { reply: r },
+                    CALL,
+                    "the port allocator",
+                )
+                .await?;
+                now(Reply::Ports(
+                    leases
                         .into_iter()
                         .map(|(fleet, agent, l)| PortLeaseRow {
                             fleet,
@@ -410,57 +393,43 @@ impl NodeRuntime {
                             base: l.base,
                             stride: l.stride,
                         })
-                        .collect()),
-                    _ => Err(FleetError::internal("the port allocator did not answer")),
-                };
-                answer(reply, rows.map(Reply::Ports))
+                        .collect(),
+                ))
             }
             Command::Top => {
-                let rows = self.status(None, None);
+                let rows = status_rows(&self.ctx, &self.data, None, None);
                 let node_id = self.ctx.node_id.clone();
-                tokio::task::spawn_blocking(move || {
-                    let r = rows.map(|r| match r {
-                        Reply::Status(rows) => Reply::Top(top_rows(&rows, &node_id)),
-                        other => other,
-                    });
-                    let _ = reply.send(r.unwrap_or_else(Reply::Error));
-                });
-                None
+                Ok(Outcome::Later(Box::pin(async move {
+                    tokio::task::spawn_blocking(move || {
+                        Reply::Top(crate::top::rows(&rows, &node_id))
+                    })
+                    .await
+                    .unwrap_or_else(|e| Reply::Error(FleetError::internal(e)))
+                })))
             }
-            Command::Capacity => answer(reply, Ok(Reply::Capacity(self.capacity().await))),
-            Command::Events => answer(
-                reply,
-                Err(FleetError::invalid(
-                    "events",
-                    "events is a stream: use it from the REPL or fleetctl",
-                )),
-            ),
+            Command::Capacity => now(Reply::Capacity(self.capacity().await?)),
+            Command::Events => Err(FleetError::invalid(
+                "events",
+                "events is a stream: use it from the REPL or fleetctl",
+            )),
             Command::Reload { dry_run } => {
-                let r = match self.ctx.config.spec_path.clone() {
-                    None => Err(FleetError::invalid(
+                let Some(p) = self.ctx.config.spec_path.clone() else {
+                    return Err(FleetError::invalid(
                         "reload",
                         "the daemon was started without --spec",
-                    )),
-                    Some(p) => match tokio::task::spawn_blocking(move || specfile::load_spec(&p))
-                        .await
-                        .map_err(FleetError::internal)
-                    {
-                        Ok(Ok(specs)) => self
-                            .apply_spec(myself, specs, dry_run)
-                            .await
-                            .map(|m| Reply::Done { message: m }),
-                        Ok(Err(e)) | Err(e) => Err(e),
-                    },
+                    ));
                 };
-                answer(reply, r)
+                let specs = tokio::task::spawn_blocking(move || specfile::load_spec(&p))
+                    .await
+                    .map_err(FleetError::internal)??;
+                let message = self.apply_spec(myself, specs, dry_run).await?;
+                now(Reply::Done { message })
             }
-            Command::Help { topic } => answer(
-                reply,
-                help_text(topic.as_deref())
-                    .map(|text| Reply::Help { text })
-                    .map_err(|e| FleetError::invalid("help", e.to_string())),
-            ),
-            Command::Shutdown => answer(reply, done("shutting down")),
+            Command::Help { topic } => now(Reply::Help {
+                text: help_text(topic.as_deref())
+                    .map_err(|e| FleetError::invalid("help", e.to_string()))?,
+            }),
+            Command::Shutdown => done("shutting down"),
         }
     }
 
@@ -892,12 +861,8 @@ impl NodeRuntime {
         myself: &ActorRef<NodeMsg>,
         fleet: String,
         purge: bool,
-        reply: ractor::RpcReplyPort<Reply>,
-    ) -> Answer {
-        let f = match self.fleet_ref(&fleet) {
-            Ok(f) => f,
-            Err(e) => return answer(reply, Err(e)),
-        };
+    ) -> Result<Later, FleetError> {
+        let f = self.fleet_ref(&fleet)?;
         let state_dir = self.ctx.config.state_dir.clone();
         if purge {
             // A purge that would be refused must refuse the whole command, before anything.
@@ -908,19 +873,15 @@ impl NodeRuntime {
                 .map(|r| r.agents.keys().cloned().collect())
                 .unwrap_or_default();
             for a in &names {
-                if let Err(e) =
-                    provision::check_purge(&state_dir, &AgentPaths::new(&state_dir, &fleet, a))
-                {
-                    return answer(reply, Err(e));
-                }
+                provision::check_purge(&state_dir, &AgentPaths::new(&state_dir, &fleet, a))?;
             }
         }
         let Some(rec) = self.data.fleets.remove(&fleet) else {
-            return answer(reply, Err(FleetError::NoSuchFleet { fleet }));
+            return Err(FleetError::NoSuchFleet { fleet });
         };
         if let Err(e) = self.save() {
             self.data.fleets.insert(fleet, rec);
-            return answer(reply, Err(e));
+            return Err(e);
         }
         tracing::info!(fleet = %fleet, purge, "fleet removed");
         self.removing.insert((fleet.clone(), None));
@@ -933,7 +894,7 @@ impl NodeRuntime {
         });
         let ctx = self.ctx.clone();
         let (ports, me) = (self.ports.clone(), myself.clone());
-        tokio::spawn(async move {
+        Ok(Box::pin(async move {
             let _ = f
                 .call(|r| FleetMsg::StopAll { reply: r }, Some(LONG_CALL))
                 .await;
@@ -975,9 +936,8 @@ impl NodeRuntime {
                 fleet: fleet.clone(),
                 agent: None,
             });
-            let _ = reply.send(rep);
-        });
-        None
+            rep
+        }))
     }
 
     // ---- agents ----
@@ -1059,21 +1019,15 @@ impl NodeRuntime {
         r
     }
 
-    async fn agent_op(
+    fn agent_op(
         &mut self,
         fleet: String,
         agent: String,
         op: AgentOp,
         desired: Desired,
-        reply: ractor::RpcReplyPort<Reply>,
-    ) -> Answer {
-        if let Err(e) = self.agent_record(&fleet, &agent) {
-            return answer(reply, Err(e));
-        }
-        let f = match self.fleet_ref(&fleet) {
-            Ok(f) => f,
-            Err(e) => return answer(reply, Err(e)),
-        };
+    ) -> Result<Later, FleetError> {
+        self.agent_record(&fleet, &agent)?;
+        let f = self.fleet_ref(&fleet)?;
         if let Some(a) = self
             .data
             .fleets
@@ -1082,10 +1036,8 @@ impl NodeRuntime {
         {
             a.desired = desired;
         }
-        if let Err(e) = self.save() {
-            return answer(reply, Err(e));
-        }
-        tokio::spawn(async move {
+        self.save()?;
+        Ok(Box::pin(async move {
             let name = agent.clone();
             let r = f
                 .call(
@@ -1109,9 +1061,8 @@ impl NodeRuntime {
                 Ok(CallResult::Success(Err(e))) => Reply::Error(e),
                 _ => Reply::Error(FleetError::internal("fleet did not answer")),
             };
-            let _ = reply.send(rep);
-        });
-        None
+            rep
+        }))
     }
 
     fn remove_agent(
@@ -1120,21 +1071,13 @@ impl NodeRuntime {
         fleet: String,
         agent: String,
         purge: bool,
-        reply: ractor::RpcReplyPort<Reply>,
-    ) -> Answer {
-        if let Err(e) = self.agent_record(&fleet, &agent) {
-            return answer(reply, Err(e));
-        }
-        let f = match self.fleet_ref(&fleet) {
-            Ok(f) => f,
-            Err(e) => return answer(reply, Err(e)),
-        };
+    ) -> Result<Later, FleetError> {
+        self.agent_record(&fleet, &agent)?;
+        let f = self.fleet_ref(&fleet)?;
         let state_dir = self.ctx.config.state_dir.clone();
         let paths = AgentPaths::new(&state_dir, &fleet, &agent);
         if purge {
-            if let Err(e) = provision::check_purge(&state_dir, &paths) {
-                return answer(reply, Err(e));
-            }
+            provision::check_purge(&state_dir, &paths)?;
         }
         let rec = self.data.fleets.get_mut(&fleet).expect("checked");
         let old = rec.agents.remove(&agent);
@@ -1148,7 +1091,7 @@ impl NodeRuntime {
             if let Some(p) = pos {
                 rec.spec.agents.insert(p, agent);
             }
-            return answer(reply, Err(e));
+            return Err(e);
         }
         tracing::info!(fleet = %fleet, agent = %agent, purge, "agent removed");
         self.removing.insert((fleet.clone(), Some(agent.clone())));
@@ -1158,7 +1101,7 @@ impl NodeRuntime {
             .observed
             .remove(&(fleet.clone(), agent.clone()));
         let (ports, me) = (self.ports.clone(), myself.clone());
-        tokio::spawn(async move {
+        Ok(Box::pin(async move {
             let name = agent.clone();
             let r = f
                 .call(
@@ -1207,9 +1150,8 @@ impl NodeRuntime {
                 fleet: fleet.clone(),
                 agent: Some(agent.clone()),
             });
-            let _ = reply.send(rep);
-        });
-        None
+            rep
+        }))
     }
 
     /// The agent's token; `rotate`: a new one is saved first (the registry owns it), then
@@ -1375,34 +1317,24 @@ impl NodeRuntime {
                     self.create_fleet(myself, spec, Desired::Running, Origin::Spec)
                         .await
                 }
-                Action::RemoveFleet(fleet) => {
-                    let (tx, _rx) = tokio::sync::oneshot::channel();
-                    let port = ractor::RpcReplyPort::from(tx);
-                    if let Some((r, a)) = self.remove_fleet(myself, fleet, false, port) {
-                        let _ = r.send(a);
-                    }
-                    Ok(())
-                }
+                // The removal's stops run on in a task; the name stays reserved until then.
+                Action::RemoveFleet(fleet) => self
+                    .remove_fleet(myself, fleet, false)
+                    .map(|work| drop(tokio::spawn(work))),
                 Action::UpdateFleet { fleet, spec } => self.update_spec(&fleet, spec),
                 Action::AddAgent { fleet, agent } => self.add_agent(&fleet, &agent).await,
-                Action::RemoveAgent { fleet, agent } => {
-                    let (tx, _rx) = tokio::sync::oneshot::channel();
-                    if let Some((r, a)) = self.remove_agent(myself, fleet, agent, false, tx.into())
-                    {
-                        let _ = r.send(a);
-                    }
-                    Ok(())
-                }
+                Action::RemoveAgent { fleet, agent } => self
+                    .remove_agent(myself, fleet, agent, false)
+                    .map(|work| drop(tokio::spawn(work))),
                 Action::RestartAgent { fleet, agent } => {
                     let r = match specs.iter().find(|s| s.name == fleet) {
                         Some(spec) => self.update_spec(&fleet, spec.clone()),
                         None => Ok(()),
                     };
-                    let (tx, _rx) = tokio::sync::oneshot::channel();
-                    let _ = self
-                        .agent_op(fleet, agent, AgentOp::Restart, Desired::Running, tx.into())
-                        .await;
-                    r
+                    r.and_then(|()| {
+                        self.agent_op(fleet, agent, AgentOp::Restart, Desired::Running)
+                            .map(|work| drop(tokio::spawn(work)))
+                    })
                 }
             };
             match r {
@@ -1468,60 +1400,18 @@ impl NodeRuntime {
     }
 
     /// How many more agents of each fleet fit, by memory, ports, descriptors and pids.
-    async fn capacity(&self) -> Vec<crate::messages::command::CapacityRow> {
-        let host = crate::process::procfs::host_info();
-        let mem_available = crate::memory::mem_available(&self.ctx.config.meminfo_path)
-            .unwrap_or(host.mem_available);
-        let mut rows = Vec::new();
-        for (name, rec) in &self.data.fleets {
+    async fn capacity(&self) -> Result<Vec<crate::messages::command::CapacityRow>, FleetError> {
+        let mut free = BTreeMap::new();
+        for rec in self.data.fleets.values() {
             let stride = rec.spec.effective_stride();
-            let free_port_blocks = match self
-                .ports
-                .call(|r| PortsMsg::Free { stride, reply: r }, Some(CALL))
-                .await
-            {
-                Ok(CallResult::Success(n)) => n,
-                _ => 0,
-            };
-            let room = crate::memory::HostRoom {
-                mem_available,
-                reserve: self.ctx.config.memory_reserve,
-                free_port_blocks,
-                nofile_soft: host.nofile_soft,
-                fds_in_use: host.fds_in_use,
-                pid_max: host.pid_max,
-                pids_in_use: host.pids_in_use,
-            };
-            let per_agent = crate::memory::estimate(&rec.spec, &self.ctx.observed_rss(name));
-            let procs: Vec<u64> = self
-                .ctx
-                .views
-                .memory
-                .iter()
-                .filter(|e| &e.key().0 == name)
-                .map(|e| e.processes as u64)
-                .collect();
-            let procs_per_agent = if procs.is_empty() {
-                if rec.spec.runs_openclaw() {
-                    4
-                } else {
-                    2
-                }
-            } else {
-                procs.iter().sum::<u64>().div_ceil(procs.len() as u64)
-            };
-            let (m, p, f, d, binding) = crate::memory::capacity(&room, per_agent, procs_per_agent);
-            rows.push(crate::messages::command::CapacityRow {
-                fleet: name.clone(),
-                by_memory: Some(m),
-                by_ports: p,
-                by_fds: Some(f),
-                by_pids: Some(d),
-                fits: m.min(p).min(f).min(d),
-                binding: binding.to_string(),
-            });
+            if let std::collections::btree_map::Entry::Vacant(e) = free.entry(stride) {
+                e.insert(self.free_blocks(stride).await?);
+            }
         }
-        rows
+        let (ctx, fleets) = (self.ctx.clone(), self.data.fleets.clone());
+        tokio::task::spawn_blocking(move || crate::capacity::rows(&ctx, &fleets, &free))
+            .await
+            .map_err(FleetError::internal)
     }
 
     /// Says when a fleet sets cgroup limits this host cannot enforce.
@@ -1595,136 +1485,22 @@ pub fn status_rows(
     rows
 }
 
-/// Whole-tree processes, RSS, PSS and CPU of each agent; CPU from two scans `TOP_WINDOW`
-/// apart (blocking: runs in a blocking task).
-fn top_rows(rows: &[AgentStatus], node_id: &str) -> Vec<TopRow> {
-    use crate::process::procfs::{self, ProcInfo};
-    let ticks = |t: &[&ProcInfo]| t.iter().map(|p| p.utime + p.stime).sum::<u64>();
-    // The same membership as the memory sampler and a stop: trees plus marked processes.
-    let agents: Vec<((String, String), u32)> = rows
-        .iter()
-        .filter_map(|r| r.pid.map(|p| ((r.fleet.clone(), r.agent.clone()), p)))
-        .collect();
-    let prefix = crate::process::tree::node_marker_prefix(node_id);
-    let since = procfs::read_proc(std::process::id())
-        .map(|p| p.start_time)
-        .unwrap_or(0);
-    let mut membership = crate::process::members::Membership::default();
-    let before_scan = procfs::scan();
-    let before = membership.assign(&before_scan, &agents, &prefix, since);
-    std::thread::sleep(TOP_WINDOW);
-    let after_scan = procfs::scan();
-    let after = membership.assign(&after_scan, &agents, &prefix, since);
-    let hz = procfs::clock_ticks_per_sec().max(1) as f64;
-    rows.iter()
-        .map(|r| {
-            let key = (r.fleet.clone(), r.agent.clone());
-            let (procs, rss, pss, cpu) = match r.pid {
-                Some(_) => {
-                    let now = after.get(&key).cloned().unwrap_or_default();
-                    let then = ticks(before.get(&key).map(Vec::as_slice).unwrap_or(&[]));
-                    let cpu =
-                        ticks(&now).saturating_sub(then) as f64 / hz / TOP_WINDOW.as_secs_f64()
-                            * 100.0;
-                    let rss = now.iter().map(|p| p.rss_pages).sum::<u64>() * procfs::page_size();
-                    let pss = now
-                        .iter()
-                        .map(|p| procfs::pss_bytes(p.pid))
-                        .sum::<Option<u64>>();
-                    (now.len() as u32, rss, pss, cpu)
-                }
-                None => (0, 0, None, 0.0),
-            };
-            TopRow {
-                fleet: r.fleet.clone(),
-                agent: r.agent.clone(),
-                state: r.state,
-                pid: r.pid,
-                processes: procs,
-                rss_bytes: rss,
-                pss_bytes: pss,
-                cpu_percent: (cpu * 10.0).round() / 10.0,
-            }
-        })
-        .collect()
-}
-
-/// How long `top` watches CPU time.
-const TOP_WINDOW: Duration = Duration::from_millis(500);
-
-/// Measures every agent's whole process tree (one /proc scan per round, off the actors) and
-/// reports agents that stay above their fleet's `max_memory` for two samples in a row.
-async fn sample_memory(ctx: Arc<NodeContext>, node: ActorRef<NodeMsg>) {
-    let mut streaks: std::collections::HashMap<(String, String), u32> = Default::default();
-    let mut membership = crate::process::members::Membership::default();
-    let node_prefix = crate::process::tree::node_marker_prefix(&ctx.node_id);
-    let since = crate::process::procfs::read_proc(std::process::id())
-        .map(|p| p.start_time)
-        .unwrap_or(0);
-    let mut tick = tokio::time::interval(ctx.config.sample_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        check_drift(&ctx).await;
-        let agents: Vec<((String, String), u32)> = ctx
-            .views
-            .status
-            .iter()
-            .filter_map(|v| v.row.pid.map(|p| (v.key().clone(), p)))
-            .collect();
-        if agents.is_empty() {
-            ctx.views.memory.clear();
-            streaks.clear();
-            continue;
+/// The last `lines` lines of an agent's log with every token redacted (blocking).
+fn read_logs(paths: &AgentPaths, lines: usize, tokens: &[String]) -> Reply {
+    match crate::logs::tail::last_lines(&paths.agent_log, lines) {
+        Ok(v) => {
+            let secrets: Vec<&str> = tokens.iter().map(String::as_str).collect();
+            Reply::Logs(
+                v.iter()
+                    .map(|l| crate::logs::tail::redact(l, &secrets))
+                    .collect(),
+            )
         }
-        let mut m = std::mem::take(&mut membership);
-        let prefix = node_prefix.clone();
-        let (samples, m) = tokio::task::spawn_blocking(move || {
-            let procs = crate::process::procfs::scan();
-            let page = crate::process::procfs::page_size();
-            // Stop's rule: the tree plus every marked process (a setsid helper too).
-            let mut owned = m.assign(&procs, &agents, &prefix, since);
-            let samples = agents
-                .into_iter()
-                .map(|(key, _)| {
-                    let tree = owned.remove(&key).unwrap_or_default();
-                    let rss = tree.iter().map(|p| p.rss_pages).sum::<u64>() * page;
-                    (key, rss, tree.len() as u32)
-                })
-                .collect::<Vec<_>>();
-            (samples, m)
-        })
-        .await
-        .unwrap_or_default();
-        membership = m;
-        // A set, not a scan of `samples` per entry: that was O(N²) string compares, the largest
-        // share of the idle daemon's CPU at 1000 agents.
-        let sampled: std::collections::HashSet<&(String, String)> =
-            samples.iter().map(|(key, _, _)| key).collect();
-        ctx.views.memory.retain(|k, _| sampled.contains(k));
-        streaks.retain(|k, _| sampled.contains(k));
-        for (key, rss, processes) in samples {
-            ctx.views
-                .memory
-                .insert(key.clone(), crate::context::MemSample { rss, processes });
-            let limit = ctx.views.fleet_specs.get(&key.0).and_then(|s| s.max_memory);
-            let streak = streaks.entry(key.clone()).or_default();
-            *streak = crate::memory::next_streak(*streak, rss, limit);
-            if *streak >= crate::memory::OVER_LIMIT_SAMPLES {
-                *streak = 0;
-                let reason = format!(
-                    "memory limit: {} MiB above max_memory {} MiB for {} samples",
-                    rss >> 20,
-                    limit.unwrap_or(0) >> 20,
-                    crate::memory::OVER_LIMIT_SAMPLES
-                );
-                let _ = node.send_message(NodeMsg::MemoryLimit {
-                    fleet: key.0,
-                    agent: key.1,
-                    reason,
-                });
-            }
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Reply::Logs(vec![]),
+        Err(e) => Reply::Error(FleetError::internal(format!(
+            "reading {}: {e}",
+            paths.agent_log.display()
+        ))),
     }
 }
 
@@ -1733,68 +1509,4 @@ async fn accept_files(mut spec: FleetSpec) -> Result<FleetSpec, FleetError> {
     tokio::task::spawn_blocking(move || provision::accept_files(&mut spec).map(|()| spec))
         .await
         .map_err(FleetError::internal)?
-}
-
-/// Compares each fleet's template on disk with the version its agents render, and records
-/// the difference for `status`. An agent never takes a changed file by itself: that takes a
-/// `reload`, and until then its restarts render the accepted version.
-async fn check_drift(ctx: &Arc<NodeContext>) {
-    let specs: Vec<(String, std::path::PathBuf, Option<serde_json::Value>)> = ctx
-        .views
-        .fleet_specs
-        .iter()
-        .filter_map(|e| {
-            e.template
-                .clone()
-                .map(|t| (e.key().clone(), t, e.template_config.clone()))
-        })
-        .collect();
-    let names: std::collections::HashSet<String> = ctx
-        .views
-        .fleet_specs
-        .iter()
-        .map(|e| e.key().clone())
-        .collect();
-    ctx.views.drift.retain(|f, _| names.contains(f));
-    if specs.is_empty() {
-        return;
-    }
-    let found = tokio::task::spawn_blocking(move || {
-        specs
-            .into_iter()
-            .map(|(fleet, path, accepted)| {
-                let d = template_drift(&path, accepted.as_ref());
-                (fleet, d)
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap_or_default();
-    for (fleet, d) in found {
-        match d {
-            Some(d) => {
-                ctx.views.drift.insert(fleet, d);
-            }
-            None => {
-                ctx.views.drift.remove(&fleet);
-            }
-        }
-    }
-}
-
-/// How the template at `path` differs from `accepted`, in words; `None` when it does not.
-pub fn template_drift(
-    path: &std::path::Path,
-    accepted: Option<&serde_json::Value>,
-) -> Option<String> {
-    match provision::load_template(path) {
-        Ok(v) if Some(&v) == accepted => None,
-        Ok(_) => Some(format!(
-            "template {} changed on disk since it was accepted; agents run the accepted version until `reload`",
-            path.display()
-        )),
-        Err(e) => Some(format!(
-            "{e}; agents run the accepted version"
-        )),
-    }
 }
