@@ -2,12 +2,14 @@
 //! people, serde JSON for scripts. Pure formatting: no I/O, and no JSON built by hand. Output
 //! carries no trailing newline; the caller prints it as one block.
 
-use crate::messages::command::{AgentStatus, CapacityRow, FleetInfo, PortLeaseRow, Reply, TopRow};
+use crate::messages::command::{
+    json, AgentStatus, CapacityRow, FleetInfo, PortLeaseRow, Reply, TopRow,
+};
 use crate::messages::events::{AgentTransition, Event};
 use crate::state::ExitInfo;
+use crate::FleetError;
 use comfy_table::{presets::NOTHING, Table};
 use serde::Serialize;
-use serde_json::json;
 
 /// The reply as JSON (`json`) or as text for a terminal.
 pub fn render(reply: &Reply, json: bool) -> String {
@@ -104,27 +106,43 @@ fn timestamp(at_ms: u64) -> String {
 fn to_json<T: Serialize + ?Sized>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|e| {
         // Unreachable for these types (no maps with non-string keys); still answer in JSON.
-        json!({"error": {"error": "internal", "reason": e.to_string()}, "message": e.to_string()})
-            .to_string()
+        let e = FleetError::internal(e);
+        let shape = json::Error {
+            message: e.to_string(),
+            error: e,
+        };
+        serde_json::to_string(&shape).unwrap_or_default()
     })
 }
 
 fn render_json(reply: &Reply) -> String {
     match reply {
-        Reply::Done { message } => to_json(&json!({ "ok": true, "message": message })),
+        Reply::Done { message } => to_json(&json::Done {
+            ok: true,
+            message: message.clone(),
+        }),
         Reply::Fleets(rows) => to_json(rows),
         Reply::Status(rows) => to_json(rows),
         Reply::Ports(rows) => to_json(rows),
         Reply::Top(rows) => to_json(rows),
         Reply::Capacity(rows) => to_json(rows),
-        Reply::Logs(lines) => to_json(&json!({ "lines": lines })),
+        Reply::Logs(lines) => to_json(&json::Logs {
+            lines: lines.clone(),
+        }),
         Reply::Token {
             fleet,
             agent,
             token,
-        } => to_json(&json!({ "fleet": fleet, "agent": agent, "token": token })),
-        Reply::Help { text } => to_json(&json!({ "help": text })),
-        Reply::Error(e) => to_json(&json!({ "error": e, "message": e.to_string() })),
+        } => to_json(&json::Token {
+            fleet: fleet.clone(),
+            agent: agent.clone(),
+            token: token.clone(),
+        }),
+        Reply::Help { text } => to_json(&json::Help { help: text.clone() }),
+        Reply::Error(e) => to_json(&json::Error {
+            error: e.clone(),
+            message: e.to_string(),
+        }),
     }
 }
 

@@ -272,3 +272,44 @@ pub enum Reply {
     },
     Error(FleetError),
 }
+
+/// The JSON shapes of the replies that are not a bare list (`--json`), as serde types: the
+/// only definition of what a script reads, pinned by `admin::render`'s tests.
+pub mod json {
+    use crate::error::FleetError;
+    use serde::{Deserialize, Serialize};
+
+    /// `{"ok": true, "message": …}`
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Done {
+        pub ok: bool,
+        pub message: String,
+    }
+
+    /// `{"lines": […]}`
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Logs {
+        pub lines: Vec<String>,
+    }
+
+    /// `{"fleet": …, "agent": …, "token": …}`
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Token {
+        pub fleet: String,
+        pub agent: String,
+        pub token: String,
+    }
+
+    /// `{"help": …}`
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Help {
+        pub help: String,
+    }
+
+    /// `{"error": {"error": <kind>, …fields}, "message": <one line>}`
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Error {
+        pub error: FleetError,
+        pub message: String,
+    }
+}
