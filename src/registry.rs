@@ -112,6 +112,58 @@ pub trait Store: Send + Sync + 'static {
     fn save(&self, data: &RegistryData) -> Result<(), FleetError>;
 }
 
+/// Writes the registry off the actors' handlers: a task owns the store and saves snapshots in
+/// a blocking thread. Saves that queue up while one is being written are committed together
+/// (only the newest snapshot is written, and every one of them is answered by that write), so a
+/// burst of changes costs one fsync. A caller that awaits `save` has its change durable (or an
+/// error) before it replies.
+#[derive(Clone)]
+pub struct Writer {
+    tx: tokio::sync::mpsc::Sender<(
+        RegistryData,
+        tokio::sync::oneshot::Sender<Result<(), FleetError>>,
+    )>,
+}
+
+impl Writer {
+    pub fn start(store: Box<dyn Store>) -> Writer {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(
+            RegistryData,
+            tokio::sync::oneshot::Sender<Result<(), FleetError>>,
+        )>(64);
+        let store: std::sync::Arc<dyn Store> = std::sync::Arc::from(store);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    batch.push(more);
+                }
+                let (newest, _) = batch.last().expect("one at least");
+                let data = newest.clone();
+                let store = store.clone();
+                let r = tokio::task::spawn_blocking(move || store.save(&data))
+                    .await
+                    .unwrap_or_else(|e| Err(FleetError::internal(e)));
+                for (_, done) in batch {
+                    let _ = done.send(r.clone());
+                }
+            }
+        });
+        Writer { tx }
+    }
+
+    /// Saves `data`; returns once it is durable.
+    pub async fn save(&self, data: RegistryData) -> Result<(), FleetError> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((data, done))
+            .await
+            .map_err(|_| FleetError::internal("the registry writer stopped"))?;
+        wait.await
+            .map_err(|_| FleetError::internal("the registry writer stopped"))?
+    }
+}
+
 /// `<state_dir>/registry.json`, replaced atomically on every save; the file it replaced is
 /// kept as `registry.json.bak` when it was valid.
 pub struct FileStore {
@@ -680,6 +732,60 @@ mod tests {
             let e = validate(&d, &range).expect_err(what);
             assert!(e.contains(want), "{what}: {e}");
         }
+    }
+
+    /// Counts saves, each taking a while, and keeps the last data it was given.
+    struct SlowStore {
+        saves: std::sync::atomic::AtomicUsize,
+        last: std::sync::Mutex<Option<RegistryData>>,
+    }
+
+    impl Store for SlowStore {
+        fn load(&self) -> Result<Option<RegistryData>, FleetError> {
+            Ok(None)
+        }
+        fn save(&self, data: &RegistryData) -> Result<(), FleetError> {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            self.saves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            *self.last.lock().unwrap() = Some(data.clone());
+            Ok(())
+        }
+    }
+
+    impl Store for std::sync::Arc<SlowStore> {
+        fn load(&self) -> Result<Option<RegistryData>, FleetError> {
+            Ok(None)
+        }
+        fn save(&self, data: &RegistryData) -> Result<(), FleetError> {
+            (**self).save(data)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_commits_queued_saves_together_and_answers_each() {
+        let store = std::sync::Arc::new(SlowStore {
+            saves: Default::default(),
+            last: Default::default(),
+        });
+        let writer = Writer::start(Box::new(store.clone()));
+        let mut waits = Vec::new();
+        for i in 0..20 {
+            let w = writer.clone();
+            waits.push(tokio::spawn(async move {
+                w.save(RegistryData::new(format!("n{i}"))).await
+            }));
+        }
+        for w in waits {
+            w.await.unwrap().unwrap();
+        }
+        let saves = store.saves.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((1..20).contains(&saves), "{saves} writes for 20 saves");
+        // Whatever was queued last is what is on disk.
+        writer.save(RegistryData::new("final")).await.unwrap();
+        assert_eq!(
+            store.last.lock().unwrap().as_ref().unwrap().node_id,
+            "final"
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct NodeArgs {
 
 pub struct NodeRuntime {
     ctx: Arc<NodeContext>,
-    store: Box<dyn Store>,
+    store: crate::registry::Writer,
     data: RegistryData,
     fleets: BTreeMap<String, ActorRef<FleetMsg>>,
     ports: ActorRef<PortsMsg>,
@@ -89,7 +89,7 @@ impl Actor for NodeActor {
         });
         let mut rt = NodeRuntime {
             ctx: a.ctx,
-            store: a.store,
+            store: crate::registry::Writer::start(a.store),
             data: RegistryData::default(),
             fleets: BTreeMap::new(),
             ports,
@@ -169,7 +169,7 @@ impl Actor for NodeActor {
                 }
             }
             NodeMsg::FlushObserved => {
-                if let Err(e) = rt.flush_observed() {
+                if let Err(e) = rt.flush_observed().await {
                     tracing::error!(error = %e, "could not save observed pids and ports");
                 }
             }
@@ -199,7 +199,7 @@ impl Actor for NodeActor {
         _myself: ActorRef<NodeMsg>,
         rt: &mut NodeRuntime,
     ) -> Result<(), ActorProcessingErr> {
-        if let Err(e) = rt.flush_observed() {
+        if let Err(e) = rt.flush_observed().await {
             tracing::error!(error = %e, "could not save observed pids and ports at stop");
         }
         Ok(())
@@ -302,7 +302,7 @@ impl NodeRuntime {
             }
             Command::FleetStop { fleet } => {
                 let f = self.fleet_ref(&fleet)?;
-                self.set_fleet_desired(&fleet, Desired::Stopped)?;
+                self.set_fleet_desired(&fleet, Desired::Stopped).await?;
                 Ok(Outcome::Later(Box::pin(async move {
                     let _ = f
                         .call(|r| FleetMsg::StopAll { reply: r }, Some(LONG_CALL))
@@ -314,31 +314,27 @@ impl NodeRuntime {
             }
             Command::FleetRm { fleet, purge } => {
                 self.imperative_change(&fleet, format!("fleet {fleet}"))?;
-                Ok(Outcome::Later(self.remove_fleet(myself, fleet, purge)?))
+                Ok(Outcome::Later(
+                    self.remove_fleet(myself, fleet, purge).await?,
+                ))
             }
             Command::AgentAdd { fleet, agent } => {
                 self.imperative_change(&fleet, format!("fleet {fleet}"))?;
                 self.add_agent(&fleet, &agent).await?;
                 done(format!("agent {fleet}/{agent} added"))
             }
-            Command::AgentStart { fleet, agent } => Ok(Outcome::Later(self.agent_op(
-                fleet,
-                agent,
-                AgentOp::Start,
-                Desired::Running,
-            )?)),
-            Command::AgentRestart { fleet, agent } => Ok(Outcome::Later(self.agent_op(
-                fleet,
-                agent,
-                AgentOp::Restart,
-                Desired::Running,
-            )?)),
-            Command::AgentStop { fleet, agent } => Ok(Outcome::Later(self.agent_op(
-                fleet,
-                agent,
-                AgentOp::Stop,
-                Desired::Stopped,
-            )?)),
+            Command::AgentStart { fleet, agent } => Ok(Outcome::Later(
+                self.agent_op(fleet, agent, AgentOp::Start, Desired::Running)
+                    .await?,
+            )),
+            Command::AgentRestart { fleet, agent } => Ok(Outcome::Later(
+                self.agent_op(fleet, agent, AgentOp::Restart, Desired::Running)
+                    .await?,
+            )),
+            Command::AgentStop { fleet, agent } => Ok(Outcome::Later(
+                self.agent_op(fleet, agent, AgentOp::Stop, Desired::Stopped)
+                    .await?,
+            )),
             Command::AgentRm {
                 fleet,
                 agent,
@@ -346,7 +342,7 @@ impl NodeRuntime {
             } => {
                 self.imperative_change(&fleet, format!("fleet {fleet}"))?;
                 Ok(Outcome::Later(
-                    self.remove_agent(myself, fleet, agent, purge)?,
+                    self.remove_agent(myself, fleet, agent, purge).await?,
                 ))
             }
             Command::Status { fleet, agent } => now(self.status(fleet, agent)?),
@@ -468,15 +464,16 @@ impl NodeRuntime {
             self.fleet_call(fleet, |r| FleetMsg::StartAll { reply: r }, CALL)
                 .await?;
         }
-        self.set_fleet_desired(fleet, Desired::Running)
+        self.set_fleet_desired(fleet, Desired::Running).await
     }
 
-    fn save(&self) -> Result<(), FleetError> {
-        self.store.save(&self.data)
+    /// Durable before it returns, written off this handler's thread by the registry writer.
+    async fn save(&self) -> Result<(), FleetError> {
+        self.store.save(self.data.clone()).await
     }
 
     /// Copies each agent's observed process into the registry; saves if anything changed.
-    fn flush_observed(&mut self) -> Result<(), FleetError> {
+    async fn flush_observed(&mut self) -> Result<(), FleetError> {
         let mut changed = false;
         for e in self.ctx.views.observed.iter() {
             let (fleet, agent) = e.key();
@@ -494,19 +491,19 @@ impl NodeRuntime {
             }
         }
         if changed {
-            self.save()?;
+            self.save().await?;
         }
         Ok(())
     }
 
-    fn set_fleet_desired(&mut self, fleet: &str, d: Desired) -> Result<(), FleetError> {
+    async fn set_fleet_desired(&mut self, fleet: &str, d: Desired) -> Result<(), FleetError> {
         if let Some(f) = self.data.fleets.get_mut(fleet) {
             f.desired = d;
             for a in f.agents.values_mut() {
                 a.desired = d;
             }
         }
-        self.save()
+        self.save().await
     }
 
     fn fleet_infos(&self) -> Vec<FleetInfo> {
@@ -668,7 +665,7 @@ impl NodeRuntime {
             origin: Some(origin),
         };
         self.data.fleets.insert(spec.name.clone(), rec.clone());
-        if let Err(e) = self.save() {
+        if let Err(e) = self.save().await {
             self.data.fleets.remove(&spec.name);
             for a in &spec.agents {
                 self.release(&spec.name, a);
@@ -839,7 +836,7 @@ impl NodeRuntime {
             rec.port_base = Some(lease.base);
             rec.stride = lease.stride;
         }
-        self.save()?;
+        self.save().await?;
         tracing::warn!(
             fleet,
             agent,
@@ -856,7 +853,7 @@ impl NodeRuntime {
         });
     }
 
-    fn remove_fleet(
+    async fn remove_fleet(
         &mut self,
         myself: &ActorRef<NodeMsg>,
         fleet: String,
@@ -879,7 +876,7 @@ impl NodeRuntime {
         let Some(rec) = self.data.fleets.remove(&fleet) else {
             return Err(FleetError::NoSuchFleet { fleet });
         };
-        if let Err(e) = self.save() {
+        if let Err(e) = self.save().await {
             self.data.fleets.insert(fleet, rec);
             return Err(e);
         }
@@ -990,7 +987,7 @@ impl NodeRuntime {
                 },
             );
         }
-        if let Err(e) = self.save() {
+        if let Err(e) = self.save().await {
             let rec = self.data.fleets.get_mut(fleet).expect("checked above");
             rec.spec.agents.retain(|a| a != agent);
             rec.agents.remove(agent);
@@ -1019,7 +1016,7 @@ impl NodeRuntime {
         r
     }
 
-    fn agent_op(
+    async fn agent_op(
         &mut self,
         fleet: String,
         agent: String,
@@ -1036,7 +1033,7 @@ impl NodeRuntime {
         {
             a.desired = desired;
         }
-        self.save()?;
+        self.save().await?;
         Ok(Box::pin(async move {
             let name = agent.clone();
             let r = f
@@ -1065,7 +1062,7 @@ impl NodeRuntime {
         }))
     }
 
-    fn remove_agent(
+    async fn remove_agent(
         &mut self,
         myself: &ActorRef<NodeMsg>,
         fleet: String,
@@ -1083,7 +1080,7 @@ impl NodeRuntime {
         let old = rec.agents.remove(&agent);
         let pos = rec.spec.agents.iter().position(|a| a == &agent);
         rec.spec.agents.retain(|a| a != &agent);
-        if let Err(e) = self.save() {
+        if let Err(e) = self.save().await {
             let rec = self.data.fleets.get_mut(&fleet).expect("checked");
             if let Some(o) = old {
                 rec.agents.insert(agent.clone(), o);
@@ -1176,7 +1173,7 @@ impl NodeRuntime {
         {
             a.replace_token(t.clone());
         }
-        if let Err(e) = self.save() {
+        if let Err(e) = self.save().await {
             if let Some(a) = self
                 .data
                 .fleets
@@ -1320,21 +1317,26 @@ impl NodeRuntime {
                 // The removal's stops run on in a task; the name stays reserved until then.
                 Action::RemoveFleet(fleet) => self
                     .remove_fleet(myself, fleet, false)
+                    .await
                     .map(|work| drop(tokio::spawn(work))),
-                Action::UpdateFleet { fleet, spec } => self.update_spec(&fleet, spec),
+                Action::UpdateFleet { fleet, spec } => self.update_spec(&fleet, spec).await,
                 Action::AddAgent { fleet, agent } => self.add_agent(&fleet, &agent).await,
                 Action::RemoveAgent { fleet, agent } => self
                     .remove_agent(myself, fleet, agent, false)
+                    .await
                     .map(|work| drop(tokio::spawn(work))),
                 Action::RestartAgent { fleet, agent } => {
                     let r = match specs.iter().find(|s| s.name == fleet) {
-                        Some(spec) => self.update_spec(&fleet, spec.clone()),
+                        Some(spec) => self.update_spec(&fleet, spec.clone()).await,
                         None => Ok(()),
                     };
-                    r.and_then(|()| {
-                        self.agent_op(fleet, agent, AgentOp::Restart, Desired::Running)
-                            .map(|work| drop(tokio::spawn(work)))
-                    })
+                    match r {
+                        Ok(()) => self
+                            .agent_op(fleet, agent, AgentOp::Restart, Desired::Running)
+                            .await
+                            .map(|work| drop(tokio::spawn(work))),
+                        Err(e) => Err(e),
+                    }
                 }
             };
             match r {
@@ -1355,7 +1357,7 @@ impl NodeRuntime {
                 }
             }
         }
-        if let Err(e) = self.save() {
+        if let Err(e) = self.save().await {
             tracing::error!(error = %e, "could not save which fleets the spec owns");
         }
         Ok(if done.is_empty() {
@@ -1441,7 +1443,7 @@ impl NodeRuntime {
         }
     }
 
-    fn update_spec(&mut self, fleet: &str, mut spec: FleetSpec) -> Result<(), FleetError> {
+    async fn update_spec(&mut self, fleet: &str, mut spec: FleetSpec) -> Result<(), FleetError> {
         let f = self.fleet_ref(fleet)?;
         let mut limits_changed = false;
         if let Some(rec) = self.data.fleets.get_mut(fleet) {
@@ -1450,7 +1452,7 @@ impl NodeRuntime {
             limits_changed = rec.spec.cgroup != spec.cgroup;
             rec.spec = spec.clone();
         }
-        self.save()?;
+        self.save().await?;
         if limits_changed {
             self.apply_cgroup_limits(&spec);
         }
