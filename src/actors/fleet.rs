@@ -1,4 +1,5 @@
-//! FleetSupervisor: one per fleet. Holds the recipe of each agent (port, token), re-spawns an
+//! FleetSupervisor: one per fleet. Holds the recipe of each agent (its desired record from the
+//! node: lease, token; changes come from the node or go to it), re-spawns an
 //! AgentActor that died (panic, error) from it, applies the fleet's strategy when an agent
 //! restarts, and counts escalated failures against the fleet's own intensity. Long waits (an
 //! agent's stop) run in tasks so the supervisor keeps answering.
@@ -29,8 +30,8 @@ pub struct FleetArgs {
 
 struct AgentEntry {
     actor: ActorRef<AgentMsg>,
-    port: u16,
-    token: String,
+    /// The recipe: the node's record of this agent, kept in step by `PortMoved`/`SetToken`.
+    record: crate::registry::AgentRecord,
     want_running: bool,
 }
 
@@ -86,8 +87,7 @@ impl Actor for FleetSupervisor {
         match msg {
             FleetMsg::AddAgent {
                 agent,
-                port,
-                token,
+                record,
                 start,
                 reply,
             } => {
@@ -99,17 +99,14 @@ impl Actor for FleetSupervisor {
                     return Ok(());
                 }
                 let start = start && rt.state != FleetState::Failed;
-                let r = rt
-                    .spawn_agent(&myself, &agent, port, token.clone(), start)
-                    .await;
+                let r = rt.spawn_agent(&myself, &agent, &record, start).await;
                 if let Ok(actor) = r {
                     rt.order.push(agent.clone());
                     rt.agents.insert(
                         agent,
                         AgentEntry {
                             actor,
-                            port,
-                            token,
+                            record: *record,
                             want_running: start,
                         },
                     );
@@ -194,7 +191,7 @@ impl Actor for FleetSupervisor {
             }
             FleetMsg::PortMoved { agent, port } => {
                 if let Some(e) = rt.agents.get_mut(&agent) {
-                    e.port = port;
+                    e.record.port_base = Some(port);
                 }
             }
             FleetMsg::InjectPanic { agent } => {
@@ -211,7 +208,7 @@ impl Actor for FleetSupervisor {
                     let _ = reply.send(Err(rt.no_such(&agent)));
                     return Ok(());
                 };
-                entry.token = token.clone();
+                entry.record.replace_token(token.clone());
                 let actor = entry.actor.clone();
                 tokio::spawn(async move {
                     let r = match actor
@@ -363,11 +360,11 @@ impl Actor for FleetSupervisor {
             return Ok(());
         };
         tracing::error!(fleet = %rt.spec.name, agent = %name, reason = %why, "agent actor died; re-spawning it");
-        let (port, token, start) = {
+        let (record, start) = {
             let e = &rt.agents[&name];
-            (e.port, e.token.clone(), e.want_running)
+            (e.record.clone(), e.want_running)
         };
-        match rt.spawn_agent(&myself, &name, port, token, start).await {
+        match rt.spawn_agent(&myself, &name, &record, start).await {
             Ok(actor) => {
                 if let Some(e) = rt.agents.get_mut(&name) {
                     e.actor = actor;
@@ -404,16 +401,20 @@ impl FleetRuntime {
         &self,
         myself: &ActorRef<FleetMsg>,
         agent: &str,
-        port: u16,
-        token: String,
+        record: &crate::registry::AgentRecord,
         start: bool,
     ) -> Result<ActorRef<AgentMsg>, FleetError> {
+        let port = record.port_base.ok_or_else(|| FleetError::Provision {
+            fleet: self.spec.name.clone(),
+            agent: agent.to_string(),
+            reason: "the agent has no port lease".into(),
+        })?;
         let args = AgentArgs {
             fleet: self.spec.name.clone(),
             agent: agent.to_string(),
             spec: self.spec.clone(),
             port,
-            token,
+            token: record.token.clone(),
             ctx: self.ctx.clone(),
             fleet_ref: myself.clone(),
             start,

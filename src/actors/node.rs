@@ -707,8 +707,7 @@ impl NodeRuntime {
             fleet
                 .send_message(FleetMsg::AddAgent {
                     agent: name.clone(),
-                    port: a.port_base.unwrap_or(0),
-                    token: a.token.clone(),
+                    record: Box::new(a.clone()),
                     start: rec.desired == Desired::Running && a.desired == Desired::Running,
                     reply: tx.into(),
                 })
@@ -995,23 +994,20 @@ impl NodeRuntime {
             return Err(e);
         }
         let name = agent.to_string();
-        let port = lease.base;
-        let r = match f
-            .call(
-                |r| FleetMsg::AddAgent {
-                    agent: name,
-                    port,
-                    token,
-                    start: desired == Desired::Running,
-                    reply: r,
-                },
-                Some(CALL),
-            )
-            .await
-        {
-            Ok(CallResult::Success(r)) => r,
-            _ => Err(FleetError::internal("fleet did not answer AddAgent")),
-        };
+        let record = Box::new(self.agent_record(fleet, agent)?.clone());
+        let r = call_t(
+            &f,
+            |r| FleetMsg::AddAgent {
+                agent: name,
+                record,
+                start: desired == Desired::Running,
+                reply: r,
+            },
+            CALL,
+            &format!("fleet {fleet}"),
+        )
+        .await
+        .and_then(|r| r);
         self.tell_rotator(fleet);
         r
     }

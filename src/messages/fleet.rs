@@ -16,10 +16,11 @@ pub enum AgentOp {
 
 pub enum FleetMsg {
     /// Add (and start if `start`) an agent whose port and token are already decided.
+    /// An agent's desired record (lease, token, and what later per-agent settings add), as
+    /// its owner, the node, holds it: the fleet keeps it as the recipe it re-spawns from.
     AddAgent {
         agent: String,
-        port: u16,
-        token: String,
+        record: Box<crate::registry::AgentRecord>,
         start: bool,
         reply: RpcReplyPort<Result<(), FleetError>>,
     },
