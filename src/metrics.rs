@@ -196,22 +196,10 @@ pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<NodeContext>) {
     use hyper::service::service_fn;
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = crate::admin::socket::AcceptBackoff::default();
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff.ok();
-                stream
-            }
-            Err(e) => {
-                let wait = backoff.failed();
-                tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "metrics accept failed");
-                tokio::time::sleep(wait).await;
-                continue;
-            }
-        };
+    while let Some((slot, (stream, _))) =
+        crate::admin::socket::accept_capped(&slots, &mut backoff, "metrics", || listener.accept())
+            .await
+    {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let _slot = slot;

@@ -740,7 +740,8 @@ mod tests {
         last: std::sync::Mutex<Option<RegistryData>>,
     }
 
-    impl Store for SlowStore {
+    /// Shared with the test, which reads what it counted.
+    impl Store for std::sync::Arc<SlowStore> {
         fn load(&self) -> Result<Option<RegistryData>, FleetError> {
             Ok(None)
         }
@@ -749,15 +750,6 @@ mod tests {
             self.saves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             *self.last.lock().unwrap() = Some(data.clone());
             Ok(())
-        }
-    }
-
-    impl Store for std::sync::Arc<SlowStore> {
-        fn load(&self) -> Result<Option<RegistryData>, FleetError> {
-            Ok(None)
-        }
-        fn save(&self, data: &RegistryData) -> Result<(), FleetError> {
-            (**self).save(data)
         }
     }
 

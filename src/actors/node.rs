@@ -575,14 +575,13 @@ impl NodeRuntime {
     }
 
     async fn free_blocks(&self, stride: u16) -> Result<u64, FleetError> {
-        match self
-            .ports
-            .call(|r| PortsMsg::Free { stride, reply: r }, Some(CALL))
-            .await
-        {
-            Ok(CallResult::Success(n)) => Ok(n),
-            _ => Err(FleetError::internal("the port allocator did not answer")),
-        }
+        call_t(
+            &self.ports,
+            |r| PortsMsg::Free { stride, reply: r },
+            CALL,
+            "the port allocator",
+        )
+        .await
     }
 
     async fn create_fleet(
@@ -619,22 +618,18 @@ impl NodeRuntime {
             });
         }
         let (fleet, names) = (spec.name.clone(), spec.agents.clone());
-        let leases = match self
-            .ports
-            .call(
-                |r| PortsMsg::AllocateMany {
-                    fleet,
-                    agents: names,
-                    stride,
-                    reply: r,
-                },
-                Some(CALL),
-            )
-            .await
-        {
-            Ok(CallResult::Success(r)) => r?,
-            _ => return Err(FleetError::internal("port allocator did not answer")),
-        };
+        let leases = call_t(
+            &self.ports,
+            |r| PortsMsg::AllocateMany {
+                fleet,
+                agents: names,
+                stride,
+                reply: r,
+            },
+            CALL,
+            "the port allocator",
+        )
+        .await??;
         let mut agents: BTreeMap<String, AgentRecord> = BTreeMap::new();
         for (a, lease) in spec.agents.iter().zip(leases) {
             let token = match provision::generate_token() {
@@ -810,22 +805,18 @@ impl NodeRuntime {
     ) -> Result<u16, FleetError> {
         self.agent_record(fleet, agent)?;
         let (f, a) = (fleet.to_string(), agent.to_string());
-        let lease = match self
-            .ports
-            .call(
-                |r| PortsMsg::Reallocate {
-                    fleet: f,
-                    agent: a,
-                    stride,
-                    reply: r,
-                },
-                Some(CALL),
-            )
-            .await
-        {
-            Ok(CallResult::Success(r)) => r?,
-            _ => return Err(FleetError::internal("the port allocator did not answer")),
-        };
+        let lease = call_t(
+            &self.ports,
+            |r| PortsMsg::Reallocate {
+                fleet: f,
+                agent: a,
+                stride,
+                reply: r,
+            },
+            CALL,
+            "the port allocator",
+        )
+        .await??;
         if let Some(rec) = self
             .data
             .fleets

@@ -110,6 +110,35 @@ impl AcceptBackoff {
     }
 }
 
+/// Takes a connection slot, then the next connection: a full door stops accepting (clients
+/// wait in the listen backlog) instead of holding more descriptors, and a failed accept backs
+/// off instead of spinning. `None` when the slots are gone (the door is closing).
+pub async fn accept_capped<S, F, Fut>(
+    slots: &std::sync::Arc<tokio::sync::Semaphore>,
+    backoff: &mut AcceptBackoff,
+    door: &str,
+    mut accept: F,
+) -> Option<(tokio::sync::OwnedSemaphorePermit, S)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
+{
+    loop {
+        let slot = slots.clone().acquire_owned().await.ok()?;
+        match accept().await {
+            Ok(stream) => {
+                backoff.ok();
+                return Some((slot, stream));
+            }
+            Err(e) => {
+                let wait = backoff.failed();
+                tracing::warn!(error = %e, door, retry_ms = wait.as_millis() as u64, "accept failed");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
 /// Serves connections until the listener fails. `on_shutdown` is called after a `shutdown`
 /// request was answered.
 pub async fn serve(
@@ -120,22 +149,9 @@ pub async fn serve(
     let me = nix::unistd::geteuid().as_raw();
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = AcceptBackoff::default();
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff.ok();
-                stream
-            }
-            Err(e) => {
-                let wait = backoff.failed();
-                tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "control socket accept failed");
-                tokio::time::sleep(wait).await;
-                continue;
-            }
-        };
+    while let Some((slot, (stream, _))) =
+        accept_capped(&slots, &mut backoff, "control socket", || listener.accept()).await
+    {
         let node = node.clone();
         let on_shutdown = on_shutdown.clone();
         tokio::spawn(async move {
