@@ -33,6 +33,21 @@ fn fleetd_refuses(args: &[&str]) -> (i32, String) {
     (status.code().unwrap_or(-1), err)
 }
 
+/// Writes `text` as a spec in `dir` and starts fleetd on it (and `extra`), expecting a refusal.
+fn spec_refused(dir: &Path, text: &str, extra: &[&str]) -> (i32, String) {
+    let spec = dir.join("fleets.toml");
+    std::fs::write(&spec, text).unwrap();
+    let state = dir.join("state");
+    let mut args = vec![
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--spec",
+        spec.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    fleetd_refuses(&args)
+}
+
 fn ctl_at(socket: &Path, words: &[&str]) -> Output {
     Command::new(FLEETCTL)
         .arg("--socket")
@@ -814,30 +829,16 @@ fn reload_changes_only_the_spec_fleets_and_says_what_by_name() {
 #[test]
 fn a_spec_that_cannot_be_applied_fails_the_start() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("fleets.toml");
     // Five agents, three ports.
-    std::fs::write(
-        &spec,
-        format!("[[fleet]]\nname = \"s\"\nagents = 5\ncommand = \"{STUB}\"\nstride = 1\n"),
-    )
-    .unwrap();
-    let state = dir.path().join("state");
-    let (code, err) = fleetd_refuses(&[
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--spec",
-        spec.to_str().unwrap(),
-        "--port-range",
-        "39990-39992",
-    ]);
-    assert_ne!(code, 0, "{err}");
+    let text = format!("[[fleet]]\nname = \"s\"\nagents = 5\ncommand = \"{STUB}\"\nstride = 1\n");
+    let (code, err) = spec_refused(dir.path(), &text, &["--port-range", "39990-39992"]);
+    assert_eq!(code, 78, "{err}");
     assert!(err.contains("applying the spec"), "{err}");
 }
 
 #[test]
 fn env_values_that_fleetd_cannot_honour_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("fleets.toml");
     for (env, want) in [
         ("env = { K = \"a\\u0000b\" }", "NUL"),
         ("env = { HOME = \"/root\" }", "cannot be overridden"),
@@ -846,36 +847,17 @@ fn env_values_that_fleetd_cannot_honour_are_refused() {
             "cannot be overridden",
         ),
     ] {
-        std::fs::write(
-            &spec,
-            format!("[[fleet]]\nname = \"s\"\nagents = 1\ncommand = \"{STUB}\"\n{env}\n"),
-        )
-        .unwrap();
-        let state = dir.path().join("state");
-        let (code, err) = fleetd_refuses(&[
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--spec",
-            spec.to_str().unwrap(),
-        ]);
-        assert_ne!(code, 0);
+        let text = format!("[[fleet]]\nname = \"s\"\nagents = 1\ncommand = \"{STUB}\"\n{env}\n");
+        let (code, err) = spec_refused(dir.path(), &text, &[]);
+        assert_eq!(code, 78, "{env}: {err}");
         assert!(err.contains(want), "{env}: {err}");
     }
     let list: Vec<String> = (0..10_001).map(|i| format!("\"a{i}\"")).collect();
-    std::fs::write(
-        &spec,
-        format!(
-            "[[fleet]]\nname = \"s\"\nagents = [{}]\ncommand = \"{STUB}\"\n",
-            list.join(",")
-        ),
-    )
-    .unwrap();
-    let (_, err) = fleetd_refuses(&[
-        "--state-dir",
-        dir.path().join("state").to_str().unwrap(),
-        "--spec",
-        spec.to_str().unwrap(),
-    ]);
+    let text = format!(
+        "[[fleet]]\nname = \"s\"\nagents = [{}]\ncommand = \"{STUB}\"\n",
+        list.join(",")
+    );
+    let (_, err) = spec_refused(dir.path(), &text, &[]);
     assert!(err.contains("more than 10000"), "{err}");
 }
 
