@@ -82,6 +82,8 @@ impl Drop for AgentRuntime {
         let key = (self.fleet.clone(), self.agent.clone());
         let me = self.instance;
         self.ctx.views.status.remove_if(&key, |_, v| v.owner == me);
+        // Its observed process goes with it (a re-spawned actor writes its own).
+        self.ctx.views.observed.remove(&key);
     }
 }
 

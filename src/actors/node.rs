@@ -447,12 +447,7 @@ impl NodeRuntime {
         timeout: Duration,
     ) -> Result<T, FleetError> {
         let f = self.fleet_ref(fleet)?;
-        match f.call(msg, Some(timeout)).await {
-            Ok(CallResult::Success(v)) => Ok(v),
-            _ => Err(FleetError::Timeout {
-                what: format!("fleet {fleet} to answer"),
-            }),
-        }
+        call_t(&f, msg, timeout, &format!("fleet {fleet}")).await
     }
 
     /// Starts (or restarts) every agent of a fleet and records that it should run.
@@ -873,9 +868,6 @@ impl NodeRuntime {
         tracing::info!(fleet = %fleet, purge, "fleet removed");
         self.removing.insert((fleet.clone(), None));
         self.fleets.remove(&fleet);
-        for a in rec.agents.keys() {
-            self.ctx.views.observed.remove(&(fleet.clone(), a.clone()));
-        }
         let _ = self.logs.send_message(LogsMsg::ForgetFleet {
             fleet: fleet.clone(),
         });
