@@ -472,6 +472,9 @@ impl NodeHandle {
             LogFollow {
                 follower: crate::logs::tail::Follower::new(&path),
                 tokens,
+                node: self.clone(),
+                fleet: fleet.to_string(),
+                agent: agent.to_string(),
             },
         ))
     }
@@ -532,33 +535,65 @@ impl NodeHandle {
             .actor
             .call(NodeMsg::Shutdown, Some(COMMAND_TIMEOUT))
             .await;
-        let _ = self
+        let stopped = self
             .actor
             .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))
             .await;
         self.ctx.services.spawner.close();
-        // Another daemon (or a new node in this process) may take the state dir from now on.
-        self.ctx
-            .services
-            .state_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        // Another daemon (or a new node in this process) may take the state dir from now on,
+        // but only once this node can no longer write to it (the process's exit frees it
+        // otherwise).
+        if stopped.is_ok() {
+            self.ctx
+                .services
+                .state_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+        }
     }
 }
 
-/// New lines of one agent's log, its token redacted; poll it every few hundred ms.
+/// New lines of one agent's log, every token redacted; poll it every few hundred ms.
 pub struct LogFollow {
     follower: crate::logs::tail::Follower,
     tokens: Vec<String>,
+    node: NodeHandle,
+    fleet: String,
+    agent: String,
 }
 
 impl LogFollow {
-    pub fn poll(&mut self) -> Vec<String> {
+    /// The lines written since the last poll. The agent's tokens are asked for again before
+    /// lines are shown, so a token rotated during the follow is redacted too (the old ones
+    /// are kept when the node cannot answer).
+    pub async fn poll(&mut self) -> Vec<String> {
+        let lines = self.follower.poll().unwrap_or_default();
+        if lines.is_empty() {
+            return lines;
+        }
+        let (f, a) = (self.fleet.clone(), self.agent.clone());
+        if let Ok(CallResult::Success(Ok(t))) = self
+            .node
+            .actor
+            .call(
+                |r| NodeMsg::AgentTokens {
+                    fleet: f,
+                    agent: a,
+                    reply: r,
+                },
+                Some(Duration::from_secs(5)),
+            )
+            .await
+        {
+            for t in t {
+                if !self.tokens.contains(&t) {
+                    self.tokens.push(t);
+                }
+            }
+        }
         let secrets: Vec<&str> = self.tokens.iter().map(String::as_str).collect();
-        self.follower
-            .poll()
-            .unwrap_or_default()
+        lines
             .iter()
             .map(|l| crate::logs::tail::redact(l, &secrets))
             .collect()

@@ -56,9 +56,8 @@ pub fn describe(c: &Action, old: &[FleetSpec], new: &[FleetSpec]) -> String {
 pub enum Action {
     AddFleet(FleetSpec),
     RemoveFleet(String),
-    /// Settings the fleet can take without restarting agents changed (strategy, intensity,
-    /// fleet_intensity, restart type, backoff, health, logs, stop timeout, max_memory, and
-    /// the order of agents that stay).
+    /// The fleet's settings changed: the consumer records `spec` (without restarting anyone
+    /// for it; what must restart comes as `RestartAgent`).
     UpdateFleet {
         fleet: String,
         spec: FleetSpec,
@@ -121,7 +120,9 @@ fn diff_fleet(old: &FleetSpec, new: &FleetSpec, out: &mut Vec<Action>) {
     rest.template_config = new.template_config.clone();
     rest.profile = new.profile;
     rest.stride = new.stride;
-    if rest != *new || staying_old != staying_new {
+    // A change of what runs is an update too: agents added after it (or a fleet whose agents
+    // are all replaced) must start with the new settings.
+    if rest != *new || staying_old != staying_new || runs_differently {
         out.push(Action::UpdateFleet {
             fleet: fleet(),
             spec: new.clone(),
@@ -182,6 +183,31 @@ mod tests {
             plan(&desired, &[]).len(),
             2,
             "and to nothing every fleet goes"
+        );
+    }
+
+    #[test]
+    fn a_fleet_whose_agents_are_all_replaced_still_takes_its_new_settings() {
+        let mut old = fleet("f", &["a"]);
+        old.command = Some(vec!["/bin/v1".into()]);
+        let mut new = fleet("f", &["b"]);
+        new.command = Some(vec!["/bin/v2".into()]);
+        assert_eq!(
+            plan(&[old], std::slice::from_ref(&new)),
+            vec![
+                Action::UpdateFleet {
+                    fleet: "f".into(),
+                    spec: new.clone()
+                },
+                Action::RemoveAgent {
+                    fleet: "f".into(),
+                    agent: "a".into()
+                },
+                Action::AddAgent {
+                    fleet: "f".into(),
+                    agent: "b".into()
+                },
+            ]
         );
     }
 
@@ -269,9 +295,16 @@ mod tests {
         s.stride = Some(200);
         cases.push(("stride", s));
         for (what, new) in cases {
+            // The fleet records its new spec first, then its agent restarts on it.
             assert_eq!(
-                plan(std::slice::from_ref(&base), &[new]),
-                vec![restart("f", "a")],
+                plan(std::slice::from_ref(&base), std::slice::from_ref(&new)),
+                vec![
+                    Action::UpdateFleet {
+                        fleet: "f".into(),
+                        spec: new.clone()
+                    },
+                    restart("f", "a")
+                ],
                 "changing {what}"
             );
         }

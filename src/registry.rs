@@ -340,7 +340,12 @@ pub fn validate(data: &RegistryData, range: &crate::ports::PortRange) -> Result<
             if a.token.is_empty() || !a.token.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(format!("{at}.token: must be a non-empty printable token"));
             }
-            if let Some(base) = a.port_base {
+            let Some(base) = a.port_base else {
+                return Err(format!(
+                    "{at}.port_base: missing (every agent holds a lease)"
+                ));
+            };
+            {
                 let end = base as u32 + a.stride as u32 - 1;
                 if base < range.first || end > range.last as u32 {
                     return Err(format!(
@@ -425,7 +430,7 @@ mod tests {
                     } else {
                         Desired::Running
                     },
-                    port_base: (i > 0).then_some(20_000 + 128 * i as u16),
+                    port_base: Some(20_000 + 128 * i as u16),
                     stride: 128,
                     token: format!("tok-{a}"),
                     process: (i > 0).then_some(ProcessRecord {
@@ -725,6 +730,19 @@ mod tests {
                 "fleets.bots.agents.a1.token",
             ),
             ("node id", |d| d.node_id = "a/b".into(), "node_id"),
+            (
+                "no lease",
+                |d| {
+                    d.fleets
+                        .get_mut("bots")
+                        .unwrap()
+                        .agents
+                        .get_mut("a1")
+                        .unwrap()
+                        .port_base = None;
+                },
+                "fleets.bots.agents.a1.port_base: missing",
+            ),
         ];
         for (what, edit, want) in cases {
             let mut d = good.clone();

@@ -710,3 +710,77 @@ fn lean_profile_is_ready_and_smaller_than_default() {
         pss["dflt"]
     );
 }
+
+/// A real lean gateway started by fleetd answers a Telegram DM end to end over loopback: the
+/// fake Bot API delivers the message by long polling, the gateway asks the fake model with its
+/// tenant's API key, and the model's answer comes back through `sendMessage` to that chat.
+#[test]
+fn a_real_gateway_answers_a_telegram_dm_through_the_fakes() {
+    use common::fakes::{FakeModel, FakeTelegram};
+    let Some(inst) = openclaw::install("a_real_gateway_answers_a_telegram_dm_through_the_fakes")
+    else {
+        return;
+    };
+    let _one_at_a_time = serial();
+    let tg = FakeTelegram::start();
+    let answer = "the fake model's answer";
+    let model = FakeModel::start(answer);
+    let bot = "123456789:AAfakeTokenForTenantAlice";
+    tg.add_bot(bot);
+    let d = daemon(&inst, "56000-56999", &[]);
+    let template = d.dir.path().join("tenant.json");
+    let user = 4242;
+    std::fs::write(
+        &template,
+        serde_json::json!({
+            "plugins": {"allow": ["telegram"]},
+            "channels": {"telegram": {"botToken": bot, "apiRoot": tg.api_root(),
+                "dmPolicy": "allowlist", "allowFrom": [user.to_string()]}},
+            "models": {"providers": {"fake": {"baseUrl": model.base_url(),
+                "apiKey": "sk-tenant-alice", "models": [{"id": "m", "name": "m"}]}}},
+            "agents": {"defaults": {"model": {"primary": "fake/m"}, "heartbeat": {"every": "0m"}}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    d.ctl(&[
+        "fleet",
+        "create",
+        "tenants",
+        "--agents",
+        "1",
+        "--profile",
+        "lean",
+        "--template",
+        template.to_str().unwrap(),
+    ]);
+    let rows = wait_until(START_DEADLINE, "the tenant's gateway running", |last| {
+        let rows = d.status();
+        *last = serde_json::to_string(&rows).unwrap();
+        (rows.len() == 1 && rows[0]["state"] == "running").then_some(rows)
+    });
+    // /readyz turns 200 only once the Telegram channel is up.
+    wait_ready(rows[0]["port"].as_u64().unwrap() as u16, "tenants/agent-1");
+    let ready = t0.elapsed();
+    let asked = Instant::now();
+    tg.send_dm(bot, user, "hello, bot");
+    let reply = wait_until(Duration::from_secs(120), "the bot's answer", |last| {
+        let sent = tg.sent(bot);
+        *last = format!("sent {sent:?}; calls {:?}", tg.calls(bot));
+        sent.into_iter()
+            .find(|m| m.chat_id == user.to_string() && m.text.contains(answer))
+    });
+    eprintln!(
+        "telegram round trip (one run): fleet create -> /readyz {:?}; DM -> reply {:?}",
+        ready,
+        reply.at.duration_since(asked)
+    );
+    assert!(
+        model.keys().iter().all(|k| k == "sk-tenant-alice") && !model.keys().is_empty(),
+        "the model saw keys {:?}",
+        model.keys()
+    );
+    let calls = tg.calls(bot);
+    assert!(calls.iter().any(|c| c == "getUpdates"), "{calls:?}");
+}

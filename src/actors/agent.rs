@@ -190,6 +190,10 @@ impl Actor for AgentActor {
                 if rt.process.is_some() {
                     rt.reason = Some("token rotated".into());
                     rt.stop_process(Purpose::Restart);
+                } else if rt.want_running && rt.state == AgentState::Provisioning {
+                    // A start in flight renders the old token: start over (the old start gives
+                    // up, or its process is killed as it arrives).
+                    rt.begin_start(&myself);
                 }
                 let _ = reply.send(());
             }

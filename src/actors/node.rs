@@ -452,14 +452,16 @@ impl NodeRuntime {
 
     /// Starts (or restarts) every agent of a fleet and records that it should run.
     async fn run_fleet(&mut self, fleet: &str, restart: bool) -> Result<(), FleetError> {
+        self.fleet_ref(fleet)?;
+        // Saved first: an error reply must mean nothing was started.
+        self.set_fleet_desired(fleet, Desired::Running).await?;
         if restart {
             self.fleet_call(fleet, |r| FleetMsg::RestartAll { reply: r }, CALL)
-                .await?;
+                .await
         } else {
             self.fleet_call(fleet, |r| FleetMsg::StartAll { reply: r }, CALL)
-                .await?;
+                .await
         }
-        self.set_fleet_desired(fleet, Desired::Running).await
     }
 
     /// Durable before it returns, written off this handler's thread by the registry writer.
@@ -491,14 +493,35 @@ impl NodeRuntime {
         Ok(())
     }
 
+    /// Records that a fleet (and each of its agents) should run or not; on a failed save the
+    /// record is as it was.
     async fn set_fleet_desired(&mut self, fleet: &str, d: Desired) -> Result<(), FleetError> {
-        if let Some(f) = self.data.fleets.get_mut(fleet) {
-            f.desired = d;
-            for a in f.agents.values_mut() {
-                a.desired = d;
+        let Some(f) = self.data.fleets.get_mut(fleet) else {
+            return Ok(());
+        };
+        let before = (
+            f.desired,
+            f.agents
+                .iter()
+                .map(|(k, a)| (k.clone(), a.desired))
+                .collect::<Vec<_>>(),
+        );
+        f.desired = d;
+        for a in f.agents.values_mut() {
+            a.desired = d;
+        }
+        let r = self.save().await;
+        if r.is_err() {
+            if let Some(f) = self.data.fleets.get_mut(fleet) {
+                f.desired = before.0;
+                for (k, was) in before.1 {
+                    if let Some(a) = f.agents.get_mut(&k) {
+                        a.desired = was;
+                    }
+                }
             }
         }
-        self.save().await
+        r
     }
 
     fn fleet_infos(&self) -> Vec<FleetInfo> {
@@ -1002,17 +1025,13 @@ impl NodeRuntime {
         op: AgentOp,
         desired: Desired,
     ) -> Result<Later, FleetError> {
-        self.agent_record(&fleet, &agent)?;
+        let was = self.agent_record(&fleet, &agent)?.desired;
         let f = self.fleet_ref(&fleet)?;
-        if let Some(a) = self
-            .data
-            .fleets
-            .get_mut(&fleet)
-            .and_then(|f| f.agents.get_mut(&agent))
-        {
-            a.desired = desired;
+        self.set_agent_desired(&fleet, &agent, desired);
+        if let Err(e) = self.save().await {
+            self.set_agent_desired(&fleet, &agent, was);
+            return Err(e);
         }
-        self.save().await?;
         Ok(Box::pin(async move {
             let name = agent.clone();
             let r = f
@@ -1304,19 +1323,9 @@ impl NodeRuntime {
                     .remove_agent(myself, fleet, agent, false)
                     .await
                     .map(|work| drop(tokio::spawn(work))),
-                Action::RestartAgent { fleet, agent } => {
-                    let r = match specs.iter().find(|s| s.name == fleet) {
-                        Some(spec) => self.update_spec(&fleet, spec.clone()).await,
-                        None => Ok(()),
-                    };
-                    match r {
-                        Ok(()) => self
-                            .agent_op(fleet, agent, AgentOp::Restart, Desired::Running)
-                            .await
-                            .map(|work| drop(tokio::spawn(work))),
-                        Err(e) => Err(e),
-                    }
-                }
+                // The fleet's new spec came first (UpdateFleet); an agent the operator
+                // stopped stays stopped and takes it at its next start.
+                Action::RestartAgent { fleet, agent } => self.restart_for_reload(&fleet, &agent),
             };
             match r {
                 Ok(()) => {
@@ -1344,6 +1353,46 @@ impl NodeRuntime {
         } else {
             format!("spec applied: {} changes: {}", done.len(), done.join("; "))
         })
+    }
+
+    fn set_agent_desired(&mut self, fleet: &str, agent: &str, d: Desired) {
+        if let Some(a) = self
+            .data
+            .fleets
+            .get_mut(fleet)
+            .and_then(|f| f.agents.get_mut(agent))
+        {
+            a.desired = d;
+        }
+    }
+
+    /// Restarts an agent that should run so it takes its fleet's new spec; one that should
+    /// not is left as it is. Nothing to save: desired state is unchanged.
+    fn restart_for_reload(&self, fleet: &str, agent: &str) -> Result<(), FleetError> {
+        let wanted = self
+            .data
+            .fleets
+            .get(fleet)
+            .is_some_and(|f| f.desired == Desired::Running)
+            && self.agent_record(fleet, agent)?.desired == Desired::Running;
+        if !wanted {
+            return Ok(());
+        }
+        let f = self.fleet_ref(fleet)?;
+        let name = agent.to_string();
+        tokio::spawn(async move {
+            let _ = f
+                .call(
+                    |r| FleetMsg::Agent {
+                        agent: name,
+                        op: AgentOp::Restart,
+                        reply: r,
+                    },
+                    Some(LONG_CALL),
+                )
+                .await;
+        });
+        Ok(())
     }
 
     /// Refuses a set of changes whose new agents would not all get a port block.
@@ -1425,13 +1474,19 @@ impl NodeRuntime {
     async fn update_spec(&mut self, fleet: &str, mut spec: FleetSpec) -> Result<(), FleetError> {
         let f = self.fleet_ref(fleet)?;
         let mut limits_changed = false;
+        let mut before = None;
         if let Some(rec) = self.data.fleets.get_mut(fleet) {
             // The agent list is managed by AddAgent/RemoveAgent changes.
             spec.agents = rec.spec.agents.clone();
             limits_changed = rec.spec.cgroup != spec.cgroup;
-            rec.spec = spec.clone();
+            before = Some(std::mem::replace(&mut rec.spec, spec.clone()));
         }
-        self.save().await?;
+        if let Err(e) = self.save().await {
+            if let (Some(rec), Some(old)) = (self.data.fleets.get_mut(fleet), before) {
+                rec.spec = old;
+            }
+            return Err(e);
+        }
         if limits_changed {
             self.apply_cgroup_limits(&spec);
         }

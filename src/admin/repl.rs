@@ -122,7 +122,7 @@ pub async fn run(node: NodeHandle, tty: bool, history: Option<std::path::PathBuf
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {
-                            for l in follow.poll() {
+                            for l in follow.poll().await {
                                 println!("{l}");
                             }
                         }

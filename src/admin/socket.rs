@@ -15,7 +15,7 @@ use crate::node::NodeHandle;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 /// One line on the wire from the daemon.
@@ -351,7 +351,7 @@ async fn stream_events<R: tokio::io::AsyncBufRead + Unpin>(
     reader: &mut R,
 ) -> std::io::Result<()> {
     let mut rx = node.subscribe();
-    let mut sink = Vec::new();
+    let mut sink = [0u8; 1024];
     loop {
         tokio::select! {
             ev = rx.recv() => match ev {
@@ -361,9 +361,9 @@ async fn stream_events<R: tokio::io::AsyncBufRead + Unpin>(
                 }
                 Err(_) => return Ok(()),
             },
-            n = reader.read_until(b'\n', &mut sink) => {
+            // Whatever the client sends now is thrown away, a bounded chunk at a time.
+            n = reader.read(&mut sink) => {
                 if n.unwrap_or(0) == 0 { return Ok(()); }
-                sink.clear();
             }
         }
     }
@@ -375,17 +375,17 @@ async fn follow_log<R: tokio::io::AsyncBufRead + Unpin>(
     reader: &mut R,
 ) -> std::io::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut sink = Vec::new();
+    let mut sink = [0u8; 1024];
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                for line in follow.poll() {
+                for line in follow.poll().await {
                     send(w, &Frame::Line { line }).await?;
                 }
             }
-            n = reader.read_until(b'\n', &mut sink) => {
+            // Whatever the client sends now is thrown away, a bounded chunk at a time.
+            n = reader.read(&mut sink) => {
                 if n.unwrap_or(0) == 0 { return Ok(()); }
-                sink.clear();
             }
         }
     }

@@ -163,6 +163,12 @@ async fn run(args: Args) -> Result<()> {
         Some(p) => Some(specfile::load_spec(p).map_err(refused)?),
         None => None,
     };
+    // Before anything else: a state dir held by another daemon is refused naming its pid
+    // (the node takes the lock for good below; this look only gives the right message).
+    drop(
+        fleet_commander::state_dir::take(&state_dir)
+            .map_err(|e| refused(format!("starting the node on {}: {e}", state_dir.display())))?,
+    );
     // Before the node starts: a path that names an operator's file, or a socket another
     // daemon serves, must stop this one before it touches any agent.
     socket::check_path(&socket_path)
@@ -240,10 +246,17 @@ async fn run(args: Args) -> Result<()> {
             _ = hup.recv() => {
                 match &spec_path {
                     None => tracing::warn!("SIGHUP ignored: started without --spec"),
-                    Some(_) => match node.execute(fleet_commander::messages::command::Command::Reload { dry_run: false }).await {
-                        fleet_commander::messages::command::Reply::Error(e) => tracing::error!(error = %e, "SIGHUP reload"),
-                        other => tracing::info!("SIGHUP reload: {}", fleet_commander::admin::render::render(&other, false)),
-                    },
+                    // In a task: a SIGTERM during a long reload is still taken at once.
+                    Some(_) => {
+                        let node = node.clone();
+                        tokio::spawn(async move {
+                            use fleet_commander::messages::command::{Command, Reply};
+                            match node.execute(Command::Reload { dry_run: false }).await {
+                                Reply::Error(e) => tracing::error!(error = %e, "SIGHUP reload"),
+                                other => tracing::info!("SIGHUP reload: {}", fleet_commander::admin::render::render(&other, false)),
+                            }
+                        });
+                    }
                 }
             }
         }

@@ -5,6 +5,8 @@
 //! condition with a deadline and reports what it last saw.
 #![allow(dead_code)]
 
+pub mod fakes;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
