@@ -23,7 +23,7 @@ fi
 OPENCLAW_BIN="$(sed -n 's/^OPENCLAW_BIN=//p' <<<"$out")"
 
 STATE="${FLEET_DEMO_STATE_DIR:-$ROOT/target/demo-state}"
-mkdir -p "$STATE"
+mkdir -p -m 0700 "$STATE"  # what fleetd would create; it refuses a dir others can write
 echo "demo: state in $STATE; control socket $STATE/fleetd.sock (fleetctl --socket … status)" >&2
 echo "demo: starting 3 OpenClaw gateways; a cold start takes 10-40 s each on 2 cores" >&2
 exec "$ROOT/target/release/fleetd" \
