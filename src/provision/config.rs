@@ -242,15 +242,19 @@ pub fn load_template(path: &Path) -> Result<Value, FleetError> {
 /// that was accepted; a custom command's program must exist and be executable.
 pub fn accept_files(spec: &mut crate::spec::FleetSpec) -> Result<(), FleetError> {
     let fleet = spec.name.clone();
-    spec.template_config = match &spec.template {
-        Some(t) => Some(load_template(t).map_err(|e| match e {
-            FleetError::Spec { reason } => FleetError::Spec {
-                reason: format!("fleet {fleet:?}: {reason}"),
-            },
-            other => other,
-        })?),
-        None => None,
-    };
+    // Read once: a spec that already carries its template's content (a loaded spec file, a
+    // registry record) keeps the version that was read, never a second, later reading.
+    if spec.template_config.is_none() {
+        spec.template_config = match &spec.template {
+            Some(t) => Some(load_template(t).map_err(|e| match e {
+                FleetError::Spec { reason } => FleetError::Spec {
+                    reason: format!("fleet {fleet:?}: {reason}"),
+                },
+                other => other,
+            })?),
+            None => None,
+        };
+    }
     if let Some(cmd) = &spec.command {
         let Some(program) = cmd.first() else {
             return Ok(()); // validate() names an empty command
