@@ -450,22 +450,7 @@ impl NodeHandle {
         lines: usize,
     ) -> Result<(Vec<String>, LogFollow), FleetError> {
         let first = self.logs(fleet, agent, lines).await?;
-        let (f, a) = (fleet.to_string(), agent.to_string());
-        let tokens = match self
-            .actor
-            .call(
-                |r| NodeMsg::AgentTokens {
-                    fleet: f,
-                    agent: a,
-                    reply: r,
-                },
-                Some(Duration::from_secs(10)),
-            )
-            .await
-        {
-            Ok(CallResult::Success(r)) => r?,
-            _ => return Err(FleetError::ShuttingDown),
-        };
+        let tokens = self.agent_tokens(fleet, agent).await?;
         let path = crate::provision::AgentPaths::new(self.state_dir(), fleet, agent).agent_log;
         Ok((
             first,
@@ -477,6 +462,26 @@ impl NodeHandle {
                 agent: agent.to_string(),
             },
         ))
+    }
+
+    /// Every token of an agent, current and earlier: what its logs must never show.
+    async fn agent_tokens(&self, fleet: &str, agent: &str) -> Result<Vec<String>, FleetError> {
+        let (fleet, agent) = (fleet.to_string(), agent.to_string());
+        match self
+            .actor
+            .call(
+                |reply| NodeMsg::AgentTokens {
+                    fleet,
+                    agent,
+                    reply,
+                },
+                Some(Duration::from_secs(10)),
+            )
+            .await
+        {
+            Ok(CallResult::Success(r)) => r,
+            _ => Err(FleetError::ShuttingDown),
+        }
     }
 
     /// Fault injection for tests: the agent's actor panics, as a bug would make it. Its
@@ -572,20 +577,7 @@ impl LogFollow {
         if lines.is_empty() {
             return lines;
         }
-        let (f, a) = (self.fleet.clone(), self.agent.clone());
-        if let Ok(CallResult::Success(Ok(t))) = self
-            .node
-            .actor
-            .call(
-                |r| NodeMsg::AgentTokens {
-                    fleet: f,
-                    agent: a,
-                    reply: r,
-                },
-                Some(Duration::from_secs(5)),
-            )
-            .await
-        {
+        if let Ok(t) = self.node.agent_tokens(&self.fleet, &self.agent).await {
             for t in t {
                 if !self.tokens.contains(&t) {
                     self.tokens.push(t);

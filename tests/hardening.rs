@@ -919,16 +919,21 @@ fn removals_and_recreations_of_the_same_names_stay_consistent() {
         *seen = format!("{:?}", d.status());
         s
     });
-    let mut in_status: Vec<(String, String)> = status
-        .iter()
-        .map(|r| {
-            (
-                r["fleet"].as_str().unwrap().into(),
-                r["agent"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
-    in_status.sort();
+    // (fleet, agent) of each row, sorted.
+    let names = |rows: &[Value]| {
+        let mut v: Vec<(String, String)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r["fleet"].as_str().unwrap().into(),
+                    r["agent"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let in_status = names(&status);
     let mut in_registry: Vec<(String, String)> = Vec::new();
     for (f, rec) in reg["fleets"].as_object().unwrap() {
         for a in rec["agents"].as_object().unwrap().keys() {
@@ -936,16 +941,7 @@ fn removals_and_recreations_of_the_same_names_stay_consistent() {
         }
     }
     in_registry.sort();
-    let mut in_ports: Vec<(String, String)> = ports
-        .iter()
-        .map(|r| {
-            (
-                r["fleet"].as_str().unwrap().into(),
-                r["agent"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
-    in_ports.sort();
+    let in_ports = names(&ports);
     assert_eq!(in_status, in_registry, "status and registry disagree");
     assert_eq!(in_ports, in_registry, "leases and registry disagree");
     let node = d.node_id();
