@@ -23,6 +23,17 @@ pub const READY_RECHECK_EVERY: u32 = 6;
 /// every interval made hyper's client (a connection task and its buffers per probe) the
 /// daemon's largest idle cost. The metrics server, which serves, uses hyper.
 pub async fn http_status(port: u16, path: &str, timeout: Duration) -> Result<u16, String> {
+    http_get(port, path, timeout, 0).await.map(|(code, _)| code)
+}
+
+/// Like `http_status`, plus up to `max_body` bytes of what follows the status line (headers
+/// and body, as sent): enough for `/readyz`'s short JSON.
+pub async fn http_get(
+    port: u16,
+    path: &str,
+    timeout: Duration,
+    max_body: usize,
+) -> Result<(u16, Vec<u8>), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fut = async {
         let mut s = TcpStream::connect(("127.0.0.1", port))
@@ -42,17 +53,56 @@ pub async fn http_status(port: u16, path: &str, timeout: Duration) -> Result<u16
                 Err(e) => return Err(format!("response: {e}")),
             }
         }
-        parse_status_line(&buf[..n]).ok_or_else(|| {
+        let code = parse_status_line(&buf[..n]).ok_or_else(|| {
             format!(
                 "not an HTTP response: {:?}",
                 String::from_utf8_lossy(&buf[..n])
             )
-        })
+        })?;
+        let mut rest = buf[..n].to_vec();
+        if max_body > 0 {
+            let mut chunk = [0u8; 1024];
+            while rest.len() < max_body {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => rest.extend_from_slice(&chunk[..k.min(max_body - rest.len())]),
+                }
+            }
+        }
+        Ok((code, rest))
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
     }
+}
+
+/// The channel names in a `/readyz` answer's `"failing"` list (OpenClaw:
+/// `{"ready":false,"failing":["telegram"]}`), from the raw response; empty when none.
+pub fn failing_from_readyz(raw: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(raw);
+    let body = text.split_once("\r\n\r\n").map_or(&*text, |(_, b)| b);
+    // Whatever framing (length or chunks): the JSON object is from the first `{` to the last `}`.
+    let (Some(a), Some(b)) = (body.find('{'), body.rfind('}')) else {
+        return Vec::new();
+    };
+    if b < a {
+        return Vec::new();
+    }
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&body[a..=b]) else {
+        return Vec::new();
+    };
+    v.get("failing")
+        .and_then(|f| f.as_array())
+        .map(|f| {
+            f.iter()
+                .filter_map(|x| x.as_str())
+                .filter(|x| x.len() <= 64 && !x.chars().any(char::is_control))
+                .take(32)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `HTTP/1.x NNN …` → NNN.
@@ -75,6 +125,8 @@ pub struct ProbeReport {
     pub failures: u32,
     pub latency: Duration,
     pub error: Option<String>,
+    /// What `/readyz` listed as failing (channels), when it answered not ready.
+    pub failing: Vec<String>,
 }
 
 /// Next delay of the probe schedule: doubling from `FIRST_PROBE` (at most
@@ -100,7 +152,8 @@ pub fn spawn_prober(
         let timeout = Duration::from_millis(spec.timeout_ms);
         let mut delay = FIRST_PROBE;
         let mut ever_healthy = false;
-        let mut last: Option<(bool, bool, u32)> = None;
+        let mut last: Option<(bool, bool, u32, Vec<String>)> = None;
+        let mut failing: Vec<String> = Vec::new();
         let mut failures = 0u32;
         let mut ready_supported = true;
         let mut ready = false;
@@ -129,21 +182,31 @@ pub fn spawn_prober(
                 true
             } else if check_ready {
                 ticks_since_ready_check = 0;
-                match http_status(port, "/readyz", timeout).await {
-                    Ok(200) => true,
-                    Ok(404) => {
+                match http_get(port, "/readyz", timeout, 4096).await {
+                    Ok((200, _)) => {
+                        failing.clear();
+                        true
+                    }
+                    Ok((404, _)) => {
                         // No readiness endpoint (a foreign program): ready means live.
                         ready_supported = false;
                         true
                     }
-                    _ => false,
+                    Ok((_, raw)) => {
+                        failing = failing_from_readyz(&raw);
+                        false
+                    }
+                    Err(_) => false,
                 }
             } else {
                 ready
             };
             ever_healthy |= healthy;
-            let key = (healthy, ready, failures);
-            if last != Some(key) {
+            if !healthy {
+                failing.clear();
+            }
+            let key = (healthy, ready, failures, failing.clone());
+            if last.as_ref() != Some(&key) {
                 last = Some(key);
                 report(ProbeReport {
                     healthy,
@@ -151,6 +214,7 @@ pub fn spawn_prober(
                     failures,
                     latency,
                     error,
+                    failing: failing.clone(),
                 });
             }
             delay = next_delay(delay, ever_healthy, &spec);
@@ -191,6 +255,17 @@ mod tests {
             next_delay(d, true, &spec),
             Duration::from_millis(spec.interval_ms)
         );
+    }
+
+    #[test]
+    fn failing_channels_come_from_the_readyz_body() {
+        let raw = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 40\r\n\r\n{\"ready\":false,\"failing\":[\"telegram\"]}";
+        assert_eq!(failing_from_readyz(raw), ["telegram"]);
+        let chunked = b"HTTP/1.1 503 x\r\ntransfer-encoding: chunked\r\n\r\n2a\r\n{\"ready\":false,\"failing\":[\"telegram\",\"x\"]}\r\n0\r\n\r\n";
+        assert_eq!(failing_from_readyz(chunked), ["telegram", "x"]);
+        for junk in [&b"HTTP/1.1 503 x\r\n\r\nnot json"[..], b"", b"}{", b"{\"failing\":7}"] {
+            assert!(failing_from_readyz(junk).is_empty());
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod actors;
 pub mod admin;
 pub mod capacity;
+pub mod channels;
 pub mod context;
 pub mod error;
 pub mod health;
@@ -30,6 +31,7 @@ pub mod state;
 pub mod state_dir;
 pub mod strategy;
 pub mod top;
+pub mod vault;
 
 pub use context::NodeConfig;
 pub use error::{FleetError, Result};

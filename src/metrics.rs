@@ -33,6 +33,14 @@ struct FleetState {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChannelLabels {
+    fleet: String,
+    agent: String,
+    channel: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AgentLabels {
     fleet: String,
     agent: String,
@@ -140,6 +148,24 @@ pub fn render(ctx: &NodeContext) -> String {
         })
         .set(e.rss as i64);
     }
+    let channels = Family::<ChannelLabels, Gauge>::default();
+    for v in ctx.views.status.iter() {
+        for (name, c) in &v.row.channels {
+            channels
+                .get_or_create(&ChannelLabels {
+                    fleet: v.key().0.clone(),
+                    agent: v.key().1.clone(),
+                    channel: name.clone(),
+                    state: c.state.to_string(),
+                })
+                .set(1);
+        }
+    }
+    reg.register(
+        "agent_channel",
+        "1 for each agent's messaging channel in its current state (ready, starting, failed, stopped)",
+        channels,
+    );
     reg.register(
         "agent_rss_bytes",
         "Resident memory of each agent's whole process tree",

@@ -314,6 +314,21 @@ impl NodeHandle {
         self.ok(Command::AgentAdd {
             fleet: fleet.into(),
             agent: agent.into(),
+            settings: Default::default(),
+        })
+        .await
+    }
+    /// Adds a tenant: an agent with its own settings and secrets (files read now).
+    pub async fn add_tenant(
+        &self,
+        fleet: &str,
+        agent: &str,
+        settings: crate::messages::command::AgentChange,
+    ) -> Result<(), FleetError> {
+        self.ok(Command::AgentAdd {
+            fleet: fleet.into(),
+            agent: agent.into(),
+            settings,
         })
         .await
     }

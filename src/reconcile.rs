@@ -31,6 +31,30 @@ pub fn run_differences(old: &FleetSpec, new: &FleetSpec) -> Vec<&'static str> {
     v
 }
 
+/// What differs in one agent's own settings between two versions of its fleet, by field
+/// name; an agent restarts for these alone, its siblings do not.
+pub fn agent_differences(old: &FleetSpec, new: &FleetSpec, agent: &str) -> Vec<&'static str> {
+    let none = crate::spec::AgentSettings::default();
+    let o = old.tenant(agent).unwrap_or(&none);
+    let n = new.tenant(agent).unwrap_or(&none);
+    let mut v = Vec::new();
+    if o.template != n.template {
+        v.push("its template");
+    } else if o.template_config != n.template_config {
+        v.push("its template content");
+    }
+    if o.env != n.env {
+        v.push("its env");
+    }
+    if o.secrets != n.secrets || o.accepted.secrets != n.accepted.secrets {
+        v.push("its secrets");
+    }
+    if o.files != n.files || o.accepted.files != n.accepted.files {
+        v.push("its files");
+    }
+    v
+}
+
 /// One change in words, by name: what the log and the reply of `reload` say.
 pub fn describe(c: &Action, old: &[FleetSpec], new: &[FleetSpec]) -> String {
     let find = |v: &[FleetSpec], name: &str| v.iter().find(|s| s.name == name).cloned();
@@ -42,7 +66,11 @@ pub fn describe(c: &Action, old: &[FleetSpec], new: &[FleetSpec]) -> String {
         Action::RemoveAgent { fleet, agent } => format!("remove agent {fleet}/{agent}"),
         Action::RestartAgent { fleet, agent } => {
             let why = match (find(old, fleet), find(new, fleet)) {
-                (Some(o), Some(n)) => run_differences(&o, &n).join(", "),
+                (Some(o), Some(n)) => {
+                    let mut v = run_differences(&o, &n);
+                    v.extend(agent_differences(&o, &n, agent));
+                    v.join(", ")
+                }
                 _ => String::new(),
             };
             format!("restart agent {fleet}/{agent} ({why} changed)")
@@ -120,9 +148,11 @@ fn diff_fleet(old: &FleetSpec, new: &FleetSpec, out: &mut Vec<Action>) {
     rest.template_config = new.template_config.clone();
     rest.profile = new.profile;
     rest.stride = new.stride;
+    rest.tenants = new.tenants.clone();
+    let tenants_differ = old.tenants != new.tenants;
     // A change of what runs is an update too: agents added after it (or a fleet whose agents
     // are all replaced) must start with the new settings.
-    if rest != *new || staying_old != staying_new || runs_differently {
+    if rest != *new || staying_old != staying_new || runs_differently || tenants_differ {
         out.push(Action::UpdateFleet {
             fleet: fleet(),
             spec: new.clone(),
@@ -134,8 +164,8 @@ fn diff_fleet(old: &FleetSpec, new: &FleetSpec, out: &mut Vec<Action>) {
             agent: a.clone(),
         });
     }
-    if runs_differently {
-        for a in staying_new {
+    for a in staying_new {
+        if runs_differently || !agent_differences(old, new, a).is_empty() {
             out.push(Action::RestartAgent {
                 fleet: fleet(),
                 agent: a.clone(),
@@ -308,6 +338,66 @@ mod tests {
                 "changing {what}"
             );
         }
+    }
+
+    #[test]
+    fn an_agents_own_settings_restart_that_agent_only() {
+        use crate::spec::{AgentSettings, Secret};
+        let mut base = fleet("f", &["a", "b", "c"]);
+        let mut t = AgentSettings::default();
+        t.secrets.insert("TG_BOT_TOKEN".into(), "/s/a".into());
+        t.accepted
+            .secrets
+            .insert("TG_BOT_TOKEN".into(), Secret::new("1:first-value".into()));
+        base.tenants.insert("a".into(), t);
+        let tenant = |s: &mut FleetSpec, a: &str| s.tenants.entry(a.into()).or_default().clone();
+        let mut cases: Vec<(&str, &str, FleetSpec)> = Vec::new();
+        let mut s = base.clone();
+        let mut t = tenant(&mut s, "a");
+        t.accepted
+            .secrets
+            .insert("TG_BOT_TOKEN".into(), Secret::new("1:second-value".into()));
+        s.tenants.insert("a".into(), t);
+        cases.push(("a", "its secrets", s));
+        let mut s = base.clone();
+        let mut t = tenant(&mut s, "b");
+        t.env.insert("TZ".into(), "Europe/Madrid".into());
+        s.tenants.insert("b".into(), t);
+        cases.push(("b", "its env", s));
+        let mut s = base.clone();
+        let mut t = tenant(&mut s, "c");
+        t.files.insert("SOUL.md".into(), "/s/soul".into());
+        t.accepted.files.insert("SOUL.md".into(), b"x".to_vec());
+        s.tenants.insert("c".into(), t);
+        cases.push(("c", "its files", s));
+        let mut s = base.clone();
+        let mut t = tenant(&mut s, "a");
+        t.template = Some("/s/a.json".into());
+        t.template_config = Some(serde_json::json!({}));
+        s.tenants.insert("a".into(), t);
+        cases.push(("a", "its template", s));
+        let mut s = base.clone();
+        s.tenants.remove("a");
+        cases.push(("a", "its secrets", s));
+        for (agent, why, new) in cases {
+            let old = std::slice::from_ref(&base);
+            let actions = plan(old, std::slice::from_ref(&new));
+            assert_eq!(
+                actions,
+                vec![
+                    Action::UpdateFleet {
+                        fleet: "f".into(),
+                        spec: new.clone()
+                    },
+                    restart("f", agent)
+                ],
+                "{why} of {agent}"
+            );
+            let said = describe(&actions[1], old, std::slice::from_ref(&new));
+            assert!(said.contains(why), "{said}");
+        }
+        // The same secret read again: nothing to do.
+        assert_eq!(plan(std::slice::from_ref(&base), &[base.clone()]), vec![]);
     }
 
     #[test]

@@ -44,7 +44,14 @@ pub struct AgentRecord {
     /// lines still carry them, and `logs` redacts them too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_tokens: Vec<String>,
+    /// Values its secrets had before, newest last (at most `PREVIOUS_SECRETS`), for
+    /// redaction like `previous_tokens`; kept in the vault, never in the registry.
+    #[serde(skip)]
+    pub previous_secrets: Vec<crate::spec::Secret>,
 }
+
+/// How many earlier secret values an agent record keeps for redaction.
+pub const PREVIOUS_SECRETS: usize = 16;
 
 /// How many earlier tokens an agent record keeps for redaction.
 pub const PREVIOUS_TOKENS: usize = 8;
@@ -63,6 +70,20 @@ impl AgentRecord {
         let mut v = self.previous_tokens.clone();
         v.push(self.token.clone());
         v
+    }
+
+    /// Keeps values its secrets no longer have, for redaction.
+    pub fn remember_secrets(&mut self, old: impl IntoIterator<Item = crate::spec::Secret>) {
+        for s in old {
+            if !self.previous_secrets.contains(&s) {
+                self.previous_secrets.push(s);
+            }
+        }
+        let extra = self
+            .previous_secrets
+            .len()
+            .saturating_sub(PREVIOUS_SECRETS);
+        self.previous_secrets.drain(..extra);
     }
 }
 
@@ -170,6 +191,12 @@ pub struct FileStore {
     path: PathBuf,
     bak: PathBuf,
     tmp: PathBuf,
+    /// `vault.json`: the secret values and file contents (see `vault`).
+    vault: PathBuf,
+    vault_tmp: PathBuf,
+    /// The vault's bytes as last written or read, so a save that changed no secret does not
+    /// rewrite it.
+    vault_written: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl FileStore {
@@ -178,7 +205,14 @@ impl FileStore {
             path: state_dir.join("registry.json"),
             bak: state_dir.join("registry.json.bak"),
             tmp: state_dir.join(".registry.json.tmp"),
+            vault: state_dir.join("vault.json"),
+            vault_tmp: state_dir.join(".vault.json.tmp"),
+            vault_written: std::sync::Mutex::new(None),
         }
+    }
+
+    pub fn vault_path(&self) -> &Path {
+        &self.vault
     }
 
     pub fn path(&self) -> &Path {
@@ -196,26 +230,30 @@ impl FileStore {
     /// Writes the temp file completely and durably before anything else is touched, so a
     /// failure at any step leaves `registry.json` as it was.
     fn write_tmp(&self, bytes: &[u8]) -> Result<(), FleetError> {
-        // A temp file left by a crash is garbage; create_new afterwards refuses to follow a
-        // symlink someone planted there.
-        match fs::remove_file(&self.tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("removing stale", &self.tmp, e)),
+        write_tmp_file(&self.tmp, bytes)
+    }
+
+    /// The vault goes first: a registry that names a secret finds its value there.
+    fn save_vault(&self, data: &RegistryData) -> Result<(), FleetError> {
+        let bytes = crate::vault::encode(data);
+        let mut written = self.vault_written.lock().unwrap_or_else(|p| p.into_inner());
+        if written.as_deref() == Some(&bytes[..]) {
+            return Ok(());
         }
-        let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&self.tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()
-        })();
-        result.map_err(|e| {
-            let _ = fs::remove_file(&self.tmp);
-            io_err("writing", &self.tmp, e)
-        })
+        if written.is_none() && data.fleets.values().all(|f| f.spec.tenants.is_empty()) {
+            // Nothing secret ever held: no vault file needed.
+            if !self.vault.exists() {
+                *written = Some(bytes);
+                return Ok(());
+            }
+        }
+        write_tmp_file(&self.vault_tmp, &bytes)?;
+        if let Err(e) = fs::rename(&self.vault_tmp, &self.vault) {
+            let _ = fs::remove_file(&self.vault_tmp);
+            return Err(io_err("replacing", &self.vault, e));
+        }
+        *written = Some(bytes);
+        Ok(())
     }
 
     /// Keeps the current file as the backup, but only if it is a valid registry: a corrupt
@@ -253,7 +291,20 @@ impl Store for FileStore {
                 })
             }
         };
-        parse(&bytes, &self.path, &self.bak).map(Some)
+        let mut data = parse(&bytes, &self.path, &self.bak)?;
+        match read_bounded(&self.vault, crate::vault::MAX_VAULT_BYTES) {
+            Ok(v) => {
+                crate::vault::decode_into(&v, &self.vault, &mut data)?;
+                *self.vault_written.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+            }
+            Err(ReadError::NotFound) => {}
+            Err(e) => {
+                return Err(FleetError::Store {
+                    reason: format!("reading {}: it {e}", self.vault.display()),
+                })
+            }
+        }
+        Ok(Some(data))
     }
 
     fn save(&self, data: &RegistryData) -> Result<(), FleetError> {
@@ -266,6 +317,7 @@ impl Store for FileStore {
         })?;
         bytes.push(b'\n');
         fs::create_dir_all(self.dir()).map_err(|e| io_err("creating", self.dir(), e))?;
+        self.save_vault(data)?;
         self.write_tmp(&bytes)?;
         if let Err(e) = self.keep_backup() {
             let _ = fs::remove_file(&self.tmp);
@@ -280,6 +332,30 @@ impl Store for FileStore {
             .and_then(|d| d.sync_all())
             .map_err(|e| io_err("syncing directory", self.dir(), e))
     }
+}
+
+/// Writes `tmp` completely and durably, mode 0600 (it may hold secrets).
+fn write_tmp_file(tmp: &Path, bytes: &[u8]) -> Result<(), FleetError> {
+    // A temp file left by a crash is garbage; create_new afterwards refuses to follow a
+    // symlink someone planted there.
+    match fs::remove_file(tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("removing stale", tmp, e)),
+    }
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(tmp);
+        io_err("writing", tmp, e)
+    })
 }
 
 fn io_err(what: &str, path: &Path, e: io::Error) -> FleetError {
@@ -439,6 +515,7 @@ mod tests {
                         start_time: 987_654 + i as u64,
                     }),
                     previous_tokens: vec![],
+                    previous_secrets: vec![],
                 },
             );
         }

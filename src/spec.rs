@@ -238,6 +238,11 @@ pub struct FleetSpec {
     /// whose cold start costs ~16 CPU-seconds; a small program starts faster than it queues).
     #[serde(default)]
     pub start_gate: Option<bool>,
+    /// Per-agent settings (a tenant's own template layer, env, secrets and files), by agent
+    /// id; an agent without an entry is its fleet's clone. Written in a spec file as
+    /// `[[fleet.agents]]` tables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tenants: BTreeMap<String, AgentSettings>,
 }
 
 fn default_stop_timeout() -> u64 {
@@ -267,7 +272,13 @@ impl FleetSpec {
             logs: LogSpec::default(),
             cgroup: CgroupLimits::default(),
             start_gate: None,
+            tenants: BTreeMap::new(),
         }
+    }
+
+    /// The agent's own settings, if it has any.
+    pub fn tenant(&self, agent: &str) -> Option<&AgentSettings> {
+        self.tenants.get(agent)
     }
 
     /// The spec a `fleet create` asks for: every default but what its flags set.
@@ -401,15 +412,18 @@ impl FleetSpec {
             bad("logs.budget_bytes", "must be >= logs.max_bytes".into());
         }
         for (k, v) in &self.env {
-            if k.is_empty() || k.contains('=') || k.contains('\0') {
-                bad(&format!("env.{k}"), "invalid variable name".into());
-            } else if k == "HOME" || k == crate::provision::MARKER_VAR {
-                bad(
-                    &format!("env.{k}"),
-                    "is set by fleetd for every agent and cannot be overridden".into(),
-                );
-            } else if v.contains('\0') {
-                bad(&format!("env.{k}"), "value contains a NUL byte".into());
+            if let Some(reason) = env_problem(k, v) {
+                bad(&format!("env.{k}"), reason);
+            }
+        }
+        // An entry for an agent not (or not yet) listed is harmless: a reload records the
+        // fleet's new spec before it adds the agent, and a removal drops the entry.
+        for (a, t) in &self.tenants {
+            if !is_valid_id(a) {
+                bad(&format!("tenants.{a:?}"), format!("must be {ID_RULE}"));
+            }
+            for p in t.validate() {
+                bad(&format!("agents.{a}.{}", p.field), p.reason);
             }
         }
         if let Some(m) = self.max_memory {
@@ -451,6 +465,188 @@ impl FleetSpec {
             })
         }
     }
+}
+
+/// Why `k=v` cannot be in an agent's environment, if it cannot.
+pub fn env_problem(k: &str, v: &str) -> Option<String> {
+    if k.is_empty() || k.contains('=') || k.contains('\0') {
+        Some("invalid variable name".into())
+    } else if k == "HOME" || k == crate::provision::MARKER_VAR {
+        Some("is set by fleetd for every agent and cannot be overridden".into())
+    } else if v.contains('\0') {
+        Some("value contains a NUL byte".into())
+    } else {
+        None
+    }
+}
+
+/// A secret's value as fleetd accepted it. Never printed: `Debug` shows its length only, and
+/// it is not serialized with the spec (the registry keeps its name and source file; the value
+/// lives in the 0600 vault beside it, see `registry::FileStore`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+    /// The value itself: for the agent's environment and files, and for redaction.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret(<{} bytes>)", self.0.len())
+    }
+}
+
+/// What fleetd read from the files an agent's settings name, when the command or reload was
+/// accepted: what every start uses, whatever the files say later. Not serialized with the
+/// spec (the registry's file store keeps it in its 0600 vault).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Accepted {
+    /// Secret name → value.
+    pub secrets: BTreeMap<String, Secret>,
+    /// `files` destination → content.
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accepted")
+            .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .field("files", &self.files.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Longest secret fleetd accepts (a bot token is ~46 bytes, an API key ~200).
+pub const MAX_SECRET_BYTES: u64 = 64 * 1024;
+/// Shortest: anything shorter could not be told apart from ordinary text when logs are
+/// redacted.
+pub const MIN_SECRET_BYTES: usize = 8;
+/// Largest file an agent's `files` may copy into its HOME, and how many it may name.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+pub const MAX_FILES: usize = 64;
+pub const MAX_SECRETS: usize = 64;
+
+/// HOME paths fleetd writes itself: a `files` entry may not replace them.
+const RESERVED_IN_HOME: &[&str] = &[".openclaw/openclaw.json", ".openclaw/secrets", "logs", "tmp"];
+
+/// Where, inside an agent's HOME, fleetd puts the file of each secret (for settings such as
+/// Telegram's `tokenFile` that read a file).
+pub const SECRETS_DIR_IN_HOME: &str = ".openclaw/secrets";
+
+/// One tenant's settings on top of its fleet's: a template layer deep-merged over the fleet's
+/// template, env added to (and overriding) the fleet's env, secrets given as environment
+/// variables and files, and files copied into its HOME. The values the commander enforces
+/// still win over every layer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSettings {
+    pub template: Option<PathBuf>,
+    /// The template's content as accepted (see `FleetSpec::template_config`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template_config: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Variable name → the operator's file holding the value.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, PathBuf>,
+    /// Destination relative to HOME → the operator's source file.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, PathBuf>,
+    #[serde(skip)]
+    pub accepted: Accepted,
+}
+
+impl AgentSettings {
+    pub fn is_empty(&self) -> bool {
+        self.template.is_none()
+            && self.env.is_empty()
+            && self.secrets.is_empty()
+            && self.files.is_empty()
+    }
+
+    /// Every problem, each naming its field (`env.TZ`, `secrets.KEY`, `files.<dest>`).
+    pub fn validate(&self) -> Vec<SpecProblem> {
+        let mut p = Vec::new();
+        let mut bad = |field: String, reason: String| p.push(SpecProblem { field, reason });
+        for (k, v) in &self.env {
+            if let Some(reason) = env_problem(k, v) {
+                bad(format!("env.{k}"), reason);
+            }
+        }
+        if self.secrets.len() > MAX_SECRETS {
+            bad("secrets".into(), format!("more than {MAX_SECRETS}"));
+        }
+        for (k, src) in &self.secrets {
+            if let Some(reason) = secret_name_problem(k) {
+                bad(format!("secrets.{k}"), reason);
+            } else if self.env.contains_key(k) {
+                bad(
+                    format!("secrets.{k}"),
+                    "is also set in env: give the variable one source".into(),
+                );
+            } else if src.as_os_str().is_empty() {
+                bad(format!("secrets.{k}"), "must name a file".into());
+            }
+        }
+        if self.files.len() > MAX_FILES {
+            bad("files".into(), format!("more than {MAX_FILES}"));
+        }
+        for (dest, src) in &self.files {
+            if let Some(reason) = home_path_problem(dest) {
+                bad(format!("files.{dest:?}"), reason);
+            } else if src.as_os_str().is_empty() {
+                bad(format!("files.{dest:?}"), "must name a source file".into());
+            }
+        }
+        p
+    }
+}
+
+/// Why `name` cannot be a secret's variable name, if it cannot.
+pub fn secret_name_problem(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    if !ok {
+        Some(format!(
+            "{name:?} must be an environment variable name: A-Z, 0-9 and _, not starting with a digit, at most 128"
+        ))
+    } else if env_problem(name, "").is_some() || name == "PATH" {
+        Some(format!("{name} is set by fleetd and cannot be a secret"))
+    } else {
+        None
+    }
+}
+
+/// Why `dest` cannot be where a file goes in an agent's HOME, if it cannot: it must be a
+/// relative path of plain components that stays inside the HOME and leaves alone what
+/// fleetd writes there itself.
+pub fn home_path_problem(dest: &str) -> Option<String> {
+    use std::path::Component;
+    let p = std::path::Path::new(dest);
+    if dest.is_empty() || dest.len() > 1024 || dest.chars().any(char::is_control) {
+        return Some("must be a relative path inside the HOME, at most 1024 bytes, no control characters".into());
+    }
+    if p.is_absolute() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Some(format!(
+            "{dest:?} must be a relative path inside the HOME (no leading /, no . or ..)"
+        ));
+    }
+    for r in RESERVED_IN_HOME {
+        if p.starts_with(r) {
+            return Some(format!("{dest:?}: {r} is written by fleetd itself"));
+        }
+    }
+    None
 }
 
 /// One problem found by `FleetSpec::validate`.

@@ -450,12 +450,26 @@ fn check_table(raw: &mut RawTable, schema: &Json, base: &Path) -> Found {
             "must be a count or a list of agent ids".into(),
         ),
     }
+    if map.contains_key("tenants") {
+        fail(
+            map,
+            "tenants",
+            "unknown key: write an agent's own settings as a [[fleet.agents]] table with its id".into(),
+        );
+    }
     if let Some(Json::Array(list)) = map.get("agents") {
-        if let Some(i) = list.iter().position(|a| !a.is_string()) {
-            // Reported at the element; the whole list goes so validation sees no agents.
-            let key = format!("agents[{i}]");
-            map.remove("agents");
-            fail(map, &key, "must be an agent id (a string)".into());
+        match split_agent_tables(list, base) {
+            Ok((ids, tenants)) => {
+                map.insert("agents".into(), Json::from(ids));
+                if !tenants.is_empty() {
+                    map.insert("tenants".into(), Json::Object(tenants));
+                }
+            }
+            Err((key, reason)) => {
+                // Reported at the element; the whole list goes so validation sees no agents.
+                map.remove("agents");
+                fail(map, &key, reason);
+            }
         }
     }
     if let Some(Json::String(line)) = map.get("command") {
@@ -502,6 +516,62 @@ fn check_table(raw: &mut RawTable, schema: &Json, base: &Path) -> Found {
         }
     }
     found
+}
+
+/// `agents` as written (ids, or tables with an `id` and the agent's own settings) → the ids in
+/// order and the settings by id, every relative path resolved against `base`. Err: the
+/// element's key (`agents[2]`) and why.
+fn split_agent_tables(
+    list: &[Json],
+    base: &Path,
+) -> Result<(Vec<String>, Map<String, Json>), (String, String)> {
+    let mut ids = Vec::with_capacity(list.len());
+    let mut tenants = Map::new();
+    for (i, a) in list.iter().enumerate() {
+        let key = format!("agents[{i}]");
+        let mut table = match a {
+            Json::String(id) => {
+                ids.push(id.clone());
+                continue;
+            }
+            Json::Object(t) => t.clone(),
+            _ => return Err((key, "must be an agent id (a string) or a table with an id".into())),
+        };
+        let id = match table.remove("id") {
+            Some(Json::String(id)) => id,
+            Some(_) => return Err((format!("{key}.id"), "must be a string".into())),
+            None => {
+                return Err((
+                    key,
+                    "a table in agents needs an id: write id = \"alice\"".into(),
+                ))
+            }
+        };
+        let absolute = |v: &mut Json| {
+            if let Json::String(s) = v {
+                let p = Path::new(s.as_str());
+                if p.is_relative() && !s.is_empty() {
+                    *s = base.join(p).to_string_lossy().into_owned();
+                }
+            }
+        };
+        if let Some(t) = table.get_mut("template") {
+            absolute(t);
+        }
+        for key in ["secrets", "files"] {
+            if let Some(Json::Object(m)) = table.get_mut(key) {
+                m.values_mut().for_each(absolute);
+            }
+        }
+        if let Err(e) = serde_json::from_value::<crate::spec::AgentSettings>(Json::Object(table.clone())) {
+            return Err((key, format!("agent {id:?}: {e}")));
+        }
+        ids.push(id.clone());
+        if tenants.insert(id.clone(), Json::Object(table)).is_some() {
+            return Err((key, format!("duplicate agent id {id:?}")));
+        }
+    }
+    Ok((ids, tenants))
 }
 
 /// A size given as a string with a unit (`"768MiB"`) becomes a byte count in place.
@@ -631,6 +701,72 @@ mod tests {
     fn assert_has(msg: &str, parts: &[&str]) {
         for p in parts {
             assert!(msg.contains(p), "{p:?} missing from: {msg}");
+        }
+    }
+
+    #[test]
+    fn agents_as_tables_carry_each_tenants_own_settings() {
+        let specs = ok(r#"
+[[fleet]]
+name = "bots"
+env = { LANG = "C" }
+
+[[fleet.agents]]
+id = "alice"
+template = "tenants/alice.json"
+env = { TZ = "Europe/Madrid" }
+secrets = { TG_BOT_TOKEN = "/etc/fleet/secrets/alice.tg", OPENAI_API_KEY = "keys/alice.key" }
+files = { ".openclaw/workspace/SOUL.md" = "tenants/alice/SOUL.md" }
+
+[[fleet.agents]]
+id = "bob"
+"#);
+        let f = &specs[0];
+        assert_eq!(f.agents, ["alice", "bob"]);
+        let a = f.tenant("alice").expect("alice's settings");
+        assert_eq!(
+            a.template.as_deref(),
+            Some(Path::new("/srv/fleet/tenants/alice.json"))
+        );
+        assert_eq!(a.env["TZ"], "Europe/Madrid");
+        assert_eq!(
+            a.secrets["TG_BOT_TOKEN"],
+            Path::new("/etc/fleet/secrets/alice.tg")
+        );
+        assert_eq!(
+            a.secrets["OPENAI_API_KEY"],
+            Path::new("/srv/fleet/keys/alice.key")
+        );
+        assert_eq!(
+            a.files[".openclaw/workspace/SOUL.md"],
+            Path::new("/srv/fleet/tenants/alice/SOUL.md")
+        );
+        assert!(f.tenant("bob").is_none_or(|t| t.is_empty()));
+        assert_eq!(f.env["LANG"], "C");
+
+        for (text, parts) in [
+            (
+                "[[fleet]]\nname = \"b\"\n[[fleet.agents]]\nenv = { A = \"1\" }\n",
+                vec!["fleets.toml:3:1", "agents[0]", "needs an id"],
+            ),
+            (
+                "[[fleet]]\nname = \"b\"\n[[fleet.agents]]\nid = \"a\"\nsecret = { K = \"/x\" }\n",
+                vec!["agents[0]", "unknown field `secret`"],
+            ),
+            (
+                "[[fleet]]\nname = \"b\"\n[[fleet.agents]]\nid = \"a\"\nfiles = { \"../x\" = \"/s\" }\n",
+                vec!["agents.a.files", "inside the HOME"],
+            ),
+            (
+                "[[fleet]]\nname = \"b\"\n[[fleet.agents]]\nid = \"a\"\nsecrets = { lower = \"/s\" }\n",
+                vec!["agents.a.secrets.lower", "A-Z"],
+            ),
+            (
+                "[[fleet]]\nname = \"b\"\ntenants = {}\n",
+                vec!["tenants", "[[fleet.agents]]"],
+            ),
+        ] {
+            assert_has(&err(text), &parts);
         }
     }
 

@@ -118,6 +118,7 @@ impl StartJob {
             self.ctx.compile_cache.clone(),
         );
         let marker = self.marker.clone();
+        let agent = self.agent.clone();
         let env =
             tokio::task::spawn_blocking(move || -> Result<Vec<(String, String)>, FleetError> {
                 provision::ensure_home(&paths)?;
@@ -128,10 +129,15 @@ impl StartJob {
                 })?;
                 // What was accepted, never the file as it is now (an edit takes a reload).
                 let template = match (&spec.template_config, &spec.template) {
-                    (Some(v), _) => Some(v.clone()),
-                    (None, Some(t)) => Some(provision::load_template(t)?),
-                    (None, None) => None,
+                    (None, Some(t)) => {
+                        let mut s = (*spec).clone();
+                        s.template_config = Some(provision::load_template(t)?);
+                        provision::effective_template(&s, &agent)
+                    }
+                    _ => provision::effective_template(&spec, &agent),
                 };
+                let extra = provision::extra_env(&spec, &agent)?;
+                provision::place_tenant_files(&paths, spec.tenant(&agent))?;
                 let enforced = provision::Enforced {
                     token: &token,
                     port,
@@ -151,7 +157,7 @@ impl StartJob {
                     node_bin_dir: node_bin_dir.as_deref(),
                     profile: spec.profile,
                     marker: &marker,
-                    extra: &spec.env,
+                    extra: &extra,
                     runs_openclaw: spec.runs_openclaw(),
                 }))
             })

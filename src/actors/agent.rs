@@ -69,6 +69,14 @@ pub struct AgentRuntime {
     healthy: bool,
     ready: bool,
     want_running: bool,
+    /// The channels its config sets up (`channels.<name>`), from its spec.
+    configured_channels: Vec<String>,
+    /// What `/readyz` last listed as failing.
+    failing: Vec<String>,
+    /// This incarnation was ready once.
+    was_ready: bool,
+    /// The channel states last published, so only changes become events.
+    channels: std::collections::BTreeMap<String, crate::channels::ChannelStatus>,
 }
 
 impl Drop for AgentRuntime {
@@ -126,7 +134,12 @@ impl Actor for AgentActor {
             healthy: false,
             ready: false,
             want_running: a.start,
+            configured_channels: Vec::new(),
+            failing: Vec::new(),
+            was_ready: false,
+            channels: Default::default(),
         };
+        rt.configured_channels = configured_channels(&rt.spec, &rt.agent);
         rt.publish_view();
         if rt.want_running {
             rt.begin_start(&myself);
@@ -197,7 +210,10 @@ impl Actor for AgentActor {
                 }
                 let _ = reply.send(());
             }
-            AgentMsg::UpdateSpec(spec) => rt.spec = spec,
+            AgentMsg::UpdateSpec(spec) => {
+                rt.configured_channels = configured_channels(&spec, &rt.agent);
+                rt.spec = spec;
+            }
             AgentMsg::MemoryLimit { reason } => {
                 if rt.process.is_some() && rt.stopping.is_none() {
                     rt.reason = Some(reason);
@@ -214,6 +230,9 @@ impl Actor for AgentActor {
                         rt.spec.health.grace_ms
                     ));
                     rt.stop_process(Purpose::Health);
+                } else if gen == rt.gen {
+                    // A channel still failing now counts as failed.
+                    rt.publish_view();
                 }
             }
             AgentMsg::BackoffDone { gen } => {
@@ -256,8 +275,32 @@ impl AgentRuntime {
         self.ctx.views.observed_changed.notify_one();
     }
 
-    fn publish_view(&self) {
+    fn publish_view(&mut self) {
+        let seen = crate::channels::Seen {
+            running: self.process.is_some() && crate::channels::process_running(self.state),
+            ready: self.ready,
+            was_ready: self.was_ready,
+            failing: &self.failing,
+            up_for: self.started_at.map(|t| t.elapsed()).unwrap_or_default(),
+            grace: Duration::from_millis(self.spec.health.grace_ms),
+        };
+        let channels = crate::channels::channel_states(&self.configured_channels, &seen);
+        for (name, c) in crate::channels::changed(&self.channels, &channels) {
+            if c.state == crate::channels::ChannelState::Failed {
+                tracing::warn!(fleet = %self.fleet, agent = %self.agent, channel = %name, "channel failed while the gateway runs");
+            }
+            self.ctx.publish(Event::Channel {
+                fleet: self.fleet.clone(),
+                agent: self.agent.clone(),
+                channel: name.clone(),
+                state: c.state,
+                error: c.error.clone(),
+                at_ms: now_ms(),
+            });
+        }
+        self.channels = channels.clone();
         let row = AgentStatus {
+            channels,
             fleet: self.fleet.clone(),
             agent: self.agent.clone(),
             state: self.state,
@@ -406,6 +449,8 @@ impl AgentRuntime {
                 self.started_at = Some(Instant::now());
                 self.healthy = false;
                 self.ready = false;
+                self.was_ready = false;
+                self.failing.clear();
                 self.set_state(AgentState::Starting, None, None);
                 let me = myself.clone();
                 self.prober = Some(health::spawn_prober(
@@ -428,6 +473,8 @@ impl AgentRuntime {
         }
         self.healthy = r.healthy;
         self.ready = r.ready;
+        self.was_ready |= r.ready;
+        self.failing = r.failing;
         match (self.state, r.healthy) {
             (AgentState::Starting, true) | (AgentState::Unhealthy, true) => {
                 self.permit = None;
@@ -597,5 +644,13 @@ impl AgentRuntime {
         for w in self.stop_waiters.drain(..) {
             let _ = w.send(());
         }
+    }
+}
+
+/// The channels an agent's effective config sets up.
+fn configured_channels(spec: &crate::spec::FleetSpec, agent: &str) -> Vec<String> {
+    match crate::provision::effective_template(spec, agent) {
+        Some(serde_json::Value::Object(m)) => crate::provision::configured_channels(&m),
+        _ => Vec::new(),
     }
 }

@@ -49,6 +49,8 @@ pub struct NodeRuntime {
     removing: std::collections::BTreeSet<(String, Option<String>)>,
 }
 
+mod tenants;
+
 const CALL: Duration = Duration::from_secs(10);
 /// Bound for calls that wait on agents' stops (each within its stop timeout; a one_for_all
 /// fleet stops its agents one after another).
@@ -154,7 +156,7 @@ impl Actor for NodeActor {
                 agent,
                 reply,
             } => {
-                let _ = reply.send(rt.agent_record(&fleet, &agent).map(|a| a.all_tokens()));
+                let _ = reply.send(rt.redactions(&fleet, &agent));
             }
             NodeMsg::RemovalDone { fleet, agent } => {
                 rt.removing.remove(&(fleet, agent));
@@ -318,10 +320,28 @@ impl NodeRuntime {
                     self.remove_fleet(myself, fleet, purge).await?,
                 ))
             }
-            Command::AgentAdd { fleet, agent } => {
+            Command::AgentAdd {
+                fleet,
+                agent,
+                settings,
+            } => {
                 self.imperative_change(&fleet, format!("fleet {fleet}"))?;
-                self.add_agent(&fleet, &agent).await?;
+                crate::ids::validate_id("agent", &agent)?;
+                self.fleet_ref(&fleet)?;
+                let tenant = self.new_tenant(&fleet, &agent, &settings).await?;
+                self.add_agent(&fleet, &agent, tenant).await?;
                 done(format!("agent {fleet}/{agent} added"))
+            }
+            Command::AgentSet {
+                fleet,
+                agent,
+                change,
+            } => done(self.set_tenant(&fleet, &agent, change).await?),
+            Command::AgentConfig { fleet, agent } => {
+                Ok(Outcome::Later(self.agent_view(&fleet, &agent, true)?))
+            }
+            Command::ExecContext { fleet, agent } => {
+                Ok(Outcome::Later(self.agent_view(&fleet, &agent, false)?))
             }
             Command::AgentStart { fleet, agent } => Ok(Outcome::Later(
                 self.agent_op(fleet, agent, AgentOp::Start, Desired::Running)
@@ -352,7 +372,7 @@ impl NodeRuntime {
                 lines,
                 follow: _,
             } => {
-                let tokens = self.agent_record(&fleet, &agent)?.all_tokens();
+                let tokens = self.redactions(&fleet, &agent)?;
                 let paths = AgentPaths::new(&self.ctx.config.state_dir, &fleet, &agent);
                 Ok(Outcome::Later(Box::pin(async move {
                     tokio::task::spawn_blocking(move || read_logs(&paths, lines, &tokens))
@@ -668,6 +688,7 @@ impl NodeRuntime {
                     token,
                     process: None,
                     previous_tokens: vec![],
+                    previous_secrets: vec![],
                 },
             );
         }
@@ -958,7 +979,26 @@ impl NodeRuntime {
         })
     }
 
-    async fn add_agent(&mut self, fleet: &str, agent: &str) -> Result<(), FleetError> {
+    /// `tenant`: the agent's own settings, already read; `None` keeps what the fleet's spec
+    /// holds for it (a reload records it first).
+    /// Everything to redact from an agent's output: its gateway tokens and its secrets'
+    /// values, current and earlier.
+    fn redactions(&self, fleet: &str, agent: &str) -> Result<Vec<String>, FleetError> {
+        let rec = self.agent_record(fleet, agent)?;
+        let mut v = rec.all_tokens();
+        v.extend(rec.previous_secrets.iter().map(|s| s.expose().to_string()));
+        if let Some(t) = self.data.fleets[fleet].spec.tenant(agent) {
+            v.extend(t.accepted.secrets.values().map(|s| s.expose().to_string()));
+        }
+        Ok(v)
+    }
+
+    async fn add_agent(
+        &mut self,
+        fleet: &str,
+        agent: &str,
+        tenant: Option<crate::spec::AgentSettings>,
+    ) -> Result<(), FleetError> {
         crate::ids::validate_id("agent", agent)?;
         let f = self.fleet_ref(fleet)?;
         self.check_not_removing(fleet, Some(agent))?;
@@ -977,9 +1017,14 @@ impl NodeRuntime {
         let stride = rec.spec.effective_stride();
         let lease = self.allocate(fleet, agent, stride).await?;
         let token = provision::generate_token()?;
+        let old_tenant = self.data.fleets[fleet].spec.tenant(agent).cloned();
+        let set_tenant = tenant.is_some();
         {
             let rec = self.data.fleets.get_mut(fleet).expect("checked above");
             rec.spec.agents.push(agent.to_string());
+            if let Some(t) = tenant {
+                rec.spec.tenants.insert(agent.to_string(), t);
+            }
             rec.agents.insert(
                 agent.to_string(),
                 AgentRecord {
@@ -989,15 +1034,25 @@ impl NodeRuntime {
                     token: token.clone(),
                     process: None,
                     previous_tokens: vec![],
+                    previous_secrets: vec![],
                 },
             );
         }
         if let Err(e) = self.save().await {
             let rec = self.data.fleets.get_mut(fleet).expect("checked above");
             rec.spec.agents.retain(|a| a != agent);
+            match old_tenant {
+                Some(t) => rec.spec.tenants.insert(agent.to_string(), t),
+                None => rec.spec.tenants.remove(agent),
+            };
             rec.agents.remove(agent);
             self.release(fleet, agent);
             return Err(e);
+        }
+        if set_tenant {
+            // Its fleet starts it from the spec: the spec must hold its settings first.
+            let spec = Arc::new(self.data.fleets[fleet].spec.clone());
+            let _ = f.send_message(FleetMsg::UpdateSpec(spec));
         }
         let name = agent.to_string();
         let record = Box::new(self.agent_record(fleet, agent)?.clone());
@@ -1078,10 +1133,15 @@ impl NodeRuntime {
         let old = rec.agents.remove(&agent);
         let pos = rec.spec.agents.iter().position(|a| a == &agent);
         rec.spec.agents.retain(|a| a != &agent);
+        // Its secrets leave the vault with it.
+        let old_tenant = rec.spec.tenants.remove(&agent);
         if let Err(e) = self.save().await {
             let rec = self.data.fleets.get_mut(&fleet).expect("checked");
             if let Some(o) = old {
                 rec.agents.insert(agent.clone(), o);
+            }
+            if let Some(t) = old_tenant {
+                rec.spec.tenants.insert(agent.clone(), t);
             }
             if let Some(p) = pos {
                 rec.spec.agents.insert(p, agent);
@@ -1089,6 +1149,10 @@ impl NodeRuntime {
             return Err(e);
         }
         tracing::info!(fleet = %fleet, agent = %agent, purge, "agent removed");
+        if old_tenant.is_some() {
+            let spec = Arc::new(self.data.fleets[&fleet].spec.clone());
+            let _ = f.send_message(FleetMsg::UpdateSpec(spec));
+        }
         self.removing.insert((fleet.clone(), Some(agent.clone())));
         self.tell_rotator(&fleet);
         self.ctx
@@ -1318,7 +1382,7 @@ impl NodeRuntime {
                     .await
                     .map(|work| drop(tokio::spawn(work))),
                 Action::UpdateFleet { fleet, spec } => self.update_spec(&fleet, spec).await,
-                Action::AddAgent { fleet, agent } => self.add_agent(&fleet, &agent).await,
+                Action::AddAgent { fleet, agent } => self.add_agent(&fleet, &agent, None).await,
                 Action::RemoveAgent { fleet, agent } => self
                     .remove_agent(myself, fleet, agent, false)
                     .await
@@ -1479,6 +1543,20 @@ impl NodeRuntime {
             // The agent list is managed by AddAgent/RemoveAgent changes.
             spec.agents = rec.spec.agents.clone();
             limits_changed = rec.spec.cgroup != spec.cgroup;
+            // Values the agents' secrets no longer have stay redacted from their logs.
+            for (a, old) in &rec.spec.tenants {
+                let new = spec.tenant(a).map(|t| &t.accepted.secrets);
+                let gone: Vec<_> = old
+                    .accepted
+                    .secrets
+                    .values()
+                    .filter(|v| !new.is_some_and(|n| n.values().any(|x| x == *v)))
+                    .cloned()
+                    .collect();
+                if let Some(r) = rec.agents.get_mut(a) {
+                    r.remember_secrets(gone);
+                }
+            }
             before = Some(std::mem::replace(&mut rec.spec, spec.clone()));
         }
         if let Err(e) = self.save().await {

@@ -64,6 +64,8 @@ struct Flag {
     /// `Some(hint)` when the flag takes a value (`--agents N`), `None` for a switch.
     value: Option<&'static str>,
     help: &'static str,
+    /// May be given more than once (`--env K=V …`).
+    repeat: bool,
 }
 
 struct Spec {
@@ -82,6 +84,7 @@ const fn switch(name: &'static str, help: &'static str) -> Flag {
         name,
         value: None,
         help,
+        repeat: false,
     }
 }
 const fn valued(name: &'static str, hint: &'static str, help: &'static str) -> Flag {
@@ -89,8 +92,48 @@ const fn valued(name: &'static str, hint: &'static str, help: &'static str) -> F
         name,
         value: Some(hint),
         help,
+        repeat: false,
     }
 }
+const fn repeated(name: &'static str, hint: &'static str, help: &'static str) -> Flag {
+    Flag {
+        name,
+        value: Some(hint),
+        help,
+        repeat: true,
+    }
+}
+
+const TENANT_TEMPLATE: Flag = valued(
+    "--template",
+    "FILE",
+    "the agent's own JSON template layer, deep-merged over its fleet's",
+);
+const TENANT_ENV: Flag = repeated(
+    "--env",
+    "K=V",
+    "set a variable for this agent only (over the fleet's env); repeatable",
+);
+const TENANT_SECRET: Flag = repeated(
+    "--secret",
+    "NAME=FILE",
+    "read a secret from FILE now; the agent gets it as $NAME and as ~/.openclaw/secrets/NAME; repeatable",
+);
+const TENANT_FILE: Flag = repeated(
+    "--file",
+    "DEST=SRC",
+    "copy SRC (read now) to DEST inside the agent's HOME at every start; repeatable",
+);
+const ADD_FLAGS: &[Flag] = &[TENANT_TEMPLATE, TENANT_ENV, TENANT_SECRET, TENANT_FILE];
+const SET_FLAGS: &[Flag] = &[
+    TENANT_TEMPLATE,
+    switch("--no-template", "drop the agent's own template layer"),
+    TENANT_ENV,
+    repeated("--unset-env", "K", "drop one of the agent's own variables; repeatable"),
+    TENANT_SECRET,
+    TENANT_FILE,
+    repeated("--rm-file", "DEST", "stop copying DEST into the HOME; repeatable"),
+];
 
 const PURGE: Flag = switch("--purge", "also delete its HOME, logs and tokens");
 
@@ -181,10 +224,37 @@ static SPECS: &[Spec] = &[
     Spec {
         name: "agent add",
         args: "<fleet> <agent>",
-        summary: "add an agent to a fleet and start it",
+        summary: "add an agent (a tenant, with its own settings and secrets) to a fleet and start it",
         max_pos: 2,
-        flags: &[],
+        flags: ADD_FLAGS,
         build: build_agent_add,
+    },
+    Spec {
+        name: "agent set",
+        args: "<fleet>/<agent>",
+        summary: "change one agent's own settings; restarts that agent only",
+        max_pos: 1,
+        flags: SET_FLAGS,
+        build: build_agent_set,
+    },
+    Spec {
+        name: "agent secret",
+        args: "<fleet>/<agent> set NAME FILE | rm NAME",
+        summary: "set (read from FILE now) or remove one secret of an agent; restarts that agent only",
+        max_pos: 4,
+        flags: &[],
+        build: build_agent_secret,
+    },
+    Spec {
+        name: "agent config",
+        args: "<fleet>/<agent>",
+        summary: "print the agent's effective openclaw.json and environment, secrets redacted",
+        max_pos: 1,
+        flags: &[],
+        build: |a| {
+            let (fleet, agent) = a.agent_path()?;
+            Ok(Command::AgentConfig { fleet, agent })
+        },
     },
     Spec {
         name: "agent start",
@@ -232,6 +302,19 @@ static SPECS: &[Spec] = &[
                 agent,
                 purge: a.switch("--purge"),
             })
+        },
+    },
+    Spec {
+        name: "exec",
+        args: "<fleet>/<agent> -- PROGRAM [ARGS…]",
+        summary: "(fleetctl only) run a program as the agent runs: its HOME, env with secrets, its openclaw on PATH; exits with the program's status",
+        max_pos: 1,
+        flags: &[],
+        build: |a| {
+            let (fleet, agent) = a.agent_path()?;
+            Err(a.err(format!(
+                "runs a program on your terminal: use `fleetctl exec {fleet}/{agent} -- PROGRAM [ARGS…]`"
+            )))
         },
     },
     Spec {
@@ -536,7 +619,7 @@ fn parse_args(spec: &'static Spec, words: &[&str]) -> Result<Parsed, ParseError>
                 closest(name, names).map(str::to_string),
             ));
         };
-        if args.flags.iter().any(|(n, _)| *n == flag.name) {
+        if !flag.repeat && args.flags.iter().any(|(n, _)| *n == flag.name) {
             return Err(ParseError::new(format!("{cmd}: {} given twice", flag.name)));
         }
         let value = match (flag.value, inline) {
@@ -601,6 +684,14 @@ impl Args {
 
     fn switch(&self, name: &str) -> bool {
         self.flags.iter().any(|(n, _)| *n == name)
+    }
+
+    fn values(&self, name: &str) -> impl Iterator<Item = &str> {
+        let name = name.to_string();
+        self.flags
+            .iter()
+            .filter(move |(n, _)| *n == name)
+            .filter_map(|(_, v)| v.as_deref())
     }
 
     fn value(&self, name: &str) -> Option<&str> {
@@ -668,17 +759,136 @@ fn build_fleet_create(a: &Args) -> Result<Command, ParseError> {
 
 fn build_agent_add(a: &Args) -> Result<Command, ParseError> {
     let first = a.required(0, "<fleet>")?;
+    let settings = agent_change(a)?;
     // `agent add f/a` is what the other agent verbs look like; accept it too.
     if first.contains('/') {
         if let Some(extra) = a.pos.get(1) {
             return Err(a.err(format!("unexpected word {extra:?}")));
         }
         let (fleet, agent) = a.path(first)?;
-        return Ok(Command::AgentAdd { fleet, agent });
+        return Ok(Command::AgentAdd {
+            fleet,
+            agent,
+            settings,
+        });
     }
     let fleet = a.id("fleet", first)?;
     let agent = a.id("agent", a.required(1, "<agent>")?)?;
-    Ok(Command::AgentAdd { fleet, agent })
+    Ok(Command::AgentAdd {
+        fleet,
+        agent,
+        settings,
+    })
+}
+
+fn build_agent_set(a: &Args) -> Result<Command, ParseError> {
+    let (fleet, agent) = a.agent_path()?;
+    let change = agent_change(a)?;
+    if change.is_empty() {
+        return Err(a.err("nothing to change: give at least one flag (see `help agent set`)"));
+    }
+    Ok(Command::AgentSet {
+        fleet,
+        agent,
+        change,
+    })
+}
+
+fn build_agent_secret(a: &Args) -> Result<Command, ParseError> {
+    let (fleet, agent) = a.agent_path()?;
+    let mut change = crate::messages::command::AgentChange::default();
+    let name = |i: usize| -> Result<String, ParseError> {
+        let n = a.required(i, "NAME")?;
+        match crate::spec::secret_name_problem(n) {
+            Some(why) => Err(a.err(why)),
+            None => Ok(n.to_string()),
+        }
+    };
+    match a.pos.get(1).map(String::as_str) {
+        Some("set") => {
+            let n = name(2)?;
+            let file = path_value(a, "FILE", a.required(3, "FILE")?)?;
+            change.secrets.insert(n, file);
+        }
+        Some("rm") => {
+            if let Some(extra) = a.pos.get(3) {
+                return Err(a.err(format!("unexpected word {extra:?}")));
+            }
+            change.rm_secrets.push(name(2)?);
+        }
+        Some(other) => return Err(a.err(format!("expected set or rm, got {other:?}"))),
+        None => return Err(a.err("missing set NAME FILE or rm NAME")),
+    }
+    Ok(Command::AgentSet {
+        fleet,
+        agent,
+        change,
+    })
+}
+
+/// A path the operator typed, made absolute against the parsing process's directory (the
+/// daemon reads it, and its directory is not the operator's).
+fn path_value(a: &Args, what: &str, v: &str) -> Result<PathBuf, ParseError> {
+    if v.is_empty() {
+        return Err(a.err(format!("{what}: expected a file path, got \"\"")));
+    }
+    Ok(std::path::absolute(v).unwrap_or_else(|_| PathBuf::from(v)))
+}
+
+/// `K=V` of a repeatable flag, the key checked by `check`.
+fn pair<'v>(
+    a: &Args,
+    flag: &str,
+    v: &'v str,
+    check: impl Fn(&str) -> Option<String>,
+) -> Result<(String, &'v str), ParseError> {
+    let Some((k, val)) = v.split_once('=') else {
+        return Err(a.err(format!("{flag}: expected KEY=VALUE, got {v:?}")));
+    };
+    if let Some(why) = check(k) {
+        return Err(a.err(format!("{flag} {k}: {why}")));
+    }
+    Ok((k.to_string(), val))
+}
+
+/// The tenant flags of `agent add` and `agent set`.
+fn agent_change(a: &Args) -> Result<crate::messages::command::AgentChange, ParseError> {
+    use crate::spec::{env_problem, home_path_problem, secret_name_problem};
+    let mut c = crate::messages::command::AgentChange::default();
+    if let Some(t) = a.value("--template") {
+        c.template = Some(path_value(a, "--template", t)?);
+    }
+    c.no_template = a.switch("--no-template");
+    for v in a.values("--env") {
+        let (k, val) = pair(a, "--env", v, |k| env_problem(k, ""))?;
+        if val.contains('\0') {
+            return Err(a.err(format!("--env {k}: value contains a NUL byte")));
+        }
+        if c.env.insert(k.clone(), val.to_string()).is_some() {
+            return Err(a.err(format!("--env {k} given twice")));
+        }
+    }
+    for k in a.values("--unset-env") {
+        c.unset_env.push(k.to_string());
+    }
+    for v in a.values("--secret") {
+        let (k, file) = pair(a, "--secret", v, secret_name_problem)?;
+        let file = path_value(a, &format!("--secret {k}"), file)?;
+        if c.secrets.insert(k.clone(), file).is_some() {
+            return Err(a.err(format!("--secret {k} given twice")));
+        }
+    }
+    for v in a.values("--file") {
+        let (dest, src) = pair(a, "--file", v, home_path_problem)?;
+        let src = path_value(a, &format!("--file {dest}"), src)?;
+        if c.files.insert(dest.clone(), src).is_some() {
+            return Err(a.err(format!("--file {dest} given twice")));
+        }
+    }
+    for d in a.values("--rm-file") {
+        c.rm_files.push(d.to_string());
+    }
+    Ok(c)
 }
 
 fn build_status(a: &Args) -> Result<Command, ParseError> {
@@ -874,6 +1084,7 @@ fn command_help(s: &Spec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::messages::command::AgentChange;
 
     fn err(line: &str) -> ParseError {
         match parse_line(line) {
@@ -954,8 +1165,46 @@ mod tests {
             ("fleet restart f", Command::FleetRestart { fleet: s("f") }),
             ("fleet rm f", Command::FleetRm { fleet: s("f"), purge: false }),
             ("fleet rm f --purge", Command::FleetRm { fleet: s("f"), purge: true }),
-            ("agent add f a", Command::AgentAdd { fleet: s("f"), agent: s("a") }),
-            ("agent add f/a", Command::AgentAdd { fleet: s("f"), agent: s("a") }),
+            ("agent add f a", Command::AgentAdd { fleet: s("f"), agent: s("a"), settings: Default::default() }),
+            ("agent add f/a", Command::AgentAdd { fleet: s("f"), agent: s("a"), settings: Default::default() }),
+            ("agent add f a --env TZ=UTC --env A=b=c --secret TG_BOT_TOKEN=/s/tg --file x/SOUL.md=/s/soul --template /t.json", Command::AgentAdd {
+                fleet: s("f"),
+                agent: s("a"),
+                settings: AgentChange {
+                    template: Some("/t.json".into()),
+                    env: [(s("TZ"), s("UTC")), (s("A"), s("b=c"))].into_iter().collect(),
+                    secrets: [(s("TG_BOT_TOKEN"), "/s/tg".into())].into_iter().collect(),
+                    files: [(s("x/SOUL.md"), "/s/soul".into())].into_iter().collect(),
+                    ..Default::default()
+                },
+            }),
+            ("agent set f/a --unset-env TZ --rm-file x --no-template", Command::AgentSet {
+                fleet: s("f"),
+                agent: s("a"),
+                change: AgentChange {
+                    no_template: true,
+                    unset_env: vec![s("TZ")],
+                    rm_files: vec![s("x")],
+                    ..Default::default()
+                },
+            }),
+            ("agent secret f/a set OPENAI_API_KEY /k", Command::AgentSet {
+                fleet: s("f"),
+                agent: s("a"),
+                change: AgentChange {
+                    secrets: [(s("OPENAI_API_KEY"), "/k".into())].into_iter().collect(),
+                    ..Default::default()
+                },
+            }),
+            ("agent secret f/a rm OPENAI_API_KEY", Command::AgentSet {
+                fleet: s("f"),
+                agent: s("a"),
+                change: AgentChange {
+                    rm_secrets: vec![s("OPENAI_API_KEY")],
+                    ..Default::default()
+                },
+            }),
+            ("agent config f/a", Command::AgentConfig { fleet: s("f"), agent: s("a") }),
             ("agent start f/a", Command::AgentStart { fleet: s("f"), agent: s("a") }),
             ("agent stop f/a", Command::AgentStop { fleet: s("f"), agent: s("a") }),
             ("agent restart f/a", Command::AgentRestart { fleet: s("f"), agent: s("a") }),
@@ -1072,6 +1321,19 @@ mod tests {
                 vec!["invalid fleet id", &long_id, "1-40"],
             ),
             (s("agent add f A"), vec!["invalid agent id", "\"A\""]),
+            (s("agent add f a --env NOEQUALS"), vec!["--env", "KEY=VALUE"]),
+            (s("agent add f a --env HOME=/x"), vec!["--env HOME", "set by fleetd"]),
+            (s("agent add f a --secret lower=/x"), vec!["--secret lower", "A-Z"]),
+            (s("agent add f a --secret K=/x --secret K=/y"), vec!["--secret K given twice"]),
+            (s("agent add f a --file ../x=/s"), vec!["--file ../x", "inside the HOME"]),
+            (s("agent add f a --file /etc/x=/s"), vec!["--file /etc/x", "inside the HOME"]),
+            (s("agent add f a --file .openclaw/openclaw.json=/s"), vec!["written by fleetd"]),
+            (s("agent add f a --file logs/x=/s"), vec!["written by fleetd"]),
+            (s("agent set f/a"), vec!["agent set", "nothing to change"]),
+            (s("agent secret f/a"), vec!["agent secret", "set NAME FILE"]),
+            (s("agent secret f/a add K /x"), vec!["expected set or rm", "\"add\""]),
+            (s("agent secret f/a set K"), vec!["missing FILE"]),
+            (s("exec f/a"), vec!["fleetctl exec f/a --"]),
             (s("agent start f/a_b"), vec!["invalid agent id", "\"a_b\""]),
             (s("agent start F/a"), vec!["invalid fleet id", "\"F\""]),
             (

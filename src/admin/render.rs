@@ -57,6 +57,18 @@ pub fn render_event(ev: &Event, json: bool) -> String {
             "{} {fleet}/{agent} log lines dropped lines={lines} reason={reason}",
             timestamp(*at_ms)
         ),
+        Event::Channel {
+            fleet,
+            agent,
+            channel,
+            state,
+            error,
+            at_ms,
+        } => format!(
+            "{} {fleet}/{agent} channel {channel} {state}{}",
+            timestamp(*at_ms),
+            error.as_ref().map(|e| format!(" error={e}")).unwrap_or_default()
+        ),
     }
 }
 
@@ -139,6 +151,26 @@ fn render_json(reply: &Reply) -> String {
             token: token.clone(),
         }),
         Reply::Help { text } => to_json(&json::Help { help: text.clone() }),
+        Reply::Config {
+            fleet,
+            agent,
+            config,
+            env,
+            secrets,
+            files,
+        } => to_json(&json::Config {
+            fleet: fleet.clone(),
+            agent: agent.clone(),
+            config: config.clone(),
+            env: env.clone(),
+            secrets: secrets.clone(),
+            files: files.clone(),
+        }),
+        // Never printed: the context carries secrets in clear for `fleetctl exec` alone.
+        Reply::Exec { .. } => to_json(&json::Done {
+            ok: true,
+            message: "exec context (not shown)".into(),
+        }),
         Reply::Error(e) => to_json(&json::Error {
             error: e.clone(),
             message: e.to_string(),
@@ -166,6 +198,28 @@ fn render_human(reply: &Reply) -> String {
         // Just the token, so `$(fleetctl token f/a)` works.
         Reply::Token { token, .. } => token.clone(),
         Reply::Help { text } => text.clone(),
+        Reply::Config {
+            config,
+            env,
+            secrets,
+            files,
+            ..
+        } => {
+            let mut out = String::from("openclaw.json:\n");
+            out.push_str(&serde_json::to_string_pretty(config).unwrap_or_default());
+            out.push_str("\nenvironment:\n");
+            for (k, v) in env {
+                out.push_str(&format!("  {k}={v}\n"));
+            }
+            if !secrets.is_empty() {
+                out.push_str(&format!("secrets: {}\n", secrets.join(" ")));
+            }
+            if !files.is_empty() {
+                out.push_str(&format!("files: {}\n", files.join(" ")));
+            }
+            out.trim_end().to_string()
+        }
+        Reply::Exec { .. } => "exec context (not shown)".into(),
         Reply::Error(e) => format!("error: {e}"),
     }
 }
@@ -223,6 +277,7 @@ fn status_table(rows: &[AgentStatus]) -> String {
         "UPTIME",
         "RSS",
         "LAST EXIT",
+        "CHANNELS",
         "REASON",
     ];
     table(
@@ -245,6 +300,15 @@ fn status_table(rows: &[AgentStatus]) -> String {
                 },
                 opt(&r.rss_bytes.map(mib)),
                 opt(&r.last_exit),
+                if r.channels.is_empty() {
+                    "-".into()
+                } else {
+                    r.channels
+                        .iter()
+                        .map(|(k, c)| format!("{k}:{}", c.state))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
                 match (&r.reason, &r.drift) {
                     (Some(why), Some(_)) => format!("{why}; files changed, see --json drift"),
                     (None, Some(_)) => "files changed on disk: reload to apply".into(),
@@ -359,6 +423,14 @@ mod tests {
             last_exit: Some(ExitInfo::Code(78)),
             reason: Some("config conflict".into()),
             drift: None,
+            channels: [(
+                "telegram".to_string(),
+                crate::channels::ChannelStatus {
+                    state: crate::channels::ChannelState::Failed,
+                    error: Some("revoked".into()),
+                },
+            )]
+            .into(),
         }
     }
 
@@ -395,6 +467,7 @@ mod tests {
             "last_exit",
             "reason",
             "drift",
+            "channels",
         ];
         want.sort_unstable();
         for obj in arr {
@@ -505,6 +578,7 @@ mod tests {
             "UPTIME",
             "RSS",
             "LAST EXIT",
+            "CHANNELS",
             "REASON",
         ];
         let offs = header_offsets(lines[0], &names);
@@ -522,6 +596,7 @@ mod tests {
                 "1h02m",
                 "150.5 MiB",
                 "exit 78",
+                "telegram:failed",
                 "config conflict",
             ],
             [
@@ -536,6 +611,7 @@ mod tests {
                 "-",
                 "-",
                 "signal 9 (SIGKILL)",
+                "telegram:failed",
                 "-",
             ],
         ];

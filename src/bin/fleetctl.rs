@@ -51,6 +51,9 @@ fn run() -> Result<i32> {
         default_socket(&args.state_dir.clone().unwrap_or_else(default_state_dir))
     });
     let mut words = args.command.clone();
+    if words.first().map(String::as_str) == Some("exec") {
+        return exec(&socket, &words[1..]);
+    }
     // A template path is read by the daemon: make it absolute here, where it was typed.
     if let Some(i) = words.iter().position(|w| w == "--template") {
         if let Some(p) = words.get(i + 1) {
@@ -106,4 +109,59 @@ fn run() -> Result<i32> {
         );
     }
     Ok(code)
+}
+
+/// `fleetctl exec <fleet>/<agent> [--] PROGRAM [ARGS…]`: asks the daemon for the agent's
+/// context (HOME, environment with its secrets, PATH with its openclaw) and replaces this
+/// process with the program in it, so the terminal, signals and the exit status are the
+/// program's own.
+fn exec(socket: &std::path::Path, words: &[String]) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let usage = "usage: fleetctl exec <fleet>/<agent> -- PROGRAM [ARGS…]";
+    let Some(path) = words.first() else {
+        eprintln!("fleetctl: exec: missing <fleet>/<agent>; {usage}");
+        return Ok(2);
+    };
+    let (fleet, agent) = match fleet_commander::ids::parse_agent_path(path) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("fleetctl: exec: {e}; {usage}");
+            return Ok(2);
+        }
+    };
+    let rest = match words.get(1).map(String::as_str) {
+        Some("--") => &words[2..],
+        _ => &words[1..],
+    };
+    let Some(program) = rest.first() else {
+        eprintln!("fleetctl: exec: missing PROGRAM; {usage}");
+        return Ok(2);
+    };
+    let mut client = Client::connect(socket)?;
+    client.send(&fleet_commander::messages::command::Request {
+        command: Command::ExecContext { fleet, agent },
+        json: false,
+    })?;
+    let (cwd, env) = match client.next_frame()? {
+        Some(Frame::Reply {
+            reply: Reply::Exec { cwd, env },
+            ..
+        }) => (cwd, env),
+        Some(Frame::Reply { reply, json }) => {
+            eprintln!("{}", render(&reply, json));
+            return Ok(1);
+        }
+        _ => anyhow::bail!(
+            "fleetd at {} did not answer the exec request",
+            socket.display()
+        ),
+    };
+    let err = std::process::Command::new(program)
+        .args(&rest[1..])
+        .env_clear()
+        .envs(env)
+        .current_dir(&cwd)
+        .exec();
+    eprintln!("fleetctl: exec: cannot run {program:?} in {cwd}: {err}");
+    Ok(127)
 }

@@ -3,7 +3,8 @@
 //! answers with a `Reply`. JSON shapes come from serde and are pinned by tests.
 
 use crate::error::FleetError;
-use crate::spec::{Profile, RestartType, Strategy};
+use crate::spec::{AgentSettings, Profile, RestartType, Strategy};
+use std::collections::BTreeMap;
 use crate::state::{AgentState, ExitInfo, FleetState};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -44,6 +45,26 @@ pub enum Command {
         purge: bool,
     },
     AgentAdd {
+        fleet: String,
+        agent: String,
+        /// Its own settings (`--template`, `--env`, `--secret`, `--file`).
+        #[serde(default, skip_serializing_if = "AgentChange::is_empty")]
+        settings: AgentChange,
+    },
+    /// Changes one agent's own settings (and secrets); restarts only that agent.
+    AgentSet {
+        fleet: String,
+        agent: String,
+        change: AgentChange,
+    },
+    /// The agent's effective `openclaw.json` and environment, every secret redacted.
+    AgentConfig {
+        fleet: String,
+        agent: String,
+    },
+    /// What `fleetctl exec` needs to run a program as the agent runs: its HOME, environment
+    /// (secrets included) and PATH. Only the operator reaches the socket.
+    ExecContext {
         fleet: String,
         agent: String,
     },
@@ -94,6 +115,106 @@ pub enum Command {
     Shutdown,
 }
 
+/// A change of one agent's own settings, as the command language gives it. Paths are the
+/// operator's files, read by fleetd when the command is accepted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentChange {
+    /// A template layer over the fleet's (`--template`).
+    pub template: Option<PathBuf>,
+    /// Drop its own template layer (`--no-template`).
+    pub no_template: bool,
+    /// `--env K=V`: set or override.
+    pub env: BTreeMap<String, String>,
+    /// `--unset-env K`.
+    pub unset_env: Vec<String>,
+    /// `--secret NAME=FILE` / `agent secret … set NAME FILE`.
+    pub secrets: BTreeMap<String, PathBuf>,
+    /// `agent secret … rm NAME`.
+    pub rm_secrets: Vec<String>,
+    /// `--file DEST=SRC`.
+    pub files: BTreeMap<String, PathBuf>,
+    /// `--rm-file DEST`.
+    pub rm_files: Vec<String>,
+}
+
+impl AgentChange {
+    pub fn is_empty(&self) -> bool {
+        *self == AgentChange::default()
+    }
+
+    /// `old` with this change made. A secret or file named again is read again (its accepted
+    /// content is dropped), so `agent secret … set` with the same file picks up a new value.
+    pub fn apply(&self, old: &AgentSettings) -> Result<AgentSettings, FleetError> {
+        let mut t = old.clone();
+        if self.no_template && self.template.is_some() {
+            return Err(FleetError::invalid(
+                "--no-template",
+                "cannot be given with --template",
+            ));
+        }
+        if self.no_template {
+            t.template = None;
+            t.template_config = None;
+        }
+        if let Some(p) = &self.template {
+            t.template = Some(p.clone());
+            t.template_config = None;
+        }
+        for k in &self.unset_env {
+            if t.env.remove(k).is_none() {
+                return Err(FleetError::invalid(
+                    format!("--unset-env {k}"),
+                    "the agent has no such variable of its own",
+                ));
+            }
+        }
+        t.env.extend(self.env.clone());
+        for k in &self.rm_secrets {
+            if t.secrets.remove(k).is_none() {
+                return Err(FleetError::invalid(
+                    format!("secret {k}"),
+                    "the agent has no such secret",
+                ));
+            }
+            t.accepted.secrets.remove(k);
+        }
+        for (k, p) in &self.secrets {
+            t.secrets.insert(k.clone(), p.clone());
+            t.accepted.secrets.remove(k);
+        }
+        for d in &self.rm_files {
+            if t.files.remove(d).is_none() {
+                return Err(FleetError::invalid(
+                    format!("--rm-file {d}"),
+                    "the agent has no such file",
+                ));
+            }
+            t.accepted.files.remove(d);
+        }
+        for (d, p) in &self.files {
+            t.files.insert(d.clone(), p.clone());
+            t.accepted.files.remove(d);
+        }
+        if let Some(p) = t.validate().into_iter().next() {
+            return Err(FleetError::invalid(p.field, p.reason));
+        }
+        Ok(t)
+    }
+
+    fn has_nul(&self) -> bool {
+        let path = |p: &PathBuf| p.as_os_str().as_encoded_bytes().contains(&0);
+        let s = |v: &String| v.contains('\0');
+        self.template.as_ref().is_some_and(path)
+            || self.env.iter().any(|(k, v)| s(k) || s(v))
+            || self.unset_env.iter().any(s)
+            || self.secrets.iter().any(|(k, v)| s(k) || path(v))
+            || self.rm_secrets.iter().any(s)
+            || self.files.iter().any(|(k, v)| s(k) || path(v))
+            || self.rm_files.iter().any(s)
+    }
+}
+
 impl Command {
     /// What the parser checks, for a command that arrived already typed (a JSON request):
     /// every id against the id rule, counts within their limits, no NUL in any word. The node
@@ -130,7 +251,24 @@ impl Command {
             | Command::FleetStop { fleet: f }
             | Command::FleetRestart { fleet: f }
             | Command::FleetRm { fleet: f, .. } => fleet(f),
-            Command::AgentAdd { fleet: f, agent: a }
+            Command::AgentAdd {
+                fleet: f,
+                agent: a,
+                settings: c,
+            }
+            | Command::AgentSet {
+                fleet: f,
+                agent: a,
+                change: c,
+            } => {
+                both(f, a)?;
+                if c.has_nul() {
+                    return Err(FleetError::invalid("request", "a word contains a NUL byte"));
+                }
+                Ok(())
+            }
+            Command::AgentConfig { fleet: f, agent: a }
+            | Command::ExecContext { fleet: f, agent: a }
             | Command::AgentStart { fleet: f, agent: a }
             | Command::AgentStop { fleet: f, agent: a }
             | Command::AgentRestart { fleet: f, agent: a }
@@ -204,6 +342,10 @@ pub struct AgentStatus {
     /// Set when a file the agent's spec names (its template) now differs on disk from the
     /// version that was accepted and that its starts render: a `reload` applies it.
     pub drift: Option<String>,
+    /// Each messaging channel its config sets up, by name (`telegram`): `ready`, `starting`,
+    /// `failed` (with `error`) or `stopped`. Empty for an agent without channels.
+    #[serde(default)]
+    pub channels: BTreeMap<String, crate::channels::ChannelStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -270,6 +412,20 @@ pub enum Reply {
     Help {
         text: String,
     },
+    /// `agent config`: every secret already replaced by `[REDACTED]`.
+    Config {
+        fleet: String,
+        agent: String,
+        config: serde_json::Value,
+        env: BTreeMap<String, String>,
+        secrets: Vec<String>,
+        files: Vec<String>,
+    },
+    /// `ExecContext`: secrets in clear, for `fleetctl exec` only; never rendered.
+    Exec {
+        cwd: String,
+        env: Vec<(String, String)>,
+    },
     Error(FleetError),
 }
 
@@ -298,6 +454,18 @@ pub mod json {
         pub fleet: String,
         pub agent: String,
         pub token: String,
+    }
+
+    /// `agent config --json`: `{"fleet", "agent", "config": <openclaw.json>, "env": {…},
+    /// "secrets": [names], "files": [destinations]}`, every secret value `[REDACTED]`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Config {
+        pub fleet: String,
+        pub agent: String,
+        pub config: serde_json::Value,
+        pub env: std::collections::BTreeMap<String, String>,
+        pub secrets: Vec<String>,
+        pub files: Vec<String>,
     }
 
     /// `{"help": …}`

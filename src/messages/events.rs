@@ -42,4 +42,13 @@ pub enum Event {
         reason: String,
         at_ms: u64,
     },
+    /// A messaging channel of an agent changed state (`channels` in `status`).
+    Channel {
+        fleet: String,
+        agent: String,
+        channel: String,
+        state: crate::channels::ChannelState,
+        error: Option<String>,
+        at_ms: u64,
+    },
 }

@@ -71,9 +71,12 @@ pub fn render_config(
         set(&["gateway", "controlUi", "enabled"], false.into(), false);
         // An explicit plugins section is the operator's informed choice; only fill the gap.
         if !root.contains_key("plugins") {
+            // A channel the config sets up is a plugin too: keep it on (OPENCLAW.md).
+            let mut allow = vec![Value::from("openai")];
+            allow.extend(configured_channels(&root).into_iter().map(Value::from));
             root.insert(
                 "plugins".into(),
-                serde_json::json!({"allow": ["openai"], "slots": {"memory": "none"}}),
+                serde_json::json!({"allow": allow, "slots": {"memory": "none"}}),
             );
         }
     }
@@ -85,6 +88,18 @@ pub fn render_config(
         }
     }
     Ok((Value::Object(root), warnings))
+}
+
+/// The channels a config sets up (`channels.<name>`, unless `enabled` is false), by name.
+pub fn configured_channels(root: &Map<String, Value>) -> Vec<String> {
+    match root.get("channels") {
+        Some(Value::Object(ch)) => ch
+            .iter()
+            .filter(|(_, c)| c.get("enabled") != Some(&Value::Bool(false)))
+            .map(|(k, _)| k.clone())
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 pub(super) fn json_kind(v: &Value) -> &'static str {
@@ -255,6 +270,11 @@ pub fn accept_files(spec: &mut crate::spec::FleetSpec) -> Result<(), FleetError>
             None => None,
         };
     }
+    for (agent, t) in spec.tenants.iter_mut() {
+        accept_tenant_files(t).map_err(|reason| FleetError::Spec {
+            reason: format!("fleet {fleet:?}: agent {agent:?}: {reason}"),
+        })?;
+    }
     if let Some(cmd) = &spec.command {
         let Some(program) = cmd.first() else {
             return Ok(()); // validate() names an empty command
@@ -282,4 +302,100 @@ pub fn accept_files(spec: &mut crate::spec::FleetSpec) -> Result<(), FleetError>
             })?;
     }
     Ok(())
+}
+
+/// Reads what one agent's settings name and was not read yet (a registry record or a spec
+/// that already carries the contents keeps them); forgets contents no longer named.
+pub fn accept_tenant_files(t: &mut crate::spec::AgentSettings) -> Result<(), String> {
+    if t.template_config.is_none() {
+        if let Some(path) = &t.template {
+            t.template_config = Some(load_template(path).map_err(|e| match e {
+                FleetError::Spec { reason } => reason,
+                other => other.to_string(),
+            })?);
+        }
+    }
+    if t.template.is_none() {
+        t.template_config = None;
+    }
+    let names: Vec<String> = t.secrets.keys().cloned().collect();
+    t.accepted.secrets.retain(|k, _| names.contains(k));
+    for (name, src) in &t.secrets {
+        if !t.accepted.secrets.contains_key(name) {
+            let v = read_secret(src).map_err(|e| format!("secrets.{name}: {e}"))?;
+            t.accepted.secrets.insert(name.clone(), v);
+        }
+    }
+    let dests: Vec<String> = t.files.keys().cloned().collect();
+    t.accepted.files.retain(|k, _| dests.contains(k));
+    for (dest, src) in &t.files {
+        if !t.accepted.files.contains_key(dest) {
+            let bytes = crate::operator_file::read_bounded(src, crate::spec::MAX_FILE_BYTES)
+                .map_err(|e| format!("files.{dest:?}: {}: it {e}", src.display()))?;
+            t.accepted.files.insert(dest.clone(), bytes);
+        }
+    }
+    Ok(())
+}
+
+/// A secret's value from the operator's file: a regular file (symlinks followed), at most
+/// `MAX_SECRET_BYTES`, UTF-8 without NUL, one trailing newline dropped (`echo … > file`), and
+/// at least `MIN_SECRET_BYTES` left. The error names the file, never its content.
+pub fn read_secret(path: &Path) -> Result<crate::spec::Secret, String> {
+    use crate::spec::{Secret, MAX_SECRET_BYTES, MIN_SECRET_BYTES};
+    let bytes = crate::operator_file::read_bounded(path, MAX_SECRET_BYTES)
+        .map_err(|e| format!("{}: it {e}", path.display()))?;
+    let mut text = String::from_utf8(bytes)
+        .map_err(|_| format!("{}: it is not UTF-8 text", path.display()))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if text.contains('\0') {
+        return Err(format!("{}: it contains a NUL byte", path.display()));
+    }
+    if text.trim().is_empty() {
+        return Err(format!("{}: it is empty", path.display()));
+    }
+    if text.len() < MIN_SECRET_BYTES {
+        return Err(format!(
+            "{}: it holds {} bytes, fewer than {MIN_SECRET_BYTES}: too short to be a secret (or to be redacted from logs)",
+            path.display(),
+            text.len()
+        ));
+    }
+    Ok(Secret::new(text))
+}
+
+/// `over` deep-merged into `base`: objects merge key by key, anything else replaces. How an
+/// agent's own template layer goes over its fleet's.
+pub fn merge_json(base: &mut Value, over: &Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(k) {
+                    Some(slot) => merge_json(slot, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v.clone(),
+    }
+}
+
+/// The template an agent's starts render: its fleet's, with its own layer over it.
+pub fn effective_template(spec: &crate::spec::FleetSpec, agent: &str) -> Option<Value> {
+    let fleet = spec.template_config.clone();
+    match spec.tenant(agent).and_then(|t| t.template_config.as_ref()) {
+        None => fleet,
+        Some(own) => {
+            let mut v = fleet.unwrap_or_else(|| Value::Object(Map::new()));
+            merge_json(&mut v, own);
+            Some(v)
+        }
+    }
 }

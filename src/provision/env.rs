@@ -77,3 +77,63 @@ pub fn agent_env(input: &EnvInput) -> Vec<(String, String)> {
     }
     env.into_iter().collect()
 }
+
+/// The environment an agent adds to fleetd's own (`EnvInput::extra`): its fleet's `env`,
+/// then its own `env`, then each of its secrets by name. A secret the registry names but
+/// whose value fleetd no longer holds (a lost vault) is an error naming it.
+pub fn extra_env(
+    spec: &crate::spec::FleetSpec,
+    agent: &str,
+) -> Result<BTreeMap<String, String>, crate::FleetError> {
+    let mut env = spec.env.clone();
+    let Some(t) = spec.tenant(agent) else {
+        return Ok(env);
+    };
+    env.extend(t.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    for name in t.secrets.keys() {
+        match t.accepted.secrets.get(name) {
+            Some(v) => {
+                env.insert(name.clone(), v.expose().to_string());
+            }
+            None => {
+                return Err(crate::FleetError::Spec {
+                    reason: format!(
+                        "agent {}/{agent}: secret {name} has no value in fleetd's vault: set it again (agent secret {}/{agent} set {name} FILE)",
+                        spec.name, spec.name
+                    ),
+                })
+            }
+        }
+    }
+    Ok(env)
+}
+
+/// Writes an agent's secrets (`.openclaw/secrets/<NAME>`, for settings that read a file) and
+/// the files its settings copy into its HOME, each 0600; drops secret files it no longer has.
+pub fn place_tenant_files(
+    paths: &AgentPaths,
+    t: Option<&crate::spec::AgentSettings>,
+) -> Result<(), crate::FleetError> {
+    use crate::spec::SECRETS_DIR_IN_HOME;
+    let fail = |e: String| paths.err(e);
+    let names: Vec<&str> = t
+        .map(|t| t.accepted.secrets.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    if names.is_empty() && !paths.home.join(SECRETS_DIR_IN_HOME).exists() {
+        return Ok(());
+    }
+    prune_in_home(&paths.home, SECRETS_DIR_IN_HOME, &names).map_err(fail)?;
+    let Some(t) = t else { return Ok(()) };
+    for (name, v) in &t.accepted.secrets {
+        write_in_home(
+            &paths.home,
+            &format!("{SECRETS_DIR_IN_HOME}/{name}"),
+            v.expose().as_bytes(),
+        )
+        .map_err(fail)?;
+    }
+    for (dest, content) in &t.accepted.files {
+        write_in_home(&paths.home, dest, content).map_err(fail)?;
+    }
+    Ok(())
+}

@@ -8,12 +8,14 @@
 
 mod config;
 mod env;
+mod home_files;
 mod openclaw;
 mod paths;
 mod purge;
 
 pub use config::*;
 pub use env::*;
+pub use home_files::*;
 pub use openclaw::*;
 pub use paths::*;
 pub use purge::*;

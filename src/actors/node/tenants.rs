@@ -1,0 +1,227 @@
+//! The node's commands on one tenant: its own settings and secrets (`agent add` with
+//! settings, `agent set`, `agent secret`), and what the operator may see or run of it
+//! (`agent config`, the context of `fleetctl exec`). Each change restarts that agent only.
+
+use super::*;
+use crate::messages::command::AgentChange;
+use crate::spec::AgentSettings;
+
+/// What a tenant's settings name, read off the actor's thread.
+pub(super) async fn accept_tenant(mut t: AgentSettings) -> Result<AgentSettings, FleetError> {
+    tokio::task::spawn_blocking(move || {
+        provision::accept_tenant_files(&mut t)
+            .map(|()| t)
+            .map_err(|reason| FleetError::Spec { reason })
+    })
+    .await
+    .map_err(FleetError::internal)?
+}
+
+impl NodeRuntime {
+    /// The tenant settings an `agent add` asks for, read and checked before anything changes.
+    pub(super) async fn new_tenant(
+        &self,
+        fleet: &str,
+        agent: &str,
+        change: &AgentChange,
+    ) -> Result<Option<AgentSettings>, FleetError> {
+        if change.is_empty() {
+            return Ok(None);
+        }
+        let t = change.apply(&AgentSettings::default())?;
+        accept_tenant(t)
+            .await
+            .map(Some)
+            .map_err(|e| with_agent(e, fleet, agent))
+    }
+
+    /// `agent set` / `agent secret`: the agent's new settings are read and checked, saved
+    /// (with the values its secrets had, for redaction), given to its fleet, and the agent
+    /// restarts if it should run. An error changes nothing.
+    pub(super) async fn set_tenant(
+        &mut self,
+        fleet: &str,
+        agent: &str,
+        change: AgentChange,
+    ) -> Result<String, FleetError> {
+        self.imperative_change(fleet, format!("agent {fleet}/{agent}'s settings"))?;
+        self.agent_record(fleet, agent)?;
+        self.check_not_removing(fleet, Some(agent))?;
+        let old_spec = self.data.fleets[fleet].spec.clone();
+        let old = old_spec.tenant(agent).cloned().unwrap_or_default();
+        let new = accept_tenant(change.apply(&old)?)
+            .await
+            .map_err(|e| with_agent(e, fleet, agent))?;
+        // The files were read off the actor: look again.
+        self.agent_record(fleet, agent)?;
+        self.check_not_removing(fleet, Some(agent))?;
+        let mut new_spec = self.data.fleets[fleet].spec.clone();
+        if new.is_empty() {
+            new_spec.tenants.remove(agent);
+        } else {
+            new_spec.tenants.insert(agent.to_string(), new.clone());
+        }
+        let why = reconcile::agent_differences(&old_spec, &new_spec, agent);
+        if why.is_empty() {
+            return Ok(format!("agent {fleet}/{agent}: nothing changed"));
+        }
+        let gone: Vec<_> = old
+            .accepted
+            .secrets
+            .values()
+            .filter(|v| !new.accepted.secrets.values().any(|n| n == *v))
+            .cloned()
+            .collect();
+        let rec = self.data.fleets.get_mut(fleet).expect("checked above");
+        let before = (
+            std::mem::replace(&mut rec.spec, new_spec.clone()),
+            rec.agents[agent].clone(),
+        );
+        if let Some(a) = rec.agents.get_mut(agent) {
+            a.remember_secrets(gone);
+        }
+        if let Err(e) = self.save().await {
+            let rec = self.data.fleets.get_mut(fleet).expect("checked above");
+            rec.spec = before.0;
+            rec.agents.insert(agent.to_string(), before.1);
+            return Err(e);
+        }
+        let what = why.join(", ");
+        tracing::info!(fleet, agent, changed = %what, "agent settings changed");
+        let f = self.fleet_ref(fleet)?;
+        let _ = f.send_message(FleetMsg::UpdateSpec(Arc::new(new_spec)));
+        self.restart_for_reload(fleet, agent)?;
+        Ok(format!("agent {fleet}/{agent}: {what} changed"))
+    }
+
+    /// What `agent config` and `fleetctl exec` show or use: the agent's effective config and
+    /// environment. `redact`: every secret (and the gateway token) replaced by `[REDACTED]`.
+    pub(super) fn agent_view(
+        &self,
+        fleet: &str,
+        agent: &str,
+        redact: bool,
+    ) -> Result<Later, FleetError> {
+        let rec = self.agent_record(fleet, agent)?.clone();
+        let spec = self.data.fleets[fleet].spec.clone();
+        let paths = AgentPaths::new(&self.ctx.config.state_dir, fleet, agent);
+        let (ctx, fleet, agent) = (self.ctx.clone(), fleet.to_string(), agent.to_string());
+        Ok(Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                agent_view(&ctx, &spec, &rec, &paths, &fleet, &agent, redact)
+                    .unwrap_or_else(Reply::Error)
+            })
+            .await
+            .unwrap_or_else(|e| Reply::Error(FleetError::internal(e)))
+        }))
+    }
+}
+
+fn with_agent(e: FleetError, fleet: &str, agent: &str) -> FleetError {
+    match e {
+        FleetError::Spec { reason } => FleetError::Spec {
+            reason: format!("agent {fleet}/{agent}: {reason}; nothing was changed"),
+        },
+        other => other,
+    }
+}
+
+const REDACTED: &str = "[REDACTED]";
+
+/// Blocking: resolves the OpenClaw install and renders the agent's config and env.
+fn agent_view(
+    ctx: &NodeContext,
+    spec: &FleetSpec,
+    rec: &AgentRecord,
+    paths: &AgentPaths,
+    fleet: &str,
+    agent: &str,
+    redact: bool,
+) -> Result<Reply, FleetError> {
+    let port = rec.port_base.unwrap_or(0);
+    let install = if spec.runs_openclaw() {
+        provision::resolve_openclaw(ctx.config.openclaw_bin.as_deref()).ok()
+    } else {
+        None
+    };
+    let node_bin_dir = install.as_ref().and_then(|i| i.node_bin_dir.clone());
+    let mut extra = provision::extra_env(spec, agent)?;
+    let tenant = spec.tenant(agent);
+    let secret_names: Vec<String> = tenant
+        .map(|t| t.secrets.keys().cloned().collect())
+        .unwrap_or_default();
+    let mut secret_values: Vec<String> = tenant
+        .map(|t| {
+            t.accepted
+                .secrets
+                .values()
+                .map(|v| v.expose().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    secret_values.push(rec.token.clone());
+    if redact {
+        for n in &secret_names {
+            extra.insert(n.clone(), REDACTED.into());
+        }
+    }
+    let env = provision::agent_env(&provision::EnvInput {
+        paths,
+        port,
+        compile_cache: &ctx.compile_cache,
+        node_bin_dir: node_bin_dir.as_deref(),
+        profile: spec.profile,
+        marker: &format!("{fleet}/{agent}"),
+        extra: &extra,
+        runs_openclaw: spec.runs_openclaw(),
+    });
+    if !redact {
+        // The operator's program is no member of the agent: no marker, and `openclaw` on PATH.
+        let bin = install
+            .as_ref()
+            .and_then(|i| i.openclaw.parent().map(|p| p.to_string_lossy().into_owned()));
+        let env = env
+            .into_iter()
+            .filter(|(k, _)| k != provision::MARKER_VAR)
+            .map(|(k, v)| match (&bin, k.as_str()) {
+                (Some(b), "PATH") => (k, format!("{b}:{v}")),
+                _ => (k, v),
+            })
+            .collect();
+        return Ok(Reply::Exec {
+            cwd: paths.home.to_string_lossy().into_owned(),
+            env,
+        });
+    }
+    let template = provision::effective_template(spec, agent);
+    let config = if spec.runs_openclaw() {
+        let enforced = provision::Enforced {
+            token: REDACTED,
+            port,
+            log_file: &paths.openclaw_log,
+            log_max_bytes: spec.logs.max_bytes,
+            profile: spec.profile,
+        };
+        provision::render_config(template.as_ref(), &enforced)?.0
+    } else {
+        template.unwrap_or(serde_json::Value::Null)
+    };
+    // A template may hold a secret's value literally: it is redacted there too.
+    let text = serde_json::to_string(&config).map_err(FleetError::internal)?;
+    let secrets: Vec<&str> = secret_values.iter().map(String::as_str).collect();
+    let config = serde_json::from_str(&crate::logs::tail::redact(&text, &secrets))
+        .unwrap_or(serde_json::Value::Null);
+    Ok(Reply::Config {
+        fleet: fleet.to_string(),
+        agent: agent.to_string(),
+        config,
+        env: env
+            .into_iter()
+            .map(|(k, v)| (k, crate::logs::tail::redact(&v, &secrets)))
+            .collect(),
+        secrets: secret_names,
+        files: tenant
+            .map(|t| t.files.keys().cloned().collect())
+            .unwrap_or_default(),
+    })
+}
