@@ -583,7 +583,7 @@ mod tests {
         ];
         let offs = header_offsets(lines[0], &names);
         assert_eq!(offs[0], 0, "{out}");
-        let expect: [[&str; 12]; 2] = [
+        let expect: [[&str; 13]; 2] = [
             [
                 "demo",
                 "agent-1",
