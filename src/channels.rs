@@ -113,13 +113,83 @@ mod tests {
         let grace = Duration::from_secs(60);
         let at = |s| Duration::from_secs(s);
         let cases: Vec<(&str, Seen, ChannelState)> = vec![
-            ("not running", Seen { running: false, ready: true, grace, ..Seen::default() }, Stopped),
-            ("ready", Seen { running: true, ready: true, grace, ..Seen::default() }, Ready),
-            ("early, listed", Seen { running: true, failing: &failing, up_for: at(5), grace, ..Seen::default() }, Starting),
-            ("early, nothing listed", Seen { running: true, failing: &none, up_for: at(500), grace, ..Seen::default() }, Starting),
-            ("past grace, listed", Seen { running: true, failing: &failing, up_for: at(61), grace, ..Seen::default() }, Failed),
-            ("revoked after ready", Seen { running: true, was_ready: true, failing: &failing, up_for: at(5), grace, ..Seen::default() }, Failed),
-            ("another one failing", Seen { running: true, was_ready: true, failing: &other, up_for: at(5), grace, ..Seen::default() }, Ready),
+            (
+                "not running",
+                Seen {
+                    running: false,
+                    ready: true,
+                    grace,
+                    ..Seen::default()
+                },
+                Stopped,
+            ),
+            (
+                "ready",
+                Seen {
+                    running: true,
+                    ready: true,
+                    grace,
+                    ..Seen::default()
+                },
+                Ready,
+            ),
+            (
+                "early, listed",
+                Seen {
+                    running: true,
+                    failing: &failing,
+                    up_for: at(5),
+                    grace,
+                    ..Seen::default()
+                },
+                Starting,
+            ),
+            (
+                "early, nothing listed",
+                Seen {
+                    running: true,
+                    failing: &none,
+                    up_for: at(500),
+                    grace,
+                    ..Seen::default()
+                },
+                Starting,
+            ),
+            (
+                "past grace, listed",
+                Seen {
+                    running: true,
+                    failing: &failing,
+                    up_for: at(61),
+                    grace,
+                    ..Seen::default()
+                },
+                Failed,
+            ),
+            (
+                "revoked after ready",
+                Seen {
+                    running: true,
+                    was_ready: true,
+                    failing: &failing,
+                    up_for: at(5),
+                    grace,
+                    ..Seen::default()
+                },
+                Failed,
+            ),
+            (
+                "another one failing",
+                Seen {
+                    running: true,
+                    was_ready: true,
+                    failing: &other,
+                    up_for: at(5),
+                    grace,
+                    ..Seen::default()
+                },
+                Ready,
+            ),
         ];
         for (what, seen, want) in cases {
             let got = channel_states(&tg, &seen);
@@ -131,9 +201,13 @@ mod tests {
 
     #[test]
     fn only_changed_states_are_events() {
-        let s = |st| ChannelStatus { state: st, error: None };
+        let s = |st| ChannelStatus {
+            state: st,
+            error: None,
+        };
         let old: BTreeMap<_, _> = [("a".to_string(), s(Ready)), ("b".to_string(), s(Ready))].into();
-        let new: BTreeMap<_, _> = [("a".to_string(), s(Ready)), ("b".to_string(), s(Failed))].into();
+        let new: BTreeMap<_, _> =
+            [("a".to_string(), s(Ready)), ("b".to_string(), s(Failed))].into();
         let c = changed(&old, &new);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].0, "b");

@@ -263,7 +263,12 @@ mod tests {
         assert_eq!(failing_from_readyz(raw), ["telegram"]);
         let chunked = b"HTTP/1.1 503 x\r\ntransfer-encoding: chunked\r\n\r\n2a\r\n{\"ready\":false,\"failing\":[\"telegram\",\"x\"]}\r\n0\r\n\r\n";
         assert_eq!(failing_from_readyz(chunked), ["telegram", "x"]);
-        for junk in [&b"HTTP/1.1 503 x\r\n\r\nnot json"[..], b"", b"}{", b"{\"failing\":7}"] {
+        for junk in [
+            &b"HTTP/1.1 503 x\r\n\r\nnot json"[..],
+            b"",
+            b"}{",
+            b"{\"failing\":7}",
+        ] {
             assert!(failing_from_readyz(junk).is_empty());
         }
     }

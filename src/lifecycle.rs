@@ -55,6 +55,23 @@ pub fn replaces(current: Option<&Purpose>, new: &Purpose) -> bool {
     !(final_stop && restarting)
 }
 
+/// An OpenClaw gateway counts a SIGTERM in its first seconds as an unclean exit, and three
+/// of those in five minutes trip its crash-loop breaker, which keeps every channel off while
+/// its probes stay green (OPENCLAW.md). A restart asked for that early waits until then.
+pub const EARLY_STOP_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long to hold a stop of a process `age` old before its SIGTERM: only restarts of an
+/// OpenClaw gateway young enough to count it as unclean. A stop that ends the agent, a
+/// failed probe or the memory limit are never held.
+pub fn hold_before_stop(
+    purpose: &Purpose,
+    runs_openclaw: bool,
+    age: std::time::Duration,
+) -> Option<std::time::Duration> {
+    (runs_openclaw && matches!(purpose, Purpose::Restart) && age < EARLY_STOP_HOLD)
+        .then(|| EARLY_STOP_HOLD - age)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +107,27 @@ mod tests {
                 want,
                 "{purpose:?} want_running={want_running}"
             );
+        }
+    }
+
+    #[test]
+    fn only_early_restarts_of_a_gateway_are_held() {
+        use std::time::Duration as D;
+        let cases = [
+            (
+                Purpose::Restart,
+                true,
+                D::from_secs(1),
+                Some(D::from_secs(4)),
+            ),
+            (Purpose::Restart, true, D::from_secs(5), None),
+            (Purpose::Restart, false, D::from_secs(1), None),
+            (Purpose::Stop, true, D::from_secs(1), None),
+            (Purpose::Health, true, D::ZERO, None),
+            (Purpose::Memory, true, D::ZERO, None),
+        ];
+        for (p, oc, age, want) in cases {
+            assert_eq!(hold_before_stop(&p, oc, age), want, "{p:?} {oc} {age:?}");
         }
     }
 

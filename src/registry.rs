@@ -79,10 +79,7 @@ impl AgentRecord {
                 self.previous_secrets.push(s);
             }
         }
-        let extra = self
-            .previous_secrets
-            .len()
-            .saturating_sub(PREVIOUS_SECRETS);
+        let extra = self.previous_secrets.len().saturating_sub(PREVIOUS_SECRETS);
         self.previous_secrets.drain(..extra);
     }
 }

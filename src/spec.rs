@@ -533,7 +533,12 @@ pub const MAX_FILES: usize = 64;
 pub const MAX_SECRETS: usize = 64;
 
 /// HOME paths fleetd writes itself: a `files` entry may not replace them.
-const RESERVED_IN_HOME: &[&str] = &[".openclaw/openclaw.json", ".openclaw/secrets", "logs", "tmp"];
+const RESERVED_IN_HOME: &[&str] = &[
+    ".openclaw/openclaw.json",
+    ".openclaw/secrets",
+    "logs",
+    "tmp",
+];
 
 /// Where, inside an agent's HOME, fleetd puts the file of each secret (for settings such as
 /// Telegram's `tokenFile` that read a file).
@@ -634,7 +639,10 @@ pub fn home_path_problem(dest: &str) -> Option<String> {
     use std::path::Component;
     let p = std::path::Path::new(dest);
     if dest.is_empty() || dest.len() > 1024 || dest.chars().any(char::is_control) {
-        return Some("must be a relative path inside the HOME, at most 1024 bytes, no control characters".into());
+        return Some(
+            "must be a relative path inside the HOME, at most 1024 bytes, no control characters"
+                .into(),
+        );
     }
     if p.is_absolute() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
         return Some(format!(

@@ -454,7 +454,8 @@ fn check_table(raw: &mut RawTable, schema: &Json, base: &Path) -> Found {
         fail(
             map,
             "tenants",
-            "unknown key: write an agent's own settings as a [[fleet.agents]] table with its id".into(),
+            "unknown key: write an agent's own settings as a [[fleet.agents]] table with its id"
+                .into(),
         );
     }
     if let Some(Json::Array(list)) = map.get("agents") {
@@ -518,13 +519,13 @@ fn check_table(raw: &mut RawTable, schema: &Json, base: &Path) -> Found {
     found
 }
 
+/// The agent ids in order, and each one's own settings as written.
+type AgentTables = (Vec<String>, Map<String, Json>);
+
 /// `agents` as written (ids, or tables with an `id` and the agent's own settings) → the ids in
 /// order and the settings by id, every relative path resolved against `base`. Err: the
 /// element's key (`agents[2]`) and why.
-fn split_agent_tables(
-    list: &[Json],
-    base: &Path,
-) -> Result<(Vec<String>, Map<String, Json>), (String, String)> {
+fn split_agent_tables(list: &[Json], base: &Path) -> Result<AgentTables, (String, String)> {
     let mut ids = Vec::with_capacity(list.len());
     let mut tenants = Map::new();
     for (i, a) in list.iter().enumerate() {
@@ -535,7 +536,12 @@ fn split_agent_tables(
                 continue;
             }
             Json::Object(t) => t.clone(),
-            _ => return Err((key, "must be an agent id (a string) or a table with an id".into())),
+            _ => {
+                return Err((
+                    key,
+                    "must be an agent id (a string) or a table with an id".into(),
+                ))
+            }
         };
         let id = match table.remove("id") {
             Some(Json::String(id)) => id,
@@ -563,7 +569,9 @@ fn split_agent_tables(
                 m.values_mut().for_each(absolute);
             }
         }
-        if let Err(e) = serde_json::from_value::<crate::spec::AgentSettings>(Json::Object(table.clone())) {
+        if let Err(e) =
+            serde_json::from_value::<crate::spec::AgentSettings>(Json::Object(table.clone()))
+        {
             return Err((key, format!("agent {id:?}: {e}")));
         }
         ids.push(id.clone());

@@ -135,10 +135,13 @@ mod tests {
         let mut t = AgentSettings::default();
         t.secrets.insert("TG_BOT_TOKEN".into(), "/s/a.tg".into());
         t.files.insert("SOUL.md".into(), "/s/soul.md".into());
+        t.accepted.secrets.insert(
+            "TG_BOT_TOKEN".into(),
+            Secret::new("123:secret-value".into()),
+        );
         t.accepted
-            .secrets
-            .insert("TG_BOT_TOKEN".into(), Secret::new("123:secret-value".into()));
-        t.accepted.files.insert("SOUL.md".into(), vec![0, 1, 2, 255]);
+            .files
+            .insert("SOUL.md".into(), vec![0, 1, 2, 255]);
         spec.tenants.insert("a".into(), t);
         let rec = |prev: Vec<Secret>| AgentRecord {
             desired: Desired::Running,
@@ -156,7 +159,10 @@ mod tests {
                 spec,
                 desired: Desired::Running,
                 agents: [
-                    ("a".to_string(), rec(vec![Secret::new("old-value-1".into())])),
+                    (
+                        "a".to_string(),
+                        rec(vec![Secret::new("old-value-1".into())]),
+                    ),
                     ("b".to_string(), rec(vec![])),
                 ]
                 .into_iter()

@@ -75,6 +75,8 @@ pub struct AgentRuntime {
     failing: Vec<String>,
     /// This incarnation was ready once.
     was_ready: bool,
+    /// Itself, for timers set outside a handler's arguments.
+    me: ActorRef<AgentMsg>,
     /// The channel states last published, so only changes become events.
     channels: std::collections::BTreeMap<String, crate::channels::ChannelStatus>,
 }
@@ -137,6 +139,7 @@ impl Actor for AgentActor {
             configured_channels: Vec::new(),
             failing: Vec::new(),
             was_ready: false,
+            me: myself.clone(),
             channels: Default::default(),
         };
         rt.configured_channels = configured_channels(&rt.spec, &rt.agent);
@@ -233,6 +236,13 @@ impl Actor for AgentActor {
                 } else if gen == rt.gen {
                     // A channel still failing now counts as failed.
                     rt.publish_view();
+                }
+            }
+            AgentMsg::HeldStop { gen } => {
+                if gen == rt.gen && rt.stopping.is_some() {
+                    if let Some(p) = &rt.process {
+                        p.stop(rt.spec.stop_timeout());
+                    }
                 }
             }
             AgentMsg::BackoffDone { gen } => {
@@ -615,10 +625,19 @@ impl AgentRuntime {
     /// Stops the current process for `purpose`, or settles at once when there is none.
     fn stop_process(&mut self, purpose: Purpose) {
         if let Some(p) = &self.process {
+            let age = self.started_at.map(|t| t.elapsed()).unwrap_or_default();
+            let hold = lifecycle::hold_before_stop(&purpose, self.spec.runs_openclaw(), age);
             if lifecycle::replaces(self.stopping.as_ref(), &purpose) {
                 self.stopping = Some(purpose);
             }
-            p.stop(self.spec.stop_timeout());
+            match hold {
+                Some(d) => {
+                    let gen = self.gen;
+                    tracing::debug!(fleet = %self.fleet, agent = %self.agent, hold_ms = d.as_millis() as u64, "restart held: the gateway is in its first seconds");
+                    self.me.send_after(d, move || AgentMsg::HeldStop { gen });
+                }
+                None => p.stop(self.spec.stop_timeout()),
+            }
             let reason = self.reason.clone();
             self.set_state(AgentState::Stopping, None, reason);
             return;

@@ -340,6 +340,13 @@ impl NodeRuntime {
             Command::AgentConfig { fleet, agent } => {
                 Ok(Outcome::Later(self.agent_view(&fleet, &agent, true)?))
             }
+            Command::Say { fleet, agent, text } => {
+                Ok(Outcome::Later(self.say(&fleet, &agent, text)?))
+            }
+            Command::Watch { .. } => Err(FleetError::invalid(
+                "watch",
+                "watch is a setting of the REPL on a terminal",
+            )),
             Command::ExecContext { fleet, agent } => {
                 Ok(Outcome::Later(self.agent_view(&fleet, &agent, false)?))
             }

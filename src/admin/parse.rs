@@ -129,10 +129,18 @@ const SET_FLAGS: &[Flag] = &[
     TENANT_TEMPLATE,
     switch("--no-template", "drop the agent's own template layer"),
     TENANT_ENV,
-    repeated("--unset-env", "K", "drop one of the agent's own variables; repeatable"),
+    repeated(
+        "--unset-env",
+        "K",
+        "drop one of the agent's own variables; repeatable",
+    ),
     TENANT_SECRET,
     TENANT_FILE,
-    repeated("--rm-file", "DEST", "stop copying DEST into the HOME; repeatable"),
+    repeated(
+        "--rm-file",
+        "DEST",
+        "stop copying DEST into the HOME; repeatable",
+    ),
 ];
 
 const PURGE: Flag = switch("--purge", "also delete its HOME, logs and tokens");
@@ -302,6 +310,33 @@ static SPECS: &[Spec] = &[
                 agent,
                 purge: a.switch("--purge"),
             })
+        },
+    },
+    Spec {
+        name: "say",
+        args: "<fleet>/<agent> TEXT…",
+        summary: "(demo) send a Telegram DM to the agent's bot through the loopback fake Bot API and print its reply",
+        max_pos: 64,
+        flags: &[],
+        build: |a| {
+            let (fleet, agent) = a.agent_path()?;
+            let text = a.pos[1..].join(" ");
+            if text.trim().is_empty() {
+                return Err(a.err("missing TEXT"));
+            }
+            Ok(Command::Say { fleet, agent, text })
+        },
+    },
+    Spec {
+        name: "watch",
+        args: "on|off",
+        summary: "(REPL) print agent and channel transitions as they happen, or stop printing them",
+        max_pos: 1,
+        flags: &[],
+        build: |a| match a.required(0, "on|off")? {
+            "on" => Ok(Command::Watch { on: true }),
+            "off" => Ok(Command::Watch { on: false }),
+            other => Err(a.err(format!("expected on or off, got {other:?}"))),
         },
     },
     Spec {
@@ -1321,17 +1356,44 @@ mod tests {
                 vec!["invalid fleet id", &long_id, "1-40"],
             ),
             (s("agent add f A"), vec!["invalid agent id", "\"A\""]),
-            (s("agent add f a --env NOEQUALS"), vec!["--env", "KEY=VALUE"]),
-            (s("agent add f a --env HOME=/x"), vec!["--env HOME", "set by fleetd"]),
-            (s("agent add f a --secret lower=/x"), vec!["--secret lower", "A-Z"]),
-            (s("agent add f a --secret K=/x --secret K=/y"), vec!["--secret K given twice"]),
-            (s("agent add f a --file ../x=/s"), vec!["--file ../x", "inside the HOME"]),
-            (s("agent add f a --file /etc/x=/s"), vec!["--file /etc/x", "inside the HOME"]),
-            (s("agent add f a --file .openclaw/openclaw.json=/s"), vec!["written by fleetd"]),
-            (s("agent add f a --file logs/x=/s"), vec!["written by fleetd"]),
+            (
+                s("agent add f a --env NOEQUALS"),
+                vec!["--env", "KEY=VALUE"],
+            ),
+            (
+                s("agent add f a --env HOME=/x"),
+                vec!["--env HOME", "set by fleetd"],
+            ),
+            (
+                s("agent add f a --secret lower=/x"),
+                vec!["--secret lower", "A-Z"],
+            ),
+            (
+                s("agent add f a --secret K=/x --secret K=/y"),
+                vec!["--secret K given twice"],
+            ),
+            (
+                s("agent add f a --file ../x=/s"),
+                vec!["--file ../x", "inside the HOME"],
+            ),
+            (
+                s("agent add f a --file /etc/x=/s"),
+                vec!["--file /etc/x", "inside the HOME"],
+            ),
+            (
+                s("agent add f a --file .openclaw/openclaw.json=/s"),
+                vec!["written by fleetd"],
+            ),
+            (
+                s("agent add f a --file logs/x=/s"),
+                vec!["written by fleetd"],
+            ),
             (s("agent set f/a"), vec!["agent set", "nothing to change"]),
             (s("agent secret f/a"), vec!["agent secret", "set NAME FILE"]),
-            (s("agent secret f/a add K /x"), vec!["expected set or rm", "\"add\""]),
+            (
+                s("agent secret f/a add K /x"),
+                vec!["expected set or rm", "\"add\""],
+            ),
             (s("agent secret f/a set K"), vec!["missing FILE"]),
             (s("exec f/a"), vec!["fleetctl exec f/a --"]),
             (s("agent start f/a_b"), vec!["invalid agent id", "\"a_b\""]),

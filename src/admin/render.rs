@@ -67,7 +67,10 @@ pub fn render_event(ev: &Event, json: bool) -> String {
         } => format!(
             "{} {fleet}/{agent} channel {channel} {state}{}",
             timestamp(*at_ms),
-            error.as_ref().map(|e| format!(" error={e}")).unwrap_or_default()
+            error
+                .as_ref()
+                .map(|e| format!(" error={e}"))
+                .unwrap_or_default()
         ),
     }
 }

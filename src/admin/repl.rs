@@ -38,12 +38,16 @@ pub async fn run(node: NodeHandle, tty: bool, history: Option<std::path::PathBuf
         .name("fleet-repl".into())
         .spawn(move || read_lines(tty, history, tx, ack_rx, printer_tx))
         .expect("spawn REPL thread");
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     if tty {
         if let Ok(mut print) = printer_rx.recv_timeout(Duration::from_secs(2)) {
             let mut events = node.subscribe();
+            let on = watching.clone();
             tokio::spawn(async move {
                 while let Ok(ev) = events.recv().await {
-                    print(render_event(&ev, false));
+                    if on.load(std::sync::atomic::Ordering::Relaxed) {
+                        print(render_event(&ev, false));
+                    }
                 }
             });
         }
@@ -76,6 +80,20 @@ pub async fn run(node: NodeHandle, tty: bool, history: Option<std::path::PathBuf
                 println!("{}", render(&node.execute(Command::Shutdown).await, json));
                 let _ = ack_tx.send(());
                 return ReplEnd::Shutdown;
+            }
+            Command::Watch { on } => {
+                watching.store(on, std::sync::atomic::Ordering::Relaxed);
+                println!(
+                    "{}",
+                    match (on, tty) {
+                        (true, true) => "printing agent and channel transitions",
+                        (false, true) =>
+                            "transitions are no longer printed (watch on to see them again)",
+                        (_, false) =>
+                            "transitions are printed on a terminal only; use `events` here",
+                    }
+                );
+                let _ = ack_tx.send(());
             }
             Command::Events => {
                 if tty {

@@ -56,6 +56,10 @@ pub enum AgentMsg {
     GraceExpired {
         gen: u64,
     },
+    /// A restart held in a gateway's first seconds (`lifecycle::hold_before_stop`) is due.
+    HeldStop {
+        gen: u64,
+    },
     BackoffDone {
         gen: u64,
     },

@@ -4,9 +4,9 @@
 
 use crate::error::FleetError;
 use crate::spec::{AgentSettings, Profile, RestartType, Strategy};
-use std::collections::BTreeMap;
 use crate::state::{AgentState, ExitInfo, FleetState};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// A parsed command line: the command plus the output format the caller asked for.
@@ -61,6 +61,17 @@ pub enum Command {
     AgentConfig {
         fleet: String,
         agent: String,
+    },
+    /// Demo: a Telegram DM to the agent's bot through a loopback fake Bot API (`fleet-fakes`),
+    /// answered with the bot's reply.
+    Say {
+        fleet: String,
+        agent: String,
+        text: String,
+    },
+    /// The REPL prints lifecycle and channel transitions as they happen (`watch off` to stop).
+    Watch {
+        on: bool,
     },
     /// What `fleetctl exec` needs to run a program as the agent runs: its HOME, environment
     /// (secrets included) and PATH. Only the operator reaches the socket.
@@ -267,6 +278,21 @@ impl Command {
                 }
                 Ok(())
             }
+            Command::Say {
+                fleet: f,
+                agent: a,
+                text,
+            } => {
+                both(f, a)?;
+                if text.contains('\0') || text.len() > 4096 {
+                    return Err(FleetError::invalid(
+                        "say",
+                        "text must be at most 4096 bytes, no NUL",
+                    ));
+                }
+                Ok(())
+            }
+            Command::Watch { .. } => Ok(()),
             Command::AgentConfig { fleet: f, agent: a }
             | Command::ExecContext { fleet: f, agent: a }
             | Command::AgentStart { fleet: f, agent: a }

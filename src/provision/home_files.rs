@@ -89,10 +89,7 @@ pub fn write_in_home(home: &Path, rel: &str, bytes: &[u8]) -> Result<(), String>
 /// Removes every entry of `home/rel` (a directory fleetd owns, such as the secrets' files)
 /// whose name is not in `keep`. Missing: nothing to do.
 pub fn prune_in_home(home: &Path, rel: &str, keep: &[&str]) -> Result<(), String> {
-    let dir = match open_inside(home, Path::new(rel)) {
-        Ok(d) => d,
-        Err(e) => return Err(e),
-    };
+    let dir = open_inside(home, Path::new(rel))?;
     let path = Path::new("/proc/self/fd").join(dir.as_raw_fd().to_string());
     let entries = std::fs::read_dir(&path).map_err(|e| format!("listing {rel}: {e}"))?;
     for e in entries.flatten() {

@@ -5,6 +5,7 @@
 //! condition with a deadline and reports what it last saw.
 #![allow(dead_code)]
 
+#[path = "../../src/bin/fleet-fakes/fakes.rs"]
 pub mod fakes;
 
 use serde_json::Value;

@@ -117,6 +117,99 @@ impl NodeRuntime {
     }
 }
 
+impl NodeRuntime {
+    /// `say`: the agent's bot gets a DM through the fake Bot API its config points at, and
+    /// the answer is the bot's reply. Only a loopback `apiRoot` is ever called.
+    pub(super) fn say(&self, fleet: &str, agent: &str, text: String) -> Result<Later, FleetError> {
+        self.agent_record(fleet, agent)?;
+        let spec = self.data.fleets[fleet].spec.clone();
+        let (fleet, agent) = (fleet.to_string(), agent.to_string());
+        Ok(Box::pin(async move {
+            tokio::task::spawn_blocking(move || match say_blocking(&spec, &agent, &text) {
+                Ok(reply) => Reply::Done {
+                    message: format!("{fleet}/{agent}'s bot: {reply}"),
+                },
+                Err(why) => Reply::Error(FleetError::invalid("say", why)),
+            })
+            .await
+            .unwrap_or_else(|e| Reply::Error(FleetError::internal(e)))
+        }))
+    }
+}
+
+/// The bot token the agent's Telegram channel uses, as the gateway would resolve it.
+fn bot_token(tg: &serde_json::Value, env: &BTreeMap<String, String>) -> Result<String, String> {
+    if let Some(t) = tg.get("botToken").and_then(|v| v.as_str()) {
+        if let Some(var) = t.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
+            return env
+                .get(var)
+                .cloned()
+                .ok_or_else(|| format!("botToken is ${{{var}}} and the agent has no {var}"));
+        }
+        return Ok(t.to_string());
+    }
+    if let Some(f) = tg.get("tokenFile").and_then(|v| v.as_str()) {
+        let b = crate::operator_file::read_bounded(std::path::Path::new(f), 4096)
+            .map_err(|e| format!("tokenFile {f}: it {e}"))?;
+        return Ok(String::from_utf8_lossy(&b).trim().to_string());
+    }
+    Err("its Telegram channel has no botToken or tokenFile".into())
+}
+
+fn say_blocking(spec: &FleetSpec, agent: &str, text: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let cfg = provision::effective_template(spec, agent).unwrap_or_default();
+    let tg = cfg
+        .pointer("/channels/telegram")
+        .ok_or("the agent's config sets up no Telegram channel (channels.telegram)")?;
+    let root = tg
+        .get("apiRoot")
+        .and_then(|v| v.as_str())
+        .ok_or("say talks to a loopback fake Bot API only, and this bot has no apiRoot (it uses the real Telegram: message it from your phone)")?;
+    let hostport = root
+        .strip_prefix("http://127.0.0.1:")
+        .map(|p| p.trim_end_matches('/'))
+        .and_then(|p| p.parse::<u16>().ok())
+        .ok_or_else(|| format!("apiRoot {root:?} is not http://127.0.0.1:PORT: say only talks to the demo's loopback fakes"))?;
+    let env = provision::extra_env(spec, agent).map_err(|e| e.to_string())?;
+    let token = bot_token(tg, &env)?;
+    let from = tg
+        .pointer("/allowFrom/0")
+        .and_then(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v.as_i64().map(|n| n.to_string()))
+        })
+        .and_then(|s| s.parse::<i64>().ok())
+        .unwrap_or(4242);
+    let body = serde_json::json!({"token": token, "from": from, "text": text, "timeout_s": 180})
+        .to_string();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", hostport)).map_err(|e| {
+        format!("the fake Bot API at {root} does not answer ({e}): is fleet-fakes running?")
+    })?;
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(200)));
+    write!(
+        s,
+        "POST /_fake/say HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| format!("sending to {root}: {e}"))?;
+    let mut out = Vec::new();
+    let _ = (&mut s).take(1 << 20).read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    let json = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let v: serde_json::Value = serde_json::from_str(json)
+        .map_err(|_| format!("{root} answered no JSON: is it fleet-fakes?"))?;
+    match v.get("reply").and_then(|r| r.as_str()) {
+        Some(r) => Ok(r.to_string()),
+        None => Err(v
+            .get("description")
+            .and_then(|d| d.as_str())
+            .unwrap_or("no reply")
+            .to_string()),
+    }
+}
+
 fn with_agent(e: FleetError, fleet: &str, agent: &str) -> FleetError {
     match e {
         FleetError::Spec { reason } => FleetError::Spec {
@@ -177,9 +270,11 @@ fn agent_view(
     });
     if !redact {
         // The operator's program is no member of the agent: no marker, and `openclaw` on PATH.
-        let bin = install
-            .as_ref()
-            .and_then(|i| i.openclaw.parent().map(|p| p.to_string_lossy().into_owned()));
+        let bin = install.as_ref().and_then(|i| {
+            i.openclaw
+                .parent()
+                .map(|p| p.to_string_lossy().into_owned())
+        });
         let env = env
             .into_iter()
             .filter(|(k, _)| k != provision::MARKER_VAR)

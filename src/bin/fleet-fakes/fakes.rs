@@ -3,6 +3,8 @@
 //! `409` for a second poller of one token, `401` for a revoked token, `sendMessage` recorded)
 //! and an OpenAI-compatible model server (streamed chat completions, the API key of every
 //! request recorded). Plain threads and std sockets on 127.0.0.1; every wait is bounded.
+//! Used by the test suite (included by path) and by the `fleet-fakes` program of the demo,
+//! which drives them through `POST /_fake/say`.
 #![allow(dead_code)]
 
 use serde_json::{json, Value};
@@ -152,12 +154,17 @@ pub struct FakeTelegram {
 
 impl FakeTelegram {
     pub fn start() -> FakeTelegram {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake Telegram");
+        Self::start_on(0).expect("bind fake Telegram")
+    }
+
+    /// On a chosen loopback port (0: any).
+    pub fn start_on(port: u16) -> std::io::Result<FakeTelegram> {
+        let listener = TcpListener::bind(("127.0.0.1", port))?;
         let port = listener.local_addr().unwrap().port();
         let state: Arc<(Mutex<TgState>, Condvar)> = Arc::default();
         let s = state.clone();
         serve(listener, Arc::new(move |req, w| tg_handle(&s, req, w)));
-        FakeTelegram { port, state }
+        Ok(FakeTelegram { port, state })
     }
 
     /// The `apiRoot` a gateway is given.
@@ -184,22 +191,7 @@ impl FakeTelegram {
     pub fn send_dm(&self, token: &str, from: i64, text: &str) {
         let mut st = self.state.0.lock().unwrap();
         let bot = st.bots.get_mut(token).expect("add_bot first");
-        bot.next_update += 1;
-        let id = bot.next_update;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        bot.updates.push_back(json!({
-            "update_id": id,
-            "message": {
-                "message_id": id,
-                "from": {"id": from, "is_bot": false, "first_name": "Ann", "username": "ann"},
-                "chat": {"id": from, "type": "private", "first_name": "Ann", "username": "ann"},
-                "date": now,
-                "text": text,
-            }
-        }));
+        push_dm(bot, from, text);
         self.state.1.notify_all();
     }
 
@@ -222,7 +214,69 @@ impl FakeTelegram {
     }
 }
 
+fn push_dm(bot: &mut Bot, from: i64, text: &str) {
+    bot.next_update += 1;
+    let id = bot.next_update;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    bot.updates.push_back(json!({
+        "update_id": id,
+        "message": {
+            "message_id": id,
+            "from": {"id": from, "is_bot": false, "first_name": "Ann", "username": "ann"},
+            "chat": {"id": from, "type": "private", "first_name": "Ann", "username": "ann"},
+            "date": now,
+            "text": text,
+        }
+    }));
+}
+
+/// `POST /_fake/say {"token", "from", "text", "timeout_s"}`: a DM to that bot, answered with
+/// the bot's next message (`{"ok": true, "reply": …}`) or 504 after the timeout (at most 300 s).
+fn say(state: &Arc<(Mutex<TgState>, Condvar)>, req: &HttpRequest, w: &mut TcpStream) -> bool {
+    let args: Value = serde_json::from_slice(&req.body).unwrap_or(json!({}));
+    let token = args["token"].as_str().unwrap_or_default().to_string();
+    let from = args["from"].as_i64().unwrap_or(4242);
+    let text = args["text"].as_str().unwrap_or_default().to_string();
+    let timeout = Duration::from_secs(args["timeout_s"].as_u64().unwrap_or(120).min(300));
+    let (lock, cv) = &**state;
+    let mut st = lock.lock().unwrap();
+    let Some(bot) = st.bots.get_mut(&token) else {
+        drop(st);
+        return respond(
+            w,
+            404,
+            &json!({"ok": false, "description": "no such bot: start fleet-fakes with --bot TOKEN"}),
+        )
+        .is_ok();
+    };
+    let before = bot.sent.len();
+    push_dm(bot, from, &text);
+    cv.notify_all();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let bot = st.bots.get(&token).expect("bots are never removed");
+        if let Some(s) = bot.sent.get(before) {
+            let reply = s.text.clone();
+            drop(st);
+            return respond(w, 200, &json!({"ok": true, "reply": reply})).is_ok();
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            drop(st);
+            let why = format!("the bot did not answer within {} s", timeout.as_secs());
+            return respond(w, 504, &json!({"ok": false, "description": why})).is_ok();
+        }
+        st = cv.wait_timeout(st, left).unwrap().0;
+    }
+}
+
 fn tg_handle(state: &Arc<(Mutex<TgState>, Condvar)>, req: HttpRequest, w: &mut TcpStream) -> bool {
+    if req.method == "POST" && req.path == "/_fake/say" {
+        return say(state, &req, w);
+    }
     let Some(rest) = req.path.strip_prefix("/bot") else {
         return respond(
             w,
@@ -294,6 +348,7 @@ fn tg_handle(state: &Arc<(Mutex<TgState>, Condvar)>, req: HttpRequest, w: &mut T
                 at: Instant::now(),
             });
             let id = bot.sent.len();
+            cv.notify_all();
             json!({"ok": true, "result": {"message_id": id, "date": 0, "chat": {"id": chat_id.parse::<i64>().unwrap_or(0), "type": "private"}, "text": text}})
         }
         _ => json!({"ok": true, "result": true}),
@@ -318,7 +373,12 @@ pub struct FakeModel {
 
 impl FakeModel {
     pub fn start(reply: &str) -> FakeModel {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake model");
+        Self::start_on(0, reply).expect("bind fake model")
+    }
+
+    /// On a chosen loopback port (0: any).
+    pub fn start_on(port: u16, reply: &str) -> std::io::Result<FakeModel> {
+        let listener = TcpListener::bind(("127.0.0.1", port))?;
         let port = listener.local_addr().unwrap().port();
         let state: Arc<Mutex<ModelState>> = Arc::default();
         let (s, reply) = (state.clone(), reply.to_string());
@@ -326,7 +386,7 @@ impl FakeModel {
             listener,
             Arc::new(move |req, w| model_handle(&s, &reply, req, w)),
         );
-        FakeModel { port, state }
+        Ok(FakeModel { port, state })
     }
 
     /// The `baseUrl` of a provider.
