@@ -9,7 +9,7 @@ mod common;
 #[path = "common/openclaw.rs"]
 mod openclaw;
 
-use common::{descendants, http_get, marked_pids, wait_until, Daemon};
+use common::{descendants, http_get, marked_pids, read_file, wait_until, Daemon};
 use openclaw::{
     cmdline, environ_var, gateway_health, lock_files, ns_pids, same_alive, serial, start_time,
     Install, START_DEADLINE,
@@ -129,7 +129,7 @@ fn check_isolated(agents: &BTreeMap<String, Seen>) {
         );
         // Its config carries the port and token the commander reports.
         let cfg: Value =
-            serde_json::from_str(&common::read_file(&s.home.join(".openclaw/openclaw.json")))
+            serde_json::from_str(&read_file(&s.home.join(".openclaw/openclaw.json")))
                 .unwrap_or_else(|e| panic!("{name}: openclaw.json: {e}"));
         assert_eq!(cfg["gateway"]["port"], s.port, "{name}: config port");
         assert_eq!(
@@ -711,76 +711,292 @@ fn lean_profile_is_ready_and_smaller_than_default() {
     );
 }
 
-/// A real lean gateway started by fleetd answers a Telegram DM end to end over loopback: the
-/// fake Bot API delivers the message by long polling, the gateway asks the fake model with its
-/// tenant's API key, and the model's answer comes back through `sendMessage` to that chat.
+/// GET with the body, for the metrics endpoint.
+fn http_body(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// One tenant of the end-to-end test.
+struct Tenant {
+    id: &'static str,
+    bot: String,
+    key: &'static str,
+    user: i64,
+}
+
+/// Three tenants, three bots, three model keys, each from a spec with per-agent settings and
+/// secrets, on real lean gateways: each bot answers its own user with the model's answer to
+/// its own key and no bot says anything to another's user; `status` shows each channel ready;
+/// `agent config` redacts; `fleetctl exec` runs `openclaw channels status --json` as the
+/// agent; a rotated secret (spec reload) restarts that agent alone and its bot answers with the
+/// new token; a revoked token shows that channel failed while `/healthz` stays 200; no secret
+/// value is in fleetd's debug log, events, `status --json`, metrics, the registry or any
+/// agent's command line, and every file holding one is 0600.
 #[test]
-fn a_real_gateway_answers_a_telegram_dm_through_the_fakes() {
+fn three_tenants_each_answered_by_their_own_bot_and_key() {
     use common::fakes::{FakeModel, FakeTelegram};
-    let Some(inst) = openclaw::install("a_real_gateway_answers_a_telegram_dm_through_the_fakes")
+    let Some(inst) = openclaw::install("three_tenants_each_answered_by_their_own_bot_and_key")
     else {
         return;
     };
     let _one_at_a_time = serial();
     let tg = FakeTelegram::start();
-    let answer = "the fake model's answer";
-    let model = FakeModel::start(answer);
-    let bot = "123456789:AAfakeTokenForTenantAlice";
-    tg.add_bot(bot);
-    let d = daemon(&inst, "56000-56999", &[]);
-    let template = d.dir.path().join("tenant.json");
-    let user = 4242;
+    let model = FakeModel::start("the model answers with key {key}");
+    let tenants = [
+        Tenant { id: "alice", bot: "1001:AAalice-bot-token-0001".into(), key: "sk-alice-key-000001", user: 5001 },
+        Tenant { id: "bob", bot: "1002:AAbob-bot-token-00002".into(), key: "sk-bob-key-0000002", user: 5002 },
+        Tenant { id: "carol", bot: "1003:AAcarol-bot-token-003".into(), key: "sk-carol-key-00003", user: 5003 },
+    ];
+    for t in &tenants {
+        tg.add_bot(&t.bot);
+    }
+    let metrics_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    // The spec and its files live beside the daemon's state dir.
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    std::fs::create_dir_all(dir.join("secrets")).unwrap();
+    std::fs::create_dir_all(dir.join("tenants")).unwrap();
     std::fs::write(
-        &template,
+        dir.join("fleet.json"),
         serde_json::json!({
-            "plugins": {"allow": ["telegram"]},
-            "channels": {"telegram": {"botToken": bot, "apiRoot": tg.api_root(),
-                "dmPolicy": "allowlist", "allowFrom": [user.to_string()]}},
             "models": {"providers": {"fake": {"baseUrl": model.base_url(),
-                "apiKey": "sk-tenant-alice", "models": [{"id": "m", "name": "m"}]}}},
+                "apiKey": "${OPENAI_API_KEY}", "models": [{"id": "m", "name": "m"}]}}},
             "agents": {"defaults": {"model": {"primary": "fake/m"}, "heartbeat": {"every": "0m"}}}
         })
         .to_string(),
     )
     .unwrap();
+    let mut spec = String::from(
+        "[[fleet]]\nname = \"tenants\"\nprofile = \"lean\"\ntemplate = \"fleet.json\"\n[fleet.health]\ninterval_ms = 1000\n",
+    );
+    // The daemon's state dir is known only once it exists: carol's tokenFile names a path in
+    // her HOME, so the daemon is made first and the spec written before it is told to load it.
+    let mut d = daemon(&inst, "57000-57999", &["--metrics-addr", &metrics_port.to_string()]);
+    let state_dir = d.state_dir();
+    let home = |id: &str| state_dir.join("fleets/tenants").join(id);
+    for t in &tenants {
+        std::fs::write(dir.join(format!("secrets/{}.tg", t.id)), format!("{}\n", t.bot)).unwrap();
+        std::fs::write(dir.join(format!("secrets/{}.key", t.id)), t.key).unwrap();
+        let token = if t.id == "carol" {
+            serde_json::json!({"tokenFile": home("carol").join(".openclaw/secrets/TG_BOT_TOKEN")})
+        } else {
+            serde_json::json!({"botToken": "${TG_BOT_TOKEN}"})
+        };
+        let mut tgc = serde_json::json!({"apiRoot": tg.api_root(), "dmPolicy": "allowlist",
+            "allowFrom": [t.user.to_string()]});
+        for (k, v) in token.as_object().unwrap() {
+            tgc[k] = v.clone();
+        }
+        std::fs::write(
+            dir.join(format!("tenants/{}.json", t.id)),
+            serde_json::json!({"channels": {"telegram": tgc}}).to_string(),
+        )
+        .unwrap();
+        std::fs::write(dir.join(format!("tenants/{}.soul.md", t.id)), format!("I am {}'s bot.\n", t.id)).unwrap();
+        spec.push_str(&format!(
+            "\n[[fleet.agents]]\nid = \"{id}\"\ntemplate = \"tenants/{id}.json\"\nenv = {{ TZ = \"Europe/Madrid\" }}\nsecrets = {{ TG_BOT_TOKEN = \"secrets/{id}.tg\", OPENAI_API_KEY = \"secrets/{id}.key\" }}\nfiles = {{ \".openclaw/workspace/SOUL.md\" = \"tenants/{id}.soul.md\" }}\n",
+            id = t.id
+        ));
+    }
+    let spec_path = dir.join("fleets.toml");
+    std::fs::write(&spec_path, &spec).unwrap();
+    d.stop();
+    d.extra_args.extend(["--spec".to_string(), spec_path.display().to_string()]);
     let t0 = Instant::now();
-    d.ctl(&[
-        "fleet",
-        "create",
-        "tenants",
-        "--agents",
-        "1",
-        "--profile",
-        "lean",
-        "--template",
-        template.to_str().unwrap(),
-    ]);
-    let rows = wait_until(START_DEADLINE, "the tenant's gateway running", |last| {
+    d.launch();
+    let events_file = dir.join("events.jsonl");
+    let mut events = std::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["--json", "events"])
+        .stdout(std::fs::File::create(&events_file).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let rows = d.wait_running("tenants", 3, START_DEADLINE);
+    let port = |rows: &[Value], id: &str| {
+        rows.iter()
+            .find(|r| r["agent"] == id)
+            .and_then(|r| r["port"].as_u64())
+            .unwrap() as u16
+    };
+    for t in &tenants {
+        wait_ready(port(&rows, t.id), t.id);
+    }
+    let ready_after = t0.elapsed();
+    let channel = |d: &Daemon, id: &str| -> String {
+        d.agent("tenants", id)
+            .and_then(|r| r["channels"]["telegram"]["state"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    for t in &tenants {
+        wait_until(Duration::from_secs(30), &format!("{}: telegram ready in status", t.id), |last| {
+            *last = channel(&d, t.id);
+            (last == "ready").then_some(())
+        });
+    }
+
+    // Each bot answers its own user, with the model's answer to its own key.
+    let ask = |t: &Tenant, bot: &str, text: &str| -> Duration {
+        let before = tg.sent(bot).len();
+        let asked = Instant::now();
+        tg.send_dm(bot, t.user, text);
+        let m = wait_until(Duration::from_secs(120), &format!("{}'s answer", t.id), |last| {
+            let sent = tg.sent(bot);
+            *last = format!("sent {sent:?}; calls {:?}", tg.calls(bot));
+            sent.into_iter().skip(before).find(|m| m.text.contains("the model answers"))
+        });
+        assert_eq!(m.chat_id, t.user.to_string(), "{}'s bot answered another chat", t.id);
+        assert!(m.text.contains(t.key), "{}'s bot answered with another key: {:?}", t.id, m.text);
+        m.at.duration_since(asked)
+    };
+    let mut first = Vec::new();
+    for t in &tenants {
+        first.push(ask(t, &t.bot, "hello, bot"));
+    }
+    let later = ask(&tenants[0], &tenants[0].bot, "and again");
+    for t in &tenants {
+        let wrong: Vec<_> = tg.sent(&t.bot).into_iter().filter(|m| m.chat_id != t.user.to_string()).collect();
+        assert!(wrong.is_empty(), "{}'s bot wrote to other chats: {wrong:?}", t.id);
+    }
+    let keys: BTreeSet<String> = model.keys().into_iter().collect();
+    let want: BTreeSet<String> = tenants.iter().map(|t| t.key.to_string()).collect();
+    assert_eq!(keys, want, "the model saw other keys than the tenants' own");
+    eprintln!(
+        "tenants (one run): spec start -> 3 bots ready {ready_after:?}; first DM -> reply {first:?}; a later DM {later:?}"
+    );
+    let tree_rss: u64 = {
+        let pid = d.agent("tenants", "alice").unwrap()["pid"].as_u64().unwrap() as u32;
+        let mut all = vec![pid];
+        all.extend(descendants(pid));
+        all.iter()
+            .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+            .filter_map(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+            .sum::<u64>()
+    };
+    eprintln!("tenants (one run): whole-tree RSS of a lean tenant with Telegram on, after turns: {} MiB", tree_rss / 1024);
+
+    // Files: persona copied, secrets in 0600 files only.
+    for t in &tenants {
+        let h = home(t.id);
+        assert_eq!(
+            read_file(&h.join(".openclaw/workspace/SOUL.md")),
+            format!("I am {}'s bot.\n", t.id)
+        );
+        for name in ["TG_BOT_TOKEN", "OPENAI_API_KEY"] {
+            let f = h.join(".openclaw/secrets").join(name);
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
+        assert_eq!(read_file(&h.join(".openclaw/secrets/TG_BOT_TOKEN")), t.bot);
+    }
+    assert_eq!(mode(&d.state_dir().join("vault.json")), 0o600);
+
+    // `agent config` shows the placeholder and redacts the values.
+    let cfg: Value = serde_json::from_str(&d.ctl(&["--json", "agent", "config", "tenants/alice"])).unwrap();
+    assert_eq!(cfg["config"]["channels"]["telegram"]["botToken"], "${TG_BOT_TOKEN}", "{cfg}");
+    assert_eq!(cfg["env"]["TG_BOT_TOKEN"], "[REDACTED]", "{cfg}");
+    assert_eq!(cfg["env"]["TZ"], "Europe/Madrid", "{cfg}");
+    assert_eq!(cfg["config"]["gateway"]["auth"]["token"], "[REDACTED]", "{cfg}");
+    assert_eq!(cfg["config"]["plugins"]["allow"], serde_json::json!(["openai", "telegram"]), "{cfg}");
+
+    // `fleetctl exec` runs as the agent: its HOME, its secrets, its openclaw on PATH.
+    let out = d.ctl_output(&["exec", "tenants/carol", "--", "openclaw", "channels", "status", "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "exec failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("telegram"), "{stdout}");
+    let out = d.ctl_output(&["exec", "tenants/carol", "--", "sh", "-c", "echo $HOME; test -n \"$TG_BOT_TOKEN\" && echo has-token; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "exec keeps the program's exit status");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&home("carol").display().to_string()) && stdout.contains("has-token"), "{stdout}");
+
+    // A rotated secret: only bob restarts, and answers with his new token.
+    let before = seen(&d, "tenants", &d.status());
+    let bob = &tenants[1];
+    let new_bot = "1002:AAbob-bot-token-ROTATED".to_string();
+    tg.add_bot(&new_bot);
+    tg.revoke(&bob.bot);
+    std::fs::write(dir.join("secrets/bob.tg"), &new_bot).unwrap();
+    let said = d.ctl(&["reload"]);
+    assert!(said.contains("restart agent tenants/bob (its secrets changed)") && !said.contains("alice") && !said.contains("carol"), "{said}");
+    let rows = wait_until(START_DEADLINE, "bob restarted with his new token", |last| {
         let rows = d.status();
         *last = serde_json::to_string(&rows).unwrap();
-        (rows.len() == 1 && rows[0]["state"] == "running").then_some(rows)
+        let b = rows.iter().find(|r| r["agent"] == "bob")?;
+        (b["state"] == "running" && b["pid"].as_u64() != Some(before["bob"].pid as u64)).then_some(rows)
     });
-    // /readyz turns 200 only once the Telegram channel is up.
-    wait_ready(rows[0]["port"].as_u64().unwrap() as u16, "tenants/agent-1");
-    let ready = t0.elapsed();
-    let asked = Instant::now();
-    tg.send_dm(bot, user, "hello, bot");
-    let reply = wait_until(Duration::from_secs(120), "the bot's answer", |last| {
-        let sent = tg.sent(bot);
-        *last = format!("sent {sent:?}; calls {:?}", tg.calls(bot));
-        sent.into_iter()
-            .find(|m| m.chat_id == user.to_string() && m.text.contains(answer))
+    wait_ready(port(&rows, "bob"), "bob after rotation");
+    for id in ["alice", "carol"] {
+        let s = &before[id];
+        assert!(same_alive(s.pid, s.start), "{id} was restarted by bob's rotation");
+    }
+    ask(bob, &new_bot, "after the rotation");
+
+    // A revoked token: that channel fails, the gateway stays live, the others stay ready.
+    let alice = &tenants[0];
+    tg.revoke(&alice.bot);
+    wait_until(Duration::from_secs(90), "alice's channel failed in status", |last| {
+        *last = channel(&d, "alice");
+        (last == "failed").then_some(())
     });
-    eprintln!(
-        "telegram round trip (one run): fleet create -> /readyz {:?}; DM -> reply {:?}",
-        ready,
-        reply.at.duration_since(asked)
-    );
+    assert_eq!(http_get(port(&rows, "alice"), "/healthz"), Some(200));
+    assert_eq!(d.agent("tenants", "alice").unwrap()["state"], "running");
+    for id in ["bob", "carol"] {
+        assert_eq!(channel(&d, id), "ready", "{id}");
+    }
+    let metrics = http_body(metrics_port, "/metrics");
     assert!(
-        model.keys().iter().all(|k| k == "sk-tenant-alice") && !model.keys().is_empty(),
-        "the model saw keys {:?}",
-        model.keys()
+        metrics.contains(r#"fleet_agent_channel{fleet="tenants",agent="alice",channel="telegram",state="failed"} 1"#),
+        "{metrics}"
     );
-    let calls = tg.calls(bot);
-    assert!(calls.iter().any(|c| c == "getUpdates"), "{calls:?}");
+
+    // No secret value anywhere it must not be.
+    let _ = events.kill();
+    let _ = events.wait();
+    let mut secrets: Vec<String> = tenants.iter().flat_map(|t| [t.bot.clone(), t.key.to_string()]).collect();
+    secrets.push(new_bot.clone());
+    let logs = d.ctl(&["logs", "tenants/bob", "-n", "100000"]);
+    let mut places: Vec<(String, String)> = vec![
+        ("fleetd's debug log".into(), d.log()),
+        ("events".into(), read_file(&events_file)),
+        ("status --json".into(), d.ctl(&["--json", "status"])),
+        ("metrics".into(), metrics),
+        ("registry.json".into(), read_file(&d.state_dir().join("registry.json"))),
+        ("logs of bob".into(), logs),
+    ];
+    for r in d.status() {
+        let pid = r["pid"].as_u64().unwrap() as u32;
+        let mut tree = vec![pid];
+        tree.extend(descendants(pid));
+        for p in tree {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            places.push((format!("/proc/{p}/cmdline"), String::from_utf8_lossy(&cmd).into_owned()));
+        }
+    }
+    assert!(read_file(&events_file).contains("\"channel\""), "no channel event was streamed");
+    for (what, text) in &places {
+        for s in &secrets {
+            assert!(!text.contains(s.as_str()), "a secret ({}…) is in {what}", &s[..6]);
+        }
+    }
 }

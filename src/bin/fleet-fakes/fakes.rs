@@ -172,10 +172,20 @@ impl FakeTelegram {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// A new token of an existing bot (same `<id>:` prefix, as after a revoke in BotFather)
+    /// continues its update ids, as the real API does: a gateway's saved offset stays valid.
     pub fn add_bot(&self, token: &str) {
         let mut st = self.state.0.lock().unwrap();
+        let id = token.split(':').next().unwrap_or_default();
+        let last = st
+            .bots
+            .iter()
+            .filter(|(t, _)| t.split(':').next() == Some(id))
+            .map(|(_, b)| b.next_update)
+            .max()
+            .unwrap_or(0);
         let bot = st.bots.entry(token.to_string()).or_default();
-        bot.next_update = bot.next_update.max(1000);
+        bot.next_update = bot.next_update.max(1000).max(last);
     }
 
     /// Every later call with this token answers 401, as for a token revoked in BotFather.
@@ -364,7 +374,8 @@ struct ModelState {
     keys: Vec<String>,
 }
 
-/// The fake model: every chat completion answers `reply`, streamed when asked.
+/// The fake model: every chat completion answers `reply` (with `{key}` replaced by the API key
+/// the request carried, so a reply shows whose key asked), streamed when asked.
 #[derive(Clone)]
 pub struct FakeModel {
     pub port: u16,
@@ -422,7 +433,9 @@ fn model_handle(
         .get("authorization")
         .map(|v| v.trim_start_matches("Bearer ").to_string())
         .unwrap_or_default();
-    state.lock().unwrap().keys.push(key);
+    state.lock().unwrap().keys.push(key.clone());
+    let reply = reply.replace("{key}", &key);
+    let reply = reply.as_str();
     let args: Value = serde_json::from_slice(&req.body).unwrap_or(json!({}));
     let model = args["model"].as_str().unwrap_or("m").to_string();
     if args["stream"].as_bool() != Some(true) {
