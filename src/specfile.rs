@@ -1186,7 +1186,9 @@ name = "good-two"
         let text = std::fs::read_to_string(&path).unwrap();
         let specs = parse_spec(&text, &path.display().to_string()).unwrap();
         let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["bots", "workers"]);
+        assert_eq!(names, ["bots", "workers", "customers"]);
+        let alice = specs[2].tenant("alice").expect("alice's own settings");
+        assert!(alice.secrets.contains_key("TG_BOT_TOKEN") && alice.files.len() == 1);
         let bots = &specs[0];
         assert_eq!(bots.agents.len(), 3);
         assert_eq!(bots.profile, Profile::Lean);
@@ -1249,14 +1251,28 @@ name = "good-two"
     }
 
     #[test]
-    fn demo_fleet_is_three_lean_openclaw_agents() {
-        let specs = load_spec(&example_path("fleets/demo.toml")).unwrap();
+    fn demo_fleet_is_three_lean_openclaw_tenants() {
+        // scripts/demo.sh writes the secrets and fills in the fakes' addresses: parse as text.
+        let path = example_path("fleets/demo/fleets.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let specs = parse_spec(&text, &path.display().to_string()).unwrap();
         assert_eq!(specs.len(), 1);
         let d = &specs[0];
         assert_eq!(d.name, "demo");
-        assert_eq!(d.agents, ["agent-1", "agent-2", "agent-3"]);
+        assert_eq!(d.agents, ["alice", "bob", "carol"]);
         assert!(d.runs_openclaw());
         assert_eq!(d.profile, Profile::Lean);
         assert_eq!(d.health.grace_ms, 180_000);
+        for a in &d.agents {
+            let t = d.tenant(a).unwrap();
+            assert_eq!(
+                t.secrets.keys().collect::<Vec<_>>(),
+                ["OPENAI_API_KEY", "TG_BOT_TOKEN"]
+            );
+            let tpl = t.template.as_ref().unwrap();
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(tpl).unwrap()).unwrap();
+            assert_eq!(v["channels"]["telegram"]["botToken"], "${TG_BOT_TOKEN}");
+        }
     }
 }

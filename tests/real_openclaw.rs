@@ -128,9 +128,8 @@ fn check_isolated(agents: &BTreeMap<String, Seen>) {
             "{name}: without it the launcher re-spawns and the held pid is not the gateway"
         );
         // Its config carries the port and token the commander reports.
-        let cfg: Value =
-            serde_json::from_str(&read_file(&s.home.join(".openclaw/openclaw.json")))
-                .unwrap_or_else(|e| panic!("{name}: openclaw.json: {e}"));
+        let cfg: Value = serde_json::from_str(&read_file(&s.home.join(".openclaw/openclaw.json")))
+            .unwrap_or_else(|e| panic!("{name}: openclaw.json: {e}"));
         assert_eq!(cfg["gateway"]["port"], s.port, "{name}: config port");
         assert_eq!(
             cfg["gateway"]["auth"]["token"],
@@ -718,7 +717,10 @@ fn http_body(port: u16, path: &str) -> String {
         return String::new();
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    );
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -760,9 +762,24 @@ fn three_tenants_each_answered_by_their_own_bot_and_key() {
     let tg = FakeTelegram::start();
     let model = FakeModel::start("the model answers with key {key}");
     let tenants = [
-        Tenant { id: "alice", bot: "1001:AAalice-bot-token-0001".into(), key: "sk-alice-key-000001", user: 5001 },
-        Tenant { id: "bob", bot: "1002:AAbob-bot-token-00002".into(), key: "sk-bob-key-0000002", user: 5002 },
-        Tenant { id: "carol", bot: "1003:AAcarol-bot-token-003".into(), key: "sk-carol-key-00003", user: 5003 },
+        Tenant {
+            id: "alice",
+            bot: "1001:AAalice-bot-token-0001".into(),
+            key: "sk-alice-key-000001",
+            user: 5001,
+        },
+        Tenant {
+            id: "bob",
+            bot: "1002:AAbob-bot-token-00002".into(),
+            key: "sk-bob-key-0000002",
+            user: 5002,
+        },
+        Tenant {
+            id: "carol",
+            bot: "1003:AAcarol-bot-token-003".into(),
+            key: "sk-carol-key-00003",
+            user: 5003,
+        },
     ];
     for t in &tenants {
         tg.add_bot(&t.bot);
@@ -791,11 +808,19 @@ fn three_tenants_each_answered_by_their_own_bot_and_key() {
     );
     // The daemon's state dir is known only once it exists: carol's tokenFile names a path in
     // her HOME, so the daemon is made first and the spec written before it is told to load it.
-    let mut d = daemon(&inst, "57000-57999", &["--metrics-addr", &metrics_port.to_string()]);
+    let mut d = daemon(
+        &inst,
+        "57000-57999",
+        &["--metrics-addr", &metrics_port.to_string()],
+    );
     let state_dir = d.state_dir();
     let home = |id: &str| state_dir.join("fleets/tenants").join(id);
     for t in &tenants {
-        std::fs::write(dir.join(format!("secrets/{}.tg", t.id)), format!("{}\n", t.bot)).unwrap();
+        std::fs::write(
+            dir.join(format!("secrets/{}.tg", t.id)),
+            format!("{}\n", t.bot),
+        )
+        .unwrap();
         std::fs::write(dir.join(format!("secrets/{}.key", t.id)), t.key).unwrap();
         let token = if t.id == "carol" {
             serde_json::json!({"tokenFile": home("carol").join(".openclaw/secrets/TG_BOT_TOKEN")})
@@ -812,7 +837,11 @@ fn three_tenants_each_answered_by_their_own_bot_and_key() {
             serde_json::json!({"channels": {"telegram": tgc}}).to_string(),
         )
         .unwrap();
-        std::fs::write(dir.join(format!("tenants/{}.soul.md", t.id)), format!("I am {}'s bot.\n", t.id)).unwrap();
+        std::fs::write(
+            dir.join(format!("tenants/{}.soul.md", t.id)),
+            format!("I am {}'s bot.\n", t.id),
+        )
+        .unwrap();
         spec.push_str(&format!(
             "\n[[fleet.agents]]\nid = \"{id}\"\ntemplate = \"tenants/{id}.json\"\nenv = {{ TZ = \"Europe/Madrid\" }}\nsecrets = {{ TG_BOT_TOKEN = \"secrets/{id}.tg\", OPENAI_API_KEY = \"secrets/{id}.key\" }}\nfiles = {{ \".openclaw/workspace/SOUL.md\" = \"tenants/{id}.soul.md\" }}\n",
             id = t.id
@@ -821,7 +850,8 @@ fn three_tenants_each_answered_by_their_own_bot_and_key() {
     let spec_path = dir.join("fleets.toml");
     std::fs::write(&spec_path, &spec).unwrap();
     d.stop();
-    d.extra_args.extend(["--spec".to_string(), spec_path.display().to_string()]);
+    d.extra_args
+        .extend(["--spec".to_string(), spec_path.display().to_string()]);
     let t0 = Instant::now();
     d.launch();
     let events_file = dir.join("events.jsonl");
@@ -847,14 +877,22 @@ fn three_tenants_each_answered_by_their_own_bot_and_key() {
     let ready_after = t0.elapsed();
     let channel = |d: &Daemon, id: &str| -> String {
         d.agent("tenants", id)
-            .and_then(|r| r["channels"]["telegram"]["state"].as_str().map(str::to_string))
+            .and_then(|r| {
+                r["channels"]["telegram"]["state"]
+                    .as_str()
+                    .map(str::to_string)
+            })
             .unwrap_or_default()
     };
     for t in &tenants {
-        wait_until(Duration::from_secs(30), &format!("{}: telegram ready in status", t.id), |last| {
-            *last = channel(&d, t.id);
-            (last == "ready").then_some(())
-        });
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{}: telegram ready in status", t.id),
+            |last| {
+                *last = channel(&d, t.id);
+                (last == "ready").then_some(())
+            },
+        );
     }
 
     // Each bot answers its own user, with the model's answer to its own key.
@@ -862,13 +900,29 @@ fn three_tenants_each_answered_by_their_own_bot_and_key() {
         let before = tg.sent(bot).len();
         let asked = Instant::now();
         tg.send_dm(bot, t.user, text);
-        let m = wait_until(Duration::from_secs(120), &format!("{}'s answer", t.id), |last| {
-            let sent = tg.sent(bot);
-            *last = format!("sent {sent:?}; calls {:?}", tg.calls(bot));
-            sent.into_iter().skip(before).find(|m| m.text.contains("the model answers"))
-        });
-        assert_eq!(m.chat_id, t.user.to_string(), "{}'s bot answered another chat", t.id);
-        assert!(m.text.contains(t.key), "{}'s bot answered with another key: {:?}", t.id, m.text);
+        let m = wait_until(
+            Duration::from_secs(120),
+            &format!("{}'s answer", t.id),
+            |last| {
+                let sent = tg.sent(bot);
+                *last = format!("sent {sent:?}; calls {:?}", tg.calls(bot));
+                sent.into_iter()
+                    .skip(before)
+                    .find(|m| m.text.contains("the model answers"))
+            },
+        );
+        assert_eq!(
+            m.chat_id,
+            t.user.to_string(),
+            "{}'s bot answered another chat",
+            t.id
+        );
+        assert!(
+            m.text.contains(t.key),
+            "{}'s bot answered with another key: {:?}",
+            t.id,
+            m.text
+        );
         m.at.duration_since(asked)
     };
     let mut first = Vec::new();
@@ -877,8 +931,16 @@ fn three_tenants_each_answered_by_their_own_bot_and_key() {
     }
     let later = ask(&tenants[0], &tenants[0].bot, "and again");
     for t in &tenants {
-        let wrong: Vec<_> = tg.sent(&t.bot).into_iter().filter(|m| m.chat_id != t.user.to_string()).collect();
-        assert!(wrong.is_empty(), "{}'s bot wrote to other chats: {wrong:?}", t.id);
+        let wrong: Vec<_> = tg
+            .sent(&t.bot)
+            .into_iter()
+            .filter(|m| m.chat_id != t.user.to_string())
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{}'s bot wrote to other chats: {wrong:?}",
+            t.id
+        );
     }
     let keys: BTreeSet<String> = model.keys().into_iter().collect();
     let want: BTreeSet<String> = tenants.iter().map(|t| t.key.to_string()).collect();
@@ -887,15 +949,24 @@ fn three_tenants_each_answered_by_their_own_bot_and_key() {
         "tenants (one run): spec start -> 3 bots ready {ready_after:?}; first DM -> reply {first:?}; a later DM {later:?}"
     );
     let tree_rss: u64 = {
-        let pid = d.agent("tenants", "alice").unwrap()["pid"].as_u64().unwrap() as u32;
+        let pid = d.agent("tenants", "alice").unwrap()["pid"]
+            .as_u64()
+            .unwrap() as u32;
         let mut all = vec![pid];
         all.extend(descendants(pid));
         all.iter()
             .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-            .filter_map(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+            .filter_map(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
             .sum::<u64>()
     };
-    eprintln!("tenants (one run): whole-tree RSS of a lean tenant with Telegram on, after turns: {} MiB", tree_rss / 1024);
+    eprintln!(
+        "tenants (one run): whole-tree RSS of a lean tenant with Telegram on, after turns: {} MiB",
+        tree_rss / 1024
+    );
 
     // Files: persona copied, secrets in 0600 files only.
     for t in &tenants {
@@ -913,22 +984,59 @@ fn three_tenants_each_answered_by_their_own_bot_and_key() {
     assert_eq!(mode(&d.state_dir().join("vault.json")), 0o600);
 
     // `agent config` shows the placeholder and redacts the values.
-    let cfg: Value = serde_json::from_str(&d.ctl(&["--json", "agent", "config", "tenants/alice"])).unwrap();
-    assert_eq!(cfg["config"]["channels"]["telegram"]["botToken"], "${TG_BOT_TOKEN}", "{cfg}");
+    let cfg: Value =
+        serde_json::from_str(&d.ctl(&["--json", "agent", "config", "tenants/alice"])).unwrap();
+    assert_eq!(
+        cfg["config"]["channels"]["telegram"]["botToken"], "${TG_BOT_TOKEN}",
+        "{cfg}"
+    );
     assert_eq!(cfg["env"]["TG_BOT_TOKEN"], "[REDACTED]", "{cfg}");
     assert_eq!(cfg["env"]["TZ"], "Europe/Madrid", "{cfg}");
-    assert_eq!(cfg["config"]["gateway"]["auth"]["token"], "[REDACTED]", "{cfg}");
-    assert_eq!(cfg["config"]["plugins"]["allow"], serde_json::json!(["openai", "telegram"]), "{cfg}");
+    assert_eq!(
+        cfg["config"]["gateway"]["auth"]["token"], "[REDACTED]",
+        "{cfg}"
+    );
+    assert_eq!(
+        cfg["config"]["plugins"]["allow"],
+        serde_json::json!(["openai", "telegram"]),
+        "{cfg}"
+    );
 
     // `fleetctl exec` runs as the agent: its HOME, its secrets, its openclaw on PATH.
-    let out = d.ctl_output(&["exec", "tenants/carol", "--", "openclaw", "channels", "status", "--json"]);
+    let out = d.ctl_output(&[
+        "exec",
+        "tenants/carol",
+        "--",
+        "openclaw",
+        "channels",
+        "status",
+        "--json",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "exec failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "exec failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("telegram"), "{stdout}");
-    let out = d.ctl_output(&["exec", "tenants/carol", "--", "sh", "-c", "echo $HOME; test -n \"$TG_BOT_TOKEN\" && echo has-token; exit 7"]);
-    assert_eq!(out.status.code(), Some(7), "exec keeps the program's exit status");
+    let out = d.ctl_output(&[
+        "exec",
+        "tenants/carol",
+        "--",
+        "sh",
+        "-c",
+        "echo $HOME; test -n \"$TG_BOT_TOKEN\" && echo has-token; exit 7",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "exec keeps the program's exit status"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains(&home("carol").display().to_string()) && stdout.contains("has-token"), "{stdout}");
+    assert!(
+        stdout.contains(&home("carol").display().to_string()) && stdout.contains("has-token"),
+        "{stdout}"
+    );
 
     // A rotated secret: only bob restarts, and answers with his new token.
     let before = seen(&d, "tenants", &d.status());
@@ -938,27 +1046,41 @@ fn three_tenants_each_answered_by_their_own_bot_and_key() {
     tg.revoke(&bob.bot);
     std::fs::write(dir.join("secrets/bob.tg"), &new_bot).unwrap();
     let said = d.ctl(&["reload"]);
-    assert!(said.contains("restart agent tenants/bob (its secrets changed)") && !said.contains("alice") && !said.contains("carol"), "{said}");
+    assert!(
+        said.contains("restart agent tenants/bob (its secrets changed)")
+            && !said.contains("alice")
+            && !said.contains("carol"),
+        "{said}"
+    );
     let rows = wait_until(START_DEADLINE, "bob restarted with his new token", |last| {
         let rows = d.status();
         *last = serde_json::to_string(&rows).unwrap();
         let b = rows.iter().find(|r| r["agent"] == "bob")?;
-        (b["state"] == "running" && b["pid"].as_u64() != Some(before["bob"].pid as u64)).then_some(rows)
+        (b["state"] == "running" && b["pid"].as_u64() != Some(before["bob"].pid as u64))
+            .then_some(rows)
     });
     wait_ready(port(&rows, "bob"), "bob after rotation");
     for id in ["alice", "carol"] {
         let s = &before[id];
-        assert!(same_alive(s.pid, s.start), "{id} was restarted by bob's rotation");
+        assert!(
+            same_alive(s.pid, s.start),
+            "{id} was restarted by bob's rotation"
+        );
     }
     ask(bob, &new_bot, "after the rotation");
 
     // A revoked token: that channel fails, the gateway stays live, the others stay ready.
+    let mut secrets_extra: Vec<String> = Vec::new();
     let alice = &tenants[0];
     tg.revoke(&alice.bot);
-    wait_until(Duration::from_secs(90), "alice's channel failed in status", |last| {
-        *last = channel(&d, "alice");
-        (last == "failed").then_some(())
-    });
+    wait_until(
+        Duration::from_secs(90),
+        "alice's channel failed in status",
+        |last| {
+            *last = channel(&d, "alice");
+            (last == "failed").then_some(())
+        },
+    );
     assert_eq!(http_get(port(&rows, "alice"), "/healthz"), Some(200));
     assert_eq!(d.agent("tenants", "alice").unwrap()["state"], "running");
     for id in ["bob", "carol"] {
@@ -970,18 +1092,74 @@ fn three_tenants_each_answered_by_their_own_bot_and_key() {
         "{metrics}"
     );
 
+    // A walk-in customer onboarded by commands: from `agent add` to its bot's answer.
+    let dave = Tenant {
+        id: "dave",
+        bot: "1004:AAdave-bot-token-00004".into(),
+        key: "sk-dave-key-000004",
+        user: 5004,
+    };
+    tg.add_bot(&dave.bot);
+    std::fs::write(dir.join("secrets/dave.tg"), &dave.bot).unwrap();
+    std::fs::write(dir.join("secrets/dave.key"), dave.key).unwrap();
+    std::fs::write(
+        dir.join("tenants/dave.json"),
+        serde_json::json!({"channels": {"telegram": {"botToken": "${TG_BOT_TOKEN}",
+            "apiRoot": tg.api_root(), "dmPolicy": "allowlist", "allowFrom": [dave.user.to_string()]}}})
+        .to_string(),
+    )
+    .unwrap();
+    let fleet_json = dir.join("fleet.json").display().to_string();
+    d.ctl(&[
+        "fleet",
+        "create",
+        "walkin",
+        "--profile",
+        "lean",
+        "--template",
+        &fleet_json,
+    ]);
+    let added = Instant::now();
+    d.ctl(&[
+        "agent",
+        "add",
+        "walkin",
+        "dave",
+        "--template",
+        &dir.join("tenants/dave.json").display().to_string(),
+        "--secret",
+        &format!("TG_BOT_TOKEN={}", dir.join("secrets/dave.tg").display()),
+        "--secret",
+        &format!("OPENAI_API_KEY={}", dir.join("secrets/dave.key").display()),
+    ]);
+    let rows = d.wait_running("walkin", 1, START_DEADLINE);
+    wait_ready(port(&rows, "dave"), "dave");
+    ask(&dave, &dave.bot, "hi, I just signed up");
+    eprintln!(
+        "tenants (one run): agent add -> the new tenant's bot answered in {:?}",
+        added.elapsed()
+    );
+    secrets_extra.extend([dave.bot.clone(), dave.key.to_string()]);
+
     // No secret value anywhere it must not be.
     let _ = events.kill();
     let _ = events.wait();
-    let mut secrets: Vec<String> = tenants.iter().flat_map(|t| [t.bot.clone(), t.key.to_string()]).collect();
+    let mut secrets: Vec<String> = tenants
+        .iter()
+        .flat_map(|t| [t.bot.clone(), t.key.to_string()])
+        .collect();
     secrets.push(new_bot.clone());
+    secrets.extend(secrets_extra);
     let logs = d.ctl(&["logs", "tenants/bob", "-n", "100000"]);
     let mut places: Vec<(String, String)> = vec![
         ("fleetd's debug log".into(), d.log()),
         ("events".into(), read_file(&events_file)),
         ("status --json".into(), d.ctl(&["--json", "status"])),
         ("metrics".into(), metrics),
-        ("registry.json".into(), read_file(&d.state_dir().join("registry.json"))),
+        (
+            "registry.json".into(),
+            read_file(&d.state_dir().join("registry.json")),
+        ),
         ("logs of bob".into(), logs),
     ];
     for r in d.status() {
@@ -990,13 +1168,23 @@ fn three_tenants_each_answered_by_their_own_bot_and_key() {
         tree.extend(descendants(pid));
         for p in tree {
             let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-            places.push((format!("/proc/{p}/cmdline"), String::from_utf8_lossy(&cmd).into_owned()));
+            places.push((
+                format!("/proc/{p}/cmdline"),
+                String::from_utf8_lossy(&cmd).into_owned(),
+            ));
         }
     }
-    assert!(read_file(&events_file).contains("\"channel\""), "no channel event was streamed");
+    assert!(
+        read_file(&events_file).contains("\"channel\""),
+        "no channel event was streamed"
+    );
     for (what, text) in &places {
         for s in &secrets {
-            assert!(!text.contains(s.as_str()), "a secret ({}…) is in {what}", &s[..6]);
+            assert!(
+                !text.contains(s.as_str()),
+                "a secret ({}…) is in {what}",
+                &s[..6]
+            );
         }
     }
 }

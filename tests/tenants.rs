@@ -63,7 +63,15 @@ fn a_tenant_gets_its_own_env_secrets_and_files_and_changes_restart_it_alone() {
     // The agent prints its secret at start, so redaction of its log can be checked.
     let cmd = format!("sh -c 'echo \"key=$API_KEY\"; exec {STUB} --no-helper'");
     d.ctl(&[
-        "fleet", "create", "t", "--agents", "1", "--command", &cmd, "--stride", "1",
+        "fleet",
+        "create",
+        "t",
+        "--agents",
+        "1",
+        "--command",
+        &cmd,
+        "--stride",
+        "1",
     ]);
     let sibling = wait_new_pid(&d, "t", "agent-1", 0);
     let key1 = write(f, "k1", "first-secret-value-1\n");
@@ -82,7 +90,10 @@ fn a_tenant_gets_its_own_env_secrets_and_files_and_changes_restart_it_alone() {
     ]);
     let p1 = wait_new_pid(&d, "t", "alice", 0);
     let env = environ(p1);
-    assert!(env.contains(&"API_KEY=first-secret-value-1".to_string()), "{env:?}");
+    assert!(
+        env.contains(&"API_KEY=first-secret-value-1".to_string()),
+        "{env:?}"
+    );
     assert!(env.contains(&"TZ=UTC".to_string()), "{env:?}");
     assert!(
         !environ(sibling).iter().any(|v| v.starts_with("API_KEY=")),
@@ -92,13 +103,22 @@ fn a_tenant_gets_its_own_env_secrets_and_files_and_changes_restart_it_alone() {
     let secret_file = home.join(".openclaw/secrets/API_KEY");
     assert_eq!(read_file(&secret_file), "first-secret-value-1");
     assert_eq!(mode(&secret_file), 0o600);
-    assert_eq!(read_file(&home.join("notes/SOUL.md")), "I am alice's bot.\n");
+    assert_eq!(
+        read_file(&home.join("notes/SOUL.md")),
+        "I am alice's bot.\n"
+    );
     let vault = d.state_dir().join("vault.json");
     assert_eq!(mode(&vault), 0o600);
     assert!(read_file(&vault).contains("first-secret-value-1"));
     let registry = read_file(&d.state_dir().join("registry.json"));
-    assert!(!registry.contains("first-secret-value-1"), "secret in the registry");
-    assert!(registry.contains("API_KEY"), "the registry names the secret");
+    assert!(
+        !registry.contains("first-secret-value-1"),
+        "secret in the registry"
+    );
+    assert!(
+        registry.contains("API_KEY"),
+        "the registry names the secret"
+    );
 
     // Bad secret files: refused, naming the file and why; nothing changed.
     let fifo = f.join("fifo");
@@ -112,14 +132,24 @@ fn a_tenant_gets_its_own_env_secrets_and_files_and_changes_restart_it_alone() {
         (fifo.clone(), "not a regular file"),
         (write(f, "empty", "\n"), "empty"),
         (write(f, "short", "abc"), "fewer than 8"),
-        (write(f, "huge", &"x".repeat(65 * 1024)), "more than the limit"),
+        (
+            write(f, "huge", &"x".repeat(65 * 1024)),
+            "more than the limit",
+        ),
         (f.to_path_buf(), "not a regular file"),
     ];
     let before = read_file(&d.state_dir().join("registry.json"));
     for (file, why) in &cases {
         let e = fails(
             &d,
-            &["agent", "secret", "t/alice", "set", "API_KEY", file.to_str().unwrap()],
+            &[
+                "agent",
+                "secret",
+                "t/alice",
+                "set",
+                "API_KEY",
+                file.to_str().unwrap(),
+            ],
         );
         assert!(
             e.contains(&file.display().to_string()) && e.contains(why),
@@ -128,17 +158,35 @@ fn a_tenant_gets_its_own_env_secrets_and_files_and_changes_restart_it_alone() {
         );
         let e = fails(
             &d,
-            &["agent", "add", "t", "bob", "--secret", &format!("K_1={}", file.display())],
+            &[
+                "agent",
+                "add",
+                "t",
+                "bob",
+                "--secret",
+                &format!("K_1={}", file.display()),
+            ],
         );
         assert!(e.contains(why), "{e}");
     }
     assert!(d.agent("t", "bob").is_none(), "a refused add left an agent");
     assert_eq!(read_file(&d.state_dir().join("registry.json")), before);
-    assert_eq!(pid(&d, "t", "alice"), p1, "a refused change restarted the agent");
+    assert_eq!(
+        pid(&d, "t", "alice"),
+        p1,
+        "a refused change restarted the agent"
+    );
 
     // A new value: alice alone restarts, with it.
     let key2 = write(f, "k2", "second-secret-value-2");
-    let said = d.ctl(&["agent", "secret", "t/alice", "set", "API_KEY", key2.to_str().unwrap()]);
+    let said = d.ctl(&[
+        "agent",
+        "secret",
+        "t/alice",
+        "set",
+        "API_KEY",
+        key2.to_str().unwrap(),
+    ]);
     assert!(said.contains("its secrets changed"), "{said}");
     let p2 = wait_new_pid(&d, "t", "alice", p1);
     assert!(environ(p2).contains(&"API_KEY=second-secret-value-2".to_string()));
@@ -156,7 +204,8 @@ fn a_tenant_gets_its_own_env_secrets_and_files_and_changes_restart_it_alone() {
     assert!(logs.contains("key=[REDACTED]"), "{logs}");
 
     // `agent config`: names, no values.
-    let cfg: Value = serde_json::from_str(&d.ctl(&["--json", "agent", "config", "t/alice"])).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&d.ctl(&["--json", "agent", "config", "t/alice"])).unwrap();
     assert_eq!(cfg["env"]["API_KEY"], "[REDACTED]", "{cfg}");
     assert_eq!(cfg["env"]["TZ"], "UTC", "{cfg}");
     assert_eq!(cfg["secrets"], serde_json::json!(["API_KEY"]));
@@ -165,7 +214,12 @@ fn a_tenant_gets_its_own_env_secrets_and_files_and_changes_restart_it_alone() {
 
     // `fleetctl exec`: the agent's HOME and secrets, the program's own exit status.
     let out = d.ctl_output(&[
-        "exec", "t/alice", "--", "sh", "-c", "printf '%s %s' \"$API_KEY\" \"$PWD\"; exit 3",
+        "exec",
+        "t/alice",
+        "--",
+        "sh",
+        "-c",
+        "printf '%s %s' \"$API_KEY\" \"$PWD\"; exit 3",
     ]);
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(
@@ -181,8 +235,18 @@ fn a_tenant_gets_its_own_env_secrets_and_files_and_changes_restart_it_alone() {
     let mut d = d;
     d.stop();
     d.launch();
-    let out = d.ctl_output(&["exec", "t/alice", "--", "sh", "-c", "printf %s \"$API_KEY\""]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "second-secret-value-2");
+    let out = d.ctl_output(&[
+        "exec",
+        "t/alice",
+        "--",
+        "sh",
+        "-c",
+        "printf %s \"$API_KEY\"",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "second-secret-value-2"
+    );
     let p3 = wait_new_pid(&d, "t", "alice", 0);
     assert!(environ(p3).contains(&"API_KEY=second-secret-value-2".to_string()));
 
@@ -195,7 +259,10 @@ fn a_tenant_gets_its_own_env_secrets_and_files_and_changes_restart_it_alone() {
     d.ctl(&["agent", "secret", "t/alice", "rm", "API_KEY"]);
     let p5 = wait_new_pid(&d, "t", "alice", p4);
     assert!(!environ(p5).iter().any(|v| v.starts_with("API_KEY=")));
-    assert!(!secret_file.exists(), "the removed secret's file stayed in HOME");
+    assert!(
+        !secret_file.exists(),
+        "the removed secret's file stayed in HOME"
+    );
 
     // A directory of the HOME replaced by a link: the next start refuses it and writes
     // nothing through it.
@@ -215,10 +282,20 @@ fn a_tenant_gets_its_own_env_secrets_and_files_and_changes_restart_it_alone() {
     assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
 
     // The secret leaves the vault with the agent.
-    d.ctl(&["agent", "secret", "t/alice", "set", "API_KEY", key2.to_str().unwrap()]);
+    d.ctl(&[
+        "agent",
+        "secret",
+        "t/alice",
+        "set",
+        "API_KEY",
+        key2.to_str().unwrap(),
+    ]);
     assert!(read_file(&vault).contains("second-secret-value-2"));
     d.ctl(&["agent", "rm", "t/alice"]);
-    assert!(!read_file(&vault).contains("second-secret-value-2"), "vault kept a removed agent's secret");
+    assert!(
+        !read_file(&vault).contains("second-secret-value-2"),
+        "vault kept a removed agent's secret"
+    );
 }
 
 #[test]
@@ -240,11 +317,24 @@ fn spec_fleets_take_tenant_settings_from_the_spec_only() {
     let pa = wait_new_pid(&d, "s", "a", 0);
     let pb = wait_new_pid(&d, "s", "b", 0);
     assert!(environ(pa).contains(&"API_KEY=spec-secret-value".to_string()));
-    let e = fails(&d, &["agent", "secret", "s/a", "set", "API_KEY", key.to_str().unwrap()]);
+    let e = fails(
+        &d,
+        &[
+            "agent",
+            "secret",
+            "s/a",
+            "set",
+            "API_KEY",
+            key.to_str().unwrap(),
+        ],
+    );
     assert!(e.contains("spec"), "{e}");
     std::fs::write(&key, "spec-secret-value-2").unwrap();
     let said = d.ctl(&["reload"]);
-    assert!(said.contains("restart agent s/a (its secrets changed)") && !said.contains("s/b"), "{said}");
+    assert!(
+        said.contains("restart agent s/a (its secrets changed)") && !said.contains("s/b"),
+        "{said}"
+    );
     let pa2 = wait_new_pid(&d, "s", "a", pa);
     assert!(environ(pa2).contains(&"API_KEY=spec-secret-value-2".to_string()));
     assert_eq!(pid(&d, "s", "b"), pb, "b restarted for a's secret");
