@@ -19,6 +19,8 @@ pub enum ChannelState {
     Failed,
     /// The agent does not run.
     Stopped,
+    /// OpenClaw's crash-loop breaker keeps it off while the gateway's probes stay green.
+    Off,
 }
 
 impl std::fmt::Display for ChannelState {
@@ -28,6 +30,7 @@ impl std::fmt::Display for ChannelState {
             ChannelState::Ready => "ready",
             ChannelState::Failed => "failed",
             ChannelState::Stopped => "stopped",
+            ChannelState::Off => "off",
         })
     }
 }
@@ -51,6 +54,8 @@ pub struct Seen<'a> {
     pub up_for: Duration,
     /// How long a start may take before a failing channel counts as failed.
     pub grace: Duration,
+    /// This incarnation's stderr said the crash-loop breaker tripped.
+    pub breaker: bool,
 }
 
 /// Each configured channel's state.
@@ -61,6 +66,11 @@ pub fn channel_states(configured: &[String], seen: &Seen) -> BTreeMap<String, Ch
             let listed = seen.failing.iter().any(|f| f == c);
             let (state, error) = if !seen.running {
                 (ChannelState::Stopped, None)
+            } else if seen.breaker {
+                (
+                    ChannelState::Off,
+                    Some("OpenClaw's crash-loop breaker tripped (3 unclean exits within 5 minutes): it keeps every channel off until those exits age out, while /healthz and /readyz stay 200; restart the agent after that".into()),
+                )
             } else if seen.ready {
                 (ChannelState::Ready, None)
             } else if listed && (seen.was_ready || seen.up_for >= seen.grace) {
@@ -194,7 +204,11 @@ mod tests {
         for (what, seen, want) in cases {
             let got = channel_states(&tg, &seen);
             assert_eq!(got["telegram"].state, want, "{what}");
-            assert_eq!(got["telegram"].error.is_some(), want == Failed, "{what}");
+            assert_eq!(
+                got["telegram"].error.is_some(),
+                matches!(want, Failed | Off),
+                "{what}"
+            );
         }
         assert!(channel_states(&[], &Seen::default()).is_empty());
     }

@@ -80,7 +80,9 @@ impl Default for Metrics {
 
 /// The reason label of a restart, from the transition's reason text.
 pub fn restart_reason(reason: &str) -> &'static str {
-    if reason.starts_with("memory limit") {
+    if reason.starts_with("js heap out of memory") {
+        "js_heap_oom"
+    } else if reason.starts_with("memory limit") {
         "memory_limit"
     } else if reason.contains("/healthz") {
         "health"

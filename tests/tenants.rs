@@ -344,3 +344,86 @@ fn spec_fleets_take_tenant_settings_from_the_spec_only() {
     assert!(e.contains("a.key") && e.contains("does not exist"), "{e}");
     assert_eq!(pid(&d, "s", "a"), pa2);
 }
+
+#[test]
+fn a_heap_abort_and_the_crash_loop_breaker_are_named() {
+    let d = Daemon::start();
+    let dir = tempfile::tempdir().unwrap();
+    // V8's abort: the line on stderr, then SIGABRT.
+    let oom = format!(
+        "sh -c 'echo \"FATAL ERROR: Ineffective mark-compacts near heap limit Allocation failed - JavaScript heap out of memory\" >&2; exec {STUB} --no-helper --abort-after-ms 300'"
+    );
+    d.ctl(&["fleet", "create", "h", "--command", &oom, "--stride", "1"]);
+    d.ctl(&[
+        "agent",
+        "add",
+        "h",
+        "a",
+        "--env",
+        "NODE_OPTIONS=--max-old-space-size=300",
+    ]);
+    let row = wait_until(T, "the abort named as a heap exhaustion", |last| {
+        let r = d.agent("h", "a")?;
+        *last = r.to_string();
+        r["reason"]
+            .as_str()?
+            .contains("js heap out of memory (limit 300 MiB), signal 6 (SIGABRT)")
+            .then_some(r)
+    });
+    assert!(row["restarts"].as_u64().unwrap() >= 1, "{row}");
+
+    // OpenClaw's breaker: probes green, channels held off; said in status.
+    let tpl = write(
+        dir.path(),
+        "t.json",
+        r#"{"channels": {"telegram": {"botToken": "x"}}}"#,
+    );
+    let breaker = format!(
+        "sh -c 'echo \"restart-loop breaker tripped: 3 unclean exits; suppressing channel/provider account auto-start\" >&2; exec {STUB} --no-helper'"
+    );
+    d.ctl(&[
+        "fleet",
+        "create",
+        "b",
+        "--agents",
+        "1",
+        "--command",
+        &breaker,
+        "--stride",
+        "1",
+        "--template",
+        tpl.to_str().unwrap(),
+    ]);
+    let row = wait_until(T, "the breaker shown on the channel", |last| {
+        let r = d.agent("b", "agent-1")?;
+        *last = r.to_string();
+        (r["channels"]["telegram"]["state"] == "off" && r["state"] == "running").then_some(r)
+    });
+    assert!(
+        row["channels"]["telegram"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("crash-loop breaker"),
+        "{row}"
+    );
+    // A fleet without the line: its channel is ready once the probe says so.
+    let plain = format!("{STUB} --no-helper");
+    d.ctl(&[
+        "fleet",
+        "create",
+        "c",
+        "--agents",
+        "1",
+        "--command",
+        &plain,
+        "--stride",
+        "1",
+        "--template",
+        tpl.to_str().unwrap(),
+    ]);
+    wait_until(T, "a plain agent's channel ready", |last| {
+        let r = d.agent("c", "agent-1")?;
+        *last = r.to_string();
+        (r["channels"]["telegram"]["state"] == "ready").then_some(())
+    });
+}

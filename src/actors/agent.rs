@@ -75,6 +75,8 @@ pub struct AgentRuntime {
     failing: Vec<String>,
     /// This incarnation was ready once.
     was_ready: bool,
+    /// This incarnation's stderr said OpenClaw's crash-loop breaker tripped.
+    breaker: bool,
     /// Itself, for timers set outside a handler's arguments.
     me: ActorRef<AgentMsg>,
     /// The channel states last published, so only changes become events.
@@ -139,6 +141,7 @@ impl Actor for AgentActor {
             configured_channels: Vec::new(),
             failing: Vec::new(),
             was_ready: false,
+            breaker: false,
             me: myself.clone(),
             channels: Default::default(),
         };
@@ -293,6 +296,7 @@ impl AgentRuntime {
             failing: &self.failing,
             up_for: self.started_at.map(|t| t.elapsed()).unwrap_or_default(),
             grace: Duration::from_millis(self.spec.health.grace_ms),
+            breaker: self.breaker,
         };
         let channels = crate::channels::channel_states(&self.configured_channels, &seen);
         for (name, c) in crate::channels::changed(&self.channels, &channels) {
@@ -460,6 +464,7 @@ impl AgentRuntime {
                 self.healthy = false;
                 self.ready = false;
                 self.was_ready = false;
+                self.breaker = false;
                 self.failing.clear();
                 self.set_state(AgentState::Starting, None, None);
                 let me = myself.clone();
@@ -529,7 +534,15 @@ impl AgentRuntime {
                 });
             }
             OwnerEvent::TreeGone { .. } => {}
-            OwnerEvent::Exited { exit, .. } => {
+            OwnerEvent::Breaker => {
+                tracing::warn!(fleet = %self.fleet, agent = %self.agent, "OpenClaw's crash-loop breaker tripped: its channels stay off while its probes pass");
+                self.breaker = true;
+                self.publish_view();
+            }
+            OwnerEvent::Exited { exit, heap_oom, .. } => {
+                if heap_oom && self.stopping.is_none() {
+                    self.reason = Some(heap_oom_reason(&self.spec, &self.agent, exit));
+                }
                 let healthy_for = self.healthy_since.map(|t| t.elapsed());
                 self.process = None;
                 self.sweeping.push(gen);
@@ -671,5 +684,21 @@ fn configured_channels(spec: &crate::spec::FleetSpec, agent: &str) -> Vec<String
     match crate::provision::effective_template(spec, agent) {
         Some(serde_json::Value::Object(m)) => crate::provision::configured_channels(&m),
         _ => Vec::new(),
+    }
+}
+
+/// The reason of a V8 heap out-of-memory abort, with the heap cap the agent ran under.
+fn heap_oom_reason(spec: &crate::spec::FleetSpec, agent: &str, exit: ExitInfo) -> String {
+    let options = crate::provision::extra_env(spec, agent)
+        .ok()
+        .and_then(|e| e.get("NODE_OPTIONS").cloned())
+        .or_else(|| {
+            (spec.runs_openclaw() && spec.profile == crate::spec::Profile::Lean)
+                .then(|| crate::provision::LEAN_NODE_OPTIONS.to_string())
+        })
+        .unwrap_or_default();
+    match crate::process::notice::heap_cap_mib(&options) {
+        Some(mib) => format!("js heap out of memory (limit {mib} MiB), {exit}"),
+        None => format!("js heap out of memory (V8's default limit), {exit}"),
     }
 }

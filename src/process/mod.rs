@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod child;
 pub mod members;
+pub mod notice;
 pub mod owner;
 pub mod procfs;
 pub mod spawn;

@@ -28,7 +28,14 @@ enum Ctl {
 #[derive(Debug, Clone)]
 pub enum OwnerEvent {
     /// The main process is gone. `requested`: a stop or kill was asked for.
-    Exited { exit: ExitInfo, requested: bool },
+    /// `heap_oom`: its stderr said V8 ran out of heap (the abort behind a SIGABRT).
+    Exited {
+        exit: ExitInfo,
+        requested: bool,
+        heap_oom: bool,
+    },
+    /// Its stderr said OpenClaw's crash-loop breaker holds its channels off.
+    Breaker,
     /// Every process of the tree is gone after the exit (sent after `Exited`).
     TreeGone { killed_leftovers: usize },
     /// Lines lost while the log could not be written.
@@ -219,6 +226,7 @@ async fn run(
     let mut split_err = LineSplitter::new();
     let mut pace_out = Pace::new();
     let mut pace_err = Pace::new();
+    let mut notes = crate::process::notice::Notes::default();
     let mut kill_at: Option<Instant> = None;
     let mut requested = false;
     let mut members: Vec<Member> = Vec::new();
@@ -229,12 +237,15 @@ async fn run(
         tokio::select! {
             st = child.wait() => break st,
             r = readable(&stdout) => {
-                pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &mut pace_out);
+                pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &mut pace_out, &mut notes);
                 report_drops(&mut log, &on_event);
                 pace_out.yield_if_busy().await;
             }
             r = readable(&stderr) => {
-                pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &mut pace_err);
+                pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &mut pace_err, &mut notes);
+                if notes.take_breaker() {
+                    on_event(OwnerEvent::Breaker);
+                }
                 report_drops(&mut log, &on_event);
                 pace_err.yield_if_busy().await;
             }
@@ -296,13 +307,16 @@ async fn run(
     let drain_until = Instant::now() + DRAIN_AFTER_EXIT;
     while stdout.is_some() || stderr.is_some() {
         tokio::select! {
-            r = readable(&stdout) => pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &mut pace_out),
-            r = readable(&stderr) => pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &mut pace_err),
+            r = readable(&stdout) => pump(&mut log, &mut split_out, Stream::Out, &mut stdout, r, &mut pace_out, &mut notes),
+            r = readable(&stderr) => pump(&mut log, &mut split_err, Stream::Err, &mut stderr, r, &mut pace_err, &mut notes),
             _ = tokio::time::sleep_until(drain_until) => break,
         }
     }
     split_out.finish(&mut |l, cut| log.write_line(Stream::Out, l, cut));
-    split_err.finish(&mut |l, cut| log.write_line(Stream::Err, l, cut));
+    split_err.finish(&mut |l, cut| {
+        notes.see(l);
+        log.write_line(Stream::Err, l, cut)
+    });
     log.flush();
     report_drops(&mut log, &on_event);
     drop((stdout, stderr));
@@ -313,7 +327,11 @@ async fn run(
 
     if !requested {
         // Crash path: report first so the restart is not delayed by the sweep.
-        on_event(OwnerEvent::Exited { exit, requested });
+        on_event(OwnerEvent::Exited {
+            exit,
+            requested,
+            heap_oom: notes.heap_oom,
+        });
     }
     // Whatever the tree left behind (helpers in their own sessions) goes now.
     let mut leftovers = sweeper.collect_since(None, &marker, since).await;
@@ -336,7 +354,11 @@ async fn run(
     guard.armed = false;
     let _ = closing.await;
     if requested {
-        on_event(OwnerEvent::Exited { exit, requested });
+        on_event(OwnerEvent::Exited {
+            exit,
+            requested,
+            heap_oom: notes.heap_oom,
+        });
     }
     on_event(OwnerEvent::TreeGone {
         killed_leftovers: killed,
@@ -407,7 +429,14 @@ fn pump(
     src: &mut Option<pipe::Receiver>,
     ready: std::io::Result<()>,
     pace: &mut Pace,
+    notes: &mut crate::process::notice::Notes,
 ) {
+    let mut write = |l: &[u8], cut: usize| {
+        if stream == Stream::Err {
+            notes.see(l);
+        }
+        log.write_line(stream, l, cut)
+    };
     let Some(r) = src.as_ref() else {
         return;
     };
@@ -418,7 +447,7 @@ fn pump(
             match r.try_read(&mut b) {
                 Ok(0) => Ok(None),
                 Ok(n) => {
-                    split.push(&b[..n], &mut |l, cut| log.write_line(stream, l, cut));
+                    split.push(&b[..n], &mut write);
                     pace.since_yield += n;
                     Ok(Some(n))
                 }
@@ -431,7 +460,7 @@ fn pump(
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
         Ok(Some(_)) => {}
         Ok(None) | Err(_) => {
-            split.finish(&mut |l, cut| log.write_line(stream, l, cut));
+            split.finish(&mut write);
             *src = None;
         }
     }

@@ -24,7 +24,7 @@ pub struct EnvInput<'a> {
 }
 
 pub const MARKER_VAR: &str = "FLEET_COMMANDER_AGENT";
-pub(super) const LEAN_NODE_OPTIONS: &str = "--max-old-space-size=256 --max-semi-space-size=1";
+pub const LEAN_NODE_OPTIONS: &str = "--max-old-space-size=256 --max-semi-space-size=1";
 
 /// The agent's whole environment (nothing is inherited), sorted by name, no duplicates.
 ///
