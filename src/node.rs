@@ -533,6 +533,36 @@ impl NodeHandle {
         Ok(bound)
     }
 
+    /// Why a control-socket peer with this pid is refused because it belongs to an agent.
+    #[doc(hidden)]
+    pub fn agent_peer_refusal(&self, pid: i32) -> Option<String> {
+        use std::sync::atomic::Ordering;
+        let guardian = self
+            .ctx
+            .services
+            .spawner
+            .guardian_pid()
+            .load(Ordering::Relaxed);
+        let roots: Vec<(u32, String)> = self
+            .ctx
+            .views
+            .status
+            .iter()
+            .filter_map(|v| {
+                v.row
+                    .pid
+                    .map(|p| (p, format!("{}/{}", v.key().0, v.key().1)))
+            })
+            .collect();
+        crate::admin::peer::refusal(
+            pid,
+            &crate::admin::peer::Agents {
+                guardian,
+                roots: &roots,
+            },
+        )
+    }
+
     /// How agents are kept from outliving the node on this host.
     pub fn isolation(&self) -> Isolation {
         self.ctx.services.spawner.isolation()

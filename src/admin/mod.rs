@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod parse;
+pub mod peer;
 pub mod render;
 pub mod repl;
 pub mod socket;

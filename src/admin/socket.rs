@@ -1,4 +1,5 @@
-//! The control socket: a Unix socket (mode 0600, peers checked by uid). A request is one
+//! The control socket: a Unix socket (mode 0600; peers checked by uid, and never an agent's
+//! process whatever its uid: see `peer`). A request is one
 //! line: a JSON `Request` (what `fleetctl` sends: no byte of an argument can end it) or, for a
 //! person at `socat`, a line of the command language. Every answer is one or more JSON `Frame`
 //! lines: a reply closes a one-shot command; `events` and `logs --follow` stream frames until
@@ -156,11 +157,20 @@ pub async fn serve(
         let on_shutdown = on_shutdown.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let allowed = stream
-                .peer_cred()
-                .map(|c| c.uid() == me || c.uid() == 0)
-                .unwrap_or(false);
-            if let Err(e) = connection(stream, node, on_shutdown, allowed).await {
+            let refused = match stream.peer_cred() {
+                Ok(c) if c.uid() == me || c.uid() == 0 => {
+                    let pid = c.pid().unwrap_or(0);
+                    let n = node.clone();
+                    tokio::task::spawn_blocking(move || n.agent_peer_refusal(pid))
+                        .await
+                        .unwrap_or(Some("the peer check failed".into()))
+                }
+                _ => Some("only the daemon's user may use this socket".into()),
+            };
+            if let Some(why) = &refused {
+                tracing::warn!(reason = %why, "control connection refused");
+            }
+            if let Err(e) = connection(stream, node, on_shutdown, refused).await {
                 tracing::debug!(error = %e, "control connection ended");
             }
         });
@@ -201,22 +211,19 @@ async fn connection(
     stream: UnixStream,
     node: NodeHandle,
     on_shutdown: std::sync::Arc<tokio::sync::Notify>,
-    allowed: bool,
+    refused: Option<String>,
 ) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
     let mut buf = Vec::new();
-    if !allowed {
+    if let Some(why) = refused {
         // Take the request first, so the client's write completes and it reads the reason
         // instead of failing on a closed socket.
         let _ =
             tokio::time::timeout(Duration::from_secs(2), read_request(&mut reader, &mut buf)).await;
         return send(
             &mut w,
-            &error_reply(
-                FleetError::invalid("peer", "only the daemon's user may use this socket"),
-                false,
-            ),
+            &error_reply(FleetError::invalid("peer", why), false),
         )
         .await;
     }

@@ -4,6 +4,7 @@
 //! tables or `--json`). The procedure itself lives in `bench` (a module of this binary, not of the library).
 
 mod bench;
+mod talk;
 
 use crate::bench::fleetd::{Fleetd, FLEET};
 use crate::bench::peers::{Pm2, Supervisord, S6};
@@ -56,6 +57,20 @@ struct Args {
     /// /readyz, warm restart to /readyz, RSS/PSS per agent.
     #[arg(long, default_value_t = 0)]
     real: usize,
+    /// The conversation workload instead of the supervisor figures: `--real K` tenants on
+    /// the loopback fake Bot API and model, each sent this many messages a minute.
+    #[arg(long, default_value_t = 0.0)]
+    talk: f64,
+    /// How long the conversation workload runs, minutes.
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
+    /// Profile of the talking tenants.
+    #[arg(long, default_value = "lean")]
+    talk_profile: String,
+    /// NODE_OPTIONS for every talking tenant (e.g. "--max-old-space-size=384"), over the
+    /// profile's.
+    #[arg(long)]
+    node_options: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -106,6 +121,28 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
             "no fleetd at {}: build it (cargo build --release --bin fleetd) or pass --fleetd",
             fleetd_exe.display()
         );
+    }
+    if args.talk > 0.0 {
+        let r = talk::run(&talk::TalkArgs {
+            fleetd: &fleetd_exe,
+            dir: &dir.join("talk"),
+            port_range: &args.port_range,
+            agents: args.real.max(1),
+            per_minute: args.talk,
+            minutes: args.minutes,
+            profile: &args.talk_profile,
+            node_options: args.node_options.as_deref(),
+        })?;
+        let json = serde_json::to_string_pretty(&r)?;
+        if let Some(p) = &args.json_out {
+            std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
+        }
+        if args.json {
+            println!("{json}");
+        } else {
+            print!("{}", talk::render(&r));
+        }
+        return Ok(());
     }
     let command = match &args.command {
         Some(c) => {

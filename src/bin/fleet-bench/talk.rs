@@ -1,0 +1,326 @@
+//! The conversation workload (`--real K --talk R --minutes M`): K real OpenClaw tenants, each
+//! with its own bot on the loopback fake Bot API and its own key on the fake model, each sent
+//! R messages a minute for M minutes. What a hosting business pays for is memory per bot that
+//! is answering: this reports, per agent and over time, whole-tree RSS and PSS, restarts with
+//! their reasons, and reply latency p50/p99.
+
+#[path = "../fleet-fakes/fakes.rs"]
+mod fakes;
+
+use crate::bench::fleetd::Fleetd;
+use crate::bench::Subject;
+use anyhow::{bail, Context, Result};
+use fleet_commander::messages::command::Reply;
+use fleet_commander::process::procfs;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const FLEET: &str = "talk";
+
+/// One agent's figures over the run.
+#[derive(Debug, Default, Serialize)]
+pub struct AgentTalk {
+    pub agent: String,
+    pub sent: usize,
+    pub answered: usize,
+    pub restarts: u32,
+    pub reasons: Vec<String>,
+    pub latency_p50_s: Option<f64>,
+    pub latency_p99_s: Option<f64>,
+    pub rss_max_mib: f64,
+    pub pss_max_mib: f64,
+    pub pss_last_mib: f64,
+}
+
+/// One sample of every agent's tree.
+#[derive(Debug, Default, Serialize)]
+pub struct Sample {
+    pub at_s: f64,
+    /// Agent → (RSS MiB, PSS MiB).
+    pub trees: BTreeMap<String, (f64, f64)>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct TalkReport {
+    pub agents: usize,
+    pub per_minute: f64,
+    pub minutes: f64,
+    pub profile: String,
+    pub node_options: Option<String>,
+    pub ready_s: Option<f64>,
+    pub per_agent: Vec<AgentTalk>,
+    pub samples: Vec<Sample>,
+    pub notes: Vec<String>,
+}
+
+fn quantile(v: &mut [f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+    Some(v[i.min(v.len() - 1)])
+}
+
+pub struct TalkArgs<'a> {
+    pub fleetd: &'a Path,
+    pub dir: &'a Path,
+    pub port_range: &'a str,
+    pub agents: usize,
+    pub per_minute: f64,
+    pub minutes: f64,
+    pub profile: &'a str,
+    pub node_options: Option<&'a str>,
+}
+
+pub fn run(a: &TalkArgs) -> Result<TalkReport> {
+    if a.per_minute <= 0.0 || a.minutes <= 0.0 || a.agents == 0 {
+        bail!("--talk, --minutes and --real must be positive");
+    }
+    let mut r = TalkReport {
+        agents: a.agents,
+        per_minute: a.per_minute,
+        minutes: a.minutes,
+        profile: a.profile.into(),
+        node_options: a.node_options.map(str::to_string),
+        ..TalkReport::default()
+    };
+    let tg = fakes::FakeTelegram::start();
+    let model = fakes::FakeModel::start("an answer from the loopback model for key {key}");
+    std::fs::create_dir_all(a.dir)?;
+    let fleet_tpl = a.dir.join("fleet.json");
+    std::fs::write(
+        &fleet_tpl,
+        serde_json::json!({
+            "models": {"providers": {"fake": {"baseUrl": model.base_url(),
+                "apiKey": "${OPENAI_API_KEY}", "models": [{"id": "m", "name": "m"}]}}},
+            "agents": {"defaults": {"model": {"primary": "fake/m"}, "heartbeat": {"every": "0m"}}}
+        })
+        .to_string(),
+    )?;
+    let d = Fleetd::start(a.fleetd, &a.dir.join("fleetd"), a.port_range, None, None)?;
+    let ok = |reply: Reply, what: &str| -> Result<()> {
+        match reply {
+            Reply::Error(e) => bail!("{what}: {e}"),
+            _ => Ok(()),
+        }
+    };
+    ok(
+        d.request(&[
+            "fleet",
+            "create",
+            FLEET,
+            "--profile",
+            a.profile,
+            "--template",
+            &fleet_tpl.display().to_string(),
+        ])?,
+        "fleet create",
+    )?;
+    let mut bots = Vec::new();
+    let t0 = Instant::now();
+    for i in 0..a.agents {
+        let id = format!("t{}", i + 1);
+        let bot = format!("{}:AAtalk-bench-token-{i:04}", 3000 + i);
+        let user = 7000 + i as i64;
+        tg.add_bot(&bot);
+        let tpl = a.dir.join(format!("{id}.json"));
+        std::fs::write(
+            &tpl,
+            serde_json::json!({"channels": {"telegram": {"botToken": bot, "apiRoot": tg.api_root(),
+                "dmPolicy": "allowlist", "allowFrom": [user.to_string()]}}})
+            .to_string(),
+        )?;
+        let key = a.dir.join(format!("{id}.key"));
+        std::fs::write(&key, format!("sk-talk-bench-{i:04}"))?;
+        let mut words = vec![
+            "agent".to_string(),
+            "add".into(),
+            FLEET.into(),
+            id.clone(),
+            "--template".into(),
+            tpl.display().to_string(),
+            "--secret".into(),
+            format!("OPENAI_API_KEY={}", key.display()),
+        ];
+        if let Some(o) = a.node_options {
+            words.extend(["--env".into(), format!("NODE_OPTIONS={o}")]);
+        }
+        let w: Vec<&str> = words.iter().map(String::as_str).collect();
+        ok(d.request(&w)?, "agent add")?;
+        bots.push((id, bot, user));
+    }
+    let deadline = Instant::now() + Duration::from_secs(300 + 60 * a.agents as u64);
+    loop {
+        let st = d.status(FLEET)?;
+        if st.iter().filter(|s| s.ready).count() >= a.agents {
+            r.ready_s = Some(t0.elapsed().as_secs_f64());
+            break;
+        }
+        if Instant::now() >= deadline {
+            r.notes
+                .push("not every agent got ready; talking anyway".into());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    crate::say(format!(
+        "talk: {} agents ready after {:.0} s; {} messages/min each for {} min",
+        a.agents,
+        t0.elapsed().as_secs_f64(),
+        a.per_minute,
+        a.minutes
+    ));
+
+    let gap = Duration::from_secs_f64(60.0 / a.per_minute);
+    let stagger = gap / a.agents as u32;
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(a.minutes * 60.0);
+    let mut next: Vec<Instant> = (0..a.agents).map(|i| start + stagger * i as u32).collect();
+    // Per agent: (sent at, replies seen before it) of messages not answered yet.
+    let mut pending: Vec<Vec<(Instant, usize)>> = vec![Vec::new(); a.agents];
+    let mut latencies: Vec<Vec<f64>> = vec![Vec::new(); a.agents];
+    let mut sent = vec![0usize; a.agents];
+    let mut reasons: Vec<Vec<String>> = vec![Vec::new(); a.agents];
+    let mut last_restarts: BTreeMap<String, u32> = BTreeMap::new();
+    let mut next_sample = start;
+    let mut n = 0u64;
+    while Instant::now() < end {
+        let now = Instant::now();
+        for (i, (_, bot, user)) in bots.iter().enumerate() {
+            if now >= next[i] {
+                n += 1;
+                let seen = tg.sent(bot).len();
+                tg.send_dm(bot, *user, &format!("message {n}: how are you today?"));
+                let waiting = pending[i].len();
+                pending[i].push((now, seen + waiting));
+                sent[i] += 1;
+                next[i] += gap;
+            }
+            let replies = tg.sent(bot);
+            pending[i].retain(|(at, idx)| match replies.get(*idx) {
+                Some(m) => {
+                    latencies[i].push(m.at.saturating_duration_since(*at).as_secs_f64());
+                    false
+                }
+                None => true,
+            });
+        }
+        if now >= next_sample {
+            next_sample += Duration::from_secs(30);
+            let procs = procfs::scan();
+            let mut s = Sample {
+                at_s: start.elapsed().as_secs_f64(),
+                ..Sample::default()
+            };
+            for row in d.status(FLEET).unwrap_or_default() {
+                if let Some(pid) = row.pid {
+                    let rss = procfs::tree_rss_bytes(pid, &procs) as f64 / 1048576.0;
+                    let pss = procfs::tree_pss_bytes(pid, &procs) as f64 / 1048576.0;
+                    s.trees.insert(row.agent.clone(), (rss, pss));
+                }
+                let before = last_restarts.insert(row.agent.clone(), row.restarts);
+                if before.is_some_and(|b| row.restarts > b)
+                    || (before.is_none() && row.restarts > 0)
+                {
+                    if let Some(i) = bots.iter().position(|(id, _, _)| *id == row.agent) {
+                        let why = row
+                            .reason
+                            .clone()
+                            .or(row.last_exit.map(|e| e.to_string()))
+                            .unwrap_or_default();
+                        reasons[i].push(format!("at {:.0} s: {why}", s.at_s));
+                    }
+                }
+            }
+            crate::say(format!(
+                "talk: {:.0} s: {}",
+                s.at_s,
+                s.trees
+                    .iter()
+                    .map(|(k, (r, p))| format!("{k} rss {r:.0} pss {p:.0} MiB"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            r.samples.push(s);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = d.status(FLEET).unwrap_or_default();
+    for (i, (id, _, _)) in bots.iter().enumerate() {
+        // The abort line is in the agent's own log whatever the sampling saw.
+        let log = a
+            .dir
+            .join(format!("fleetd/state/fleets/{FLEET}/{id}/logs/agent.log"));
+        let ooms = std::fs::read_to_string(&log)
+            .map(|t| t.matches("JavaScript heap out of memory").count())
+            .unwrap_or(0);
+        if ooms > 0 {
+            reasons[i].push(format!("{ooms} V8 heap out-of-memory aborts in its log"));
+        }
+        let row = status.iter().find(|s| s.agent == *id);
+        let trees: Vec<(f64, f64)> = r
+            .samples
+            .iter()
+            .filter_map(|s| s.trees.get(id).copied())
+            .collect();
+        r.per_agent.push(AgentTalk {
+            agent: id.clone(),
+            sent: sent[i],
+            answered: latencies[i].len(),
+            restarts: row.map(|s| s.restarts).unwrap_or(0),
+            reasons: reasons[i].clone(),
+            latency_p50_s: quantile(&mut latencies[i], 0.5),
+            latency_p99_s: quantile(&mut latencies[i], 0.99),
+            rss_max_mib: trees.iter().map(|t| t.0).fold(0.0, f64::max),
+            pss_max_mib: trees.iter().map(|t| t.1).fold(0.0, f64::max),
+            pss_last_mib: trees.last().map(|t| t.1).unwrap_or(0.0),
+        });
+    }
+    let mut d = d;
+    d.shutdown().context("shutting fleetd down")?;
+    Ok(r)
+}
+
+/// The report as a table.
+pub fn render(r: &TalkReport) -> String {
+    let mut out = format!(
+        "conversation workload: {} {} agents, {} messages/min each, {} min{}; ready after {}\n",
+        r.agents,
+        r.profile,
+        r.per_minute,
+        r.minutes,
+        r.node_options
+            .as_ref()
+            .map(|o| format!(", NODE_OPTIONS={o}"))
+            .unwrap_or_default(),
+        r.ready_s.map(|s| format!("{s:.0} s")).unwrap_or("-".into())
+    );
+    out.push_str(
+        "agent  sent  answered  restarts  p50 s  p99 s  RSS max MiB  PSS max MiB  PSS last MiB\n",
+    );
+    for a in &r.per_agent {
+        let f = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or("-".into());
+        out.push_str(&format!(
+            "{:<5}  {:>4}  {:>8}  {:>8}  {:>5}  {:>5}  {:>11.0}  {:>11.0}  {:>12.0}\n",
+            a.agent,
+            a.sent,
+            a.answered,
+            a.restarts,
+            f(a.latency_p50_s),
+            f(a.latency_p99_s),
+            a.rss_max_mib,
+            a.pss_max_mib,
+            a.pss_last_mib
+        ));
+        for why in &a.reasons {
+            out.push_str(&format!("       restart {why}\n"));
+        }
+    }
+    for n in &r.notes {
+        out.push_str(&format!("note: {n}\n"));
+    }
+    out
+}
