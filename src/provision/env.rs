@@ -24,7 +24,11 @@ pub struct EnvInput<'a> {
 }
 
 pub const MARKER_VAR: &str = "FLEET_COMMANDER_AGENT";
-pub const LEAN_NODE_OPTIONS: &str = "--max-old-space-size=256 --max-semi-space-size=1";
+/// The lean heap cap is sized under conversation, not idle: at 256 MiB (enough idle) two
+/// talking tenants (6 messages a minute) aborted with V8's heap out-of-memory every 2-2.5
+/// minutes (7 aborts in 10 minutes); at 384 MiB the same load ran 10 minutes with no restart,
+/// reply p50 1.5 s (`fleet-bench --real 2 --talk 6 --minutes 10`, docs/bench.md).
+pub const LEAN_NODE_OPTIONS: &str = "--max-old-space-size=384 --max-semi-space-size=1";
 
 /// The agent's whole environment (nothing is inherited), sorted by name, no duplicates.
 ///

@@ -339,7 +339,7 @@ mod tests {
             ("FLEET_COMMANDER_AGENT", "f/a#7"),
             (
                 "NODE_OPTIONS",
-                "--max-old-space-size=256 --max-semi-space-size=1",
+                "--max-old-space-size=384 --max-semi-space-size=1",
             ),
             ("MALLOC_ARENA_MAX", "2"),
             ("OPENCLAW_DISABLE_BONJOUR", "1"),

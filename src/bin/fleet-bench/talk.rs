@@ -179,8 +179,11 @@ pub fn run(a: &TalkArgs) -> Result<TalkReport> {
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(a.minutes * 60.0);
     let mut next: Vec<Instant> = (0..a.agents).map(|i| start + stagger * i as u32).collect();
-    // Per agent: (sent at, replies seen before it) of messages not answered yet.
-    let mut pending: Vec<Vec<(Instant, usize)>> = vec![Vec::new(); a.agents];
+    // Per agent, the message waiting for its answer: (sent at, replies seen before it). One at
+    // a time: every reply is the same text, so only order tells which message it answers; a
+    // message still unanswered when the next is due counts as lost (a crash dropped it).
+    let mut pending: Vec<Option<(Instant, usize)>> = vec![None; a.agents];
+    let mut lost = vec![0usize; a.agents];
     let mut latencies: Vec<Vec<f64>> = vec![Vec::new(); a.agents];
     let mut sent = vec![0usize; a.agents];
     let mut reasons: Vec<Vec<String>> = vec![Vec::new(); a.agents];
@@ -192,21 +195,21 @@ pub fn run(a: &TalkArgs) -> Result<TalkReport> {
         for (i, (_, bot, user)) in bots.iter().enumerate() {
             if now >= next[i] {
                 n += 1;
+                if pending[i].take().is_some() {
+                    lost[i] += 1;
+                }
                 let seen = tg.sent(bot).len();
                 tg.send_dm(bot, *user, &format!("message {n}: how are you today?"));
-                let waiting = pending[i].len();
-                pending[i].push((now, seen + waiting));
+                pending[i] = Some((now, seen));
                 sent[i] += 1;
                 next[i] += gap;
             }
-            let replies = tg.sent(bot);
-            pending[i].retain(|(at, idx)| match replies.get(*idx) {
-                Some(m) => {
-                    latencies[i].push(m.at.saturating_duration_since(*at).as_secs_f64());
-                    false
+            if let Some((at, idx)) = pending[i] {
+                if let Some(m) = tg.sent(bot).get(idx) {
+                    latencies[i].push(m.at.saturating_duration_since(at).as_secs_f64());
+                    pending[i] = None;
                 }
-                None => true,
-            });
+            }
         }
         if now >= next_sample {
             next_sample += Duration::from_secs(30);
