@@ -230,27 +230,61 @@ impl FileStore {
         write_tmp_file(&self.tmp, bytes)
     }
 
-    /// The vault goes first: a registry that names a secret finds its value there.
-    fn save_vault(&self, data: &RegistryData) -> Result<(), FleetError> {
+    /// The vault goes first: a registry that names a secret finds its value there. Returns
+    /// the vault's previous bytes when it was replaced, so a failed registry write can put
+    /// them back (an error must mean nothing changed, on disk too).
+    fn save_vault(&self, data: &RegistryData) -> Result<Option<Vec<u8>>, FleetError> {
         let bytes = crate::vault::encode(data);
+        if bytes.len() as u64 > crate::vault::MAX_VAULT_BYTES {
+            return Err(FleetError::Store {
+                reason: format!(
+                    "the secrets and files of every tenant would take {} bytes in {}, more than the limit of {} bytes: nothing was changed",
+                    bytes.len(),
+                    self.vault.display(),
+                    crate::vault::MAX_VAULT_BYTES
+                ),
+            });
+        }
         let mut written = self.vault_written.lock().unwrap_or_else(|p| p.into_inner());
         if written.as_deref() == Some(&bytes[..]) {
-            return Ok(());
+            return Ok(None);
         }
         if written.is_none() && data.fleets.values().all(|f| f.spec.tenants.is_empty()) {
             // Nothing secret ever held: no vault file needed.
             if !self.vault.exists() {
                 *written = Some(bytes);
-                return Ok(());
+                return Ok(None);
             }
         }
-        write_tmp_file(&self.vault_tmp, &bytes)?;
+        self.replace_vault(&bytes)?;
+        Ok(written
+            .replace(bytes)
+            .or_else(|| Some(crate::vault::empty())))
+    }
+
+    fn replace_vault(&self, bytes: &[u8]) -> Result<(), FleetError> {
+        write_tmp_file(&self.vault_tmp, bytes)?;
         if let Err(e) = fs::rename(&self.vault_tmp, &self.vault) {
             let _ = fs::remove_file(&self.vault_tmp);
             return Err(io_err("replacing", &self.vault, e));
         }
-        *written = Some(bytes);
-        Ok(())
+        File::open(self.dir())
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err("syncing directory", self.dir(), e))
+    }
+
+    /// Puts the vault back as it was before a save whose registry write failed.
+    fn restore_vault(&self, previous: Option<Vec<u8>>) {
+        let Some(prev) = previous else { return };
+        let mut written = self.vault_written.lock().unwrap_or_else(|p| p.into_inner());
+        match self.replace_vault(&prev) {
+            Ok(()) => *written = Some(prev),
+            Err(e) => {
+                // The next save rewrites it from the state in memory.
+                *written = None;
+                tracing::error!(error = %e, "could not put the vault back after a failed registry save");
+            }
+        }
     }
 
     /// Keeps the current file as the backup, but only if it is a valid registry: a corrupt
@@ -314,15 +348,16 @@ impl Store for FileStore {
         })?;
         bytes.push(b'\n');
         fs::create_dir_all(self.dir()).map_err(|e| io_err("creating", self.dir(), e))?;
-        self.save_vault(data)?;
-        self.write_tmp(&bytes)?;
-        if let Err(e) = self.keep_backup() {
+        let previous = self.save_vault(data)?;
+        let fail = |e: FleetError| {
             let _ = fs::remove_file(&self.tmp);
-            return Err(e);
-        }
+            self.restore_vault(previous.clone());
+            e
+        };
+        self.write_tmp(&bytes).map_err(fail)?;
+        self.keep_backup().map_err(fail)?;
         if let Err(e) = fs::rename(&self.tmp, &self.path) {
-            let _ = fs::remove_file(&self.tmp);
-            return Err(io_err("replacing", &self.path, e));
+            return Err(fail(io_err("replacing", &self.path, e)));
         }
         // Without this the rename itself may not survive a power loss.
         File::open(self.dir())
@@ -547,6 +582,49 @@ mod tests {
         let mode = fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "registry.json mode is {mode:o}");
         assert!(!dir.path().join(".registry.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_failed_registry_write_leaves_the_vault_as_it_was() {
+        use crate::spec::{AgentSettings, Secret};
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        let mut data = sample("node-a", &["a1"]);
+        let with = |data: &mut RegistryData, v: &str| {
+            let f = data.fleets.values_mut().next().unwrap();
+            let mut t = AgentSettings::default();
+            t.secrets.insert("API_KEY".into(), "/s/k".into());
+            t.accepted
+                .secrets
+                .insert("API_KEY".into(), Secret::new(v.into()));
+            f.spec.tenants.insert("a1".into(), t);
+        };
+        with(&mut data, "old-secret-value");
+        store.save(&data).unwrap();
+        let vault = fs::read_to_string(store.vault_path()).unwrap();
+        assert!(vault.contains("old-secret-value"));
+        assert_eq!(
+            fs::metadata(store.vault_path())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        // The registry's temp name taken by a directory: its write fails after the vault's.
+        fs::create_dir(dir.path().join(".registry.json.tmp")).unwrap();
+        with(&mut data, "new-secret-value");
+        assert!(store.save(&data).is_err());
+        assert_eq!(fs::read_to_string(store.vault_path()).unwrap(), vault);
+        let loaded = FileStore::new(dir.path()).load().unwrap().unwrap();
+        let t = &loaded.fleets.values().next().unwrap().spec.tenants["a1"];
+        assert_eq!(t.accepted.secrets["API_KEY"].expose(), "old-secret-value");
+        // Once the way is clear the new value lands in both.
+        fs::remove_dir(dir.path().join(".registry.json.tmp")).unwrap();
+        store.save(&data).unwrap();
+        assert!(fs::read_to_string(store.vault_path())
+            .unwrap()
+            .contains("new-secret-value"));
     }
 
     #[test]

@@ -43,10 +43,19 @@ pub fn load_spec(path: &Path) -> Result<Vec<FleetSpec>, FleetError> {
     })?;
     let mut problems = Vec::new();
     for spec in &mut specs {
+        let mut templates: Vec<(String, &PathBuf)> = Vec::new();
         if let Some(t) = &spec.template {
+            templates.push(("template".into(), t));
+        }
+        for (a, t) in &spec.tenants {
+            if let Some(p) = &t.template {
+                templates.push((format!("agent {a:?}: template"), p));
+            }
+        }
+        for (field, t) in templates {
             match std::fs::canonicalize(t) {
                 Err(e) => problems.push(format!(
-                    "fleet {:?}: template: {}: {}",
+                    "fleet {:?}: {field}: {}: {}",
                     spec.name,
                     t.display(),
                     if e.kind() == std::io::ErrorKind::NotFound {
@@ -56,7 +65,7 @@ pub fn load_spec(path: &Path) -> Result<Vec<FleetSpec>, FleetError> {
                     }
                 )),
                 Ok(real) if !real.starts_with(&root) => problems.push(format!(
-                    "fleet {:?}: template: {} resolves to {}, outside the spec's directory {}",
+                    "fleet {:?}: {field}: {} resolves to {}, outside the spec's directory {}",
                     spec.name,
                     t.display(),
                     real.display(),
@@ -64,9 +73,9 @@ pub fn load_spec(path: &Path) -> Result<Vec<FleetSpec>, FleetError> {
                 )),
                 Ok(_) => {}
             }
-            if !problems.is_empty() {
-                continue;
-            }
+        }
+        if !problems.is_empty() {
+            continue;
         }
         if let Err(e) = crate::provision::accept_files(spec) {
             problems.push(match e {
@@ -553,6 +562,19 @@ fn split_agent_tables(list: &[Json], base: &Path) -> Result<AgentTables, (String
                 ))
             }
         };
+        if !crate::ids::is_valid_id(&id) {
+            return Err((
+                format!("{key}.id"),
+                format!("{id:?} must be {}", crate::ids::ID_RULE),
+            ));
+        }
+        if table.contains_key("template_config") {
+            return Err((
+                format!("{key}.template_config"),
+                "unknown key: fleetd reads the template file itself (write template = \"FILE\")"
+                    .into(),
+            ));
+        }
         let absolute = |v: &mut Json| {
             if let Json::String(s) = v {
                 let p = Path::new(s.as_str());

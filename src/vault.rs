@@ -36,6 +36,11 @@ struct Entry {
     previous: Vec<String>,
 }
 
+/// The bytes of a vault holding nothing.
+pub fn empty() -> Vec<u8> {
+    encode(&RegistryData::default())
+}
+
 /// The vault's bytes for `data`.
 pub fn encode(data: &RegistryData) -> Vec<u8> {
     let b64 = base64::engine::general_purpose::STANDARD;

@@ -303,13 +303,15 @@ fn spec_fleets_take_tenant_settings_from_the_spec_only() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("a.key");
     std::fs::write(&key, "spec-secret-value").unwrap();
+    // b has a file and no secret: it still gets its file.
+    std::fs::write(dir.path().join("b.md"), "b's persona\n").unwrap();
     let spec = dir.path().join("fleets.toml");
     std::fs::write(
         &spec,
         format!(
             "[[fleet]]\nname = \"s\"\ncommand = \"{STUB} --no-helper\"\nstride = 1\n\
              [[fleet.agents]]\nid = \"a\"\nsecrets = {{ API_KEY = \"a.key\" }}\n\
-             [[fleet.agents]]\nid = \"b\"\n"
+             [[fleet.agents]]\nid = \"b\"\nfiles = {{ \"notes/b.md\" = \"b.md\" }}\n"
         ),
     )
     .unwrap();
@@ -317,6 +319,8 @@ fn spec_fleets_take_tenant_settings_from_the_spec_only() {
     let pa = wait_new_pid(&d, "s", "a", 0);
     let pb = wait_new_pid(&d, "s", "b", 0);
     assert!(environ(pa).contains(&"API_KEY=spec-secret-value".to_string()));
+    let home_b = PathBuf::from(d.agent("s", "b").unwrap()["home"].as_str().unwrap());
+    assert_eq!(read_file(&home_b.join("notes/b.md")), "b's persona\n");
     let e = fails(
         &d,
         &[

@@ -1550,6 +1550,7 @@ impl NodeRuntime {
             // The agent list is managed by AddAgent/RemoveAgent changes.
             spec.agents = rec.spec.agents.clone();
             limits_changed = rec.spec.cgroup != spec.cgroup;
+            let records_before = rec.agents.clone();
             // Values the agents' secrets no longer have stay redacted from their logs.
             for (a, old) in &rec.spec.tenants {
                 let new = spec.tenant(a).map(|t| &t.accepted.secrets);
@@ -1564,11 +1565,15 @@ impl NodeRuntime {
                     r.remember_secrets(gone);
                 }
             }
-            before = Some(std::mem::replace(&mut rec.spec, spec.clone()));
+            before = Some((
+                std::mem::replace(&mut rec.spec, spec.clone()),
+                records_before,
+            ));
         }
         if let Err(e) = self.save().await {
-            if let (Some(rec), Some(old)) = (self.data.fleets.get_mut(fleet), before) {
+            if let (Some(rec), Some((old, records))) = (self.data.fleets.get_mut(fleet), before) {
                 rec.spec = old;
+                rec.agents = records;
             }
             return Err(e);
         }

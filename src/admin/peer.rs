@@ -41,8 +41,10 @@ pub fn refusal(pid: i32, agents: &Agents) -> Option<String> {
         .flatten();
     let me = std::process::id();
     let mut at = pid;
+    let mut reached_top = false;
     for _ in 0..MAX_ANCESTORS {
         if at == me || at <= 1 {
+            reached_top = true;
             break;
         }
         if agents_ns.is_some() && pid_ns(at) == agents_ns {
@@ -55,9 +57,13 @@ pub fn refusal(pid: i32, agents: &Agents) -> Option<String> {
         }
         match ppid(at) {
             Some(p) => at = p,
-            // Gone meanwhile: nothing more to learn; the marker check below still runs.
+            // A peer (or an ancestor) gone before it could be looked at may have been an
+            // agent's short-lived child that handed the connection on: not known, not let in.
             None => break,
         }
+    }
+    if !reached_top {
+        return Some("the peer's process ancestry could not be followed to the top (it exited, or the chain is too deep): refused, as it could be an agent's".into());
     }
     if crate::process::procfs::env_var(pid, crate::provision::MARKER_VAR).is_some() {
         return Some("a process carrying an agent's marker may not use the control socket".into());

@@ -123,10 +123,10 @@ pub fn place_tenant_files(
     let names: Vec<&str> = t
         .map(|t| t.accepted.secrets.keys().map(String::as_str).collect())
         .unwrap_or_default();
-    if names.is_empty() && !paths.home.join(SECRETS_DIR_IN_HOME).exists() {
-        return Ok(());
+    // No secrets now and none before: no secrets directory to tidy.
+    if !names.is_empty() || paths.home.join(SECRETS_DIR_IN_HOME).exists() {
+        prune_in_home(&paths.home, SECRETS_DIR_IN_HOME, &names).map_err(fail)?;
     }
-    prune_in_home(&paths.home, SECRETS_DIR_IN_HOME, &names).map_err(fail)?;
     let Some(t) = t else { return Ok(()) };
     for (name, v) in &t.accepted.secrets {
         write_in_home(

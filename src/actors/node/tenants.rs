@@ -72,6 +72,7 @@ impl NodeRuntime {
             .filter(|v| !new.accepted.secrets.values().any(|n| n == *v))
             .cloned()
             .collect();
+        let f = self.fleet_ref(fleet)?;
         let rec = self.data.fleets.get_mut(fleet).expect("checked above");
         let before = (
             std::mem::replace(&mut rec.spec, new_spec.clone()),
@@ -88,9 +89,12 @@ impl NodeRuntime {
         }
         let what = why.join(", ");
         tracing::info!(fleet, agent, changed = %what, "agent settings changed");
-        let f = self.fleet_ref(fleet)?;
         let _ = f.send_message(FleetMsg::UpdateSpec(Arc::new(new_spec)));
-        self.restart_for_reload(fleet, agent)?;
+        // Saved: the change is made; a restart that cannot be asked for now happens at the
+        // agent's next start.
+        if let Err(e) = self.restart_for_reload(fleet, agent) {
+            tracing::warn!(fleet, agent, error = %e, "agent settings saved; restart not asked for");
+        }
         Ok(format!("agent {fleet}/{agent}: {what} changed"))
     }
 
@@ -301,11 +305,11 @@ fn agent_view(
     } else {
         template.unwrap_or(serde_json::Value::Null)
     };
-    // A template may hold a secret's value literally: it is redacted there too.
-    let text = serde_json::to_string(&config).map_err(FleetError::internal)?;
+    // A template may hold a secret's value literally: it is redacted there too, in every
+    // string (not in the JSON text, where escaping could hide it).
     let secrets: Vec<&str> = secret_values.iter().map(String::as_str).collect();
-    let config = serde_json::from_str(&crate::logs::tail::redact(&text, &secrets))
-        .unwrap_or(serde_json::Value::Null);
+    let mut config = config;
+    redact_strings(&mut config, &secrets);
     Ok(Reply::Config {
         fleet: fleet.to_string(),
         agent: agent.to_string(),
@@ -319,4 +323,35 @@ fn agent_view(
             .map(|t| t.files.keys().cloned().collect())
             .unwrap_or_default(),
     })
+}
+
+/// Every string in `v` (keys too) with the secrets replaced.
+fn redact_strings(v: &mut serde_json::Value, secrets: &[&str]) {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => *s = crate::logs::tail::redact(s, secrets),
+        Value::Array(a) => a.iter_mut().for_each(|x| redact_strings(x, secrets)),
+        Value::Object(m) => {
+            let old = std::mem::take(m);
+            for (k, mut x) in old {
+                redact_strings(&mut x, secrets);
+                m.insert(crate::logs::tail::redact(&k, secrets), x);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn secrets_are_redacted_in_every_string_even_escaped_ones() {
+        let secret = "se\"cret\\value";
+        let mut v =
+            serde_json::json!({"a": [format!("x{secret}y")], secret: {"b": secret}, "n": 1});
+        super::redact_strings(&mut v, &[secret]);
+        assert!(!v.to_string().contains("cret"), "{v}");
+        assert_eq!(v["a"][0], "x[REDACTED]y");
+        assert_eq!(v["[REDACTED]"]["b"], "[REDACTED]");
+    }
 }
