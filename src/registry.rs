@@ -224,12 +224,6 @@ impl FileStore {
         self.path.parent().unwrap_or(Path::new("."))
     }
 
-    /// Writes the temp file completely and durably before anything else is touched, so a
-    /// failure at any step leaves `registry.json` as it was.
-    fn write_tmp(&self, bytes: &[u8]) -> Result<(), FleetError> {
-        write_tmp_file(&self.tmp, bytes)
-    }
-
     /// The vault goes first: a registry that names a secret finds its value there. Returns
     /// the vault's previous bytes when it was replaced, so a failed registry write can put
     /// them back (an error must mean nothing changed, on disk too).
@@ -354,7 +348,7 @@ impl Store for FileStore {
             self.restore_vault(previous.clone());
             e
         };
-        self.write_tmp(&bytes).map_err(fail)?;
+        write_tmp_file(&self.tmp, &bytes).map_err(fail)?;
         self.keep_backup().map_err(fail)?;
         if let Err(e) = fs::rename(&self.tmp, &self.path) {
             return Err(fail(io_err("replacing", &self.path, e)));
@@ -366,7 +360,8 @@ impl Store for FileStore {
     }
 }
 
-/// Writes `tmp` completely and durably, mode 0600 (it may hold secrets).
+/// Writes `tmp` completely and durably, mode 0600 (it may hold secrets), before anything else
+/// is touched, so a failure at any step leaves the file it will replace as it was.
 fn write_tmp_file(tmp: &Path, bytes: &[u8]) -> Result<(), FleetError> {
     // A temp file left by a crash is garbage; create_new afterwards refuses to follow a
     // symlink someone planted there.

@@ -575,6 +575,17 @@ impl AgentSettings {
             && self.files.is_empty()
     }
 
+    /// The values its secrets hold now that `new` (its next settings, `None`: none) no
+    /// longer holds: what its logs must go on redacting.
+    pub fn secrets_dropped_by(&self, new: Option<&AgentSettings>) -> Vec<Secret> {
+        self.accepted
+            .secrets
+            .values()
+            .filter(|v| !new.is_some_and(|n| n.accepted.secrets.values().any(|x| x == *v)))
+            .cloned()
+            .collect()
+    }
+
     /// Every problem, each naming its field (`env.TZ`, `secrets.KEY`, `files.<dest>`).
     pub fn validate(&self) -> Vec<SpecProblem> {
         let mut p = Vec::new();

@@ -49,6 +49,18 @@ fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
     p
 }
 
+/// `agent secret <agent> set <name> <file>`.
+fn secret_set<'a>(agent: &'a str, name: &'a str, file: &'a Path) -> [&'a str; 6] {
+    [
+        "agent",
+        "secret",
+        agent,
+        "set",
+        name,
+        file.to_str().unwrap(),
+    ]
+}
+
 fn fails(d: &Daemon, words: &[&str]) -> String {
     let out = d.ctl_output(words);
     assert!(!out.status.success(), "{words:?} succeeded");
@@ -140,17 +152,7 @@ fn a_tenant_gets_its_own_env_secrets_and_files_and_changes_restart_it_alone() {
     ];
     let before = read_file(&d.state_dir().join("registry.json"));
     for (file, why) in &cases {
-        let e = fails(
-            &d,
-            &[
-                "agent",
-                "secret",
-                "t/alice",
-                "set",
-                "API_KEY",
-                file.to_str().unwrap(),
-            ],
-        );
+        let e = fails(&d, &secret_set("t/alice", "API_KEY", file));
         assert!(
             e.contains(&file.display().to_string()) && e.contains(why),
             "{}: {e}",
@@ -179,14 +181,7 @@ fn a_tenant_gets_its_own_env_secrets_and_files_and_changes_restart_it_alone() {
 
     // A new value: alice alone restarts, with it.
     let key2 = write(f, "k2", "second-secret-value-2");
-    let said = d.ctl(&[
-        "agent",
-        "secret",
-        "t/alice",
-        "set",
-        "API_KEY",
-        key2.to_str().unwrap(),
-    ]);
+    let said = d.ctl(&secret_set("t/alice", "API_KEY", &key2));
     assert!(said.contains("its secrets changed"), "{said}");
     let p2 = wait_new_pid(&d, "t", "alice", p1);
     assert!(environ(p2).contains(&"API_KEY=second-secret-value-2".to_string()));
@@ -282,14 +277,7 @@ fn a_tenant_gets_its_own_env_secrets_and_files_and_changes_restart_it_alone() {
     assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
 
     // The secret leaves the vault with the agent.
-    d.ctl(&[
-        "agent",
-        "secret",
-        "t/alice",
-        "set",
-        "API_KEY",
-        key2.to_str().unwrap(),
-    ]);
+    d.ctl(&secret_set("t/alice", "API_KEY", &key2));
     assert!(read_file(&vault).contains("second-secret-value-2"));
     d.ctl(&["agent", "rm", "t/alice"]);
     assert!(
@@ -321,17 +309,7 @@ fn spec_fleets_take_tenant_settings_from_the_spec_only() {
     assert!(environ(pa).contains(&"API_KEY=spec-secret-value".to_string()));
     let home_b = PathBuf::from(d.agent("s", "b").unwrap()["home"].as_str().unwrap());
     assert_eq!(read_file(&home_b.join("notes/b.md")), "b's persona\n");
-    let e = fails(
-        &d,
-        &[
-            "agent",
-            "secret",
-            "s/a",
-            "set",
-            "API_KEY",
-            key.to_str().unwrap(),
-        ],
-    );
+    let e = fails(&d, &secret_set("s/a", "API_KEY", &key));
     assert!(e.contains("spec"), "{e}");
     std::fs::write(&key, "spec-secret-value-2").unwrap();
     let said = d.ctl(&["reload"]);

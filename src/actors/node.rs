@@ -1553,16 +1553,8 @@ impl NodeRuntime {
             let records_before = rec.agents.clone();
             // Values the agents' secrets no longer have stay redacted from their logs.
             for (a, old) in &rec.spec.tenants {
-                let new = spec.tenant(a).map(|t| &t.accepted.secrets);
-                let gone: Vec<_> = old
-                    .accepted
-                    .secrets
-                    .values()
-                    .filter(|v| !new.is_some_and(|n| n.values().any(|x| x == *v)))
-                    .cloned()
-                    .collect();
                 if let Some(r) = rec.agents.get_mut(a) {
-                    r.remember_secrets(gone);
+                    r.remember_secrets(old.secrets_dropped_by(spec.tenant(a)));
                 }
             }
             before = Some((

@@ -65,13 +65,7 @@ impl NodeRuntime {
         if why.is_empty() {
             return Ok(format!("agent {fleet}/{agent}: nothing changed"));
         }
-        let gone: Vec<_> = old
-            .accepted
-            .secrets
-            .values()
-            .filter(|v| !new.accepted.secrets.values().any(|n| n == *v))
-            .cloned()
-            .collect();
+        let gone = old.secrets_dropped_by(Some(&new));
         let f = self.fleet_ref(fleet)?;
         let rec = self.data.fleets.get_mut(fleet).expect("checked above");
         let before = (

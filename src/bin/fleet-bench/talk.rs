@@ -181,9 +181,9 @@ pub fn run(a: &TalkArgs) -> Result<TalkReport> {
     let mut next: Vec<Instant> = (0..a.agents).map(|i| start + stagger * i as u32).collect();
     // Per agent, the message waiting for its answer: (sent at, replies seen before it). One at
     // a time: every reply is the same text, so only order tells which message it answers; a
-    // message still unanswered when the next is due counts as lost (a crash dropped it).
+    // message still unanswered when the next is due is replaced, so it counts as lost (sent
+    // minus answered: a crash dropped it).
     let mut pending: Vec<Option<(Instant, usize)>> = vec![None; a.agents];
-    let mut lost = vec![0usize; a.agents];
     let mut latencies: Vec<Vec<f64>> = vec![Vec::new(); a.agents];
     let mut sent = vec![0usize; a.agents];
     let mut reasons: Vec<Vec<String>> = vec![Vec::new(); a.agents];
@@ -195,9 +195,6 @@ pub fn run(a: &TalkArgs) -> Result<TalkReport> {
         for (i, (_, bot, user)) in bots.iter().enumerate() {
             if now >= next[i] {
                 n += 1;
-                if pending[i].take().is_some() {
-                    lost[i] += 1;
-                }
                 let seen = tg.sent(bot).len();
                 tg.send_dm(bot, *user, &format!("message {n}: how are you today?"));
                 pending[i] = Some((now, seen));
