@@ -824,7 +824,12 @@ fn the_default_state_dir_works_for_a_non_root_user() {
             },
         );
         assert!(state.join("fleetd.sock").exists(), "{}", log());
-        let cmd = format!("{STUB} --no-helper");
+        // The checkout may sit in a directory only root can enter (a `mktemp -d` clone): the
+        // agent's program goes where its user can reach it.
+        let stub = home.path().join("fleet-stub-agent");
+        std::fs::copy(STUB, &stub).unwrap();
+        std::os::unix::fs::chown(&stub, Some(65534), Some(65534)).unwrap();
+        let cmd = format!("{} --no-helper", stub.display());
         let out = ctl(&[
             "fleet",
             "create",
