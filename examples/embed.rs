@@ -56,10 +56,11 @@ pub async fn run(opts: Options, out: &mut (dyn Write + Send)) -> Result<Summary>
         .with_context(|| format!("starting a node on {}", opts.state_dir.display()))?;
     writeln!(
         out,
-        "node {} started on {} ({} isolation)",
+        "node {} started on {} ({}, default isolation {})",
         node.node_id(),
         opts.state_dir.display(),
-        node.isolation().as_str()
+        node.containment().as_str(),
+        node.default_isolation()
     )?;
     // Subscribe before the first command so no transition is missed.
     let mut events = node.subscribe();

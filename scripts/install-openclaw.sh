@@ -5,7 +5,10 @@
 #
 # Usage: scripts/install-openclaw.sh [--print]
 #   --print   only print the paths of an existing install (exit 1 if there is none)
-# Env:    FLEET_OPENCLAW_HOME   install prefix (default $HOME/.cache/fleet-commander/openclaw)
+# Env:    FLEET_OPENCLAW_HOME   install prefix (default /opt/fleet-commander/openclaw for root,
+#                               else $HOME/.cache/fleet-commander/openclaw)
+# Under root the install is readable by every user and writable by root only: agents run
+# under uids of their own (isolation = "uid") and must read it, never change it.
 # Output: the last two lines are OPENCLAW_BIN=<path> and NODE_BIN=<path>.
 set -euo pipefail
 
@@ -14,7 +17,12 @@ NODE_VERSION="24.21.0"
 OPENCLAW_VERSION="2026.9.6"
 STAMP_CONTENT="${NODE_PKG}@${NODE_VERSION} openclaw@${OPENCLAW_VERSION}"
 
-PREFIX="${FLEET_OPENCLAW_HOME:-${HOME:?HOME is not set}/.cache/fleet-commander/openclaw}"
+if [[ "$(id -u)" == "0" ]]; then
+    DEFAULT_PREFIX="/opt/fleet-commander/openclaw"
+else
+    DEFAULT_PREFIX="${HOME:?HOME is not set}/.cache/fleet-commander/openclaw"
+fi
+PREFIX="${FLEET_OPENCLAW_HOME:-$DEFAULT_PREFIX}"
 STAMP="$PREFIX/.installed"
 OPENCLAW_BIN="$PREFIX/node_modules/.bin/openclaw"
 NODE_BIN_DIR="$PREFIX/node_modules/$NODE_PKG/bin"
@@ -49,7 +57,26 @@ case "${1:-}" in
     *) die "unknown argument '$1' (expected --print or nothing)" ;;
 esac
 
+# Root's install is for agents of other uids: readable and searchable by all, writable by
+# root alone (an install made before this rule is opened up here once).
+share_readonly() {
+    [[ "$(id -u)" == "0" ]] || return 0
+    local d="$PREFIX"
+    while [[ "$d" != "/" && -n "$d" ]]; do
+        chmod go+x,go-w "$d"
+        d="$(dirname "$d")"
+    done
+    chmod go+rx "$PREFIX"
+    chmod -R a+rX,go-w "$PREFIX/node_modules"
+}
+
+shared_ok() {
+    [[ "$(id -u)" == "0" ]] || return 0
+    [[ "$(stat -c %a "$PREFIX")" == 755 && "$(stat -c %a "$PREFIX/node_modules")" == 755 ]]
+}
+
 if is_installed; then
+    shared_ok || share_readonly
     print_paths
     exit 0
 fi
@@ -98,6 +125,7 @@ mv "$STAGE/node_modules" "$PREFIX/node_modules"
 mv "$STAGE/package.json" "$PREFIX/package.json"
 [[ -f "$STAGE/package-lock.json" ]] && mv "$STAGE/package-lock.json" "$PREFIX/package-lock.json"
 printf '%s' "$STAMP_CONTENT" > "$STAMP.tmp" && mv "$STAMP.tmp" "$STAMP"
+share_readonly
 
 is_installed || die "installed into $PREFIX but the result does not verify (openclaw --version)"
 say "done: $(PATH="$NODE_BIN_DIR:/usr/bin:/bin" "$OPENCLAW_BIN" --version)"

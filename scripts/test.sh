@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The README's test command: installs the pinned OpenClaw (cached under
-# ${FLEET_OPENCLAW_HOME:-~/.cache/fleet-commander/openclaw}; a re-run takes 0.1 s), exports
+# The README's test command: installs the pinned OpenClaw (cached under $FLEET_OPENCLAW_HOME,
+# by default /opt/fleet-commander/openclaw for root, else ~/.cache/fleet-commander/openclaw;
+# a re-run takes 0.1 s), exports
 # FLEET_OPENCLAW_BIN for the real-gateway tests (tests/real_openclaw.rs), then runs every test.
 # Extra arguments go to `cargo test`.
 #
@@ -27,6 +28,26 @@ else
         || { echo "test.sh: install-openclaw.sh printed no usable OPENCLAW_BIN: $out" >&2; exit 1; }
     export FLEET_OPENCLAW_BIN
     echo "test.sh: FLEET_OPENCLAW_BIN=$FLEET_OPENCLAW_BIN" >&2
+fi
+
+# As root, the daemons the tests start give every agent a uid of its own (isolation = "uid"),
+# and those uids must be able to run the test binaries (the stub agent). A checkout inside a
+# directory other users cannot search (a `mktemp -d`, /root) would hide them: build into a
+# target directory they can reach instead.
+if [[ "$(id -u)" == "0" && -z "${CARGO_TARGET_DIR:-}" ]]; then
+    reachable=1
+    d="$(pwd -P)"
+    while [[ "$d" != "/" ]]; do
+        [[ "$(( 0$(stat -c %a "$d") & 01 ))" != 0 ]] || { reachable=0; break; }
+        d="$(dirname "$d")"
+    done
+    if [[ "$reachable" == 0 ]]; then
+        CARGO_TARGET_DIR="/var/tmp/fleet-commander-target-$(pwd -P | sha256sum | cut -c1-12)"
+        mkdir -p -m 0755 "$CARGO_TARGET_DIR"
+        chmod 0755 "$CARGO_TARGET_DIR"
+        export CARGO_TARGET_DIR
+        echo "test.sh: $(pwd -P) is not searchable by other users; building into $CARGO_TARGET_DIR so agent uids can run the test binaries" >&2
+    fi
 fi
 
 # Checks that cannot run on this machine say so through tests/common's `skipped`, into this

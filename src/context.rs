@@ -41,6 +41,8 @@ pub struct NodeConfig {
     pub meminfo_path: PathBuf,
     /// Which cgroup v2 directory agents get their cgroups under.
     pub cgroup: CgroupMode,
+    /// Uids (and, equal to them, gids) leased to agents under `isolation = "uid"`.
+    pub agent_uids: crate::isolation::uids::UidRange,
 }
 
 /// Where per-agent cgroups live.
@@ -85,6 +87,10 @@ impl NodeConfig {
             memory_reserve: 512 * 1024 * 1024,
             meminfo_path: PathBuf::from("/proc/meminfo"),
             cgroup: CgroupMode::Auto,
+            agent_uids: crate::isolation::uids::UidRange::parse(
+                crate::isolation::uids::DEFAULT_RANGE,
+            )
+            .expect("the default range parses"),
         }
     }
 }
@@ -115,8 +121,8 @@ impl AgentView {
 pub struct NodeContext {
     pub config: NodeConfig,
     pub node_id: String,
-    /// Shared compile cache for every OpenClaw agent (one 48 MB copy instead of one per TMPDIR).
-    pub compile_cache: PathBuf,
+    /// What isolation this host gives agents (found once at start).
+    pub host: crate::isolation::Host,
     pub services: Services,
     pub views: Views,
 }
@@ -179,14 +185,14 @@ impl NodeContext {
         spawner: Spawner,
         sweeper: Sweeper,
         cgroups: Option<crate::process::cgroup::CgroupTree>,
+        host: crate::isolation::Host,
     ) -> Self {
         let (events, _) = broadcast::channel(config.event_capacity.max(16));
         let gate = Arc::new(Semaphore::new(config.max_concurrent_starts.max(1)));
-        let compile_cache = config.state_dir.join("compile-cache");
         NodeContext {
             config,
             node_id,
-            compile_cache,
+            host,
             services: Services {
                 spawner,
                 sweeper,

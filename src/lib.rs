@@ -10,6 +10,7 @@ pub mod context;
 pub mod error;
 pub mod health;
 pub mod ids;
+pub mod isolation;
 pub mod lifecycle;
 pub mod logs;
 pub mod memory;

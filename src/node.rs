@@ -24,7 +24,7 @@ use crate::messages::events::Event;
 use crate::messages::node::NodeMsg;
 use crate::process::cgroup::CgroupTree;
 use crate::process::procfs;
-use crate::process::spawn::{Isolation, Spawner};
+use crate::process::spawn::{Containment, Spawner};
 use crate::process::tree::{self, Sweeper};
 use crate::registry::{FileStore, RegistryData, Store};
 use crate::spec::FleetSpec;
@@ -79,6 +79,8 @@ impl Node {
         if data.node_id.is_empty() {
             data.node_id = crate::provision::generate_token()?[..16].to_string();
         }
+        let host = crate::isolation::Host::detect();
+        prepare_isolation(&config, host, &mut data)?;
         store.save(&data)?;
         let leftovers = sweep_leftovers(&data).await;
         if leftovers > 0 {
@@ -95,7 +97,10 @@ impl Node {
             .map_err(FleetError::internal)??;
         let spawner = Spawner::start(tokio::runtime::Handle::current(), config.pid_namespace)
             .map_err(|e| FleetError::internal(format!("cannot start the spawner thread: {e}")))?;
-        tracing::info!(isolation = spawner.isolation().as_str(), "agent isolation");
+        tracing::info!(
+            containment = spawner.containment().as_str(),
+            "what ends agents with the daemon"
+        );
         let own_start = procfs::read_proc(std::process::id())
             .map(|p| p.start_time)
             .unwrap_or(0);
@@ -106,6 +111,7 @@ impl Node {
             spawner,
             sweeper,
             cgroups,
+            host,
         ));
         *ctx.services
             .state_lock
@@ -124,6 +130,86 @@ impl Node {
         .map_err(FleetError::internal)?;
         Ok(NodeHandle { actor, ctx })
     }
+}
+
+/// Readies the node for the isolation its host gives, said once: which protections are off
+/// for which fleets; under root, a uid range that clashes with the host's users is refused,
+/// every agent record gets its uid lease (records from before leases existed included), and
+/// the state dir and `fleets/` become searchable (never listable) by other users, so each
+/// agent uid can reach its own HOME.
+fn prepare_isolation(
+    config: &NodeConfig,
+    host: crate::isolation::Host,
+    data: &mut RegistryData,
+) -> Result<(), FleetError> {
+    use crate::isolation::uids;
+    let strongest = host.strongest();
+    tracing::info!(
+        default = strongest.as_str(),
+        landlock_abi = host.landlock_abi,
+        uid_range = %config.agent_uids,
+        "agent isolation"
+    );
+    if !host.can_setuid {
+        tracing::warn!(
+            "fleetd is not root: agents run as its own uid, so no own-uid, private-tmp or nproc-per-uid; Landlock alone separates them"
+        );
+    }
+    let missing = host.missing(strongest);
+    if !missing.is_empty() {
+        tracing::warn!(off = %missing.join(", "), "this kernel cannot give agents every protection of isolation {strongest}");
+    }
+    if !host.can_setuid {
+        return Ok(());
+    }
+    let range = config.agent_uids;
+    uids::check_against_host(range).map_err(|reason| FleetError::Store { reason })?;
+    let mut taken = uids::owners_on_disk(&config.state_dir, range);
+    taken.extend(
+        data.fleets
+            .values()
+            .flat_map(|f| f.agents.values())
+            .filter_map(|a| a.uid),
+    );
+    for (fleet, f) in data.fleets.iter_mut() {
+        for (agent, a) in f.agents.iter_mut() {
+            if a.uid.is_none() {
+                let uid = uids::pick(range, &taken).ok_or_else(|| FleetError::Store {
+                    reason: format!(
+                        "no free uid in --agent-uids {range} for {fleet}/{agent}: widen the range"
+                    ),
+                })?;
+                taken.insert(uid);
+                a.uid = Some(uid);
+            }
+        }
+    }
+    for dir in [config.state_dir.clone(), config.state_dir.join("fleets")] {
+        searchable_by_others(&dir).map_err(|e| FleetError::Store {
+            reason: format!(
+                "{}: cannot make it searchable for agent uids: {e}",
+                dir.display()
+            ),
+        })?;
+    }
+    Ok(())
+}
+
+/// Adds search (never read) permission for others to a directory of ours, creating it
+/// 0711 if it is missing.
+fn searchable_by_others(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o711).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::metadata(dir)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o011 != 0o011 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))?;
+    }
+    Ok(())
 }
 
 /// The per-agent cgroup tree, or None (said once, with why). A directory named explicitly
@@ -563,9 +649,14 @@ impl NodeHandle {
         )
     }
 
+    /// The isolation a fleet that names none gets on this host (`isolation::Host`).
+    pub fn default_isolation(&self) -> crate::isolation::Isolation {
+        self.ctx.host.strongest()
+    }
+
     /// How agents are kept from outliving the node on this host.
-    pub fn isolation(&self) -> Isolation {
-        self.ctx.services.spawner.isolation()
+    pub fn containment(&self) -> Containment {
+        self.ctx.services.spawner.containment()
     }
 
     /// The node's state directory (registry, agent HOMEs, socket).

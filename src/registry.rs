@@ -40,6 +40,10 @@ pub struct AgentRecord {
     pub stride: u16,
     pub token: String,
     pub process: Option<ProcessRecord>,
+    /// The uid (and gid) it runs as under `isolation = "uid"`, leased for the record's life
+    /// from `NodeConfig::agent_uids` (None when the daemon cannot change uids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
     /// Tokens this agent had before, newest last (at most `PREVIOUS_TOKENS`): its old log
     /// lines still carry them, and `logs` redacts them too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -409,6 +413,7 @@ pub fn validate(data: &RegistryData, range: &crate::ports::PortRange) -> Result<
         ));
     }
     let mut leases: Vec<(u32, u32, String)> = Vec::new();
+    let mut uids: std::collections::BTreeMap<u32, String> = Default::default();
     for (name, f) in &data.fleets {
         let at = format!("fleets.{name}");
         if !is_valid_id(name) {
@@ -457,6 +462,14 @@ pub fn validate(data: &RegistryData, range: &crate::ports::PortRange) -> Result<
                     ));
                 }
                 leases.push((base as u32, end, at.clone()));
+            }
+            if let Some(uid) = a.uid {
+                if !(1000..1 << 31).contains(&uid) {
+                    return Err(format!("{at}.uid: {uid} is not an agent uid (1000..2^31)"));
+                }
+                if let Some(other) = uids.insert(uid, at.clone()) {
+                    return Err(format!("{at}.uid: {uid} is {other}'s uid too"));
+                }
             }
             if let Some(p) = &a.process {
                 if p.pid == 0 || p.pid > i32::MAX as u32 {
@@ -536,6 +549,7 @@ mod tests {
                     port_base: Some(20_000 + 128 * i as u16),
                     stride: 128,
                     token: format!("tok-{a}"),
+                    uid: None,
                     process: (i > 0).then_some(ProcessRecord {
                         pid: 1000 + i as u32,
                         pgid: 1000 + i as u32,
@@ -804,6 +818,23 @@ mod tests {
                     f.spec.agents[1] = "../../x".into();
                 },
                 "fleets.bots.spec.agents[1]",
+            ),
+            (
+                "shared uid",
+                |d| {
+                    let f = d.fleets.get_mut("bots").unwrap();
+                    f.agents.get_mut("a1").unwrap().uid = Some(1_500_000);
+                    f.agents.get_mut("a3").unwrap().uid = Some(1_500_000);
+                },
+                "fleets.bots.agents.a3.uid: 1500000 is fleets.bots.agents.a1's uid too",
+            ),
+            (
+                "root uid",
+                |d| {
+                    let f = d.fleets.get_mut("bots").unwrap();
+                    f.agents.get_mut("a2").unwrap().uid = Some(0);
+                },
+                "fleets.bots.agents.a2.uid: 0 is not an agent uid",
             ),
             (
                 "fleet key",

@@ -175,6 +175,13 @@ pub struct CgroupLimits {
     pub cpu_max: Option<u32>,
 }
 
+/// `pids.max` (and, for an agent with a uid of its own, RLIMIT_NPROC) when the fleet sets
+/// none: a fork bomb in one tenant stops here instead of starving the host. An idle OpenClaw
+/// tree holds about 40 threads.
+pub const DEFAULT_PIDS_MAX: u64 = 1024;
+/// `memory.max` when the fleet sets none: four times what a talking lean gateway holds.
+pub const DEFAULT_MEMORY_MAX: u64 = 4 << 30;
+
 /// Ports each OpenClaw agent needs by default: base .. base+110 plus headroom (OpenClaw asks
 /// for 120 between bases); the block is rounded to 128.
 pub const OPENCLAW_STRIDE: u16 = 128;
@@ -234,6 +241,10 @@ pub struct FleetSpec {
     /// Hard per-agent limits through cgroup v2, where delegated.
     #[serde(default)]
     pub cgroup: CgroupLimits,
+    /// How its agents are kept apart from each other and from the daemon; `None`: the
+    /// strongest this host gives (`isolation::Host::resolve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<crate::isolation::Isolation>,
     /// Queue this fleet's starts behind the node's start gate (default: only OpenClaw fleets,
     /// whose cold start costs ~16 CPU-seconds; a small program starts faster than it queues).
     #[serde(default)]
@@ -271,6 +282,7 @@ impl FleetSpec {
             max_memory: None,
             logs: LogSpec::default(),
             cgroup: CgroupLimits::default(),
+            isolation: None,
             start_gate: None,
             tenants: BTreeMap::new(),
         }

@@ -6,6 +6,9 @@
 
 use crate::context::NodeContext;
 use crate::error::FleetError;
+use crate::isolation::confine::Confinement;
+use crate::isolation::tenant_fs::{self, Identity};
+use crate::isolation::{sandbox, Isolation};
 use crate::logs::writer::LogWriter;
 use crate::messages::agent::{SpawnFailure, Spawned};
 use crate::messages::fleet::FleetMsg;
@@ -13,8 +16,10 @@ use crate::process::owner::{self, OwnerEvent};
 use crate::process::spawn::SpawnRequest;
 use crate::provision::{self, AgentPaths};
 use crate::spec::FleetSpec;
+use crate::spec::DEFAULT_PIDS_MAX;
 use ractor::ActorRef;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +43,12 @@ pub fn kill_orphan(sp: Spawned) {
 
 /// The agent's log writer, counting into the node's log metrics.
 pub fn open_log(ctx: &NodeContext, spec: &FleetSpec, paths: &AgentPaths) -> LogWriter {
-    let mut log = LogWriter::open(paths.agent_log.clone(), spec.logs.max_bytes, spec.logs.keep);
+    let mut log = LogWriter::open_as(
+        paths.agent_log.clone(),
+        spec.logs.max_bytes,
+        spec.logs.keep,
+        tenant_fs::home_owner(&paths.home),
+    );
     log.count_into(ctx.services.metrics.log_bytes.clone());
     log
 }
@@ -66,6 +76,33 @@ pub fn kill_unwanted(
     handle.kill();
 }
 
+/// A directory in the world-writable /tmp that must be `owner`'s (or the daemon's) alone:
+/// one another user made first (squatting a predictable name) is removed and made again.
+fn own_dir(dir: &std::path::Path, owner: Option<Identity>) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let want = owner.map_or_else(|| nix::unistd::geteuid().as_raw(), |o| o.uid);
+    for _ in 0..3 {
+        match std::fs::symlink_metadata(dir) {
+            Ok(m) if m.is_dir() && m.uid() == want && m.mode() & 0o077 == 0 => return Ok(()),
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(dir)?,
+            Ok(_) => std::fs::remove_file(dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {
+                if let Some(o) = owner {
+                    std::os::unix::fs::lchown(dir, Some(o.uid), Some(o.gid))?;
+                }
+                return Ok(());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("another user keeps re-creating it"))
+}
+
 /// Looks at a taken base port this many times, 100 ms apart, before moving the agent.
 const PORT_RECHECKS: u32 = 10;
 
@@ -80,6 +117,8 @@ pub struct StartJob {
     pub token: String,
     pub marker: String,
     pub gen: u64,
+    /// Its uid lease (`isolation = "uid"`).
+    pub uid: Option<u32>,
     /// The agent's current incarnation: once it is not `gen`, this start is cancelled.
     pub current: tokio::sync::watch::Receiver<u64>,
     /// Where a port move is asked for (the fleet keeps the recipe, the node the lease).
@@ -97,6 +136,21 @@ impl StartJob {
             permanent: matches!(e, FleetError::Spec { .. } | FleetError::InvalidId { .. }),
             reason: e.to_string(),
         };
+        let permanent = |reason: String| SpawnFailure {
+            reason,
+            permanent: true,
+        };
+        let level = self
+            .ctx
+            .host
+            .resolve(self.spec.isolation)
+            .map_err(|r| permanent(format!("isolation: {r}")))?;
+        let owner = match level {
+            Isolation::Uid => Some(Identity::of_uid(self.uid.ok_or_else(|| {
+                permanent("isolation uid: the agent has no uid lease".into())
+            })?)),
+            _ => None,
+        };
         self.port = self.free_port().await.map_err(|e| fail(e.to_string()))?;
         let (program, args, node_bin_dir) = match &self.spec.command {
             Some(cmd) => (cmd[0].clone().into(), cmd[1..].to_vec(), None),
@@ -110,23 +164,30 @@ impl StartJob {
                 )
             }
         };
-        let (paths, spec, token, port, cache) = (
+        let (paths, spec, token, port) = (
             self.paths.clone(),
             self.spec.clone(),
             self.token.clone(),
             self.port,
-            self.ctx.compile_cache.clone(),
         );
         let marker = self.marker.clone();
         let agent = self.agent.clone();
+        let (fleet_name, agent_name) = (self.fleet.clone(), self.agent.clone());
+        let provision_err = move |reason: String| FleetError::Provision {
+            fleet: fleet_name.clone(),
+            agent: agent_name.clone(),
+            reason,
+        };
+        let perr = provision_err.clone();
+        let node_dir = node_bin_dir.clone();
         let env =
             tokio::task::spawn_blocking(move || -> Result<Vec<(String, String)>, FleetError> {
-                provision::ensure_home(&paths)?;
-                std::fs::create_dir_all(&cache).map_err(|e| FleetError::Provision {
-                    fleet: spec.name.clone(),
-                    agent: String::new(),
-                    reason: format!("{}: {e}", cache.display()),
-                })?;
+                if let Some(id) = owner {
+                    tenant_fs::check_reachable(&paths.home, id).map_err(|r| FleetError::Spec {
+                        reason: format!("{}/{agent}: {r}", spec.name),
+                    })?;
+                }
+                provision::ensure_home(&paths, owner)?;
                 // What was accepted, never the file as it is now (an edit takes a reload).
                 let template = match (&spec.template_config, &spec.template) {
                     (None, Some(t)) => {
@@ -137,7 +198,6 @@ impl StartJob {
                     _ => provision::effective_template(&spec, &agent),
                 };
                 let extra = provision::extra_env(&spec, &agent)?;
-                provision::place_tenant_files(&paths, spec.tenant(&agent))?;
                 let enforced = provision::Enforced {
                     token: &token,
                     port,
@@ -149,12 +209,16 @@ impl StartJob {
                 for w in warnings {
                     tracing::warn!(fleet = %spec.name, "{w}");
                 }
-                provision::write_config_atomic(&paths.config, &config)?;
+                // With the tenant's own file rights: its HOME is its to rearrange.
+                tenant_fs::as_tenant(owner, || -> Result<(), FleetError> {
+                    provision::place_tenant_files(&paths, spec.tenant(&agent))?;
+                    provision::write_config_atomic(&paths.config, &config)
+                })
+                .map_err(|e| perr(format!("switching to the agent's uid: {e}")))??;
                 Ok(provision::agent_env(&provision::EnvInput {
                     paths: &paths,
                     port,
-                    compile_cache: &cache,
-                    node_bin_dir: node_bin_dir.as_deref(),
+                    node_bin_dir: node_dir.as_deref(),
                     profile: spec.profile,
                     marker: &marker,
                     extra: &extra,
@@ -201,10 +265,14 @@ impl StartJob {
             ),
             None => None,
         };
+        let confine = self
+            .confinement(level, owner, &program, &args, node_bin_dir.as_deref(), &env)
+            .map_err(|r| fail(provision_err(r).to_string()))?;
         let req = SpawnRequest {
             program: program.clone(),
             args,
             env,
+            confine,
             cwd: self.paths.home.clone(),
             cgroup_procs: cgroup
                 .as_ref()
@@ -232,6 +300,74 @@ impl StartJob {
             port: self.port,
             permit,
             cgroup,
+        })
+    }
+
+    /// What the agent's process is confined with at `level` (see `isolation`).
+    fn confinement(
+        &self,
+        level: Isolation,
+        owner: Option<Identity>,
+        program: &std::path::Path,
+        args: &[String],
+        node_bin_dir: Option<&std::path::Path>,
+        env: &[(String, String)],
+    ) -> Result<Confinement, String> {
+        if level == Isolation::None {
+            return Ok(Confinement::default());
+        }
+        let uid_mode = level == Isolation::Uid;
+        let resolved = crate::process::spawn::resolve_program(program, env)
+            .unwrap_or_else(|_| program.to_path_buf());
+        // A private /tmp (the agent's TMPDIR mounted over it) would hide a HOME that lives
+        // under /tmp itself.
+        let private_tmp = uid_mode && !self.paths.home.starts_with("/tmp");
+        let mut extra_rw = Vec::new();
+        if !private_tmp {
+            // OpenClaw keeps lifecycle locks in a /tmp directory named after the uid, whatever
+            // TMPDIR says: made here, the agent's own, and (with Landlock) all it gets of /tmp.
+            let uid = owner.map_or_else(|| nix::unistd::geteuid().as_raw(), |o| o.uid);
+            let locks = std::path::PathBuf::from(format!("/tmp/openclaw-state-locks-{uid}"));
+            own_dir(&locks, owner).map_err(|e| format!("{}: {e}", locks.display()))?;
+            extra_rw.push(locks);
+        }
+        let landlock = if self.ctx.host.landlock_abi > 0 {
+            let plan = sandbox::plan(&sandbox::AgentScope {
+                home: &self.paths.home,
+                tmp: &self.paths.tmp,
+                program_paths: sandbox::program_paths(&resolved, args, node_bin_dir),
+                extra_rw,
+                first_port: self.port,
+                ports: self.spec.effective_stride(),
+            });
+            sandbox::build(&plan)?
+        } else {
+            None
+        };
+        let pids = self.spec.cgroup.pids_max.unwrap_or(DEFAULT_PIDS_MAX);
+        let cgroup_pids = self
+            .ctx
+            .services
+            .cgroups
+            .as_ref()
+            .is_some_and(|t| t.controllers().pids);
+        let nproc = if uid_mode {
+            // Its uid is its alone: the limit is the agent's own.
+            Some(pids)
+        } else if !cgroup_pids {
+            // Shared with the daemon and every sibling: only a floor that keeps a fork bomb
+            // from taking the whole host (siblings can still be starved; a delegated cgroup
+            // gives each agent its own pids.max).
+            Some(crate::process::procfs::tasks_of_uid(nix::unistd::getuid().as_raw()) + pids)
+        } else {
+            None
+        };
+        Ok(Confinement {
+            identity: owner,
+            drop_privileges: true,
+            landlock,
+            nproc,
+            private_tmp: private_tmp.then(|| self.paths.tmp.clone()),
         })
     }
 

@@ -154,6 +154,7 @@ mod tests {
             stride: 1,
             token: "t".repeat(64),
             process: None,
+            uid: None,
             previous_tokens: vec![],
             previous_secrets: prev,
         };

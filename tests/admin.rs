@@ -124,6 +124,7 @@ fn spawn_fleetd(args: &[&str], env: &[(&str, &str)], pipes: bool, socket: Option
         dir,
         child: Some(child),
         extra_args: vec![],
+        run_as: None,
     };
     let sock = socket.map(Path::to_path_buf).unwrap_or(daemon.socket());
     wait_until(T, "fleetd to answer on its socket", |seen| {

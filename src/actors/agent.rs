@@ -30,6 +30,8 @@ pub struct AgentArgs {
     pub spec: Arc<FleetSpec>,
     pub port: u16,
     pub token: String,
+    /// Its uid lease (registry record), for `isolation = "uid"`.
+    pub uid: Option<u32>,
     pub ctx: Arc<NodeContext>,
     pub fleet_ref: ActorRef<FleetMsg>,
     pub start: bool,
@@ -43,6 +45,7 @@ pub struct AgentRuntime {
     spec: Arc<FleetSpec>,
     port: u16,
     token: String,
+    uid: Option<u32>,
     ctx: Arc<NodeContext>,
     fleet_ref: ActorRef<FleetMsg>,
     paths: AgentPaths,
@@ -117,6 +120,7 @@ impl Actor for AgentActor {
             spec: a.spec,
             port: a.port,
             token: a.token,
+            uid: a.uid,
             ctx: a.ctx,
             fleet_ref: a.fleet_ref,
             paths,
@@ -329,6 +333,11 @@ impl AgentRuntime {
             rss_bytes: None,
             last_exit: self.last_exit,
             reason: self.reason.clone(),
+            isolation: crate::isolation::IsolationStatus::of(
+                self.ctx.host,
+                self.spec.isolation,
+                self.uid,
+            ),
         };
         let started = self.process.as_ref().and(self.started_at);
         self.ctx.views.status.insert(
@@ -362,6 +371,7 @@ impl AgentRuntime {
             token: self.token.clone(),
             marker: self.marker(gen),
             gen,
+            uid: self.uid,
             current: self.gen_tx.subscribe(),
             fleet_ref: self.fleet_ref.clone(),
         };

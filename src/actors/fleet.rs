@@ -415,6 +415,7 @@ impl FleetRuntime {
             spec: self.spec.clone(),
             port,
             token: record.token.clone(),
+            uid: record.uid,
             ctx: self.ctx.clone(),
             fleet_ref: myself.clone(),
             start,

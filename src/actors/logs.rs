@@ -92,7 +92,12 @@ fn prune_all(jobs: &[(LogSpec, Vec<PathBuf>)]) -> (u64, u64) {
     for (spec, homes) in jobs {
         let retention = Duration::from_secs(spec.retention_days as u64 * 86_400);
         for home in homes {
-            let (b, n) = prune_home(home, spec.budget_bytes, retention, now);
+            // With the tenant's file rights (its HOME is its own to fill with links).
+            let owner = crate::isolation::tenant_fs::home_owner(home);
+            let (b, n) = crate::isolation::tenant_fs::as_tenant(owner, || {
+                prune_home(home, spec.budget_bytes, retention, now)
+            })
+            .unwrap_or((0, 0));
             freed += b;
             files += n;
         }

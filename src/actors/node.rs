@@ -285,10 +285,12 @@ impl NodeRuntime {
                 restart,
                 stride,
                 profile,
+                isolation,
             } => {
-                let spec = FleetSpec::from_create(
+                let mut spec = FleetSpec::from_create(
                     &fleet, agents, strategy, command, template, restart, stride, profile,
                 );
+                spec.isolation = isolation;
                 self.create_fleet(myself, spec, Desired::Running, Origin::Command)
                     .await?;
                 done(format!("fleet {fleet} created with {agents} agents"))
@@ -641,6 +643,7 @@ impl NodeRuntime {
             return Err(FleetError::FleetExists { fleet: spec.name });
         }
         self.check_not_removing(&spec.name, None)?;
+        self.check_isolation(&spec)?;
         let spec = accept_files(spec).await?;
         // The files were read off the actor: look again.
         if self.fleets.contains_key(&spec.name) {
@@ -675,8 +678,17 @@ impl NodeRuntime {
             "the port allocator",
         )
         .await??;
+        let uids = match self.lease_uids(spec.agents.len()) {
+            Ok(u) => u,
+            Err(e) => {
+                for a in &spec.agents {
+                    self.release(&spec.name, a);
+                }
+                return Err(e);
+            }
+        };
         let mut agents: BTreeMap<String, AgentRecord> = BTreeMap::new();
-        for (a, lease) in spec.agents.iter().zip(leases) {
+        for ((a, lease), uid) in spec.agents.iter().zip(leases).zip(uids) {
             let token = match provision::generate_token() {
                 Ok(t) => t,
                 Err(e) => {
@@ -694,6 +706,7 @@ impl NodeRuntime {
                     stride: lease.stride,
                     token,
                     process: None,
+                    uid,
                     previous_tokens: vec![],
                     previous_secrets: vec![],
                 },
@@ -882,6 +895,33 @@ impl NodeRuntime {
         Ok(lease.base)
     }
 
+    /// `n` uid leases for new agents (all None when the daemon cannot change uids): the
+    /// lowest uids of the range no record holds and no HOME on disk is owned by.
+    fn lease_uids(&self, n: usize) -> Result<Vec<Option<u32>>, FleetError> {
+        use crate::isolation::uids;
+        if !self.ctx.host.can_setuid {
+            return Ok(vec![None; n]);
+        }
+        let range = self.ctx.config.agent_uids;
+        let mut taken = uids::owners_on_disk(&self.ctx.config.state_dir, range);
+        taken.extend(
+            self.data
+                .fleets
+                .values()
+                .flat_map(|f| f.agents.values())
+                .filter_map(|a| a.uid),
+        );
+        (0..n)
+            .map(|_| {
+                let uid = uids::pick(range, &taken).ok_or_else(|| FleetError::NotAdmitted {
+                    reason: format!("no free uid left in --agent-uids {range}: widen the range"),
+                })?;
+                taken.insert(uid);
+                Ok(Some(uid))
+            })
+            .collect()
+    }
+
     fn release(&self, fleet: &str, agent: &str) {
         let _ = self.ports.send_message(PortsMsg::Release {
             fleet: fleet.to_string(),
@@ -1022,8 +1062,15 @@ impl NodeRuntime {
         }
         let desired = rec.desired;
         let stride = rec.spec.effective_stride();
+        let uid = self.lease_uids(1)?.pop().flatten();
         let lease = self.allocate(fleet, agent, stride).await?;
-        let token = provision::generate_token()?;
+        let token = match provision::generate_token() {
+            Ok(t) => t,
+            Err(e) => {
+                self.release(fleet, agent);
+                return Err(e);
+            }
+        };
         let old_tenant = self.data.fleets[fleet].spec.tenant(agent).cloned();
         let set_tenant = tenant.is_some();
         {
@@ -1040,6 +1087,7 @@ impl NodeRuntime {
                     stride: lease.stride,
                     token: token.clone(),
                     process: None,
+                    uid,
                     previous_tokens: vec![],
                     previous_secrets: vec![],
                 },
@@ -1542,7 +1590,18 @@ impl NodeRuntime {
         }
     }
 
+    /// A fleet may not ask for more isolation than this host gives (refused before anything
+    /// changes, naming why).
+    fn check_isolation(&self, spec: &FleetSpec) -> Result<(), FleetError> {
+        self.ctx
+            .host
+            .resolve(spec.isolation)
+            .map(|_| ())
+            .map_err(|reason| FleetError::invalid(format!("fleet {} isolation", spec.name), reason))
+    }
+
     async fn update_spec(&mut self, fleet: &str, mut spec: FleetSpec) -> Result<(), FleetError> {
+        self.check_isolation(&spec)?;
         let f = self.fleet_ref(fleet)?;
         let mut limits_changed = false;
         let mut before = None;
@@ -1605,7 +1664,13 @@ pub fn status_rows(
 
 /// The last `lines` lines of an agent's log with every token redacted (blocking).
 fn read_logs(paths: &AgentPaths, lines: usize, tokens: &[String]) -> Reply {
-    match crate::logs::tail::last_lines(&paths.agent_log, lines) {
+    use crate::isolation::tenant_fs::{as_tenant, home_owner};
+    // With the tenant's file rights: its HOME is its own to fill with links.
+    let read = as_tenant(home_owner(&paths.home), || {
+        crate::logs::tail::last_lines(&paths.agent_log, lines)
+    })
+    .and_then(|r| r);
+    match read {
         Ok(v) => {
             let secrets: Vec<&str> = tokens.iter().map(String::as_str).collect();
             Reply::Logs(

@@ -173,6 +173,11 @@ const CREATE_FLAGS: &[Flag] = &[
     ),
     valued("--stride", "N", "ports leased per agent (1..=65535)"),
     valued("--profile", "P", "default|lean: memory/start-up profile"),
+    valued(
+        "--isolation",
+        "I",
+        "uid|landlock|none: how agents are kept apart (default: the strongest this host gives)",
+    ),
 ];
 
 static SPECS: &[Spec] = &[
@@ -789,6 +794,10 @@ fn build_fleet_create(a: &Args) -> Result<Command, ParseError> {
             .value("--profile")
             .map(|v| choice::<Profile>("--profile", v))
             .transpose()?,
+        isolation: a
+            .value("--isolation")
+            .map(|v| choice::<crate::isolation::Isolation>("--isolation", v))
+            .transpose()?,
     })
 }
 
@@ -1142,6 +1151,7 @@ mod tests {
             restart: None,
             stride: None,
             profile: None,
+            isolation: None,
         }
     }
 
@@ -1156,7 +1166,7 @@ mod tests {
         let cases: Vec<(&str, Command)> = vec![
             ("fleet create f", create("f")),
             (
-                "fleet create f --agents 3 --strategy rest_for_one --command \"python3 agent.py --flag\" --template t.json --restart transient --stride 200 --profile lean",
+                "fleet create f --agents 3 --strategy rest_for_one --command \"python3 agent.py --flag\" --template t.json --restart transient --stride 200 --profile lean --isolation landlock",
                 Command::FleetCreate {
                     fleet: s("f"),
                     agents: 3,
@@ -1166,6 +1176,7 @@ mod tests {
                     restart: Some(RestartType::Transient),
                     stride: Some(200),
                     profile: Some(Profile::Lean),
+                    isolation: Some(crate::isolation::Isolation::Landlock),
                 },
             ),
             (
@@ -1179,6 +1190,7 @@ mod tests {
                     restart: Some(RestartType::Temporary),
                     stride: Some(1),
                     profile: Some(Profile::Default),
+                    isolation: None,
                 },
             ),
             (

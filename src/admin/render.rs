@@ -426,6 +426,7 @@ mod tests {
             last_exit: Some(ExitInfo::Code(78)),
             reason: Some("config conflict".into()),
             drift: None,
+            isolation: None,
             channels: [(
                 "telegram".to_string(),
                 crate::channels::ChannelStatus {
@@ -471,6 +472,7 @@ mod tests {
             "reason",
             "drift",
             "channels",
+            "isolation",
         ];
         want.sort_unstable();
         for obj in arr {

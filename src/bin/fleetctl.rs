@@ -111,6 +111,81 @@ fn run() -> Result<i32> {
     Ok(code)
 }
 
+/// Confines this process as the agent's own processes are (its uid, no capabilities,
+/// `no_new_privs`, its Landlock sandbox) before the program replaces it: what runs in a
+/// tenant's HOME may be the tenant's code (OpenClaw loads plugins from it).
+fn confine_like_the_agent(
+    isolation: Option<fleet_commander::isolation::IsolationStatus>,
+    home: &str,
+    env: &[(String, String)],
+    program: &str,
+    args: &[String],
+    port: u16,
+    ports: u16,
+) -> Result<()> {
+    use fleet_commander::isolation::{confine, sandbox, tenant_fs::Identity, Isolation};
+    let Some(iso) = isolation else {
+        anyhow::bail!("this host cannot give the agent's fleet the isolation it asks for");
+    };
+    if iso.level == Isolation::None {
+        return Ok(());
+    }
+    let home = std::path::Path::new(home);
+    let tmp = env
+        .iter()
+        .find(|(k, _)| k == "TMPDIR")
+        .map(|(_, v)| std::path::PathBuf::from(v))
+        .unwrap_or_else(|| home.join("tmp"));
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let resolved = std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| !program.contains('/') && p.is_file())
+        .unwrap_or_else(|| std::path::PathBuf::from(program));
+    let mut program_paths = sandbox::program_paths(&resolved, args, None);
+    // Its PATH names the OpenClaw install and its Node: they are what it runs.
+    for dir in std::env::split_paths(&path) {
+        program_paths.extend(sandbox::program_paths(&dir, &[], None));
+    }
+    let landlock = if sandbox::kernel_abi() > 0 {
+        sandbox::build(&sandbox::plan(&sandbox::AgentScope {
+            home,
+            tmp: &tmp,
+            program_paths,
+            // OpenClaw's lifecycle locks, in /tmp whatever TMPDIR says (fleetd made it).
+            extra_rw: vec![std::path::PathBuf::from(format!(
+                "/tmp/openclaw-state-locks-{}",
+                iso.uid.unwrap_or_else(|| nix::unistd::geteuid().as_raw())
+            ))],
+            first_port: port,
+            ports,
+        }))
+        .map_err(anyhow::Error::msg)?
+    } else {
+        None
+    };
+    let c = confine::Confinement {
+        identity: iso.uid.map(Identity::of_uid),
+        drop_privileges: true,
+        landlock,
+        nproc: None,
+        private_tmp: None,
+    };
+    let prepared = c.prepare()?;
+    // Safety: raw system calls on this process's own credentials, right before exec.
+    if let Err(step) = unsafe { confine::drop_privileges(&prepared, false) } {
+        anyhow::bail!(
+            "{}: {}",
+            confine::Step::name(step).unwrap_or("confining"),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
 /// `fleetctl exec <fleet>/<agent> [--] PROGRAM [ARGS…]`: asks the daemon for the agent's
 /// context (HOME, environment with its secrets, PATH with its openclaw) and replaces this
 /// process with the program in it, so the terminal, signals and the exit status are the
@@ -142,11 +217,18 @@ fn exec(socket: &std::path::Path, words: &[String]) -> Result<i32> {
         command: Command::ExecContext { fleet, agent },
         json: false,
     })?;
-    let (cwd, env) = match client.next_frame()? {
+    let (cwd, env, isolation, port, ports) = match client.next_frame()? {
         Some(Frame::Reply {
-            reply: Reply::Exec { cwd, env },
+            reply:
+                Reply::Exec {
+                    cwd,
+                    env,
+                    isolation,
+                    port,
+                    ports,
+                },
             ..
-        }) => (cwd, env),
+        }) => (cwd, env, isolation, port, ports),
         Some(Frame::Reply { reply, json }) => {
             eprintln!("{}", render(&reply, json));
             return Ok(1);
@@ -156,6 +238,11 @@ fn exec(socket: &std::path::Path, words: &[String]) -> Result<i32> {
             socket.display()
         ),
     };
+    if let Err(e) = confine_like_the_agent(isolation, &cwd, &env, program, &rest[1..], port, ports)
+    {
+        eprintln!("fleetctl: exec: cannot take the agent's isolation: {e}");
+        return Ok(1);
+    }
     let err = std::process::Command::new(program)
         .args(&rest[1..])
         .env_clear()

@@ -63,6 +63,10 @@ struct Args {
     /// cgroup v2 to it (systemd: Delegate=yes), `off` never, or a cgroup v2 directory.
     #[arg(long, default_value = "auto", value_name = "auto|off|DIR")]
     cgroup: fleet_commander::context::CgroupMode,
+    /// Uids (each agent's gid equals its uid) leased to agents under `isolation = "uid"`,
+    /// FIRST-LAST; none of them may belong to a user or group of the host.
+    #[arg(long, default_value = fleet_commander::isolation::uids::DEFAULT_RANGE, value_parser = fleet_commander::isolation::uids::UidRange::parse)]
+    agent_uids: fleet_commander::isolation::uids::UidRange,
 }
 
 /// Exit status for a start refused on what the operator gave (a damaged registry, a bad spec,
@@ -145,6 +149,7 @@ async fn run(args: Args) -> Result<()> {
     config.pid_namespace = !args.no_pid_namespace;
     config.memory_reserve = args.memory_reserve_mib * 1024 * 1024;
     config.cgroup = args.cgroup.clone();
+    config.agent_uids = args.agent_uids;
     if let Some(n) = args.max_concurrent_starts {
         if n == 0 {
             bail!("--max-concurrent-starts must be at least 1");

@@ -29,6 +29,9 @@ pub enum Command {
         restart: Option<RestartType>,
         stride: Option<u16>,
         profile: Option<Profile>,
+        /// `None`: the strongest this host gives.
+        #[serde(default)]
+        isolation: Option<crate::isolation::Isolation>,
     },
     FleetList,
     FleetStart {
@@ -372,6 +375,9 @@ pub struct AgentStatus {
     /// `failed` (with `error`) or `stopped`. Empty for an agent without channels.
     #[serde(default)]
     pub channels: BTreeMap<String, crate::channels::ChannelStatus>,
+    /// How it is kept apart from other agents and the daemon on this host.
+    #[serde(default)]
+    pub isolation: Option<crate::isolation::IsolationStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -451,6 +457,15 @@ pub enum Reply {
     Exec {
         cwd: String,
         env: Vec<(String, String)>,
+        /// What the program must be confined with: the agent's own (an operator's program in
+        /// a tenant's HOME runs with no more rights than the tenant: the HOME may hold code
+        /// the tenant planted, such as OpenClaw plugins).
+        #[serde(default)]
+        isolation: Option<crate::isolation::IsolationStatus>,
+        #[serde(default)]
+        port: u16,
+        #[serde(default)]
+        ports: u16,
     },
     Error(FleetError),
 }

@@ -72,17 +72,20 @@ impl Controllers {
 /// `cpu.max` period: 100 ms, the kernel's default.
 const CPU_PERIOD_US: u64 = 100_000;
 
-/// The interface files and values for `limits`; an unset limit is written as `max`, so a limit
-/// removed from the spec is lifted too. Files of controllers the host does not offer are
-/// left out.
+/// The interface files and values for `limits`. Memory and pids are always limited: an unset
+/// one gets its default (`DEFAULT_MEMORY_MAX`, `DEFAULT_PIDS_MAX`), so a fork bomb or a
+/// runaway heap in one tenant cannot starve the others; an unset cpu limit is `max` (lifted,
+/// never left at an earlier value). Files of controllers the host does not offer are left
+/// out.
 pub fn limit_writes(limits: &CgroupLimits, available: Controllers) -> Vec<(&'static str, String)> {
-    let or_max = |v: Option<u64>| v.map_or_else(|| "max".to_string(), |n| n.to_string());
     let mut out = Vec::new();
     if available.memory {
-        out.push(("memory.max", or_max(limits.memory_max)));
+        let v = limits.memory_max.unwrap_or(crate::spec::DEFAULT_MEMORY_MAX);
+        out.push(("memory.max", v.to_string()));
     }
     if available.pids {
-        out.push(("pids.max", or_max(limits.pids_max)));
+        let v = limits.pids_max.unwrap_or(crate::spec::DEFAULT_PIDS_MAX);
+        out.push(("pids.max", v.to_string()));
     }
     if available.cpu {
         let quota = limits
@@ -391,12 +394,13 @@ mod tests {
                 ("cpu.max", "150000 100000".to_string()),
             ]
         );
-        // Unset limits are lifted, not left at an earlier value.
+        // Unset memory and pids limits get their defaults; cpu is lifted, never left at an
+        // earlier value.
         assert_eq!(
             limit_writes(&CgroupLimits::default(), all),
             vec![
-                ("memory.max", "max".to_string()),
-                ("pids.max", "max".to_string()),
+                ("memory.max", (4u64 << 30).to_string()),
+                ("pids.max", "1024".to_string()),
                 ("cpu.max", "max 100000".to_string()),
             ]
         );

@@ -297,6 +297,36 @@ fn kb_field(text: &str, name: &str) -> Option<u64> {
 }
 
 /// VmRSS of one process in bytes (None for kernel threads and vanished processes).
+/// Tasks (threads) whose real uid is `uid`: what RLIMIT_NPROC counts.
+pub fn tasks_of_uid(uid: u32) -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in dir.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        let real_uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u32>().ok());
+        if real_uid == Some(uid) {
+            n += status
+                .lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(1);
+        }
+    }
+    n
+}
+
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let mut buf = String::new();
     if !read_into(&proc_path(pid, "status"), &mut buf) {

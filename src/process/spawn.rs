@@ -13,6 +13,7 @@
 //! Not here: what to run (provision) or what to do when it exits (the AgentActor).
 
 use super::child::Child;
+use crate::isolation::confine::{self, Confinement};
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -22,26 +23,26 @@ use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use tokio::sync::oneshot;
 
-/// How the node keeps agents from outliving it.
+/// How the node keeps agents from outliving it (what keeps tenants apart is `isolation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isolation {
+pub enum Containment {
     /// Agents run in a PID namespace whose init is our guardian.
     PidNamespace,
     /// Only the direct child gets a parent-death signal.
     ParentDeathSignal,
 }
 
-impl Isolation {
+impl Containment {
     pub fn as_str(self) -> &'static str {
         match self {
-            Isolation::PidNamespace => "pid-namespace",
-            Isolation::ParentDeathSignal => "parent-death-signal",
+            Containment::PidNamespace => "pid-namespace",
+            Containment::ParentDeathSignal => "parent-death-signal",
         }
     }
 }
 
 /// What to run. The environment is the complete, explicit set: nothing is inherited.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SpawnRequest {
     pub program: PathBuf,
     pub args: Vec<String>,
@@ -50,6 +51,8 @@ pub struct SpawnRequest {
     /// The agent cgroup's `cgroup.procs`, open for writing; the child moves itself in before
     /// anything else, so nothing it starts runs outside. Must stay open until `spawn` returns.
     pub cgroup_procs: Option<RawFd>,
+    /// Its uid, capabilities and sandbox (`isolation`); the default confines nothing.
+    pub confine: Confinement,
 }
 
 struct Job {
@@ -61,7 +64,7 @@ struct Job {
 /// every process left in the namespace.
 pub struct Spawner {
     tx: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
-    isolation: Isolation,
+    containment: Containment,
     guardian: Arc<AtomicU32>,
 }
 
@@ -69,18 +72,18 @@ impl Spawner {
     /// Starts the spawner thread. `want_namespace`: try a PID namespace first.
     pub fn start(runtime: tokio::runtime::Handle, want_namespace: bool) -> io::Result<Spawner> {
         let (tx, rx) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Isolation>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Containment>();
         let guardian = Arc::new(AtomicU32::new(0));
         let shown = guardian.clone();
         std::thread::Builder::new()
             .name("fleet-spawner".into())
             .spawn(move || spawner_thread(runtime, want_namespace, rx, ready_tx, shown))?;
-        let isolation = ready_rx
+        let containment = ready_rx
             .recv()
             .map_err(|_| io::Error::other("spawner thread died during start"))?;
         Ok(Spawner {
             tx: std::sync::Mutex::new(Some(tx)),
-            isolation,
+            containment,
             guardian,
         })
     }
@@ -99,8 +102,8 @@ impl Spawner {
         }
     }
 
-    pub fn isolation(&self) -> Isolation {
-        self.isolation
+    pub fn containment(&self) -> Containment {
+        self.containment
     }
 
     /// Spawns one agent process: its own session and process group, stdin null, stdout and
@@ -130,7 +133,7 @@ fn spawner_thread(
     runtime: tokio::runtime::Handle,
     want_namespace: bool,
     rx: mpsc::Receiver<Job>,
-    ready: mpsc::Sender<Isolation>,
+    ready: mpsc::Sender<Containment>,
     shown: Arc<AtomicU32>,
 ) {
     let _enter = runtime.enter();
@@ -149,17 +152,17 @@ fn spawner_thread(
         None
     };
     show(&guardian);
-    let isolation = if guardian.is_some() {
-        Isolation::PidNamespace
+    let containment = if guardian.is_some() {
+        Containment::PidNamespace
     } else {
-        Isolation::ParentDeathSignal
+        Containment::ParentDeathSignal
     };
     let slots = match Slots::new() {
         Ok(s) => s,
         Err(e) => {
             // Without them no spawn can work; say why on every request instead of dying.
             tracing::error!(error = %e, "spawner: cannot reserve descriptor slots");
-            let _ = ready.send(isolation);
+            let _ = ready.send(containment);
             while let Ok(job) = rx.recv() {
                 let _ = job.reply.send(Err(io::Error::new(
                     e.kind(),
@@ -169,7 +172,7 @@ fn spawner_thread(
             return;
         }
     };
-    let _ = ready.send(isolation);
+    let _ = ready.send(containment);
     while let Ok(job) = rx.recv() {
         if let Some(g) = &guardian {
             if guardian_exited(g.pid) {
@@ -210,10 +213,16 @@ fn spawn_one(req: &SpawnRequest, in_ns: bool, slots: &Slots) -> io::Result<Child
         std::process::id() as libc::pid_t
     };
     let prepared = Prepared::new(req)?;
+    let mut confined = req.confine.prepare()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let loaded = slots.load(&out_w, &err_w, req.cgroup_procs)?;
+    let landlock = req.confine.landlock.as_ref().map(|f| f.as_raw_fd());
+    let loaded = slots.load(&out_w, &err_w, req.cgroup_procs, landlock)?;
     drop((out_w, err_w));
+    // The child reads the ruleset from its slot: the original is beyond what it keeps.
+    if landlock.is_some() {
+        confined.landlock_fd = Some(slots.landlock);
+    }
     let args = ChildArgs {
         program: prepared.program.as_ptr(),
         argv: prepared.argv_ptrs.as_ptr(),
@@ -231,6 +240,8 @@ fn spawn_one(req: &SpawnRequest, in_ns: bool, slots: &Slots) -> io::Result<Child
         share_files: slots.share_files,
         expected_ppid,
         in_ns,
+        confine: &confined,
+        confined: !req.confine.is_none(),
         failed_at: AtomicU32::new(0),
         errno: AtomicI32::new(0),
     };
@@ -244,10 +255,8 @@ fn spawn_one(req: &SpawnRequest, in_ns: bool, slots: &Slots) -> io::Result<Child
         let errno = args.errno.load(Ordering::SeqCst);
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
         let err = io::Error::from_raw_os_error(errno);
-        return Err(io::Error::new(
-            err.kind(),
-            format!("{}: {err}", Stage::name(stage)),
-        ));
+        let step = confine::Step::name(stage).unwrap_or_else(|| Stage::name(stage));
+        return Err(io::Error::new(err.kind(), format!("{step}: {err}")));
     }
     Child::adopt(pid as u32, out_r, err_r)
 }
@@ -268,7 +277,8 @@ struct Slots {
     stdout: RawFd,
     stderr: RawFd,
     cgroup: RawFd,
-    _held: [OwnedFd; 4],
+    landlock: RawFd,
+    _held: [OwnedFd; 5],
     keep_below: u32,
     /// `close_range` exists (Linux 5.9); without it the child gets a full copy.
     share_files: bool,
@@ -284,7 +294,7 @@ impl Slots {
             }
             Ok(unsafe { OwnedFd::from_raw_fd(fd) })
         };
-        let held = [dup()?, dup()?, dup()?, dup()?];
+        let held = [dup()?, dup()?, dup()?, dup()?, dup()?];
         let raw = held.each_ref().map(|f| f.as_raw_fd());
         let keep_below = raw.iter().copied().max().unwrap_or(2) as u32 + 1;
         // A no-op call tells whether the system call exists.
@@ -299,6 +309,7 @@ impl Slots {
             stdout: raw[1],
             stderr: raw[2],
             cgroup: raw[3],
+            landlock: raw[4],
             _held: held,
             keep_below,
             share_files,
@@ -311,12 +322,16 @@ impl Slots {
         out: &OwnedFd,
         err: &OwnedFd,
         cgroup: Option<RawFd>,
+        landlock: Option<RawFd>,
     ) -> io::Result<Loaded<'a>> {
         let loaded = Loaded(self);
         dup3(out.as_raw_fd(), self.stdout)?;
         dup3(err.as_raw_fd(), self.stderr)?;
         if let Some(cg) = cgroup {
             dup3(cg, self.cgroup)?;
+        }
+        if let Some(ll) = landlock {
+            dup3(ll, self.landlock)?;
         }
         Ok(loaded)
     }
@@ -328,7 +343,7 @@ struct Loaded<'a>(&'a Slots);
 impl Drop for Loaded<'_> {
     fn drop(&mut self) {
         let s = self.0;
-        for slot in [s.stdout, s.stderr, s.cgroup] {
+        for slot in [s.stdout, s.stderr, s.cgroup, s.landlock] {
             let _ = dup3(s.null.as_raw_fd(), slot);
         }
     }
@@ -499,6 +514,9 @@ struct ChildArgs {
     share_files: bool,
     expected_ppid: libc::pid_t,
     in_ns: bool,
+    confine: *const confine::Prepared,
+    /// Whether `confine` has anything to do.
+    confined: bool,
     failed_at: AtomicU32,
     errno: AtomicI32,
 }
@@ -596,6 +614,23 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         if libc::dup2(a.stdin, 0) < 0 || libc::dup2(a.stdout, 1) < 0 || libc::dup2(a.stderr, 2) < 0
         {
             return fail(Stage::STDIO);
+        }
+        if a.confined {
+            let c = &*a.confine;
+            if let Err(step) = confine::private_tmp(c, a.in_ns) {
+                return fail(step);
+            }
+            if let Err(step) = confine::drop_privileges(c, a.in_ns) {
+                return fail(step);
+            }
+            // A change of uid clears the parent-death signal: set it again, and look again
+            // whether the parent is still there to send it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return fail(Stage::PDEATHSIG);
+            }
+            if libc::getppid() != a.expected_ppid {
+                return fail(Stage::PARENT_GONE);
+            }
         }
         // Nothing else of the daemon's goes on, close-on-exec or not (the private table is
         // small: this is cheap).
@@ -730,6 +765,7 @@ mod tests {
                 .collect(),
             cwd: cwd.to_path_buf(),
             cgroup_procs: None,
+            confine: Confinement::default(),
         }
     }
 

@@ -11,8 +11,6 @@ use std::path::Path;
 pub struct EnvInput<'a> {
     pub paths: &'a AgentPaths,
     pub port: u16,
-    /// Shared `NODE_COMPILE_CACHE` directory (one 48 MB copy for the whole fleet).
-    pub compile_cache: &'a Path,
     pub node_bin_dir: Option<&'a Path>,
     pub profile: Profile,
     /// Value of `FLEET_COMMANDER_AGENT`, by which the supervisor finds every descendant.
@@ -32,9 +30,13 @@ pub const LEAN_NODE_OPTIONS: &str = "--max-old-space-size=384 --max-semi-space-s
 
 /// The agent's whole environment (nothing is inherited), sorted by name, no duplicates.
 ///
-/// For a custom command (`runs_openclaw == false`) the shared compile cache and the lean
-/// profile's heap cap are left out: both were measured for OpenClaw only, and a heap cap of
-/// 256 MB can break an arbitrary Node program. `extra` can add them back.
+/// For a custom command (`runs_openclaw == false`) the compile cache setting and the lean
+/// profile's heap cap are left out: both were measured for OpenClaw only, and a heap cap
+/// can break an arbitrary Node program. `extra` can add them back.
+///
+/// The compile cache is the agent's own (`$TMPDIR/node-compile-cache`, where the launcher
+/// puts it by itself): a cache shared between tenants is code one tenant could plant for
+/// another's Node to load. A shared warm cache measured no start-up gain (OPENCLAW.md).
 pub fn agent_env(input: &EnvInput) -> Vec<(String, String)> {
     let p = input.paths;
     let home = p.home.to_string_lossy().into_owned();
@@ -60,7 +62,10 @@ pub fn agent_env(input: &EnvInput) -> Vec<(String, String)> {
     if input.runs_openclaw {
         put(
             "NODE_COMPILE_CACHE",
-            input.compile_cache.to_string_lossy().into_owned(),
+            p.tmp
+                .join("node-compile-cache")
+                .to_string_lossy()
+                .into_owned(),
         );
         // NODE_COMPILE_CACHE alone makes the launcher re-spawn itself (OPENCLAW.md).
         put("OPENCLAW_PACKAGED_COMPILE_CACHE_RESPAWNED", "1".into());

@@ -74,8 +74,8 @@ mod tests {
         // A HOME left world-readable by an earlier run must be tightened, not trusted.
         fs::create_dir_all(&p.log_dir).unwrap();
         fs::set_permissions(&p.log_dir, fs::Permissions::from_mode(0o755)).unwrap();
-        ensure_home(&p).unwrap();
-        ensure_home(&p).unwrap();
+        ensure_home(&p, None).unwrap();
+        ensure_home(&p, None).unwrap();
         for d in [&p.home, &p.openclaw_dir, &p.log_dir, &p.tmp] {
             assert_eq!(mode(d), 0o700, "{}", d.display());
         }
@@ -117,14 +117,14 @@ mod tests {
         for n in payloads.iter().chain(&kept) {
             fs::write(lock_dir.join(n), "{\"pid\":2,\"startTime\":24}").unwrap();
         }
-        ensure_home(&p).unwrap();
+        ensure_home(&p, None).unwrap();
         for n in payloads {
             assert!(!lock_dir.join(n).exists(), "{n} survived");
         }
         for n in kept {
             assert!(lock_dir.join(n).exists(), "{n} was removed");
         }
-        assert_eq!(clear_gateway_lock_payloads(&p).unwrap(), 0);
+        assert_eq!(clear_gateway_lock_payloads(&p, None).unwrap(), 0);
     }
 
     #[test]
@@ -133,7 +133,7 @@ mod tests {
         let p = AgentPaths::new(t.path(), "f", "a");
         fs::create_dir_all(&p.home).unwrap();
         fs::write(&p.tmp, b"x").unwrap();
-        let e = ensure_home(&p).unwrap_err().to_string();
+        let e = ensure_home(&p, None).unwrap_err().to_string();
         assert!(e.contains("f/a") && e.contains("not a directory"), "{e}");
     }
 
@@ -307,7 +307,6 @@ mod tests {
         agent_env(&EnvInput {
             paths: &paths,
             port: 20_000,
-            compile_cache: Path::new("/state/cache/node-compile-cache"),
             node_bin_dir: Some(Path::new("/opt/node/bin")),
             profile,
             marker: "f/a#7",
@@ -334,7 +333,11 @@ mod tests {
             ("OPENCLAW_NO_RESPAWN", "1"),
             ("NODE_ENV", "production"),
             ("NO_COLOR", "1"),
-            ("NODE_COMPILE_CACHE", "/state/cache/node-compile-cache"),
+            // The agent's own: a shared cache is code one tenant could plant for another.
+            (
+                "NODE_COMPILE_CACHE",
+                "/state/fleets/f/a/tmp/node-compile-cache",
+            ),
             ("OPENCLAW_PACKAGED_COMPILE_CACHE_RESPAWNED", "1"),
             ("FLEET_COMMANDER_AGENT", "f/a#7"),
             (
@@ -440,8 +443,8 @@ mod tests {
         let state = t.path().join("state");
         let p = AgentPaths::new(&state, "f", "a");
         let sibling = AgentPaths::new(&state, "f", "b");
-        ensure_home(&p).unwrap();
-        ensure_home(&sibling).unwrap();
+        ensure_home(&p, None).unwrap();
+        ensure_home(&sibling, None).unwrap();
         fs::create_dir_all(p.openclaw_dir.join("state")).unwrap();
         let db = p.openclaw_dir.join("state/openclaw.sqlite");
         fs::write(&db, b"").unwrap();

