@@ -7,7 +7,8 @@
 # agent config demo/bob, logs demo/carol, top, help, shutdown.
 #
 # State (registry, vault, agent HOMEs, logs, socket) lives in target/demo-state inside the repo
-# (override with FLEET_DEMO_STATE_DIR); the generated spec and the demo secrets in
+# (as root in a checkout other users cannot search: under /var/tmp, since each agent runs as
+# a uid of its own; override with FLEET_DEMO_STATE_DIR); the generated spec and the demo secrets in
 # target/demo/spec. `rm -rf target/demo-state target/demo` forgets both.
 # Ports come from 20000-59999 (override with FLEET_DEMO_PORTS=FIRST-LAST).
 # Works with a pipe too, e.g. `printf 'status\nshutdown\n' | scripts/demo.sh`; EOF on stdin
@@ -55,6 +56,11 @@ for t in "${TENANTS[@]}"; do
 done
 
 STATE="${FLEET_DEMO_STATE_DIR:-$ROOT/target/demo-state}"
+source "$ROOT/scripts/lib/reachable.sh"
+if [[ -z "${FLEET_DEMO_STATE_DIR:-}" && "$(id -u)" == "0" ]] && ! searchable_by_others "$ROOT"; then
+    # Each agent runs as a uid of its own and must reach its HOME.
+    STATE="$(outside_checkout demo)/state"
+fi
 mkdir -p -m 0700 "$STATE"  # what fleetd would create; it refuses a dir others can write
 echo "demo: fake Telegram Bot API $TELEGRAM, fake model $MODEL (loopback only)" >&2
 echo "demo: state in $STATE; control socket $STATE/fleetd.sock (fleetctl --socket … status)" >&2

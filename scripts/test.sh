@@ -34,20 +34,11 @@ fi
 # and those uids must be able to run the test binaries (the stub agent). A checkout inside a
 # directory other users cannot search (a `mktemp -d`, /root) would hide them: build into a
 # target directory they can reach instead.
-if [[ "$(id -u)" == "0" && -z "${CARGO_TARGET_DIR:-}" ]]; then
-    reachable=1
-    d="$(pwd -P)"
-    while [[ "$d" != "/" ]]; do
-        [[ "$(( 0$(stat -c %a "$d") & 01 ))" != 0 ]] || { reachable=0; break; }
-        d="$(dirname "$d")"
-    done
-    if [[ "$reachable" == 0 ]]; then
-        CARGO_TARGET_DIR="/var/tmp/fleet-commander-target-$(pwd -P | sha256sum | cut -c1-12)"
-        mkdir -p -m 0755 "$CARGO_TARGET_DIR"
-        chmod 0755 "$CARGO_TARGET_DIR"
-        export CARGO_TARGET_DIR
-        echo "test.sh: $(pwd -P) is not searchable by other users; building into $CARGO_TARGET_DIR so agent uids can run the test binaries" >&2
-    fi
+source scripts/lib/reachable.sh
+if [[ "$(id -u)" == "0" && -z "${CARGO_TARGET_DIR:-}" ]] && ! searchable_by_others .; then
+    CARGO_TARGET_DIR="$(outside_checkout target)"
+    export CARGO_TARGET_DIR
+    echo "test.sh: $(pwd -P) is not searchable by other users; building into $CARGO_TARGET_DIR so agent uids can run the test binaries" >&2
 fi
 
 # Checks that cannot run on this machine say so through tests/common's `skipped`, into this

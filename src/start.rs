@@ -43,12 +43,8 @@ pub fn kill_orphan(sp: Spawned) {
 
 /// The agent's log writer, counting into the node's log metrics.
 pub fn open_log(ctx: &NodeContext, spec: &FleetSpec, paths: &AgentPaths) -> LogWriter {
-    let mut log = LogWriter::open_as(
-        paths.agent_log.clone(),
-        spec.logs.max_bytes,
-        spec.logs.keep,
-        tenant_fs::home_owner(&paths.home),
-    );
+    // The daemon's own file, outside the HOME: written with the daemon's rights.
+    let mut log = LogWriter::open(paths.agent_log.clone(), spec.logs.max_bytes, spec.logs.keep);
     log.count_into(ctx.services.metrics.log_bytes.clone());
     log
 }

@@ -713,8 +713,7 @@ fn logs_redact_earlier_tokens_too() {
         "both tokens in the raw log",
         |_| {
             let raw =
-                std::fs::read_to_string(d.state_dir().join("fleets/f/agent-1/logs/agent.log"))
-                    .ok()?;
+                std::fs::read_to_string(d.state_dir().join("logs/f/agent-1/agent.log")).ok()?;
             (raw.contains(&first) && raw.contains(&second)).then_some(())
         },
     );
@@ -729,8 +728,9 @@ fn a_fifo_in_place_of_an_agents_log_never_hangs_the_daemon() {
     d.create_stub_fleet("f", 1, "--no-helper", &[]);
     d.wait_running("f", 1, Duration::from_secs(20));
     d.ctl(&["agent", "stop", "f/agent-1"]);
-    // What a hostile agent can do to its own HOME.
-    let log = d.state_dir().join("fleets/f/agent-1/logs/agent.log");
+    // The agent's log lives outside its HOME now, but a FIFO there (a mistake, a restored
+    // backup) must still never hang the daemon.
+    let log = d.state_dir().join("logs/f/agent-1/agent.log");
     std::fs::remove_file(&log).unwrap();
     nix::unistd::mkfifo(&log, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let t = Instant::now();
@@ -948,8 +948,17 @@ fn removals_and_recreations_of_the_same_names_stay_consistent() {
     for (f, a) in &in_registry {
         let home = d.state_dir().join("fleets").join(f).join(a);
         assert!(
-            home.join("logs/agent.log").exists(),
+            home.join(".openclaw/openclaw.json").exists(),
             "{f}/{a} runs without its HOME"
+        );
+        assert!(
+            d.state_dir()
+                .join("logs")
+                .join(f)
+                .join(a)
+                .join("agent.log")
+                .exists(),
+            "{f}/{a} runs without its log"
         );
     }
     // Stops of removed agents take a second each: wait for them, then one process per agent.

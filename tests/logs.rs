@@ -57,6 +57,11 @@ fn home(state: &Path, fleet: &str, agent: &str) -> PathBuf {
     state.join("fleets").join(fleet).join(agent)
 }
 
+/// Where the daemon writes an agent's `agent.log`: outside its HOME.
+fn agent_log_dir(state: &Path, fleet: &str, agent: &str) -> PathBuf {
+    state.join("logs").join(fleet).join(agent)
+}
+
 /// Polls `f` (async-friendly) until it returns `Some`; panics with what it last saw.
 async fn wait_for<T>(
     timeout: Duration,
@@ -170,7 +175,7 @@ async fn rotation_holds_the_archive_count_and_logs_reads_gzip_archives_back() {
         "i=0; while [ $i -lt 3000 ]; do echo \"line $i {pad}\"; i=$((i+1)); done; \
          echo numbered-done; exec {STUB} --no-helper"
     );
-    let log_dir = home(&state, "rot", "agent-1").join("logs");
+    let log_dir = agent_log_dir(&state, "rot", "agent-1");
 
     // Watches the directory while the lines pour in: never more than `keep` archives.
     let stop = Arc::new(AtomicBool::new(false));
@@ -328,18 +333,21 @@ async fn rotator_gets_a_budget_below_keep_times_max_bytes_under_it_oldest_first(
         .await
         .unwrap();
     wait_running(&node, "bud", 1).await;
-    let log_dir = home(&state, "bud", "agent-1").join("logs");
+    // One budget over both of the agent's log directories: the daemon's and OpenClaw's.
+    let agent_dir = agent_log_dir(&state, "bud", "agent-1");
+    let oc_dir = home(&state, "bud", "agent-1").join("logs");
+    let both = || [dir_files(&agent_dir), dir_files(&oc_dir)].concat();
     // OpenClaw's own archives (it rotates `logging.file` itself): older ones have higher N.
     for n in 1..=3u32 {
-        let p = log_dir.join(format!("openclaw.{n}.log"));
+        let p = oc_dir.join(format!("openclaw.{n}.log"));
         fs::write(&p, vec![b'o'; 6000]).unwrap();
         set_age(&p, Duration::from_secs(3600 * n as u64));
     }
     let files = wait_for(
         Duration::from_secs(30),
-        "the log dir under budget",
+        "the log dirs under budget",
         |seen| {
-            let files = dir_files(&log_dir);
+            let files = both();
             *seen = format!("{} bytes: {files:?}", total(&files));
             // No plain archive or gzip temp file: no compression in flight.
             let settled = files
@@ -394,6 +402,7 @@ async fn retention_deletes_only_old_archives_and_only_inside_agent_homes() {
     wait_running(&node, "ret", 1).await;
     let h = home(&state, "ret", "agent-1");
     let log_dir = h.join("logs");
+    let agent_dir = agent_log_dir(&state, "ret", "agent-1");
     let old = 3 * DAY;
 
     // Everything that must survive exists before anything that must go, so the pass that
@@ -417,10 +426,11 @@ async fn retention_deletes_only_old_archives_and_only_inside_agent_homes() {
         }
     }
     std::os::unix::fs::symlink(outside.join("victim.log"), log_dir.join("agent.log.7")).unwrap();
-    let current = log_dir.join("agent.log");
+    let current = agent_dir.join("agent.log");
     set_age(&current, old); // current files are never deleted, however old
     let go = [
-        log_dir.join("agent.log.4.gz"),
+        agent_dir.join("agent.log.3.gz"),
+        log_dir.join("agent.log.4.gz"), // where older versions kept it
         log_dir.join("openclaw.2.log"),
     ];
     for p in &go {
@@ -431,7 +441,7 @@ async fn retention_deletes_only_old_archives_and_only_inside_agent_homes() {
         Duration::from_secs(20),
         "old archives to be deleted",
         |seen| {
-            *seen = format!("{:?}", dir_files(&log_dir));
+            *seen = format!("{:?} {:?}", dir_files(&log_dir), dir_files(&agent_dir));
             go.iter().all(|p| !p.exists()).then_some(())
         },
     )
@@ -459,12 +469,18 @@ async fn purge_removes_the_home_and_the_rotator_never_recreates_it() {
     let h1 = home(&state, "pg", "agent-1");
     let h2 = home(&state, "pg", "agent-2");
     assert!(h1.join("logs").is_dir(), "agent-1 has no log dir");
+    let a1_log = agent_log_dir(&state, "pg", "agent-1");
+    assert!(
+        a1_log.join("agent.log").exists(),
+        "agent-1 has no agent.log"
+    );
     node.remove_agent("pg", "agent-1", true).await.unwrap();
     assert!(
         !h1.exists(),
         "HOME left after purge: {:?}",
         dir_files(&h1.join("logs"))
     );
+    assert!(!a1_log.exists(), "its agent.log left after purge");
 
     // A full rotator pass after the purge: it deletes this marker in agent-2's HOME.
     let marker = h2.join("logs/agent.log.9.gz");
@@ -539,7 +555,7 @@ async fn full_disk_drops_only_lines_written_while_full_and_recovers() {
     let (dir, node) = node(Duration::from_secs(3600)).await;
     let state = dir.path().join("state");
     let h = home(&state, "df", "agent-1");
-    let log_dir = h.join("logs");
+    let log_dir = agent_log_dir(&state, "df", "agent-1");
     let Some(_tmpfs) = Tmpfs::mount(&log_dir, "2m") else {
         // The writer's own unit test injects the failure instead; say so loudly.
         common::skipped("logs full_disk: cannot mount a tmpfs here (needs root)");
@@ -693,7 +709,7 @@ fn a_50_mb_flood_keeps_the_budget_and_status_answers() {
         &format!("--no-helper --flood-bytes {FLOOD}"),
         &[],
     );
-    let log_dir = d.state_dir().join("fleets/flood/agent-1/logs");
+    let log_dir = d.state_dir().join("logs/flood/agent-1");
     let pid = wait_until(Duration::from_secs(30), "the flooding stub's pid", |seen| {
         let row = d.agent("flood", "agent-1")?;
         *seen = row.to_string();
@@ -771,10 +787,8 @@ fn logs_and_follow_redact_the_agents_token() {
     let script = d.dir.path().join("agent.sh");
     fs::write(
         &script,
-        format!(
-            "(while :; do grep -o '\"token\"[^,}}]*' \"$HOME/.openclaw/openclaw.json\"; sleep 0.2; done) &\n\
-             exec {STUB} --no-helper --print-every-ms 100\n"
-        ),
+        "(while :; do grep -o '\"token\"[^,}]*' \"$HOME/.openclaw/openclaw.json\"; sleep 0.2; done) &\n\
+         exec \"$1\" --no-helper --print-every-ms 100\n",
     )
     .unwrap();
     d.ctl(&[
@@ -784,7 +798,8 @@ fn logs_and_follow_redact_the_agents_token() {
         "--agents",
         "1",
         "--command",
-        &format!("/bin/sh {}", script.display()),
+        // The stub as an argument: what the command names is what its sandbox lets it run.
+        &format!("/bin/sh {} {STUB}", script.display()),
         "--stride",
         "1",
     ]);
@@ -792,7 +807,7 @@ fn logs_and_follow_redact_the_agents_token() {
     let tok: Value = serde_json::from_str(&d.ctl(&["--json", "token", "red/agent-1"])).unwrap();
     let token = tok["token"].as_str().unwrap().to_string();
     assert!(token.len() >= 8, "{tok}");
-    let raw = d.state_dir().join("fleets/red/agent-1/logs/agent.log");
+    let raw = d.state_dir().join("logs/red/agent-1/agent.log");
     wait_until(
         Duration::from_secs(20),
         "the token printed into agent.log",

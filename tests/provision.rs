@@ -125,7 +125,15 @@ fn homes_configs_ports_tokens_and_logs_are_isolated_and_enforced() {
         ports.push(port);
         tokens.insert(token);
         logs.insert(log_file.to_string());
-        assert!(home.join("logs/agent.log").exists());
+        // The daemon's log of it is outside its HOME, where the agent cannot touch it.
+        assert!(!home.join("logs/agent.log").exists());
+        let fleet_agent = home.strip_prefix(d.state_dir().join("fleets")).unwrap();
+        assert!(d
+            .state_dir()
+            .join("logs")
+            .join(fleet_agent)
+            .join("agent.log")
+            .exists());
     }
     ports.sort();
     for w in ports.windows(2) {

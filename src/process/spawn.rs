@@ -666,20 +666,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 /// gateways exited 78 or 1). With its own /proc the pid and the start time agree.
 /// Async-signal-safe: raw system calls only.
 unsafe fn mount_own_proc() -> io::Result<()> {
-    if libc::unshare(libc::CLONE_NEWNS) != 0 {
-        return Err(io::Error::last_os_error());
-    }
     // Nothing we mount may propagate back to the host.
-    if libc::mount(
-        std::ptr::null(),
-        c"/".as_ptr(),
-        std::ptr::null(),
-        libc::MS_REC | libc::MS_PRIVATE,
-        std::ptr::null(),
-    ) != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
+    confine::own_mount_namespace()?;
     if libc::mount(
         c"proc".as_ptr(),
         c"/proc".as_ptr(),

@@ -62,7 +62,7 @@ mod tests {
             p.openclaw_log,
             Path::new("/s/fleets/f1/a1/logs/openclaw.log")
         );
-        assert_eq!(p.agent_log, Path::new("/s/fleets/f1/a1/logs/agent.log"));
+        assert_eq!(p.agent_log, Path::new("/s/logs/f1/a1/agent.log"));
         assert_eq!(p.tmp, Path::new("/s/fleets/f1/a1/tmp"));
         assert_eq!(p.owner(), ("f1".to_string(), "a1".to_string()));
     }

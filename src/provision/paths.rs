@@ -15,9 +15,12 @@ pub struct AgentPaths {
     pub openclaw_dir: PathBuf,
     /// `home/.openclaw/openclaw.json`
     pub config: PathBuf,
-    /// `home/logs`
+    /// `home/logs`: OpenClaw's own log files (the agent writes them).
     pub log_dir: PathBuf,
-    /// `home/logs/agent.log`: what the agent prints, written by the daemon.
+    /// `<state_dir>/logs/<fleet>/<agent>`: what the daemon writes about the agent, outside
+    /// its HOME so the agent (a tenant's shell, maybe hostile) can neither read nor erase it.
+    pub daemon_log_dir: PathBuf,
+    /// `daemon_log_dir/agent.log`: what the agent prints, written by the daemon.
     pub agent_log: PathBuf,
     /// `home/logs/openclaw.log`: OpenClaw's own log file (`logging.file`).
     pub openclaw_log: PathBuf,
@@ -30,9 +33,11 @@ impl AgentPaths {
         let home = state_dir.join("fleets").join(fleet).join(agent);
         let openclaw_dir = home.join(".openclaw");
         let log_dir = home.join("logs");
+        let daemon_log_dir = state_dir.join("logs").join(fleet).join(agent);
         AgentPaths {
             config: openclaw_dir.join("openclaw.json"),
-            agent_log: log_dir.join("agent.log"),
+            agent_log: daemon_log_dir.join("agent.log"),
+            daemon_log_dir,
             openclaw_log: log_dir.join("openclaw.log"),
             tmp: home.join("tmp"),
             openclaw_dir,
@@ -69,6 +74,12 @@ impl AgentPaths {
 /// uid, is handed over whole), and everything inside it is made with the owner's file rights
 /// (`tenant_fs`): the tenant may have replaced any of it with a link.
 pub fn ensure_home(paths: &AgentPaths, owner: Option<Identity>) -> Result<(), FleetError> {
+    // The daemon's own log directory for the agent: root's (the daemon's), owner-only.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&paths.daemon_log_dir)
+        .map_err(|e| paths.err(format!("creating {}: {e}", paths.daemon_log_dir.display())))?;
     if let Some(parent) = paths.home.parent() {
         fs::DirBuilder::new()
             .recursive(true)

@@ -7,15 +7,20 @@ use std::ffi::OsString;
 use std::fs;
 use std::path::{Component, Path, PathBuf};
 
-/// Deletes an agent's HOME and the lock files OpenClaw keeps for it under
-/// `/tmp/openclaw-state-locks-<uid>/` (never deleted by OpenClaw itself). The agent must be
-/// stopped first. Refuses anything that does not resolve to a path inside `<state_dir>/fleets/`.
+/// Deletes an agent's HOME, the daemon's logs of it and the lock files OpenClaw keeps for it
+/// under `/tmp/openclaw-state-locks-<uid>/` (never deleted by OpenClaw itself; the uid is the
+/// HOME's owner, the agent's own under `isolation = "uid"`). The agent must be stopped first.
+/// Refuses anything that does not resolve to a path inside `<state_dir>/fleets/`.
 pub fn purge_home(state_dir: &Path, paths: &AgentPaths) -> Result<(), FleetError> {
-    let lock_dir = PathBuf::from(format!(
-        "/tmp/openclaw-state-locks-{}",
-        nix::unistd::getuid().as_raw()
-    ));
-    purge_home_with_lock_dir(state_dir, paths, &lock_dir)
+    let uid = crate::isolation::tenant_fs::home_owner(&paths.home)
+        .map_or_else(|| nix::unistd::getuid().as_raw(), |o| o.uid);
+    let lock_dir = PathBuf::from(format!("/tmp/openclaw-state-locks-{uid}"));
+    purge_home_with_lock_dir(state_dir, paths, &lock_dir)?;
+    match fs::remove_dir_all(&paths.daemon_log_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(paths.err(format!("removing {}: {e}", paths.daemon_log_dir.display()))),
+    }
 }
 
 pub(super) fn purge_home_with_lock_dir(

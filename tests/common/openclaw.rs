@@ -149,9 +149,9 @@ pub fn lock_files(home: &Path) -> Vec<PathBuf> {
     let db = home.join(".openclaw/state/openclaw.sqlite");
     let digest = Sha256::digest(db.to_string_lossy().as_bytes());
     let h: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
-    let dir = PathBuf::from(format!("/tmp/openclaw-state-locks-{}", unsafe {
-        libc::getuid()
-    }));
+    // Named after the agent's uid: the HOME's owner (its own uid under isolation "uid").
+    let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&home).unwrap());
+    let dir = PathBuf::from(format!("/tmp/openclaw-state-locks-{uid}"));
     let suffix = format!(".{h}.lock.sqlite");
     let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map(|rd| {
