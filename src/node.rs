@@ -166,6 +166,11 @@ fn prepare_isolation(
     uids::check_against_host(range).map_err(|reason| FleetError::Store { reason })?;
     let mut taken = uids::owners_on_disk(&config.state_dir, range);
     taken.extend(
+        procfs::uids_running()
+            .into_iter()
+            .filter(|u| range.contains(*u)),
+    );
+    taken.extend(
         data.fleets
             .values()
             .flat_map(|f| f.agents.values())

@@ -176,12 +176,17 @@ impl StartJob {
         };
         let perr = provision_err.clone();
         let node_dir = node_bin_dir.clone();
+        let exe = program.clone();
         let env =
             tokio::task::spawn_blocking(move || -> Result<Vec<(String, String)>, FleetError> {
                 if let Some(id) = owner {
-                    tenant_fs::check_reachable(&paths.home, id).map_err(|r| FleetError::Spec {
+                    let unreachable = |r: String| FleetError::Spec {
                         reason: format!("{}/{agent}: {r}", spec.name),
-                    })?;
+                    };
+                    tenant_fs::check_reachable(&paths.home, id, "HOME").map_err(unreachable)?;
+                    if exe.is_absolute() {
+                        tenant_fs::check_reachable(&exe, id, "program").map_err(unreachable)?;
+                    }
                 }
                 provision::ensure_home(&paths, owner)?;
                 // What was accepted, never the file as it is now (an edit takes a reload).

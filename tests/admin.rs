@@ -97,12 +97,14 @@ fn spawn_fleetd(args: &[&str], env: &[(&str, &str)], pipes: bool, socket: Option
         .prefix("fleetd-admin")
         .tempdir()
         .expect("tempdir");
+    common::searchable(dir.path());
     let state = dir.path().join("state");
     let log = std::fs::File::create(dir.path().join("fleetd.log")).expect("log file");
     let mut cmd = Command::new(FLEETD);
     cmd.arg("--state-dir")
         .arg(&state)
         .args(["--port-range", &common::next_port_range()])
+        .args(["--agent-uids", &common::next_uid_range()])
         .args(args)
         .env("FLEET_LOG", "debug")
         .stderr(log.try_clone().unwrap());

@@ -896,7 +896,8 @@ impl NodeRuntime {
     }
 
     /// `n` uid leases for new agents (all None when the daemon cannot change uids): the
-    /// lowest uids of the range no record holds and no HOME on disk is owned by.
+    /// lowest uids of the range no record holds, no HOME on disk is owned by and no process
+    /// runs as.
     fn lease_uids(&self, n: usize) -> Result<Vec<Option<u32>>, FleetError> {
         use crate::isolation::uids;
         if !self.ctx.host.can_setuid {
@@ -904,6 +905,13 @@ impl NodeRuntime {
         }
         let range = self.ctx.config.agent_uids;
         let mut taken = uids::owners_on_disk(&self.ctx.config.state_dir, range);
+        // A uid some process runs as is someone's (another daemon's agent, a user's
+        // process): never shared with a new agent.
+        taken.extend(
+            crate::process::procfs::uids_running()
+                .into_iter()
+                .filter(|u| range.contains(*u)),
+        );
         taken.extend(
             self.data
                 .fleets

@@ -113,11 +113,12 @@ impl Drop for Switched {
     }
 }
 
-/// Whether `uid` (with gid `gid`) can walk down to `home`: every directory above it must be
-/// searchable for it. An error names the first one that is not, and what to do.
-pub fn check_reachable(home: &std::path::Path, id: Identity) -> Result<(), String> {
+/// Whether `id` can walk down to `path` (its HOME, the program it runs): every directory
+/// above it must be searchable for it. An error names the first one that is not, and what
+/// to do.
+pub fn check_reachable(path: &std::path::Path, id: Identity, what: &str) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
-    let mut dirs: Vec<&std::path::Path> = home.ancestors().skip(1).collect();
+    let mut dirs: Vec<&std::path::Path> = path.ancestors().skip(1).collect();
     dirs.reverse();
     for dir in dirs {
         let Ok(m) = std::fs::metadata(dir) else {
@@ -132,12 +133,12 @@ pub fn check_reachable(home: &std::path::Path, id: Identity) -> Result<(), Strin
         };
         if m.mode() & bit == 0 {
             return Err(format!(
-                "{} (mode {:04o}, uid {}) is not searchable by the agent's uid {}: it cannot reach its HOME {}; give that directory search permission for others (chmod o+x) or put the state dir elsewhere",
+                "{} (mode {:04o}, uid {}) is not searchable by the agent's uid {}: it cannot reach its {what} {}; give that directory search permission for others (chmod o+x) or move what it holds",
                 dir.display(),
                 m.mode() & 0o7777,
                 m.uid(),
                 id.uid,
-                home.display()
+                path.display()
             ));
         }
     }
@@ -163,13 +164,13 @@ mod tests {
         std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
         let id = Identity::of_uid(1_599_997);
-        let e = check_reachable(&home, id).unwrap_err();
+        let e = check_reachable(&home, id, "HOME").unwrap_err();
         assert!(
             e.contains(&format!("{} (mode 0700", closed.display())),
             "{e}"
         );
         std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o711)).unwrap();
-        assert_eq!(check_reachable(&home, id), Ok(()));
+        assert_eq!(check_reachable(&home, id, "HOME"), Ok(()));
     }
 
     #[test]

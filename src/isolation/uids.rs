@@ -1,6 +1,7 @@
 //! The uids agents run as under `isolation = "uid"`: a range given to fleetd (systemd's
 //! DynamicUser is the model, but the lease is durable like a port lease), one uid per agent
-//! kept in its registry record, never handed out again while a HOME owned by it exists.
+//! kept in its registry record, never handed out again while a HOME owned by it exists or a
+//! process runs as it (another daemon's agent: give each daemon a range of its own).
 //! Each agent's gid is its uid, so no two agents share a group either.
 
 use std::collections::BTreeSet;

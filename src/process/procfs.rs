@@ -299,10 +299,29 @@ fn kb_field(text: &str, name: &str) -> Option<u64> {
 /// VmRSS of one process in bytes (None for kernel threads and vanished processes).
 /// Tasks (threads) whose real uid is `uid`: what RLIMIT_NPROC counts.
 pub fn tasks_of_uid(uid: u32) -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
     let mut n = 0;
+    for_each_status(|real_uid, threads| {
+        if real_uid == uid {
+            n += threads;
+        }
+    });
+    n
+}
+
+/// The real uids of every process running now.
+pub fn uids_running() -> std::collections::BTreeSet<u32> {
+    let mut out = std::collections::BTreeSet::new();
+    for_each_status(|uid, _| {
+        out.insert(uid);
+    });
+    out
+}
+
+/// (real uid, threads) of each process in /proc.
+fn for_each_status(mut f: impl FnMut(u32, u64)) {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
     for e in dir.flatten() {
         let name = e.file_name();
         if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
@@ -316,15 +335,15 @@ pub fn tasks_of_uid(uid: u32) -> u64 {
             .find_map(|l| l.strip_prefix("Uid:"))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse::<u32>().ok());
-        if real_uid == Some(uid) {
-            n += status
-                .lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(1);
+        let threads = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(1);
+        if let Some(uid) = real_uid {
+            f(uid, threads);
         }
     }
-    n
 }
 
 pub fn rss_bytes(pid: u32) -> Option<u64> {

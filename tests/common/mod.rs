@@ -64,6 +64,16 @@ pub fn next_port_range() -> String {
     format!("{first}-{}", first + 999)
 }
 
+/// A uid range of its own for each node a test binary starts (as root its agents get uids):
+/// two nodes leasing the same uids would share RLIMIT_NPROC and file rights.
+pub fn next_uid_range() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let i = NEXT.fetch_add(1, Ordering::Relaxed) % 200;
+    let first = 1_600_000 + i * 1000;
+    format!("{first}-{}", first + 999)
+}
+
 /// An in-process node on a temporary state directory, with a port range of its own; `f`
 /// adjusts its config first.
 pub async fn node_with(
@@ -76,6 +86,8 @@ pub async fn node_with(
     searchable(dir.path());
     let mut config = fleet_commander::NodeConfig::new(dir.path().join("state"));
     config.port_range = fleet_commander::ports::PortRange::parse(&next_port_range()).unwrap();
+    config.agent_uids =
+        fleet_commander::isolation::uids::UidRange::parse(&next_uid_range()).unwrap();
     f(&mut config);
     let node = fleet_commander::Node::start(config).await.unwrap();
     (dir, node)
@@ -123,6 +135,10 @@ impl Daemon {
         if !extra_args.iter().any(|a| a == "--port-range") {
             extra_args.push("--port-range".into());
             extra_args.push(next_port_range());
+        }
+        if !extra_args.iter().any(|a| a == "--agent-uids") {
+            extra_args.push("--agent-uids".into());
+            extra_args.push(next_uid_range());
         }
         if let Some(uid) = run_as {
             for sub in ["state", "home"] {
