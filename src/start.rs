@@ -179,6 +179,9 @@ impl StartJob {
         let exe = program.clone();
         let env =
             tokio::task::spawn_blocking(move || -> Result<Vec<(String, String)>, FleetError> {
+                provision::ensure_home(&paths, owner)?;
+                // After ensure_home, which opens the fleet directory to other uids: a sibling
+                // that created it a moment ago may not have yet.
                 if let Some(id) = owner {
                     let unreachable = |r: String| FleetError::Spec {
                         reason: format!("{}/{agent}: {r}", spec.name),
@@ -188,7 +191,6 @@ impl StartJob {
                         tenant_fs::check_reachable(&exe, id, "program").map_err(unreachable)?;
                     }
                 }
-                provision::ensure_home(&paths, owner)?;
                 // What was accepted, never the file as it is now (an edit takes a reload).
                 let template = match (&spec.template_config, &spec.template) {
                     (None, Some(t)) => {

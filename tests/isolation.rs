@@ -102,14 +102,15 @@ impl Tools {
     }
 }
 
+/// The neighbour is a tenant with a secret (`secret.txt` beside the spec): its value is in
+/// fleetd's vault, in the neighbour's environment and in its HOME, and must leak from none.
 fn spec_text(victim_real: bool, attacker: Option<&str>) -> String {
     let mut s = if victim_real {
-        "[[fleet]]\nname = \"v\"\nagents = 1\nprofile = \"lean\"\n".to_string()
+        "[[fleet]]\nname = \"v\"\nprofile = \"lean\"\n".to_string()
     } else {
-        format!(
-            "[[fleet]]\nname = \"v\"\nagents = 1\ncommand = \"{STUB} --no-helper\"\nstride = 2\n"
-        )
+        format!("[[fleet]]\nname = \"v\"\ncommand = \"{STUB} --no-helper\"\nstride = 2\n")
     };
+    s.push_str("[[fleet.agents]]\nid = \"agent-1\"\nsecrets = { TENANT_KEY = \"secret.txt\" }\n");
     if let Some(cmd) = attacker {
         s.push_str(&format!(
             "\n[[fleet]]\nname = \"a\"\nagents = 1\ncommand = \"{cmd}\"\nstride = 1\n\
@@ -159,6 +160,10 @@ fn scenario(mode: Mode) {
     let real = openclaw.is_some();
     let tools = Tools::new();
     let spec = tools.dir.path().join("fleets.toml");
+    let secret = format!("tenant-secret-{}", std::process::id());
+    let secret_file = tools.dir.path().join("secret.txt");
+    std::fs::write(&secret_file, &secret).unwrap();
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::write(&spec, spec_text(real, None)).unwrap();
     std::fs::set_permissions(&spec, std::fs::Permissions::from_mode(0o644)).unwrap();
     let args = ["--spec", spec.to_str().unwrap()];
@@ -309,7 +314,15 @@ fn scenario(mode: Mode) {
             !out.contains(&canary),
             "{name}: the neighbour's file leaked"
         );
+        assert!(
+            !out.contains(&secret),
+            "{name}: the neighbour's secret leaked"
+        );
     }
+    assert!(
+        state.join("vault.json").exists(),
+        "no vault: the registry attack read nothing worth reading"
+    );
     assert!(
         !report("registry").contains("fleetd.sock"),
         "the state dir was listed"
@@ -332,6 +345,10 @@ fn scenario(mode: Mode) {
     }
     let signal = report("signal");
     refused("signal", &signal);
+    assert!(
+        !report("environ").contains(&secret),
+        "the neighbour's env leaked"
+    );
     assert!(!report("environ").contains(&token));
     refused("environ", &report("environ"));
     let bind = report("bind");
@@ -443,6 +460,7 @@ try read-log cat "{vh}/logs/agent.log"
 try read-log cat "{vh}/logs/openclaw.log"
 try read-home ls -la "{vh}"
 try read-home cat "{vh}/canary.txt"
+try read-home cat "{vh}/.openclaw/secrets/TENANT_KEY"
 try registry ls "{st}"
 try registry cat "{st}/registry.json"
 try registry cat "{st}/vault.json"

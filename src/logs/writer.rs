@@ -3,7 +3,6 @@
 //! thread and survives a full disk by dropping and counting lines. It does not read pipes (the
 //! pump task does) and does not prune by age or disk budget (`retention` decides that).
 
-use crate::isolation::tenant_fs::{as_tenant, Identity};
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -191,10 +190,6 @@ pub struct LogWriter {
     fail_writes: bool,
     slot: Slot,
     compressors: Vec<JoinHandle<()>>,
-    /// The HOME's owner when it is a tenant's uid: every file operation on the log runs with
-    /// its file rights (`isolation::tenant_fs`), so a link it planted leads nowhere it could
-    /// not write itself.
-    owner: Option<Identity>,
     /// Node-wide count of bytes written to agent logs (the metrics).
     counter: Option<prometheus_client::metrics::counter::Counter>,
 }
@@ -203,11 +198,6 @@ impl LogWriter {
     /// Opens (creating it and its directory if needed) `path` for appending. An open error is
     /// not returned: the writer retries later and counts lines lost meanwhile.
     pub fn open(path: PathBuf, max_bytes: u64, keep: u32) -> Self {
-        Self::open_as(path, max_bytes, keep, None)
-    }
-
-    /// `open` for a log inside a HOME owned by `owner`.
-    pub fn open_as(path: PathBuf, max_bytes: u64, keep: u32, owner: Option<Identity>) -> Self {
         let slot = slot_for(&path);
         let mut w = LogWriter {
             path,
@@ -229,7 +219,6 @@ impl LogWriter {
             fail_writes: false,
             slot,
             compressors: Vec::new(),
-            owner,
         };
         w.try_open(Instant::now(), true);
         w
@@ -428,7 +417,7 @@ impl LogWriter {
         if !force && self.retry_at.is_some_and(|t| now < t) {
             return false;
         }
-        match as_owner(self.owner, || open_append(&self.path)) {
+        match open_append(&self.path) {
             Ok(f) => {
                 self.size = f.metadata().map(|m| m.len()).unwrap_or(0);
                 // A write cut short by a crash or a full disk left a torn last line: end it,
@@ -455,18 +444,6 @@ impl LogWriter {
     /// `agent.log` → `.1`, `.N[.gz]` → `.N+1[.gz]`, the oldest beyond `keep` deleted; then a
     /// fresh current file and a background gzip of `.1`.
     fn rotate(&mut self, now: Instant) {
-        let owner = self.owner;
-        match as_tenant(owner, || self.rotate_files(now)) {
-            Ok(Some((src, gen_now))) => self.spawn_compressor(src, gen_now),
-            Ok(None) => {}
-            Err(_) => self.rotate_retry_at = Some(now + RETRY_AFTER),
-        }
-        self.size = 0;
-        self.try_open(now, true);
-    }
-
-    /// The renames of `rotate`; returns the archive to compress and its generation.
-    fn rotate_files(&mut self, now: Instant) -> Option<(File, u64)> {
         self.file = None;
         let slot = self.slot.clone();
         let mut generation = slot.lock().unwrap_or_else(|p| p.into_inner());
@@ -501,7 +478,11 @@ impl LogWriter {
         *generation += 1;
         let gen_now = *generation;
         drop(generation);
-        source.map(|src| (src, gen_now))
+        if let Some(src) = source {
+            self.spawn_compressor(src, gen_now);
+        }
+        self.size = 0;
+        self.try_open(now, true);
     }
 
     fn spawn_compressor(&mut self, src: File, generation: u64) {
@@ -520,7 +501,6 @@ impl LogWriter {
             keep: self.keep,
             generation,
             slot: self.slot.clone(),
-            owner: self.owner,
         };
         // If no thread can be started the archive simply stays uncompressed.
         if let Ok(h) = std::thread::Builder::new()
@@ -538,16 +518,11 @@ impl Drop for LogWriter {
     }
 }
 
-/// `f` with the file rights of `owner` (see `LogWriter::owner`).
-fn as_owner<T>(owner: Option<Identity>, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-    as_tenant(owner, f)?
-}
-
 fn open_append(path: &Path) -> io::Result<File> {
     let mut opts = OpenOptions::new();
-    // Agent output can carry secrets: owner-only, like OpenClaw's own log. The log sits in
-    // the agent's HOME, which the agent can write: never block on a FIFO put in its place,
-    // never follow a link it planted.
+    // Agent output can carry secrets: owner-only, like OpenClaw's own log. The log sits
+    // outside the agent's HOME (`AgentPaths::daemon_log_dir`), yet a FIFO or a link in its
+    // place (a restored backup, an older layout) must never block or redirect the daemon.
     opts.read(true)
         .append(true)
         .create(true)
@@ -600,17 +575,10 @@ struct CompressJob {
     keep: u32,
     generation: u64,
     slot: Slot,
-    owner: Option<Identity>,
 }
 
 impl CompressJob {
     fn run(self) {
-        let owner = self.owner;
-        // A thread of its own: its file rights change alone.
-        let _ = as_tenant(owner, || self.run_here());
-    }
-
-    fn run_here(self) {
         if self.compress().is_err() {
             let _ = fs::remove_file(&self.tmp);
             return;
