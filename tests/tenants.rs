@@ -150,7 +150,18 @@ fn a_tenant_gets_its_own_env_secrets_and_files_and_changes_restart_it_alone() {
         ),
         (f.to_path_buf(), "not a regular file"),
     ];
-    let before = read_file(&d.state_dir().join("registry.json"));
+    // The registry records each running process a moment after it starts (writes are
+    // batched): wait for that, or the comparison below would see it land.
+    let registry = d.state_dir().join("registry.json");
+    let before = wait_until(T, "the registry to record both processes", |seen| {
+        let text = read_file(&registry);
+        let v: Value = serde_json::from_str(&text).ok()?;
+        let recorded = |a: &str| v["fleets"]["t"]["agents"][a]["process"]["pid"].as_u64();
+        *seen = format!("{:?} {:?}", recorded("agent-1"), recorded("alice"));
+        (recorded("agent-1") == Some(pid(&d, "t", "agent-1"))
+            && recorded("alice") == Some(pid(&d, "t", "alice")))
+        .then_some(text)
+    });
     for (file, why) in &cases {
         let e = fails(&d, &secret_set("t/alice", "API_KEY", file));
         assert!(
