@@ -164,13 +164,9 @@ fn prepare_isolation(
     }
     let range = config.agent_uids;
     uids::check_against_host(range).map_err(|reason| FleetError::Store { reason })?;
-    let mut taken = uids::owners_on_disk(&config.state_dir, range);
-    taken.extend(
-        procfs::uids_running()
-            .into_iter()
-            .filter(|u| range.contains(*u)),
-    );
-    taken.extend(
+    let mut taken = uids::taken(
+        &config.state_dir,
+        range,
         data.fleets
             .values()
             .flat_map(|f| f.agents.values())
@@ -190,7 +186,7 @@ fn prepare_isolation(
         }
     }
     for dir in [config.state_dir.clone(), config.state_dir.join("fleets")] {
-        searchable_by_others(&dir).map_err(|e| FleetError::Store {
+        create_searchable(&dir).map_err(|e| FleetError::Store {
             reason: format!(
                 "{}: cannot make it searchable for agent uids: {e}",
                 dir.display()
@@ -200,21 +196,15 @@ fn prepare_isolation(
     Ok(())
 }
 
-/// Adds search (never read) permission for others to a directory of ours, creating it
-/// 0711 if it is missing.
-fn searchable_by_others(dir: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+/// `dir`, created 0711 if it is missing, searchable (never listable) by other users.
+fn create_searchable(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     match std::fs::DirBuilder::new().mode(0o711).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
     }
-    let meta = std::fs::metadata(dir)?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o011 != 0o011 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))?;
-    }
-    Ok(())
+    crate::isolation::tenant_fs::make_searchable(dir)
 }
 
 /// The per-agent cgroup tree, or None (said once, with why). A directory named explicitly

@@ -904,15 +904,9 @@ impl NodeRuntime {
             return Ok(vec![None; n]);
         }
         let range = self.ctx.config.agent_uids;
-        let mut taken = uids::owners_on_disk(&self.ctx.config.state_dir, range);
-        // A uid some process runs as is someone's (another daemon's agent, a user's
-        // process): never shared with a new agent.
-        taken.extend(
-            crate::process::procfs::uids_running()
-                .into_iter()
-                .filter(|u| range.contains(*u)),
-        );
-        taken.extend(
+        let mut taken = uids::taken(
+            &self.ctx.config.state_dir,
+            range,
             self.data
                 .fleets
                 .values()

@@ -141,10 +141,10 @@ fn confine_like_the_agent(
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    let resolved = std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| !program.contains('/') && p.is_file())
-        .unwrap_or_else(|| std::path::PathBuf::from(program));
+    // Looked up as the spawner looks up an agent's program: in the agent's PATH.
+    let resolved =
+        fleet_commander::process::spawn::resolve_program(std::path::Path::new(program), env)
+            .unwrap_or_else(|_| std::path::PathBuf::from(program));
     let mut program_paths = sandbox::program_paths(&resolved, args, None);
     // Its PATH names the OpenClaw install and its Node: they are what it runs.
     for dir in std::env::split_paths(&path) {

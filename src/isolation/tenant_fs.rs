@@ -113,6 +113,17 @@ impl Drop for Switched {
     }
 }
 
+/// Adds search (never read) permission for group and others to a directory of the
+/// daemon's, so agent uids can walk through it to their HOMEs.
+pub fn make_searchable(dir: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode & 0o011 != 0o011 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))?;
+    }
+    Ok(())
+}
+
 /// Whether `id` can walk down to `path` (its HOME, the program it runs): every directory
 /// above it must be searchable for it. An error names the first one that is not, and what
 /// to do.

@@ -93,6 +93,24 @@ pub fn check_against_host(range: UidRange) -> Result<(), String> {
     }
 }
 
+/// Every uid of `range` a new lease must skip: those `leased` (the registry's records),
+/// those owning a HOME on disk, and those some process runs as (another daemon's agent, a
+/// user's process).
+pub fn taken(
+    state_dir: &Path,
+    range: UidRange,
+    leased: impl IntoIterator<Item = u32>,
+) -> BTreeSet<u32> {
+    let mut taken = owners_on_disk(state_dir, range);
+    taken.extend(
+        crate::process::procfs::uids_running()
+            .into_iter()
+            .filter(|u| range.contains(*u)),
+    );
+    taken.extend(leased);
+    taken
+}
+
 /// Owners (in `range`) of the agent HOMEs under `<state>/fleets/*/*`: a uid that still owns a
 /// HOME is never leased again, even when no record names it (a HOME kept after its agent).
 pub fn owners_on_disk(state_dir: &Path, range: UidRange) -> BTreeSet<u32> {

@@ -450,7 +450,7 @@ impl Prepared {
 /// The program to exec: as given when it names a path, else the first executable of that
 /// name in the PATH of the agent's environment (the daemon's PATH when it has none), as
 /// `Command` does with a cleared environment.
-pub(crate) fn resolve_program(program: &Path, env: &[(String, String)]) -> io::Result<PathBuf> {
+pub fn resolve_program(program: &Path, env: &[(String, String)]) -> io::Result<PathBuf> {
     if program.as_os_str().as_bytes().contains(&b'/') {
         return Ok(program.to_path_buf());
     }

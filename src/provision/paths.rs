@@ -87,14 +87,8 @@ pub fn ensure_home(paths: &AgentPaths, owner: Option<Identity>) -> Result<(), Fl
             .create(parent)
             .map_err(|e| paths.err(format!("creating {}: {e}", parent.display())))?;
         if owner.is_some() {
-            let mode = fs::metadata(parent)
-                .map_err(|e| paths.err(format!("{}: {e}", parent.display())))?
-                .permissions()
-                .mode();
-            if mode & 0o011 != 0o011 {
-                fs::set_permissions(parent, fs::Permissions::from_mode((mode & 0o7777) | 0o011))
-                    .map_err(|e| paths.err(format!("chmod o+x {}: {e}", parent.display())))?;
-            }
+            crate::isolation::tenant_fs::make_searchable(parent)
+                .map_err(|e| paths.err(format!("chmod o+x {}: {e}", parent.display())))?;
         }
     }
     let Some(id) = owner else {
