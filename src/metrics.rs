@@ -63,6 +63,8 @@ pub struct Metrics {
     /// Leased blocks and free ports, kept by the PortAllocator.
     pub leases_used: Gauge,
     pub ports_free: Gauge,
+    /// Agent backups by result (`ok`, `failed`): commands, fleet backups and upgrades.
+    backups: Family<LeaseState, Counter>,
 }
 
 impl Default for Metrics {
@@ -74,6 +76,7 @@ impl Default for Metrics {
             probe_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             leases_used: Gauge::default(),
             ports_free: Gauge::default(),
+            backups: Family::default(),
         }
     }
 }
@@ -96,6 +99,15 @@ pub fn restart_reason(reason: &str) -> &'static str {
 }
 
 impl Metrics {
+    /// One agent backup ended.
+    pub fn backup_done(&self, ok: bool) {
+        self.backups
+            .get_or_create(&LeaseState {
+                state: if ok { "ok" } else { "failed" }.into(),
+            })
+            .inc();
+    }
+
     /// Called for every published event.
     pub fn observe_event(&self, ev: &Event) {
         match ev {
@@ -182,6 +194,16 @@ pub fn render(ctx: &NodeContext) -> String {
         "probe_latency_seconds",
         "Latency of liveness probes",
         m.probe_latency.clone(),
+    );
+    for state in ["ok", "failed"] {
+        let _ = m.backups.get_or_create(&LeaseState {
+            state: state.into(),
+        });
+    }
+    reg.register(
+        "backups",
+        "Agent backups by result (ok, failed)",
+        m.backups.clone(),
     );
     reg.register(
         "log_bytes",

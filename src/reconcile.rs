@@ -52,6 +52,11 @@ pub fn agent_differences(old: &FleetSpec, new: &FleetSpec, agent: &str) -> Vec<&
     if o.files != n.files || o.accepted.files != n.accepted.files {
         v.push("its files");
     }
+    // The version it runs, whoever sets it: an upgrade that ends by moving the fleet's
+    // version to what each agent already runs restarts nobody.
+    if old.openclaw_version_of(agent) != new.openclaw_version_of(agent) {
+        v.push("its openclaw version");
+    }
     v
 }
 

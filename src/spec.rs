@@ -245,6 +245,10 @@ pub struct FleetSpec {
     /// strongest this host gives (`isolation::Host::resolve`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolation: Option<crate::isolation::Isolation>,
+    /// The OpenClaw version its agents run, installed side by side by
+    /// `scripts/install-openclaw.sh VERSION`; `None`: the pinned default install.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openclaw_version: Option<String>,
     /// Queue this fleet's starts behind the node's start gate (default: only OpenClaw fleets,
     /// whose cold start costs ~16 CPU-seconds; a small program starts faster than it queues).
     #[serde(default)]
@@ -283,6 +287,7 @@ impl FleetSpec {
             logs: LogSpec::default(),
             cgroup: CgroupLimits::default(),
             isolation: None,
+            openclaw_version: None,
             start_gate: None,
             tenants: BTreeMap::new(),
         }
@@ -291,6 +296,14 @@ impl FleetSpec {
     /// The agent's own settings, if it has any.
     pub fn tenant(&self, agent: &str) -> Option<&AgentSettings> {
         self.tenants.get(agent)
+    }
+
+    /// The OpenClaw version this agent runs: its own (an upgrade under way sets it agent by
+    /// agent), else its fleet's; `None`: the default install.
+    pub fn openclaw_version_of(&self, agent: &str) -> Option<&str> {
+        self.tenant(agent)
+            .and_then(|t| t.openclaw_version.as_deref())
+            .or(self.openclaw_version.as_deref())
     }
 
     /// The spec a `fleet create` asks for: every default but what its flags set.
@@ -372,6 +385,9 @@ impl FleetSpec {
             } else if !seen.insert(a.as_str()) {
                 bad(&format!("agents[{i}]"), format!("duplicate agent id {a:?}"));
             }
+        }
+        if let Some(reason) = self.openclaw_version.as_deref().and_then(version_problem) {
+            bad("openclaw_version", reason);
         }
         if let Some(cmd) = &self.command {
             if cmd.is_empty() || cmd[0].trim().is_empty() {
@@ -575,6 +591,10 @@ pub struct AgentSettings {
     /// Destination relative to HOME → the operator's source file.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub files: BTreeMap<String, PathBuf>,
+    /// Its own OpenClaw version over the fleet's: set by `fleet upgrade` while it moves the
+    /// fleet agent by agent, dropped when the fleet's version catches up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub openclaw_version: Option<String>,
     #[serde(skip)]
     pub accepted: Accepted,
 }
@@ -585,6 +605,7 @@ impl AgentSettings {
             && self.env.is_empty()
             && self.secrets.is_empty()
             && self.files.is_empty()
+            && self.openclaw_version.is_none()
     }
 
     /// The values its secrets hold now that `new` (its next settings, `None`: none) no
@@ -606,6 +627,9 @@ impl AgentSettings {
             if let Some(reason) = env_problem(k, v) {
                 bad(format!("env.{k}"), reason);
             }
+        }
+        if let Some(reason) = self.openclaw_version.as_deref().and_then(version_problem) {
+            bad("openclaw_version".into(), reason);
         }
         if self.secrets.len() > MAX_SECRETS {
             bad("secrets".into(), format!("more than {MAX_SECRETS}"));
@@ -691,6 +715,23 @@ impl std::fmt::Display for SpecProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.field, self.reason)
     }
+}
+
+/// Why `v` cannot name an installed OpenClaw version (it becomes a directory name under the
+/// install's `versions/`): a published version number, like `2026.9.5` or `2026.9.1-beta.1`.
+pub fn version_problem(v: &str) -> Option<String> {
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.starts_with(|c: char| c.is_ascii_digit())
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        && !v.contains("..");
+    (!ok).then(|| {
+        format!(
+            "{:?} is not a version number (digits first, then letters, digits, '.' or '-', at most 64)",
+            v.escape_debug().to_string()
+        )
+    })
 }
 
 #[cfg(test)]

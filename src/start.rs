@@ -151,8 +151,12 @@ impl StartJob {
         let (program, args, node_bin_dir) = match &self.spec.command {
             Some(cmd) => (cmd[0].clone().into(), cmd[1..].to_vec(), None),
             None => {
-                let inst = provision::resolve_openclaw(self.ctx.config.openclaw_bin.as_deref())
-                    .map_err(|e| fail(e.to_string()))?;
+                // A version that is not installed stays so until an operator installs it.
+                let inst = provision::resolve_openclaw_version(
+                    self.ctx.config.openclaw_bin.as_deref(),
+                    self.spec.openclaw_version_of(&self.agent),
+                )
+                .map_err(|e| permanent(e.to_string()))?;
                 (
                     inst.openclaw,
                     vec!["gateway".to_string(), "run".to_string()],

@@ -127,6 +127,7 @@ fn spawn_fleetd(args: &[&str], env: &[(&str, &str)], pipes: bool, socket: Option
         child: Some(child),
         extra_args: vec![],
         run_as: None,
+        env: vec![],
     };
     let sock = socket.map(Path::to_path_buf).unwrap_or(daemon.socket());
     wait_until(T, "fleetd to answer on its socket", |seen| {

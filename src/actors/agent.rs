@@ -338,6 +338,8 @@ impl AgentRuntime {
                 self.spec.isolation,
                 self.uid,
             ),
+            // Filled in by the node's status rows, which know the default install.
+            openclaw_version: None,
         };
         let started = self.process.as_ref().and(self.started_at);
         self.ctx.views.status.insert(

@@ -47,8 +47,13 @@ pub struct NodeRuntime {
     /// processes gone, the HOME purged, the lease released) the name cannot be created again:
     /// the old removal would otherwise delete the new agent's HOME or lease.
     removing: std::collections::BTreeSet<(String, Option<String>)>,
+    /// Agents whose HOME a restore is replacing: they cannot be started meanwhile.
+    restoring: std::collections::BTreeSet<(String, String)>,
+    /// Fleets with an upgrade or rollback under way (one at a time per fleet).
+    upgrading: std::collections::BTreeSet<String>,
 }
 
+mod day2;
 mod tenants;
 
 const CALL: Duration = Duration::from_secs(10);
@@ -97,6 +102,8 @@ impl Actor for NodeActor {
             ports,
             logs,
             removing: Default::default(),
+            restoring: Default::default(),
+            upgrading: Default::default(),
         };
         let data = a.data;
         rt.data.version = data.version;
@@ -116,6 +123,7 @@ impl Actor for NodeActor {
                 tracing::error!(fleet = %spec.name, error = %e, "could not restore fleet");
             }
         }
+        rt.resume_upgrades(&myself);
         Ok(rt)
     }
 
@@ -127,6 +135,19 @@ impl Actor for NodeActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             NodeMsg::Command(cmd, reply) => rt.answer(&myself, cmd, reply).await,
+            NodeMsg::SetFleetVersion {
+                fleet,
+                version,
+                reply,
+            } => {
+                let _ = reply.send(rt.set_fleet_version(&fleet, version).await);
+            }
+            NodeMsg::RestoreDone { fleet, agent } => {
+                rt.restoring.remove(&(fleet, agent));
+            }
+            NodeMsg::UpgradeDone { fleet } => {
+                rt.upgrading.remove(&fleet);
+            }
             NodeMsg::CreateFleet(spec, reply) => {
                 let r = rt
                     .create_fleet(&myself, *spec, Desired::Running, Origin::Command)
@@ -286,11 +307,13 @@ impl NodeRuntime {
                 stride,
                 profile,
                 isolation,
+                openclaw_version,
             } => {
                 let mut spec = FleetSpec::from_create(
                     &fleet, agents, strategy, command, template, restart, stride, profile,
                 );
                 spec.isolation = isolation;
+                spec.openclaw_version = openclaw_version;
                 self.create_fleet(myself, spec, Desired::Running, Origin::Command)
                     .await?;
                 done(format!("fleet {fleet} created with {agents} agents"))
@@ -450,6 +473,40 @@ impl NodeRuntime {
                 let message = self.apply_spec(myself, specs, dry_run).await?;
                 now(Reply::Done { message })
             }
+            Command::AgentBackup { fleet, agent, out } => {
+                self.agent_record(&fleet, &agent)?;
+                Ok(Outcome::Later(self.agent_backup(&fleet, &agent, out)?))
+            }
+            Command::FleetBackup { fleet, dir } => {
+                Ok(Outcome::Later(self.fleet_backup(&fleet, dir)?))
+            }
+            Command::AgentRestore {
+                fleet,
+                agent,
+                from,
+                force,
+            } => Ok(Outcome::Later(
+                self.agent_restore(myself, &fleet, &agent, from, force)?,
+            )),
+            Command::FleetUpgrade {
+                fleet,
+                to,
+                canary,
+                max_unavailable,
+                ready_timeout_s,
+            } => Ok(Outcome::Later(self.fleet_upgrade(
+                myself,
+                &fleet,
+                to,
+                canary,
+                max_unavailable,
+                ready_timeout_s,
+            )?)),
+            Command::FleetUpgradeStatus { fleet } => self.upgrade_status(&fleet),
+            Command::FleetRollback { fleet } => {
+                Ok(Outcome::Later(self.fleet_rollback(myself, &fleet)?))
+            }
+            Command::Doctor { fleet, agent } => Ok(Outcome::Later(self.doctor(fleet, agent)?)),
             Command::Help { topic } => now(Reply::Help {
                 text: help_text(topic.as_deref())
                     .map_err(|e| FleetError::invalid("help", e.to_string()))?,
@@ -643,7 +700,7 @@ impl NodeRuntime {
             return Err(FleetError::FleetExists { fleet: spec.name });
         }
         self.check_not_removing(&spec.name, None)?;
-        self.check_isolation(&spec)?;
+        self.check_host_gives(&spec)?;
         let spec = accept_files(spec).await?;
         // The files were read off the actor: look again.
         if self.fleets.contains_key(&spec.name) {
@@ -1139,6 +1196,12 @@ impl NodeRuntime {
         desired: Desired,
     ) -> Result<Later, FleetError> {
         let was = self.agent_record(&fleet, &agent)?.desired;
+        if op != AgentOp::Stop && self.restoring.contains(&(fleet.clone(), agent.clone())) {
+            return Err(FleetError::invalid(
+                "agent",
+                format!("{fleet}/{agent} is being restored; start it once the restore is done"),
+            ));
+        }
         let f = self.fleet_ref(&fleet)?;
         self.set_agent_desired(&fleet, &agent, desired);
         if let Err(e) = self.save().await {
@@ -1595,16 +1658,33 @@ impl NodeRuntime {
 
     /// A fleet may not ask for more isolation than this host gives (refused before anything
     /// changes, naming why).
-    fn check_isolation(&self, spec: &FleetSpec) -> Result<(), FleetError> {
-        self.ctx
-            .host
-            .resolve(spec.isolation)
-            .map(|_| ())
-            .map_err(|reason| FleetError::invalid(format!("fleet {} isolation", spec.name), reason))
+    /// What a spec asks of this host that it does not have: an isolation level its kernel or
+    /// privileges cannot give, an OpenClaw version that is not installed.
+    pub(super) fn check_host_gives(&self, spec: &FleetSpec) -> Result<(), FleetError> {
+        self.ctx.host.resolve(spec.isolation).map_err(|reason| {
+            FleetError::invalid(format!("fleet {} isolation", spec.name), reason)
+        })?;
+        if !spec.runs_openclaw() {
+            return Ok(());
+        }
+        let mut versions: Vec<(String, &str)> = Vec::new();
+        if let Some(v) = &spec.openclaw_version {
+            versions.push((format!("fleet {} openclaw_version", spec.name), v));
+        }
+        for (a, t) in &spec.tenants {
+            if let Some(v) = &t.openclaw_version {
+                versions.push((format!("agent {}/{a} openclaw_version", spec.name), v));
+            }
+        }
+        for (field, v) in versions {
+            provision::resolve_openclaw_version(self.ctx.config.openclaw_bin.as_deref(), Some(v))
+                .map_err(|e| FleetError::invalid(field, e.to_string()))?;
+        }
+        Ok(())
     }
 
     async fn update_spec(&mut self, fleet: &str, mut spec: FleetSpec) -> Result<(), FleetError> {
-        self.check_isolation(&spec)?;
+        self.check_host_gives(&spec)?;
         let f = self.fleet_ref(fleet)?;
         let mut limits_changed = false;
         let mut before = None;

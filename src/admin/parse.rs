@@ -141,6 +141,15 @@ const SET_FLAGS: &[Flag] = &[
         "DEST",
         "stop copying DEST into the HOME; repeatable",
     ),
+    valued(
+        "--openclaw-version",
+        "V",
+        "run this agent on its own OpenClaw version (over its fleet's)",
+    ),
+    switch(
+        "--no-openclaw-version",
+        "run this agent on its fleet's OpenClaw version again",
+    ),
 ];
 
 const PURGE: Flag = switch("--purge", "also delete its HOME, logs and tokens");
@@ -177,6 +186,11 @@ const CREATE_FLAGS: &[Flag] = &[
         "--isolation",
         "I",
         "uid|landlock|none: how agents are kept apart (default: the strongest this host gives)",
+    ),
+    valued(
+        "--openclaw-version",
+        "V",
+        "the OpenClaw version its agents run (installed by scripts/install-openclaw.sh V)",
     ),
 ];
 
@@ -315,6 +329,133 @@ static SPECS: &[Spec] = &[
                 agent,
                 purge: a.switch("--purge"),
             })
+        },
+    },
+    Spec {
+        name: "agent backup",
+        args: "<fleet>/<agent>",
+        summary: "write a consistent archive (0600, with a manifest) of the agent's HOME, running or not",
+        max_pos: 1,
+        flags: &[valued(
+            "--out",
+            "FILE",
+            "the new archive (default <state>/backups/<fleet>/<agent>/<agent>-<time>.tar.gz)",
+        )],
+        build: |a| {
+            let (fleet, agent) = a.agent_path()?;
+            Ok(Command::AgentBackup {
+                fleet,
+                agent,
+                out: a.value("--out").map(|v| path_value(a, "--out", v)).transpose()?,
+            })
+        },
+    },
+    Spec {
+        name: "fleet backup",
+        args: "<fleet>",
+        summary: "back up every agent of a fleet, one archive each",
+        max_pos: 1,
+        flags: &[valued(
+            "--dir",
+            "DIR",
+            "where the archives go (default <state>/backups/<fleet>/<agent>/)",
+        )],
+        build: |a| {
+            Ok(Command::FleetBackup {
+                fleet: a.fleet()?,
+                dir: a.value("--dir").map(|v| path_value(a, "--dir", v)).transpose()?,
+            })
+        },
+    },
+    Spec {
+        name: "agent restore",
+        args: "<fleet>/<agent>",
+        summary: "replace a stopped agent's HOME with an archive's (checked whole first); rotates its token",
+        max_pos: 1,
+        flags: &[
+            valued("--from", "FILE", "the archive (from agent backup)"),
+            switch("--force", "take an archive of another agent"),
+        ],
+        build: |a| {
+            let (fleet, agent) = a.agent_path()?;
+            let from = a
+                .value("--from")
+                .ok_or_else(|| a.err("missing --from FILE"))?;
+            Ok(Command::AgentRestore {
+                fleet,
+                agent,
+                from: path_value(a, "--from", from)?,
+                force: a.switch("--force"),
+            })
+        },
+    },
+    Spec {
+        name: "fleet upgrade",
+        args: "<fleet>",
+        summary: "move a fleet to another OpenClaw version agent by agent, rolling back one that does not come up ready",
+        max_pos: 1,
+        flags: &[
+            valued("--to", "VERSION", "the version (installed by scripts/install-openclaw.sh VERSION)"),
+            valued("--canary", "N", "upgrade N agents first, alone (default 1)"),
+            valued("--max-unavailable", "N", "agents upgraded at once after the canaries (default 1)"),
+            valued("--ready-timeout", "S", "seconds an agent has to be running and ready (default 120)"),
+            switch("--status", "show the fleet's last upgrade instead"),
+        ],
+        build: |a| {
+            let fleet = a.fleet()?;
+            if a.switch("--status") {
+                if let Some(f) = ["--to", "--canary", "--max-unavailable", "--ready-timeout"]
+                    .into_iter()
+                    .find(|f| a.value(f).is_some())
+                {
+                    return Err(a.err(format!("{f} cannot be given with --status")));
+                }
+                return Ok(Command::FleetUpgradeStatus { fleet });
+            }
+            let to = a.value("--to").ok_or_else(|| a.err("missing --to VERSION"))?;
+            if let Some(reason) = crate::spec::version_problem(to) {
+                return Err(a.err(format!("--to: {reason}")));
+            }
+            let count = |f: &str| {
+                a.value(f)
+                    .map(|v| number(f, v, 1, 10_000).map(|n| n as u32))
+                    .transpose()
+            };
+            Ok(Command::FleetUpgrade {
+                fleet,
+                to: to.to_string(),
+                canary: count("--canary")?,
+                max_unavailable: count("--max-unavailable")?,
+                ready_timeout_s: a
+                    .value("--ready-timeout")
+                    .map(|v| number("--ready-timeout", v, 1, 3600))
+                    .transpose()?,
+            })
+        },
+    },
+    Spec {
+        name: "fleet rollback",
+        args: "<fleet>",
+        summary: "put every agent the last upgrade moved back on its version, with its backup",
+        max_pos: 1,
+        flags: &[],
+        build: |a| Ok(Command::FleetRollback { fleet: a.fleet()? }),
+    },
+    Spec {
+        name: "doctor",
+        args: "[<fleet>[/<agent>]]",
+        summary: "read-only checks of the node, fleets and agents: ok|warn|fail each, exit 1 on a fail",
+        max_pos: 1,
+        flags: &[],
+        build: |a| {
+            let (fleet, agent) = match a.pos.first() {
+                None => (None, None),
+                Some(p) => match p.split_once('/') {
+                    Some((f, ag)) => (Some(f.to_string()), Some(ag.to_string())),
+                    None => (Some(p.clone()), None),
+                },
+            };
+            Ok(Command::Doctor { fleet, agent })
         },
     },
     Spec {
@@ -798,6 +939,13 @@ fn build_fleet_create(a: &Args) -> Result<Command, ParseError> {
             .value("--isolation")
             .map(|v| choice::<crate::isolation::Isolation>("--isolation", v))
             .transpose()?,
+        openclaw_version: a
+            .value("--openclaw-version")
+            .map(|v| match crate::spec::version_problem(v) {
+                Some(reason) => Err(a.err(format!("--openclaw-version: {reason}"))),
+                None => Ok(v.to_string()),
+            })
+            .transpose()?,
     })
 }
 
@@ -932,6 +1080,13 @@ fn agent_change(a: &Args) -> Result<crate::messages::command::AgentChange, Parse
     for d in a.values("--rm-file") {
         c.rm_files.push(d.to_string());
     }
+    if let Some(v) = a.value("--openclaw-version") {
+        if let Some(reason) = crate::spec::version_problem(v) {
+            return Err(a.err(format!("--openclaw-version: {reason}")));
+        }
+        c.openclaw_version = Some(v.to_string());
+    }
+    c.no_openclaw_version = a.switch("--no-openclaw-version");
     Ok(c)
 }
 
@@ -1152,6 +1307,7 @@ mod tests {
             stride: None,
             profile: None,
             isolation: None,
+            openclaw_version: None,
         }
     }
 
@@ -1177,6 +1333,7 @@ mod tests {
                     stride: Some(200),
                     profile: Some(Profile::Lean),
                     isolation: Some(crate::isolation::Isolation::Landlock),
+                    openclaw_version: None,
                 },
             ),
             (
@@ -1191,6 +1348,7 @@ mod tests {
                     stride: Some(1),
                     profile: Some(Profile::Default),
                     isolation: None,
+                    openclaw_version: None,
                 },
             ),
             (

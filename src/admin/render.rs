@@ -72,7 +72,32 @@ pub fn render_event(ev: &Event, json: bool) -> String {
                 .map(|e| format!(" error={e}"))
                 .unwrap_or_default()
         ),
+        Event::Upgrade {
+            fleet,
+            agent,
+            step,
+            detail,
+            at_ms,
+        } => upgrade_event(fleet, agent, step, detail, *at_ms),
     }
+}
+
+fn upgrade_event(
+    fleet: &str,
+    agent: &Option<String>,
+    step: &str,
+    detail: &Option<String>,
+    at_ms: u64,
+) -> String {
+    format!(
+        "{} {fleet}{} upgrade {step}{}",
+        timestamp(at_ms),
+        agent.as_ref().map(|a| format!("/{a}")).unwrap_or_default(),
+        detail
+            .as_ref()
+            .map(|d| format!(" reason={d}"))
+            .unwrap_or_default()
+    )
 }
 
 fn agent_event(t: &AgentTransition) -> String {
@@ -174,6 +199,9 @@ fn render_json(reply: &Reply) -> String {
             ok: true,
             message: "exec context (not shown)".into(),
         }),
+        Reply::Backups(rows) => to_json(rows),
+        Reply::Doctor(rows) => to_json(rows),
+        Reply::Upgrade(rec) => to_json(rec),
         Reply::Error(e) => to_json(&json::Error {
             error: e.clone(),
             message: e.to_string(),
@@ -223,8 +251,79 @@ fn render_human(reply: &Reply) -> String {
             out.trim_end().to_string()
         }
         Reply::Exec { .. } => "exec context (not shown)".into(),
+        Reply::Backups(rows) if rows.is_empty() => "no agents".into(),
+        Reply::Backups(rows) => table(
+            &["AGENT", "FILES", "SIZE", "ARCHIVE", "TIME", "PATH"],
+            rows.iter().map(|b| {
+                vec![
+                    format!("{}/{}", b.fleet, b.agent),
+                    b.files.to_string(),
+                    mib(b.bytes),
+                    mib(b.archive_bytes),
+                    format!("{:.1}s", b.elapsed_ms as f64 / 1000.0),
+                    b.path.display().to_string(),
+                ]
+            }),
+        ),
+        Reply::Doctor(rows) => {
+            let fails = rows
+                .iter()
+                .filter(|c| c.level == crate::doctor::Level::Fail)
+                .count();
+            let warns = rows
+                .iter()
+                .filter(|c| c.level == crate::doctor::Level::Warn)
+                .count();
+            let mut out = table(
+                &["LEVEL", "CHECK", "SUBJECT", "DETAIL"],
+                rows.iter().map(|c| {
+                    vec![
+                        c.level.to_string(),
+                        c.check.clone(),
+                        c.subject.clone(),
+                        c.detail.clone(),
+                    ]
+                }),
+            );
+            out.push_str(&format!(
+                "\n{} checks: {fails} fail, {warns} warn",
+                rows.len()
+            ));
+            out
+        }
+        Reply::Upgrade(rec) => upgrade_view(rec),
         Reply::Error(e) => format!("error: {e}"),
     }
+}
+
+fn upgrade_view(rec: &crate::upgrade::UpgradeRecord) -> String {
+    let mut out = format!(
+        "fleet {} upgrade {} → {}: {:?}{} ({:.1}s)\n",
+        rec.fleet,
+        rec.from.as_deref().unwrap_or("?"),
+        rec.to,
+        rec.state,
+        rec.reason
+            .as_ref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default(),
+        rec.elapsed_ms as f64 / 1000.0
+    );
+    out.push_str(&table(
+        &["AGENT", "FROM", "STEP", "UNAVAILABLE", "REASON"],
+        rec.agents.iter().map(|a| {
+            vec![
+                a.agent.clone(),
+                a.from.clone().unwrap_or_else(|| "-".into()),
+                a.step.name().to_string(),
+                a.unavailable_ms
+                    .map(|m| format!("{:.1}s", m as f64 / 1000.0))
+                    .unwrap_or_else(|| "-".into()),
+                a.reason.clone().unwrap_or_default(),
+            ]
+        }),
+    ));
+    out
 }
 
 /// Borderless, left-aligned, two spaces between columns, no trailing blanks.
@@ -427,6 +526,7 @@ mod tests {
             reason: Some("config conflict".into()),
             drift: None,
             isolation: None,
+            openclaw_version: Some("2026.9.6".into()),
             channels: [(
                 "telegram".to_string(),
                 crate::channels::ChannelStatus {
@@ -473,6 +573,7 @@ mod tests {
             "drift",
             "channels",
             "isolation",
+            "openclaw_version",
         ];
         want.sort_unstable();
         for obj in arr {

@@ -91,6 +91,22 @@ fn run() -> Result<i32> {
                 } else if !text.is_empty() {
                     println!("{text}");
                 }
+                // `doctor` answers, and exits 1 when a check failed; so does an upgrade that
+                // had to stop.
+                let failed = match &reply {
+                    Reply::Doctor(checks) => checks
+                        .iter()
+                        .any(|c| c.level == fleet_commander::doctor::Level::Fail),
+                    Reply::Upgrade(r) => {
+                        r.state != fleet_commander::upgrade::Rollout::Done
+                            && r.state != fleet_commander::upgrade::Rollout::RolledBack
+                            && !matches!(req.command, Command::FleetUpgradeStatus { .. })
+                    }
+                    _ => false,
+                };
+                if failed {
+                    code = 1;
+                }
                 // One reply ends a one-shot command; streams go on with Event/Line frames.
                 if !stream || code != 0 {
                     return Ok(code);

@@ -32,6 +32,9 @@ pub enum Command {
         /// `None`: the strongest this host gives.
         #[serde(default)]
         isolation: Option<crate::isolation::Isolation>,
+        /// `None`: the pinned default install.
+        #[serde(default)]
+        openclaw_version: Option<String>,
     },
     FleetList,
     FleetStart {
@@ -123,6 +126,55 @@ pub enum Command {
         #[serde(default)]
         dry_run: bool,
     },
+    /// A consistent archive of the agent's HOME (`backup::archive`), running or not.
+    AgentBackup {
+        fleet: String,
+        agent: String,
+        /// The new archive's path; `None`: `<state>/backups/<fleet>/<agent>/`.
+        #[serde(default)]
+        out: Option<PathBuf>,
+    },
+    /// One archive per agent of the fleet, into `dir` (default `<state>/backups/<fleet>/`).
+    FleetBackup {
+        fleet: String,
+        #[serde(default)]
+        dir: Option<PathBuf>,
+    },
+    /// Replaces a stopped agent's HOME with an archive's, checked whole first; rotates its
+    /// gateway token.
+    AgentRestore {
+        fleet: String,
+        agent: String,
+        from: PathBuf,
+        /// Take an archive of another agent.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Health-gated rollout of another OpenClaw version, agent by agent, each backed up
+    /// first and rolled back with its backup when it does not come up ready.
+    FleetUpgrade {
+        fleet: String,
+        to: String,
+        #[serde(default)]
+        canary: Option<u32>,
+        #[serde(default)]
+        max_unavailable: Option<u32>,
+        #[serde(default)]
+        ready_timeout_s: Option<u64>,
+    },
+    /// The fleet's last upgrade and where it stands.
+    FleetUpgradeStatus {
+        fleet: String,
+    },
+    /// Every agent the last upgrade moved goes back to its version and backup.
+    FleetRollback {
+        fleet: String,
+    },
+    /// Read-only checks of the node, its fleets and agents.
+    Doctor {
+        fleet: Option<String>,
+        agent: Option<String>,
+    },
     Help {
         topic: Option<String>,
     },
@@ -150,6 +202,10 @@ pub struct AgentChange {
     pub files: BTreeMap<String, PathBuf>,
     /// `--rm-file DEST`.
     pub rm_files: Vec<String>,
+    /// `--openclaw-version V`: its own version over the fleet's.
+    pub openclaw_version: Option<String>,
+    /// `--no-openclaw-version`: back to its fleet's version.
+    pub no_openclaw_version: bool,
 }
 
 impl AgentChange {
@@ -197,6 +253,18 @@ impl AgentChange {
             t.secrets.insert(k.clone(), p.clone());
             t.accepted.secrets.remove(k);
         }
+        if self.no_openclaw_version && self.openclaw_version.is_some() {
+            return Err(FleetError::invalid(
+                "--no-openclaw-version",
+                "cannot be given with --openclaw-version",
+            ));
+        }
+        if self.no_openclaw_version {
+            t.openclaw_version = None;
+        }
+        if let Some(v) = &self.openclaw_version {
+            t.openclaw_version = Some(v.clone());
+        }
         for d in &self.rm_files {
             if t.files.remove(d).is_none() {
                 return Err(FleetError::invalid(
@@ -226,7 +294,15 @@ impl AgentChange {
             || self.rm_secrets.iter().any(s)
             || self.files.iter().any(|(k, v)| s(k) || path(v))
             || self.rm_files.iter().any(s)
+            || self.openclaw_version.as_ref().is_some_and(s)
     }
+}
+
+fn no_nul_path(p: Option<&std::path::Path>) -> Result<(), FleetError> {
+    if p.is_some_and(|p| p.as_os_str().as_encoded_bytes().contains(&0)) {
+        return Err(FleetError::invalid("request", "a path contains a NUL byte"));
+    }
+    Ok(())
 }
 
 impl Command {
@@ -296,6 +372,46 @@ impl Command {
                 Ok(())
             }
             Command::Watch { .. } => Ok(()),
+            Command::AgentBackup {
+                fleet: f,
+                agent: a,
+                out: p,
+            } => {
+                both(f, a)?;
+                no_nul_path(p.as_deref())
+            }
+            Command::AgentRestore {
+                fleet: f,
+                agent: a,
+                from,
+                ..
+            } => {
+                both(f, a)?;
+                no_nul_path(Some(from))
+            }
+            Command::FleetBackup { fleet: f, dir } => {
+                fleet(f)?;
+                no_nul_path(dir.as_deref())
+            }
+            Command::FleetUpgrade { fleet: f, to, .. } => {
+                fleet(f)?;
+                match crate::spec::version_problem(to) {
+                    Some(reason) => Err(FleetError::invalid("--to", reason)),
+                    None => Ok(()),
+                }
+            }
+            Command::FleetUpgradeStatus { fleet: f } | Command::FleetRollback { fleet: f } => {
+                fleet(f)
+            }
+            Command::Doctor { fleet: f, agent: a } => {
+                if let Some(f) = f {
+                    fleet(f)?;
+                }
+                if let Some(a) = a {
+                    validate_id("agent", a)?;
+                }
+                Ok(())
+            }
             Command::AgentConfig { fleet: f, agent: a }
             | Command::ExecContext { fleet: f, agent: a }
             | Command::AgentStart { fleet: f, agent: a }
@@ -378,6 +494,10 @@ pub struct AgentStatus {
     /// How it is kept apart from other agents and the daemon on this host.
     #[serde(default)]
     pub isolation: Option<crate::isolation::IsolationStatus>,
+    /// The OpenClaw version it runs (its own during an upgrade, else its fleet's, else the
+    /// default install's); `None` for a fleet with its own command.
+    #[serde(default)]
+    pub openclaw_version: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -467,6 +587,9 @@ pub enum Reply {
         #[serde(default)]
         ports: u16,
     },
+    Backups(Vec<crate::backup::BackupDone>),
+    Doctor(Vec<crate::doctor::Check>),
+    Upgrade(Box<crate::upgrade::UpgradeRecord>),
     Error(FleetError),
 }
 

@@ -51,4 +51,14 @@ pub enum Event {
         error: Option<String>,
         at_ms: u64,
     },
+    /// A step of `fleet upgrade` / `fleet rollback` (`agent: None`: the whole fleet's).
+    Upgrade {
+        fleet: String,
+        agent: Option<String>,
+        /// `backing_up`, `restarting`, `kept`, `rolling_back`, `rolled_back`; for the fleet
+        /// `done`, `rolled_back`, `interrupted`.
+        step: String,
+        detail: Option<String>,
+        at_ms: u64,
+    },
 }

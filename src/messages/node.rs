@@ -5,6 +5,8 @@ use crate::messages::command::{Command, Reply};
 use crate::spec::FleetSpec;
 use ractor::RpcReplyPort;
 
+// A command is moved once into the node's mailbox and answered: boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum NodeMsg {
     /// One command of the command language, answered with its reply.
     Command(Command, RpcReplyPort<Reply>),
@@ -40,6 +42,17 @@ pub enum NodeMsg {
         agent: String,
         reply: RpcReplyPort<Result<Vec<String>, FleetError>>,
     },
+    /// An upgrade's last step: the fleet runs `version` (`None`: the default install); every
+    /// agent's own version that is now the same as the fleet's is dropped. Restarts nobody.
+    SetFleetVersion {
+        fleet: String,
+        version: Option<String>,
+        reply: RpcReplyPort<Result<(), FleetError>>,
+    },
+    /// A restore's task ended: the agent may be started again.
+    RestoreDone { fleet: String, agent: String },
+    /// An upgrade or rollback task ended (its record is saved): the fleet may take another.
+    UpgradeDone { fleet: String },
     /// From the sampler: the agent stayed above its fleet's max_memory.
     MemoryLimit {
         fleet: String,

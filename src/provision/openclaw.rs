@@ -134,3 +134,76 @@ pub(super) fn resolve_openclaw_in(
         format!("not found; looked at {}; {INSTALL_HINT}", looked.join(", ")),
     ))
 }
+
+/// The install of OpenClaw `version` (`None`: the default, as `resolve_openclaw` finds it):
+/// `<install dir>/versions/<version>` (`scripts/install-openclaw.sh VERSION`), or the default
+/// install when that is the version it holds.
+pub fn resolve_openclaw_version(
+    explicit: Option<&Path>,
+    version: Option<&str>,
+) -> Result<OpenclawInstall, FleetError> {
+    let Some(v) = version else {
+        return resolve_openclaw(explicit);
+    };
+    if let Some(reason) = crate::spec::version_problem(v) {
+        return Err(FleetError::invalid("openclaw_version", reason));
+    }
+    let dir = default_install_dir().join("versions").join(v);
+    let bin = dir.join("node_modules/.bin/openclaw");
+    if is_executable_file(&bin) {
+        return Ok(OpenclawInstall {
+            node_bin_dir: sibling_node_dir(&bin),
+            openclaw: bin,
+        });
+    }
+    if let Ok(default) = resolve_openclaw(explicit) {
+        if installed_version(&default.openclaw).as_deref() == Some(v) {
+            return Ok(default);
+        }
+    }
+    Err(FleetError::invalid(
+        "openclaw_version",
+        format!(
+            "{v} is not installed ({} is missing and the default install holds another version); \
+             run scripts/install-openclaw.sh {v}",
+            bin.display()
+        ),
+    ))
+}
+
+/// The version an install of `openclaw` holds, from its package's `package.json`
+/// (`<node_modules>/.bin/openclaw` → `<node_modules>/openclaw/package.json`); `None` when it
+/// has none (a custom build, a stand-in).
+pub fn installed_version(openclaw: &Path) -> Option<String> {
+    let pkg = openclaw.parent()?.parent()?.join("openclaw/package.json");
+    let text = crate::operator_file::read_text(&pkg, 1 << 20).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let v = v.get("version")?.as_str()?;
+    crate::spec::version_problem(v)
+        .is_none()
+        .then(|| v.to_string())
+}
+
+/// The version the default install holds (what a fleet without `openclaw_version` runs).
+pub fn default_version(explicit: Option<&Path>) -> Option<String> {
+    installed_version(&resolve_openclaw(explicit).ok()?.openclaw)
+}
+
+/// `default_version`, read again at most every 10 s: status rows name it for every agent of
+/// every fleet without an `openclaw_version`, and an install can be replaced under a running
+/// daemon.
+pub fn default_version_cached(explicit: Option<&Path>) -> Option<String> {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    type Cached = Option<(Instant, Option<PathBuf>, Option<String>)>;
+    static CACHE: Mutex<Cached> = Mutex::new(None);
+    let mut c = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, for_bin, v)) = c.as_ref() {
+        if at.elapsed() < Duration::from_secs(10) && for_bin.as_deref() == explicit {
+            return v.clone();
+        }
+    }
+    let v = default_version(explicit);
+    *c = Some((Instant::now(), explicit.map(Path::to_path_buf), v.clone()));
+    v
+}

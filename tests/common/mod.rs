@@ -106,6 +106,8 @@ pub struct Daemon {
     pub extra_args: Vec<String>,
     /// Runs fleetd as this uid (and gid) instead of the test's own, through `setpriv`.
     pub run_as: Option<u32>,
+    /// Extra environment for fleetd.
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -157,6 +159,31 @@ impl Daemon {
             child: None,
             extra_args,
             run_as,
+            env: Vec::new(),
+        };
+        d.launch();
+        d
+    }
+
+    /// `start_with`, fleetd with this extra environment.
+    pub fn start_env(env: &[(&str, &str)], args: &[&str]) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("fleetd-test")
+            .tempdir()
+            .expect("tempdir");
+        searchable(dir.path());
+        let mut extra_args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        extra_args.extend(["--port-range".to_string(), next_port_range()]);
+        extra_args.extend(["--agent-uids".to_string(), next_uid_range()]);
+        let mut d = Daemon {
+            dir,
+            child: None,
+            extra_args,
+            run_as: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.launch();
         d
@@ -196,6 +223,7 @@ impl Daemon {
             .arg("--no-repl")
             .args(&self.extra_args)
             .env("FLEET_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -61,6 +61,7 @@ impl NodeRuntime {
         } else {
             new_spec.tenants.insert(agent.to_string(), new.clone());
         }
+        self.check_host_gives(&new_spec)?;
         let why = reconcile::agent_differences(&old_spec, &new_spec, agent);
         if why.is_empty() {
             return Ok(format!("agent {fleet}/{agent}: nothing changed"));
@@ -231,7 +232,11 @@ fn agent_view(
 ) -> Result<Reply, FleetError> {
     let port = rec.port_base.unwrap_or(0);
     let install = if spec.runs_openclaw() {
-        provision::resolve_openclaw(ctx.config.openclaw_bin.as_deref()).ok()
+        provision::resolve_openclaw_version(
+            ctx.config.openclaw_bin.as_deref(),
+            spec.openclaw_version_of(agent),
+        )
+        .ok()
     } else {
         None
     };

@@ -1,0 +1,469 @@
+//! Carries out an upgrade, a rollback or a resume through the node's own commands (stop,
+//! backup, set, start, restore, status), exactly as an operator would type them: the node's
+//! actors know nothing about upgrades. Every step is saved in the record before it is taken.
+
+use super::*;
+use crate::messages::command::{AgentChange, AgentStatus, Command, Reply};
+use crate::messages::events::Event;
+use crate::messages::node::NodeMsg;
+use ractor::ActorRef;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often a waiting step looks at the agent's status.
+const POLL: Duration = Duration::from_millis(250);
+/// Bound on one command (stops wait out the agent's stop timeout).
+const CALL: Duration = Duration::from_secs(900);
+
+#[derive(Clone)]
+pub struct Driver {
+    node: ActorRef<NodeMsg>,
+    ctx: Arc<crate::context::NodeContext>,
+    rec: Arc<Mutex<UpgradeRecord>>,
+    started: Instant,
+}
+
+impl Driver {
+    pub fn new(
+        node: ActorRef<NodeMsg>,
+        ctx: Arc<crate::context::NodeContext>,
+        rec: UpgradeRecord,
+    ) -> Driver {
+        Driver {
+            node,
+            ctx,
+            rec: Arc::new(Mutex::new(rec)),
+            started: Instant::now(),
+        }
+    }
+
+    fn fleet(&self) -> String {
+        self.rec.lock().unwrap().fleet.clone()
+    }
+
+    pub fn snapshot(&self) -> UpgradeRecord {
+        self.rec.lock().unwrap().clone()
+    }
+
+    /// Changes the record and saves it before anything else happens.
+    fn update(&self, f: impl FnOnce(&mut UpgradeRecord)) {
+        let mut r = self.rec.lock().unwrap();
+        f(&mut r);
+        r.elapsed_ms = self.started.elapsed().as_millis() as u64;
+        if let Err(e) = save(&self.ctx.config.state_dir, &r) {
+            tracing::error!(fleet = %r.fleet, error = %e, "could not save the upgrade's progress");
+        }
+    }
+
+    fn step(&self, agent: &str, step: Step, reason: Option<String>) {
+        let fleet = self.fleet();
+        tracing::info!(
+            fleet,
+            agent,
+            ?step,
+            reason = reason.as_deref().unwrap_or(""),
+            "upgrade step"
+        );
+        self.ctx.publish(Event::Upgrade {
+            fleet,
+            agent: Some(agent.to_string()),
+            step: step.name().into(),
+            detail: reason.clone(),
+            at_ms: crate::state::now_ms(),
+        });
+        self.update(|r| {
+            if let Some(a) = r.agent_mut(agent) {
+                a.step = step;
+                if reason.is_some() {
+                    a.reason = reason;
+                }
+            }
+        });
+    }
+
+    async fn cmd(&self, c: Command) -> Result<Reply, String> {
+        match self.node.call(|r| NodeMsg::Command(c, r), Some(CALL)).await {
+            Ok(ractor::rpc::CallResult::Success(Reply::Error(e))) => Err(e.to_string()),
+            Ok(ractor::rpc::CallResult::Success(r)) => Ok(r),
+            Ok(_) => Err("the node did not answer in time".into()),
+            Err(e) => Err(format!("the node is gone: {e}")),
+        }
+    }
+
+    async fn status(&self, agent: &str) -> Result<AgentStatus, String> {
+        match self
+            .cmd(Command::Status {
+                fleet: Some(self.fleet()),
+                agent: Some(agent.to_string()),
+            })
+            .await?
+        {
+            Reply::Status(mut rows) if !rows.is_empty() => Ok(rows.remove(0)),
+            _ => Err(format!("no status for {agent}")),
+        }
+    }
+
+    async fn set_version(&self, agent: &str, own: Option<String>) -> Result<(), String> {
+        let change = AgentChange {
+            no_openclaw_version: own.is_none(),
+            openclaw_version: own,
+            ..AgentChange::default()
+        };
+        self.cmd(Command::AgentSet {
+            fleet: self.fleet(),
+            agent: agent.to_string(),
+            change,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn stop(&self, agent: &str) -> Result<(), String> {
+        self.cmd(Command::AgentStop {
+            fleet: self.fleet(),
+            agent: agent.to_string(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn start(&self, agent: &str) -> Result<(), String> {
+        self.cmd(Command::AgentStart {
+            fleet: self.fleet(),
+            agent: agent.to_string(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Waits until the agent is ready (Ok) or its start failed or the timeout passed (Err).
+    async fn wait_ready(
+        &self,
+        agent: &str,
+        restarts_before: u32,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let row = self.status(agent).await?;
+            if ready(&row) {
+                return Ok(());
+            }
+            if let Some(why) = failed(&row, restarts_before) {
+                return Err(why);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "not running and ready within {} s (it is {:?}{})",
+                    timeout.as_secs(),
+                    row.state,
+                    if row.ready { "" } else { ", not ready" }
+                )
+                .to_lowercase());
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The whole rollout. Returns the final record.
+    pub async fn run(self) -> UpgradeRecord {
+        let rec = self.snapshot();
+        let todo: Vec<String> = rec
+            .agents
+            .iter()
+            .filter(|a| a.step == Step::Pending)
+            .map(|a| a.agent.clone())
+            .collect();
+        for batch in batches(&todo, rec.canary, rec.max_unavailable) {
+            // One task per agent of the batch (the driver is a handle: cheap to clone).
+            let mut set = tokio::task::JoinSet::new();
+            for a in batch {
+                let d = self.clone();
+                set.spawn(async move { d.upgrade_one(a).await });
+            }
+            let mut stop = None;
+            while let Some(r) = set.join_next().await {
+                if let Err(why) = r.unwrap_or_else(|e| Err(format!("an upgrade task failed: {e}")))
+                {
+                    stop.get_or_insert(why);
+                }
+            }
+            if let Some(why) = stop {
+                self.update(|r| {
+                    r.state = Rollout::Stopped;
+                    r.reason = Some(why);
+                });
+                return self.snapshot();
+            }
+        }
+        let to = rec.to.clone();
+        match self.set_fleet_version(Some(to)).await {
+            Ok(()) => self.update(|r| {
+                r.state = Rollout::Done;
+                r.reason = None;
+            }),
+            Err(e) => self.update(|r| {
+                r.state = Rollout::Stopped;
+                r.reason = Some(format!(
+                    "every agent is upgraded, but the fleet's version could not be set: {e}"
+                ));
+            }),
+        }
+        self.publish_fleet("done");
+        self.snapshot()
+    }
+
+    fn publish_fleet(&self, step: &str) {
+        self.ctx.publish(Event::Upgrade {
+            fleet: self.fleet(),
+            agent: None,
+            step: step.into(),
+            detail: None,
+            at_ms: crate::state::now_ms(),
+        });
+    }
+
+    async fn set_fleet_version(&self, version: Option<String>) -> Result<(), String> {
+        let fleet = self.fleet();
+        match self
+            .node
+            .call(
+                |r| NodeMsg::SetFleetVersion {
+                    fleet,
+                    version,
+                    reply: r,
+                },
+                Some(CALL),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(r)) => r.map_err(|e| e.to_string()),
+            _ => Err("the node did not answer".into()),
+        }
+    }
+
+    /// One agent: Err(why the rollout stops) when it had to be rolled back.
+    async fn upgrade_one(&self, agent: String) -> Result<(), String> {
+        let rec = self.snapshot();
+        let was_running = match self.status(&agent).await {
+            Ok(r) => r.state != crate::state::AgentState::Stopped,
+            Err(e) => return Err(e),
+        };
+        self.update(|r| {
+            if let Some(a) = r.agent_mut(&agent) {
+                a.was_running = was_running;
+            }
+        });
+        let t0 = Instant::now();
+        self.step(&agent, Step::BackingUp, None);
+        if let Err(e) = self.stop(&agent).await {
+            return self.put_back_old(&agent, format!("stopping it: {e}")).await;
+        }
+        let dir = backup_dir(&self.ctx.config.state_dir, &rec.fleet);
+        if let Err(e) = crate::backup::make_private_dir(&dir) {
+            return self
+                .put_back_old(&agent, format!("backing it up: {e}"))
+                .await;
+        }
+        let out = dir.join(crate::backup::archive_name(&agent));
+        match self
+            .cmd(Command::AgentBackup {
+                fleet: rec.fleet.clone(),
+                agent: agent.clone(),
+                out: Some(out.clone()),
+            })
+            .await
+        {
+            Ok(_) => self.update(|r| {
+                if let Some(a) = r.agent_mut(&agent) {
+                    a.backup = Some(out.clone());
+                }
+            }),
+            Err(e) => {
+                return self
+                    .put_back_old(&agent, format!("backing it up: {e}"))
+                    .await
+            }
+        }
+        self.step(&agent, Step::Restarting, None);
+        let restarts = self.status(&agent).await.map(|r| r.restarts).unwrap_or(0);
+        let started = async {
+            self.set_version(&agent, Some(rec.to.clone())).await?;
+            if was_running {
+                self.start(&agent).await?;
+                self.wait_ready(&agent, restarts, Duration::from_secs(rec.ready_timeout_s))
+                    .await?;
+            }
+            Ok::<(), String>(())
+        }
+        .await;
+        match started {
+            Ok(()) => {
+                let ms = t0.elapsed().as_millis() as u64;
+                self.update(|r| {
+                    if let Some(a) = r.agent_mut(&agent) {
+                        a.unavailable_ms = Some(ms);
+                    }
+                });
+                self.step(&agent, Step::Kept, None);
+                Ok(())
+            }
+            Err(why) => {
+                let why = format!("{agent} on {}: {why}", rec.to);
+                self.roll_back_one(&agent, Some(why.clone())).await;
+                Err(why)
+            }
+        }
+    }
+
+    /// A failure before the new version ran: the HOME is untouched, start it as it was.
+    async fn put_back_old(&self, agent: &str, why: String) -> Result<(), String> {
+        let a = self
+            .snapshot()
+            .agents
+            .into_iter()
+            .find(|a| a.agent == agent);
+        if let Some(a) = a {
+            let _ = self.set_version(agent, a.own_version.clone()).await;
+            if a.was_running {
+                let _ = self.start(agent).await;
+            }
+        }
+        self.step(agent, Step::RolledBack, Some(why.clone()));
+        Err(format!("{agent}: {why}"))
+    }
+
+    /// Stop, restore the backup, old version, start (if it ran), wait for ready (reported,
+    /// not required: the old version's own health is not the rollout's to judge).
+    async fn roll_back_one(&self, agent: &str, why: Option<String>) {
+        let Some(a) = self
+            .snapshot()
+            .agents
+            .into_iter()
+            .find(|a| a.agent == agent)
+        else {
+            return;
+        };
+        self.step(agent, Step::RollingBack, why.clone());
+        let mut problems = Vec::new();
+        if let Err(e) = self.stop(agent).await {
+            problems.push(format!("stop: {e}"));
+        }
+        match &a.backup {
+            Some(b) => {
+                if let Err(e) = self
+                    .cmd(Command::AgentRestore {
+                        fleet: self.fleet(),
+                        agent: agent.to_string(),
+                        from: b.clone(),
+                        force: false,
+                    })
+                    .await
+                {
+                    problems.push(format!("restore: {e}"));
+                }
+            }
+            None => {
+                problems.push("no backup was made: its HOME is as the new version left it".into())
+            }
+        }
+        // Back on exactly the version it ran (the fleet's may have moved since).
+        let back = a.own_version.clone().or(a.from.clone());
+        if let Err(e) = self.set_version(agent, back).await {
+            problems.push(format!("version: {e}"));
+        }
+        if a.was_running {
+            let restarts = self.status(agent).await.map(|r| r.restarts).unwrap_or(0);
+            if let Err(e) = self.start(agent).await {
+                problems.push(format!("start: {e}"));
+            } else if let Err(e) = self
+                .wait_ready(agent, restarts, Duration::from_secs(120))
+                .await
+            {
+                problems.push(format!("after the rollback: {e}"));
+            }
+        }
+        let reason = match (why, problems.is_empty()) {
+            (w, true) => w,
+            (w, false) => Some(format!(
+                "{}; rollback: {}",
+                w.unwrap_or_default(),
+                problems.join("; ")
+            )),
+        };
+        self.step(agent, Step::RolledBack, reason);
+    }
+
+    /// `fleet rollback`: every agent the upgrade moved goes back, newest first, then the
+    /// fleet's version.
+    pub async fn roll_back_all(self, fleet_version: Option<String>) -> UpgradeRecord {
+        self.update(|r| r.state = Rollout::RollingBack);
+        let moved: Vec<String> = self
+            .snapshot()
+            .agents
+            .iter()
+            .rev()
+            .filter(|a| matches!(a.step, Step::Kept | Step::Restarting | Step::RollingBack))
+            .map(|a| a.agent.clone())
+            .collect();
+        for a in moved {
+            self.roll_back_one(&a, Some("fleet rollback".into())).await;
+        }
+        let r = self.set_fleet_version(fleet_version).await;
+        self.update(|rec| {
+            rec.state = Rollout::RolledBack;
+            rec.reason = r
+                .err()
+                .map(|e| format!("the fleet's version could not be set back: {e}"));
+        });
+        self.publish_fleet("rolled_back");
+        self.snapshot()
+    }
+
+    /// At start, for a record the last daemon left mid-way.
+    pub async fn resume(self, fleet_version: Option<String>) -> UpgradeRecord {
+        let rec = self.snapshot();
+        if rec.state == Rollout::RollingBack {
+            return self.roll_back_all(fleet_version).await;
+        }
+        let mut put_back = Vec::new();
+        for a in &rec.agents {
+            match resume(a.step) {
+                Resume::Leave => {}
+                Resume::StartOld => {
+                    let _ = self.set_version(&a.agent, a.own_version.clone()).await;
+                    if a.was_running {
+                        let _ = self.start(&a.agent).await;
+                    }
+                    self.step(
+                        &a.agent,
+                        Step::RolledBack,
+                        Some("fleetd stopped during its backup".into()),
+                    );
+                    put_back.push(a.agent.clone());
+                }
+                Resume::RollBack => {
+                    self.roll_back_one(
+                        &a.agent,
+                        Some("fleetd stopped while it was upgraded".into()),
+                    )
+                    .await;
+                    put_back.push(a.agent.clone());
+                }
+            }
+        }
+        self.update(|r| {
+            r.state = Rollout::Interrupted;
+            r.reason = Some(format!(
+                "fleetd stopped during the upgrade; put back on the old version: {}",
+                if put_back.is_empty() {
+                    "none".to_string()
+                } else {
+                    put_back.join(", ")
+                }
+            ));
+        });
+        self.publish_fleet("interrupted");
+        self.snapshot()
+    }
+}

@@ -1,0 +1,268 @@
+//! Health-gated upgrades of a fleet's OpenClaw version, agent by agent. This module holds the
+//! durable record of an upgrade (`<state>/upgrades/<fleet>.json`, written before every step
+//! so a daemon that dies mid-way knows at its next start which agent was in flight) and the
+//! decisions as plain functions; `driver` carries them out through the node's own commands.
+//!
+//! One agent's step: stop it, back up its HOME (OpenClaw migrates state one way), start it
+//! on the new version, keep it only if it is running and ready (and no channel failed) within
+//! the timeout; otherwise stop it, restore the backup, put it back on its old version, start
+//! it, and stop the rollout.
+
+pub mod driver;
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CANARY: u32 = 1;
+pub const DEFAULT_MAX_UNAVAILABLE: u32 = 1;
+pub const DEFAULT_READY_TIMEOUT_S: u64 = 120;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rollout {
+    Running,
+    /// Every agent runs the new version, and so does the fleet.
+    Done,
+    /// An agent did not come up ready: it is back on its old version and state; the rollout
+    /// stopped there.
+    Stopped,
+    /// The daemon died mid-way; the agent in flight was put back at the next start.
+    Interrupted,
+    /// `fleet rollback` under way.
+    RollingBack,
+    /// `fleet rollback` done: every agent the upgrade moved is back.
+    RolledBack,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Pending,
+    /// Already on the target version when the upgrade began.
+    Skipped,
+    BackingUp,
+    Restarting,
+    /// Running and ready on the new version.
+    Kept,
+    RollingBack,
+    /// Back on its old version, with its backup.
+    RolledBack,
+}
+
+impl Step {
+    /// As in JSON and events.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Pending => "pending",
+            Step::Skipped => "skipped",
+            Step::BackingUp => "backing_up",
+            Step::Restarting => "restarting",
+            Step::Kept => "kept",
+            Step::RollingBack => "rolling_back",
+            Step::RolledBack => "rolled_back",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentUpgrade {
+    pub agent: String,
+    /// Its own version before (`None`: its fleet's).
+    pub own_version: Option<String>,
+    /// The version it ran before (for display).
+    pub from: Option<String>,
+    pub step: Step,
+    pub backup: Option<PathBuf>,
+    /// Whether it was running before (an agent stopped by its operator stays stopped).
+    pub was_running: bool,
+    /// From its stop to ready on the new version.
+    pub unavailable_ms: Option<u64>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeRecord {
+    pub fleet: String,
+    /// The version the fleet ran before (the default install's, named).
+    pub from: Option<String>,
+    /// The fleet's `openclaw_version` before (`None`: the default install), what a
+    /// `fleet rollback` sets again.
+    pub fleet_version: Option<String>,
+    pub to: String,
+    pub canary: u32,
+    pub max_unavailable: u32,
+    pub ready_timeout_s: u64,
+    pub state: Rollout,
+    pub reason: Option<String>,
+    pub started_unix: u64,
+    pub elapsed_ms: u64,
+    pub agents: Vec<AgentUpgrade>,
+}
+
+impl UpgradeRecord {
+    pub fn agent_mut(&mut self, agent: &str) -> Option<&mut AgentUpgrade> {
+        self.agents.iter_mut().find(|a| a.agent == agent)
+    }
+}
+
+/// The agents in the order they are upgraded, in batches: `canary` of them first, one batch
+/// each of at most `max_unavailable` (never more than the canary count), then the rest in
+/// batches of `max_unavailable`. A failed batch stops everything after it.
+pub fn batches(agents: &[String], canary: u32, max_unavailable: u32) -> Vec<Vec<String>> {
+    let per = max_unavailable.max(1) as usize;
+    let canary = (canary as usize).min(agents.len());
+    let mut out = Vec::new();
+    for c in agents[..canary].chunks(per.min(canary.max(1))) {
+        out.push(c.to_vec());
+    }
+    for c in agents[canary..].chunks(per) {
+        out.push(c.to_vec());
+    }
+    out
+}
+
+/// What an agent needs at the next start when the daemon died at `step` of an upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// Nothing was changed (or it was kept): leave it.
+    Leave,
+    /// Its HOME was untouched but it was stopped for the backup: start it again if it ran.
+    StartOld,
+    /// The new version may have migrated its state: restore the backup, old version, start.
+    RollBack,
+}
+
+pub fn resume(step: Step) -> Resume {
+    match step {
+        Step::Pending | Step::Skipped | Step::Kept | Step::RolledBack => Resume::Leave,
+        Step::BackingUp => Resume::StartOld,
+        Step::Restarting | Step::RollingBack => Resume::RollBack,
+    }
+}
+
+/// Whether a status row says the agent is up on its new version: running, ready, and no
+/// channel failed (OpenClaw reports a channel it cannot start, its probes stay 200).
+pub fn ready(row: &crate::messages::command::AgentStatus) -> bool {
+    row.state == crate::state::AgentState::Running
+        && row.ready
+        && !row
+            .channels
+            .values()
+            .any(|c| c.state == crate::channels::ChannelState::Failed)
+}
+
+/// Whether the row says the start already failed (no point waiting out the timeout).
+pub fn failed(row: &crate::messages::command::AgentStatus, restarts_before: u32) -> Option<String> {
+    use crate::state::AgentState;
+    if matches!(row.state, AgentState::Failed | AgentState::Backoff)
+        || row.restarts > restarts_before
+    {
+        return Some(
+            row.reason
+                .clone()
+                .unwrap_or_else(|| format!("it is {:?} after its start", row.state).to_lowercase()),
+        );
+    }
+    None
+}
+
+pub fn record_path(state_dir: &Path, fleet: &str) -> PathBuf {
+    state_dir.join("upgrades").join(format!("{fleet}.json"))
+}
+
+/// Where an upgrade keeps its agents' backups.
+pub fn backup_dir(state_dir: &Path, fleet: &str) -> PathBuf {
+    state_dir.join("upgrades").join(fleet)
+}
+
+pub fn load(state_dir: &Path, fleet: &str) -> Option<UpgradeRecord> {
+    let b = crate::operator_file::read_bounded(&record_path(state_dir, fleet), 16 << 20).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+/// Every fleet's record, for the resume at start.
+pub fn load_all(state_dir: &Path) -> Vec<UpgradeRecord> {
+    let dir = state_dir.join("upgrades");
+    std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            load(state_dir, n.strip_suffix(".json")?)
+        })
+        .collect()
+}
+
+/// Writes the record atomically (temporary file, fsync, rename), 0600.
+pub fn save(state_dir: &Path, rec: &UpgradeRecord) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = state_dir.join("upgrades");
+    crate::backup::make_private_dir(&dir)?;
+    let path = record_path(state_dir, &rec.fleet);
+    let tmp = dir.join(format!(".{}.json.tmp", rec.fleet));
+    let json = serde_json::to_vec_pretty(rec).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    f.write_all(&json)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (1..=n).map(|i| format!("a{i}")).collect()
+    }
+
+    #[test]
+    fn batch_plans() {
+        let b = |n, c, m| {
+            batches(&names(n), c, m)
+                .iter()
+                .map(|x| x.len())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(b(5, 1, 1), vec![1, 1, 1, 1, 1]);
+        assert_eq!(b(5, 1, 2), vec![1, 2, 2]);
+        assert_eq!(b(5, 2, 3), vec![2, 3]);
+        assert_eq!(b(5, 3, 1), vec![1, 1, 1, 1, 1]);
+        assert_eq!(b(3, 0, 3), vec![3]);
+        assert_eq!(b(2, 5, 1), vec![1, 1]);
+        assert_eq!(b(0, 1, 1), Vec::<usize>::new());
+        // Order is the fleet's order.
+        assert_eq!(
+            batches(&names(3), 1, 2)[1],
+            vec!["a2".to_string(), "a3".to_string()]
+        );
+    }
+
+    #[test]
+    fn resume_decisions() {
+        for (step, want) in [
+            (Step::Pending, Resume::Leave),
+            (Step::Skipped, Resume::Leave),
+            (Step::BackingUp, Resume::StartOld),
+            (Step::Restarting, Resume::RollBack),
+            (Step::Kept, Resume::Leave),
+            (Step::RollingBack, Resume::RollBack),
+            (Step::RolledBack, Resume::Leave),
+        ] {
+            assert_eq!(resume(step), want, "{step:?}");
+        }
+    }
+}
