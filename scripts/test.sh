@@ -34,6 +34,14 @@ else
         echo "test.sh: scripts/install-openclaw.sh 2026.9.5 failed (message above)" >&2
         exit 1
     fi
+    # The webhook front-door test (tests/webhooks.rs) routes through a real nginx.
+    if ! ngx="$(scripts/install-nginx.sh)"; then
+        echo "test.sh: scripts/install-nginx.sh failed (message above)" >&2
+        exit 1
+    fi
+    FLEET_NGINX_BIN="$(sed -n 's/^NGINX_BIN=//p' <<<"$ngx")"
+    export FLEET_NGINX_BIN
+    echo "test.sh: FLEET_NGINX_BIN=$FLEET_NGINX_BIN" >&2
 fi
 
 # As root, the daemons the tests start give every agent a uid of its own (isolation = "uid"),

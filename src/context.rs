@@ -33,6 +33,12 @@ pub struct NodeConfig {
     pub event_capacity: usize,
     /// The declarative spec file (`reload` re-reads it).
     pub spec_path: Option<PathBuf>,
+    /// The public HTTPS base the front door serves (`--public-url`): each webhook channel
+    /// registers `<public_url>/<fleet>/<agent>/<channel>`.
+    pub public_url: Option<String>,
+    /// Where the front door's config is written and how the proxy is reloaded whenever the
+    /// routes change (`--webhooks-dir`, `--webhooks-format`, `--webhooks-reload`).
+    pub front_door: Option<FrontDoor>,
     /// How often each agent's whole process tree is measured.
     pub sample_interval: std::time::Duration,
     /// Starts are refused when MemAvailable would fall below this many bytes.
@@ -43,6 +49,14 @@ pub struct NodeConfig {
     pub cgroup: CgroupMode,
     /// Uids (and, equal to them, gids) leased to agents under `isolation = "uid"`.
     pub agent_uids: crate::isolation::uids::UidRange,
+}
+
+/// The reverse proxy fleetd keeps in step with the agents' webhook routes.
+#[derive(Debug, Clone)]
+pub struct FrontDoor {
+    pub dir: PathBuf,
+    pub format: crate::webhooks::Format,
+    pub reload: Vec<String>,
 }
 
 /// Where per-agent cgroups live.
@@ -83,6 +97,8 @@ impl NodeConfig {
             log_interval: std::time::Duration::from_secs(60),
             event_capacity: 4096,
             spec_path: None,
+            public_url: None,
+            front_door: None,
             sample_interval: std::time::Duration::from_secs(5),
             memory_reserve: 512 * 1024 * 1024,
             meminfo_path: PathBuf::from("/proc/meminfo"),
@@ -234,6 +250,16 @@ impl NodeContext {
             row.rss_bytes = self.views.memory.get(key).map(|m| m.rss);
         }
         if let Some(spec) = self.views.fleet_specs.get(&key.0) {
+            if let (true, Some(base)) = (spec.runs_openclaw(), row.port) {
+                let template = crate::provision::effective_template(&spec, &key.1);
+                for (ch, port) in
+                    crate::webhooks::ports(template.as_ref(), base, spec.effective_stride())
+                {
+                    if let Some(p) = port {
+                        row.webhooks.insert(ch.to_string(), p);
+                    }
+                }
+            }
             if spec.runs_openclaw() {
                 row.openclaw_version = match spec.openclaw_version_of(&key.1) {
                     Some(v) => Some(v.to_string()),

@@ -548,6 +548,15 @@ fn config_checks(
     // A tenant's file: opened without following links, bounded.
     let text = crate::operator_file::open_regular(&paths.config).and_then(|f| {
         use std::io::Read;
+        let mode = f.metadata()?.mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            out.push(
+                "config.mode",
+                subject,
+                Level::Fail,
+                format!("openclaw.json is mode {mode:04o}: its token is open to group or others"),
+            );
+        }
         let mut s = String::new();
         f.take(4 << 20).read_to_string(&mut s)?;
         Ok(s)

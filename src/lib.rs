@@ -36,6 +36,7 @@ pub mod strategy;
 pub mod top;
 pub mod upgrade;
 pub mod vault;
+pub mod webhooks;
 
 pub use context::NodeConfig;
 pub use error::{FleetError, Result};

@@ -180,6 +180,27 @@ pub fn render(ctx: &NodeContext) -> String {
         "1 for each agent's messaging channel in its current state (ready, starting, failed, stopped)",
         channels,
     );
+    let ksm = Family::<AgentLabels, Gauge>::default();
+    if crate::process::procfs::ksm_available() {
+        for v in ctx.views.status.iter() {
+            if let Some(pages) = v
+                .row
+                .pid
+                .and_then(crate::process::procfs::ksm_merging_pages)
+            {
+                ksm.get_or_create(&AgentLabels {
+                    fleet: v.key().0.clone(),
+                    agent: v.key().1.clone(),
+                })
+                .set(pages as i64);
+            }
+        }
+    }
+    reg.register(
+        "agent_ksm_merging_pages",
+        "Pages of each agent's main process that KSM merged with other processes' (ksm = true)",
+        ksm,
+    );
     reg.register(
         "agent_rss_bytes",
         "Resident memory of each agent's whole process tree",

@@ -175,6 +175,52 @@ pub struct CgroupLimits {
     pub cpu_max: Option<u32>,
 }
 
+/// Scheduled backups of each agent of a fleet (`[fleet.backup]`): one archive per agent every
+/// `every`, the newest `keep` kept, in `<dir>/<agent>/` (default
+/// `<state>/backups/<fleet>/<agent>/`). A failed backup is an event and a metric; the agent
+/// runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSpec {
+    /// `30m`, `6h`, `1d`: a whole number and a unit (s, m, h, d), at least a minute.
+    pub every: String,
+    #[serde(default = "default_backup_keep")]
+    pub keep: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+}
+
+fn default_backup_keep() -> u32 {
+    7
+}
+
+impl BackupSpec {
+    /// `every` in seconds, or why it is not a duration.
+    pub fn every_s(&self) -> Result<u64, String> {
+        parse_duration_s(&self.every)
+    }
+}
+
+/// `90s`, `30m`, `6h`, `1d` → seconds; at least 60 s, at most 366 days.
+pub fn parse_duration_s(v: &str) -> Result<u64, String> {
+    let bad = || format!("{v:?} is not a duration like 30m, 6h or 1d (s, m, h, d; at least 1m)");
+    let split = v.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = v.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    let s = n.checked_mul(mult).ok_or_else(bad)?;
+    if !(60..=366 * 86_400).contains(&s) {
+        return Err(bad());
+    }
+    Ok(s)
+}
+
 /// `pids.max` (and, for an agent with a uid of its own, RLIMIT_NPROC) when the fleet sets
 /// none: a fork bomb in one tenant stops here instead of starving the host. An idle OpenClaw
 /// tree holds about 40 threads.
@@ -245,6 +291,13 @@ pub struct FleetSpec {
     /// strongest this host gives (`isolation::Host::resolve`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolation: Option<crate::isolation::Isolation>,
+    /// Let the kernel merge its agents' identical pages (KSM, `PR_SET_MEMORY_MERGE`); `None`:
+    /// on where the kernel has it. ksmd itself (`/sys/kernel/mm/ksm/run`) is the host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ksm: Option<bool>,
+    /// Scheduled backups of its agents; `None`: only on demand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
     /// The OpenClaw version its agents run, installed side by side by
     /// `scripts/install-openclaw.sh VERSION`; `None`: the pinned default install.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -288,6 +341,8 @@ impl FleetSpec {
             cgroup: CgroupLimits::default(),
             isolation: None,
             openclaw_version: None,
+            backup: None,
+            ksm: None,
             start_gate: None,
             tenants: BTreeMap::new(),
         }
@@ -388,6 +443,25 @@ impl FleetSpec {
         }
         if let Some(reason) = self.openclaw_version.as_deref().and_then(version_problem) {
             bad("openclaw_version", reason);
+        }
+        if let Some(b) = &self.backup {
+            if let Err(reason) = b.every_s() {
+                bad("backup.every", reason);
+            }
+            if !(1..=1000).contains(&b.keep) {
+                bad(
+                    "backup.keep",
+                    format!("{} is not between 1 and 1000", b.keep),
+                );
+            }
+            if let Some(d) = &b.dir {
+                if !d.is_absolute() {
+                    bad(
+                        "backup.dir",
+                        format!("{} is not an absolute path", d.display()),
+                    );
+                }
+            }
         }
         if let Some(cmd) = &self.command {
             if cmd.is_empty() || cmd[0].trim().is_empty() {
@@ -737,6 +811,41 @@ pub fn version_problem(v: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        for (v, want) in [
+            ("1m", Some(60)),
+            ("90s", Some(90)),
+            ("6h", Some(21_600)),
+            ("1d", Some(86_400)),
+            ("59s", None),
+            ("6", None),
+            ("h", None),
+            ("6 h", None),
+            ("-1h", None),
+            ("400d", None),
+            ("99999999999999999999d", None),
+        ] {
+            assert_eq!(parse_duration_s(v).ok(), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn version_names() {
+        for (v, ok) in [
+            ("2026.9.5", true),
+            ("2026.9.1-beta.1", true),
+            ("", false),
+            ("../x", false),
+            ("1..2", false),
+            ("v1", false),
+            ("1/2", false),
+            ("1\n", false),
+        ] {
+            assert_eq!(version_problem(v).is_none(), ok, "{v:?}");
+        }
+    }
 
     #[test]
     fn defaults_are_valid() {

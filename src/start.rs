@@ -172,6 +172,8 @@ impl StartJob {
         );
         let marker = self.marker.clone();
         let agent = self.agent.clone();
+        let stride = self.spec.effective_stride();
+        let public_url = self.ctx.config.public_url.clone();
         let (fleet_name, agent_name) = (self.fleet.clone(), self.agent.clone());
         let provision_err = move |reason: String| FleetError::Provision {
             fleet: fleet_name.clone(),
@@ -205,12 +207,18 @@ impl StartJob {
                     _ => provision::effective_template(&spec, &agent),
                 };
                 let extra = provision::extra_env(&spec, &agent)?;
+                let hook_secret = crate::webhooks::secret(&token);
                 let enforced = provision::Enforced {
                     token: &token,
                     port,
                     log_file: &paths.openclaw_log,
                     log_max_bytes: spec.logs.max_bytes,
                     profile: spec.profile,
+                    stride,
+                    webhook_secret: &hook_secret,
+                    public: public_url
+                        .as_deref()
+                        .map(|u| (u, spec.name.as_str(), agent.as_str())),
                 };
                 let (config, warnings) = provision::render_config(template.as_ref(), &enforced)?;
                 for w in warnings {
@@ -280,6 +288,10 @@ impl StartJob {
             args,
             env,
             confine,
+            ksm: self
+                .spec
+                .ksm
+                .unwrap_or_else(crate::process::procfs::ksm_available),
             cwd: self.paths.home.clone(),
             cgroup_procs: cgroup
                 .as_ref()

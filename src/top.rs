@@ -29,7 +29,7 @@ pub fn rows(rows: &[AgentStatus], node_id: &str) -> Vec<TopRow> {
     rows.iter()
         .map(|r| {
             let key = (r.fleet.clone(), r.agent.clone());
-            let (procs, rss, pss, cpu) = match r.pid {
+            let (procs, rss, pss, cpu, ksm) = match r.pid {
                 Some(_) => {
                     let now = after.get(&key).cloned().unwrap_or_default();
                     let then = ticks(before.get(&key).map(Vec::as_slice).unwrap_or(&[]));
@@ -41,9 +41,13 @@ pub fn rows(rows: &[AgentStatus], node_id: &str) -> Vec<TopRow> {
                         .iter()
                         .map(|p| procfs::pss_bytes(p.pid))
                         .sum::<Option<u64>>();
-                    (now.len() as u32, rss, pss, cpu)
+                    let ksm = now
+                        .iter()
+                        .map(|p| procfs::ksm_merging_pages(p.pid))
+                        .sum::<Option<u64>>();
+                    (now.len() as u32, rss, pss, cpu, ksm)
                 }
-                None => (0, 0, None, 0.0),
+                None => (0, 0, None, 0.0, None),
             };
             TopRow {
                 fleet: r.fleet.clone(),
@@ -54,6 +58,7 @@ pub fn rows(rows: &[AgentStatus], node_id: &str) -> Vec<TopRow> {
                 rss_bytes: rss,
                 pss_bytes: pss,
                 cpu_percent: (cpu * 10.0).round() / 10.0,
+                ksm_pages: ksm,
             }
         })
         .collect()

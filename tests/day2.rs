@@ -506,3 +506,107 @@ fn upgrade_backup_restore_doctor_on_real_gateways() {
     );
     d.stop();
 }
+
+/// A free loopback port for fleetd's metrics listener.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn counter(text: &str, line_start: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `[fleet.backup]`: each agent backed up live on schedule, its directory pruned to `keep`, and
+/// a backup that cannot be made is counted while its agent runs on.
+#[test]
+fn scheduled_backups_are_made_pruned_and_failures_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    searchable(dir.path());
+    let out = dir.path().join("archives");
+    let blocker = dir.path().join("not-a-directory");
+    std::fs::write(&blocker, b"x").unwrap();
+    // An old archive of agent-1: due at once, and pruned after the new one (keep = 1).
+    let seeded = out.join("agent-1/agent-1-20200101T000000.000Z.tar.gz");
+    std::fs::create_dir_all(seeded.parent().unwrap()).unwrap();
+    std::fs::write(&seeded, b"old").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&seeded)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_577_836_800))
+        .unwrap();
+    let spec = dir.path().join("fleets.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "[defaults]\ncommand = \"{} --no-helper\"\nstride = 1\n\
+             [[fleet]]\nname = \"s\"\nagents = 2\n[fleet.backup]\nevery = \"1h\"\nkeep = 1\ndir = \"{}\"\n\
+             [[fleet]]\nname = \"bad\"\nagents = 1\n[fleet.backup]\nevery = \"1h\"\ndir = \"{}\"\n",
+            common::STUB,
+            out.display(),
+            blocker.display()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let p = port.to_string();
+    let mut d = Daemon::start_with(&["--spec", spec.to_str().unwrap(), "--metrics-addr", &p]);
+    d.wait_running("s", 2, Duration::from_secs(60));
+    d.wait_running("bad", 1, Duration::from_secs(60));
+    for agent in ["agent-1", "agent-2"] {
+        let adir = out.join(agent);
+        let got = wait_until(
+            Duration::from_secs(90),
+            &format!("a scheduled backup of s/{agent}"),
+            |seen| {
+                let v = fleet_commander::backup::archives_of(&adir, agent);
+                *seen = format!("{v:?}");
+                (v.len() == 1 && v[0] != seeded).then(|| v[0].clone())
+            },
+        );
+        let m = fleet_commander::backup::archive::verify(&got, &Default::default()).unwrap();
+        assert_eq!((m.fleet.as_str(), m.agent.as_str()), ("s", agent));
+        assert_eq!(
+            std::fs::metadata(&got).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    assert!(!seeded.exists(), "the old archive is pruned (keep = 1)");
+    let text = wait_until(Duration::from_secs(90), "backup counters", |seen| {
+        let t = metrics(port);
+        *seen = t
+            .lines()
+            .filter(|l| l.contains("backups"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        (counter(&t, "fleet_backups_total{state=\"ok\"}") >= 2
+            && counter(&t, "fleet_backups_total{state=\"failed\"}") >= 1)
+            .then_some(t)
+    });
+    assert!(text.contains("fleet_backups_total"), "{text}");
+    // The agent whose backups fail runs on, untouched.
+    let row = d.agent("bad", "agent-1").unwrap();
+    assert_eq!(row["state"], "running", "{row}");
+    assert_eq!(row["restarts"], 0, "{row}");
+    d.stop();
+}

@@ -282,3 +282,51 @@ fn check_exposition(body: &str) {
     }
     assert!(saw_eof, "no # EOF: {body}");
 }
+
+/// `ksm` per fleet: an agent of a fleet with KSM on asked the kernel to merge its pages
+/// (`ksm_merge_any: yes`, kept across exec), one with `ksm = false` did not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ksm_is_asked_for_per_fleet() {
+    use fleet_commander::process::procfs;
+    if !procfs::ksm_available() {
+        common::skipped("ksm_is_asked_for_per_fleet: this kernel has no PR_SET_MEMORY_MERGE");
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        common::skipped(
+            "ksm_is_asked_for_per_fleet: PR_SET_MEMORY_MERGE needs CAP_SYS_RESOURCE (run as root)",
+        );
+        return;
+    }
+    let (_d, node) = node_with(|_| {}).await;
+    let on = stub("ksm-on", "");
+    let mut off = stub("ksm-off", "");
+    off.ksm = Some(false);
+    node.create_fleet(on).await.unwrap();
+    node.create_fleet(off).await.unwrap();
+    let stat = |fleet: &'static str| {
+        let node = node.clone();
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{fleet} running"),
+            move |s| {
+                let r = futures_lite_block(row(&node, fleet));
+                *s = format!("{r:?}");
+                let pid = r.pid.filter(|_| r.state == AgentState::Running)?;
+                procfs::parse_ksm_stat(
+                    &std::fs::read_to_string(format!("/proc/{pid}/ksm_stat")).ok()?,
+                )
+            },
+        )
+    };
+    assert!(
+        stat("ksm-on").merge_any,
+        "ksm on: the agent asked for merging"
+    );
+    assert!(!stat("ksm-off").merge_any, "ksm = false: it did not");
+    // The flag is the memory map's: the daemon (this process embeds the node) must not keep
+    // it after handing it to a child.
+    let me = procfs::parse_ksm_stat(&std::fs::read_to_string("/proc/self/ksm_stat").unwrap());
+    assert!(!me.unwrap().merge_any, "the daemon itself is not merged");
+    node.shutdown().await;
+}

@@ -338,8 +338,9 @@ impl AgentRuntime {
                 self.spec.isolation,
                 self.uid,
             ),
-            // Filled in by the node's status rows, which know the default install.
+            // Filled in by the status rows, which know the install and the leases.
             openclaw_version: None,
+            webhooks: Default::default(),
         };
         let started = self.process.as_ref().and(self.started_at);
         self.ctx.views.status.insert(

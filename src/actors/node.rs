@@ -51,9 +51,12 @@ pub struct NodeRuntime {
     restoring: std::collections::BTreeSet<(String, String)>,
     /// Fleets with an upgrade or rollback under way (one at a time per fleet).
     upgrading: std::collections::BTreeSet<String>,
+    /// The webhook routes the front door was last given (`None`: not yet, or it failed).
+    front_door_routes: Arc<std::sync::Mutex<Option<Vec<crate::webhooks::Route>>>>,
 }
 
 mod day2;
+mod front_door;
 mod tenants;
 
 const CALL: Duration = Duration::from_secs(10);
@@ -83,6 +86,7 @@ impl Actor for NodeActor {
         let (logs, _) =
             Actor::spawn_linked(None, LogRotator, a.ctx.clone(), myself.get_cell()).await?;
         tokio::spawn(crate::sampler::run(a.ctx.clone(), myself.clone()));
+        tokio::spawn(crate::backup::schedule::run(a.ctx.clone(), myself.clone()));
         // Pids and ports change at every restart: batch their registry writes.
         let (ctx, me) = (a.ctx.clone(), myself.clone());
         tokio::spawn(async move {
@@ -104,6 +108,7 @@ impl Actor for NodeActor {
             removing: Default::default(),
             restoring: Default::default(),
             upgrading: Default::default(),
+            front_door_routes: Default::default(),
         };
         let data = a.data;
         rt.data.version = data.version;
@@ -124,6 +129,8 @@ impl Actor for NodeActor {
             }
         }
         rt.resume_upgrades(&myself);
+        // The front door gets the routes as they are now, whatever it was last given.
+        rt.sync_front_door();
         Ok(rt)
     }
 
@@ -432,10 +439,16 @@ impl NodeRuntime {
                     "the port allocator",
                 )
                 .await?;
+                let hooks = front_door::routes(&self.data);
                 now(Reply::Ports(
                     leases
                         .into_iter()
                         .map(|(fleet, agent, l)| PortLeaseRow {
+                            webhooks: hooks
+                                .iter()
+                                .filter(|r| r.fleet == fleet && r.agent == agent)
+                                .map(|r| (r.channel.clone(), r.port))
+                                .collect(),
                             fleet,
                             agent,
                             base: l.base,
@@ -507,6 +520,7 @@ impl NodeRuntime {
                 Ok(Outcome::Later(self.fleet_rollback(myself, &fleet)?))
             }
             Command::Doctor { fleet, agent } => Ok(Outcome::Later(self.doctor(fleet, agent)?)),
+            Command::Webhooks { format, apply } => self.webhooks_command(format, apply),
             Command::Help { topic } => now(Reply::Help {
                 text: help_text(topic.as_deref())
                     .map_err(|e| FleetError::invalid("help", e.to_string()))?,
@@ -552,7 +566,9 @@ impl NodeRuntime {
 
     /// Durable before it returns, written off this handler's thread by the registry writer.
     async fn save(&self) -> Result<(), FleetError> {
-        self.store.save(self.data.clone()).await
+        self.store.save(self.data.clone()).await?;
+        self.sync_front_door();
+        Ok(())
     }
 
     /// Copies each agent's observed process into the registry; saves if anything changed.

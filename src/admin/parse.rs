@@ -442,6 +442,25 @@ static SPECS: &[Spec] = &[
         build: |a| Ok(Command::FleetRollback { fleet: a.fleet()? }),
     },
     Spec {
+        name: "webhooks",
+        args: "",
+        summary: "print the reverse proxy's config that routes <public-url>/<fleet>/<agent>/<channel> to each agent's webhook listener",
+        max_pos: 0,
+        flags: &[
+            valued("--format", "F", "nginx|caddy (default: fleetd's --webhooks-format, else nginx)"),
+            valued("--apply", "DIR", "also write it into DIR and reload the proxy"),
+        ],
+        build: |a| {
+            Ok(Command::Webhooks {
+                format: a
+                    .value("--format")
+                    .map(|v| v.parse().map_err(|e: String| a.err(format!("--format: {e}"))))
+                    .transpose()?,
+                apply: a.value("--apply").map(|v| path_value(a, "--apply", v)).transpose()?,
+            })
+        },
+    },
+    Spec {
         name: "doctor",
         args: "[<fleet>[/<agent>]]",
         summary: "read-only checks of the node, fleets and agents: ok|warn|fail each, exit 1 on a fail",

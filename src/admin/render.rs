@@ -79,6 +79,15 @@ pub fn render_event(ev: &Event, json: bool) -> String {
             detail,
             at_ms,
         } => upgrade_event(fleet, agent, step, detail, *at_ms),
+        Event::BackupFailed {
+            fleet,
+            agent,
+            reason,
+            at_ms,
+        } => format!(
+            "{} {fleet}/{agent} backup failed reason={reason}",
+            timestamp(*at_ms)
+        ),
     }
 }
 
@@ -202,6 +211,17 @@ fn render_json(reply: &Reply) -> String {
         Reply::Backups(rows) => to_json(rows),
         Reply::Doctor(rows) => to_json(rows),
         Reply::Upgrade(rec) => to_json(rec),
+        Reply::Webhooks {
+            format,
+            routes,
+            config,
+            applied,
+        } => to_json(&serde_json::json!({
+            "format": format,
+            "routes": routes,
+            "config": config,
+            "applied": applied,
+        })),
         Reply::Error(e) => to_json(&json::Error {
             error: e.clone(),
             message: e.to_string(),
@@ -292,6 +312,12 @@ fn render_human(reply: &Reply) -> String {
             out
         }
         Reply::Upgrade(rec) => upgrade_view(rec),
+        Reply::Webhooks {
+            config, applied, ..
+        } => match applied {
+            Some(p) => format!("{}\n# written to {p}; proxy reloaded", config.trim_end()),
+            None => config.trim_end().to_string(),
+        },
         Reply::Error(e) => format!("error: {e}"),
     }
 }
@@ -442,17 +468,33 @@ fn fleets_table(rows: &[FleetInfo]) -> String {
 }
 
 fn ports_table(rows: &[PortLeaseRow]) -> String {
+    // The webhook column only when some agent has a webhook listener.
+    let hooks = rows.iter().any(|r| !r.webhooks.is_empty());
+    let mut headers = vec!["FLEET", "AGENT", "BASE", "STRIDE", "PORTS"];
+    if hooks {
+        headers.push("WEBHOOKS");
+    }
     table(
-        &["FLEET", "AGENT", "BASE", "STRIDE", "PORTS"],
+        &headers,
         rows.iter().map(|r| {
             let last = (u32::from(r.base) + u32::from(r.stride)).saturating_sub(1);
-            vec![
+            let mut row = vec![
                 r.fleet.clone(),
                 r.agent.clone(),
                 r.base.to_string(),
                 r.stride.to_string(),
                 format!("{}-{last}", r.base),
-            ]
+            ];
+            if hooks {
+                row.push(
+                    r.webhooks
+                        .iter()
+                        .map(|(c, p)| format!("{c}:{p}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                );
+            }
+            row
         }),
     )
 }
@@ -460,7 +502,7 @@ fn ports_table(rows: &[PortLeaseRow]) -> String {
 fn top_table(rows: &[TopRow]) -> String {
     table(
         &[
-            "FLEET", "AGENT", "STATE", "PID", "PROCS", "RSS", "PSS", "CPU",
+            "FLEET", "AGENT", "STATE", "PID", "PROCS", "RSS", "PSS", "CPU", "KSM",
         ],
         rows.iter().map(|r| {
             vec![
@@ -472,6 +514,9 @@ fn top_table(rows: &[TopRow]) -> String {
                 mib(r.rss_bytes),
                 opt(&r.pss_bytes.map(mib)),
                 format!("{:.1}%", r.cpu_percent),
+                opt(&r
+                    .ksm_pages
+                    .map(|p| mib(p * crate::process::procfs::page_size()))),
             ]
         }),
     )
@@ -527,6 +572,7 @@ mod tests {
             drift: None,
             isolation: None,
             openclaw_version: Some("2026.9.6".into()),
+            webhooks: Default::default(),
             channels: [(
                 "telegram".to_string(),
                 crate::channels::ChannelStatus {
@@ -631,6 +677,7 @@ mod tests {
             agent: "a".into(),
             base: 18789,
             stride: 128,
+            webhooks: Default::default(),
         }]));
         assert_eq!(ports[0]["base"], 18789, "{ports}");
     }
@@ -772,6 +819,7 @@ mod tests {
                 agent: "a".into(),
                 base: 18789,
                 stride: 128,
+                webhooks: Default::default(),
             }]),
             false,
         );

@@ -6,6 +6,7 @@
 
 pub mod archive;
 pub mod manifest;
+pub mod schedule;
 
 pub use archive::{Limits, Meta};
 pub use manifest::Manifest;

@@ -67,6 +67,21 @@ struct Args {
     /// FIRST-LAST; none of them may belong to a user or group of the host.
     #[arg(long, default_value = fleet_commander::isolation::uids::DEFAULT_RANGE, value_parser = fleet_commander::isolation::uids::UidRange::parse)]
     agent_uids: fleet_commander::isolation::uids::UidRange,
+    /// The public HTTPS base of the webhook front door: each webhook channel registers
+    /// `<URL>/<fleet>/<agent>/<channel>`.
+    #[arg(long, value_name = "URL")]
+    public_url: Option<String>,
+    /// Keep the front door's config in this directory, rewritten (and the proxy reloaded)
+    /// whenever the webhook routes change.
+    #[arg(long, value_name = "DIR", requires = "public_url")]
+    webhooks_dir: Option<PathBuf>,
+    /// The proxy the front door config is for.
+    #[arg(long, default_value = "nginx", value_parser = ["nginx", "caddy"])]
+    webhooks_format: String,
+    /// The command that reloads the proxy (default `nginx -s reload`, or `caddy reload
+    /// --config /etc/caddy/Caddyfile`).
+    #[arg(long, value_name = "COMMAND")]
+    webhooks_reload: Option<String>,
 }
 
 /// Exit status for a start refused on what the operator gave (a damaged registry, a bad spec,
@@ -150,6 +165,35 @@ async fn run(args: Args) -> Result<()> {
     config.memory_reserve = args.memory_reserve_mib * 1024 * 1024;
     config.cgroup = args.cgroup.clone();
     config.agent_uids = args.agent_uids;
+    if let Some(u) = &args.public_url {
+        if let Some(why) = fleet_commander::webhooks::public_url_problem(u) {
+            return Err(refused(format!("--public-url: {why}")));
+        }
+        config.public_url = Some(u.trim_end_matches('/').to_string());
+    }
+    if let Some(dir) = &args.webhooks_dir {
+        let format: fleet_commander::webhooks::Format =
+            args.webhooks_format.parse().map_err(refused)?;
+        let reload = match &args.webhooks_reload {
+            Some(c) => {
+                shell_words::split(c).map_err(|e| refused(format!("--webhooks-reload: {e}")))?
+            }
+            None => format.default_reload(),
+        };
+        let dir = std::fs::canonicalize(dir)
+            .map_err(|e| refused(format!("--webhooks-dir {}: {e}", dir.display())))?;
+        if !dir.is_dir() {
+            return Err(refused(format!(
+                "--webhooks-dir {}: not a directory",
+                dir.display()
+            )));
+        }
+        config.front_door = Some(fleet_commander::context::FrontDoor {
+            dir,
+            format,
+            reload,
+        });
+    }
     if let Some(n) = args.max_concurrent_starts {
         if n == 0 {
             bail!("--max-concurrent-starts must be at least 1");

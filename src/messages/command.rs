@@ -170,6 +170,14 @@ pub enum Command {
     FleetRollback {
         fleet: String,
     },
+    /// The front door's config for every agent's webhook route (`--apply DIR`: written there
+    /// and the proxy reloaded).
+    Webhooks {
+        #[serde(default)]
+        format: Option<crate::webhooks::Format>,
+        #[serde(default)]
+        apply: Option<PathBuf>,
+    },
     /// Read-only checks of the node, its fleets and agents.
     Doctor {
         fleet: Option<String>,
@@ -400,6 +408,7 @@ impl Command {
                     None => Ok(()),
                 }
             }
+            Command::Webhooks { apply, .. } => no_nul_path(apply.as_deref()),
             Command::FleetUpgradeStatus { fleet: f } | Command::FleetRollback { fleet: f } => {
                 fleet(f)
             }
@@ -498,6 +507,9 @@ pub struct AgentStatus {
     /// default install's); `None` for a fleet with its own command.
     #[serde(default)]
     pub openclaw_version: Option<String>,
+    /// Each channel in webhook mode and its listener's loopback port.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub webhooks: BTreeMap<String, u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -517,6 +529,9 @@ pub struct PortLeaseRow {
     pub agent: String,
     pub base: u16,
     pub stride: u16,
+    /// The ports of its block that webhook listeners use, by channel.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub webhooks: BTreeMap<String, u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -529,6 +544,10 @@ pub struct TopRow {
     pub rss_bytes: u64,
     pub pss_bytes: Option<u64>,
     pub cpu_percent: f64,
+    /// Pages of its tree KSM merged with others' (`ksm_merging_pages` of
+    /// `/proc/<pid>/ksm_stat`, summed); `None` where the kernel has no KSM.
+    #[serde(default)]
+    pub ksm_pages: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -590,6 +609,13 @@ pub enum Reply {
     Backups(Vec<crate::backup::BackupDone>),
     Doctor(Vec<crate::doctor::Check>),
     Upgrade(Box<crate::upgrade::UpgradeRecord>),
+    Webhooks {
+        format: crate::webhooks::Format,
+        routes: Vec<crate::webhooks::Route>,
+        config: String,
+        /// Where it was written, with `--apply`.
+        applied: Option<String>,
+    },
     Error(FleetError),
 }
 

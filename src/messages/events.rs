@@ -51,6 +51,13 @@ pub enum Event {
         error: Option<String>,
         at_ms: u64,
     },
+    /// A scheduled backup of an agent failed (the agent runs on; retried later).
+    BackupFailed {
+        fleet: String,
+        agent: String,
+        reason: String,
+        at_ms: u64,
+    },
     /// A step of `fleet upgrade` / `fleet rollback` (`agent: None`: the whole fleet's).
     Upgrade {
         fleet: String,

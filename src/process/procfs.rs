@@ -853,3 +853,40 @@ mod tests {
         assert!(page_size() >= 4096 && clock_ticks_per_sec() > 0);
     }
 }
+
+/// `ksm_merging_pages` of `/proc/<pid>/ksm_stat`: its pages KSM merged with others'. `None`
+/// when the kernel has no KSM (no such file) or the process is gone.
+pub fn ksm_merging_pages(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/ksm_stat")).ok()?;
+    parse_ksm_stat(&text).map(|k| k.merging_pages)
+}
+
+/// What `/proc/<pid>/ksm_stat` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KsmStat {
+    pub merging_pages: u64,
+    /// `ksm_merge_any: yes`: the process asked for merging of all its memory.
+    pub merge_any: bool,
+}
+
+pub fn parse_ksm_stat(text: &str) -> Option<KsmStat> {
+    let mut pages = None;
+    let mut any = false;
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("ksm_merging_pages ") {
+            pages = v.trim().parse().ok();
+        } else if let Some(v) = line.strip_prefix("ksm_merge_any:") {
+            any = v.trim() == "yes";
+        }
+    }
+    Some(KsmStat {
+        merging_pages: pages?,
+        merge_any: any,
+    })
+}
+
+/// Whether this kernel can merge pages of chosen processes (Linux >= 6.4 exposes
+/// `/proc/self/ksm_stat` with `ksm_merge_any`).
+pub fn ksm_available() -> bool {
+    std::fs::read_to_string("/proc/self/ksm_stat").is_ok_and(|t| t.contains("ksm_merge_any"))
+}

@@ -53,6 +53,11 @@ pub struct SpawnRequest {
     pub cgroup_procs: Option<RawFd>,
     /// Its uid, capabilities and sandbox (`isolation`); the default confines nothing.
     pub confine: Confinement,
+    /// Ask the kernel to merge its identical pages with other processes' (KSM,
+    /// `PR_SET_MEMORY_MERGE`, Linux >= 6.4): inherited by every child it forks and kept across
+    /// exec. Best effort: a kernel without it, or a daemon without CAP_SYS_RESOURCE, leaves it
+    /// off (`ksm_merge_any: no` in its `/proc/<pid>/ksm_stat`).
+    pub ksm: bool,
 }
 
 struct Job {
@@ -245,7 +250,15 @@ fn spawn_one(req: &SpawnRequest, in_ns: bool, slots: &Slots) -> io::Result<Child
         failed_at: AtomicU32::new(0),
         errno: AtomicI32::new(0),
     };
+    // KSM's flag belongs to the memory map, and the child shares ours until it execs (a
+    // prctl in it would set the daemon's flag for good, and every later child would inherit
+    // it): set it here, let the exec take it over (the kernel keeps it across exec), clear it.
+    // The spawner makes one child at a time, so no other spawn sees it.
+    let ksm_set = req.ksm && unsafe { libc::prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) } == 0;
     let pid = clone_vfork(&args);
+    if ksm_set {
+        unsafe { libc::prctl(PR_SET_MEMORY_MERGE, 0, 0, 0, 0) };
+    }
     // The child (if it got as far as exec) holds the write ends now; ours must go, or the
     // pipes would never report end-of-file.
     drop(loaded);
@@ -500,6 +513,9 @@ fn open_cloexec(path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
 
 /// What the child reads, and where it reports a failure (shared memory: the parent reads it
 /// once the clone returns).
+/// `prctl` option of Linux 6.4 (not in every libc crate release).
+const PR_SET_MEMORY_MERGE: libc::c_int = 67;
+
 struct ChildArgs {
     program: *const libc::c_char,
     argv: *const *const libc::c_char,
@@ -754,6 +770,7 @@ mod tests {
             cwd: cwd.to_path_buf(),
             cgroup_procs: None,
             confine: Confinement::default(),
+            ksm: false,
         }
     }
 

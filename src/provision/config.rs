@@ -18,6 +18,12 @@ pub struct Enforced<'a> {
     pub log_file: &'a Path,
     pub log_max_bytes: u64,
     pub profile: Profile,
+    /// Ports leased to the agent from `port` on: a webhook listener gets one of them.
+    pub stride: u16,
+    /// What each webhook listener checks (`webhooks::secret`).
+    pub webhook_secret: &'a str,
+    /// `(public base URL, fleet, agent)`: the `webhookUrl` each listener registers.
+    pub public: Option<(&'a str, &'a str, &'a str)>,
 }
 
 /// Merges the fleet's template (a JSON object) under the enforced values. Returns the config
@@ -52,6 +58,12 @@ pub fn render_config(
         }
     };
     let mut warnings = Vec::new();
+    let hooks = crate::webhooks::ports(
+        Some(&Value::Object(root.clone())),
+        enforced.port,
+        enforced.stride,
+    );
+    let mut no_public = Vec::new();
     let log_file = enforced.log_file.to_string_lossy().into_owned();
     let mut set = |path: &[&str], value: Value, secret: bool| {
         enforce(&mut root, path, value, secret, &mut warnings)
@@ -67,6 +79,39 @@ pub fn render_config(
         enforced.log_max_bytes.into(),
         false,
     );
+    // A channel in webhook mode listens on loopback, on a port of the agent's own block, at
+    // the path the front door routes to, checking the agent's own secret.
+    for (ch, port) in hooks {
+        let Some(port) = port else {
+            return Err(FleetError::invalid(
+                format!("channels.{ch}.webhookUrl"),
+                format!(
+                    "a webhook listener needs a port of the agent's block, and its {} ports leave none: use a stride of at least 2",
+                    enforced.stride
+                ),
+            ));
+        };
+        set(&["channels", ch, "webhookHost"], "127.0.0.1".into(), false);
+        set(&["channels", ch, "webhookPort"], port.into(), false);
+        set(
+            &["channels", ch, "webhookPath"],
+            crate::webhooks::LISTENER_PATH.into(),
+            false,
+        );
+        set(
+            &["channels", ch, "webhookSecret"],
+            enforced.webhook_secret.into(),
+            true,
+        );
+        match enforced.public {
+            Some((base, fleet, agent)) => set(
+                &["channels", ch, "webhookUrl"],
+                crate::webhooks::public_url(base, fleet, agent, ch).into(),
+                false,
+            ),
+            None => no_public.push(ch),
+        }
+    }
     if enforced.profile == Profile::Lean {
         set(&["gateway", "controlUi", "enabled"], false.into(), false);
         // An explicit plugins section is the operator's informed choice; only fill the gap.
@@ -80,11 +125,18 @@ pub fn render_config(
             );
         }
     }
+    for ch in no_public {
+        warnings.push(format!(
+            "channels.{ch}.webhookUrl kept as the template gives it: fleetd has no --public-url to derive it from"
+        ));
+    }
     // A hostile template could plant the token's value anywhere a warning quotes. (A token
     // under 8 characters is no secret worth mangling every warning for.)
     for w in &mut warnings {
-        if enforced.token.len() >= 8 && w.contains(enforced.token) {
-            *w = w.replace(enforced.token, "<redacted>");
+        for secret in [enforced.token, enforced.webhook_secret] {
+            if secret.len() >= 8 && w.contains(secret) {
+                *w = w.replace(secret, "<redacted>");
+            }
         }
     }
     Ok((Value::Object(root), warnings))

@@ -47,7 +47,47 @@ mod tests {
             log_file: log,
             log_max_bytes: 10 * 1024 * 1024,
             profile,
+            stride: 128,
+            webhook_secret: "webhook-secret-for-tests",
+            public: None,
         }
+    }
+
+    #[test]
+    fn webhook_listeners_are_pinned_to_the_agents_block() {
+        let log = Path::new("/s/logs/openclaw.log");
+        let tpl = serde_json::json!({"channels": {"telegram": {
+            "webhookUrl": "https://elsewhere.example/x", "webhookHost": "0.0.0.0", "webhookPort": 8787}}});
+        let mut e = enforced(TOKEN, log, Profile::Lean);
+        e.port = 21000;
+        e.stride = 4;
+        e.public = Some(("https://door.example/hooks", "f", "alice"));
+        let (cfg, warnings) = render_config(Some(&tpl), &e).unwrap();
+        let t = &cfg["channels"]["telegram"];
+        assert_eq!(t["webhookHost"], "127.0.0.1");
+        assert_eq!(t["webhookPort"], 21001);
+        assert_eq!(t["webhookPath"], "/telegram-webhook");
+        assert_eq!(t["webhookSecret"], "webhook-secret-for-tests");
+        assert_eq!(
+            t["webhookUrl"],
+            "https://door.example/hooks/f/alice/telegram"
+        );
+        assert!(
+            warnings.iter().any(|w| w.contains("webhookHost")),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings.iter().any(|w| w.contains("webhookPort")),
+            "{warnings:?}"
+        );
+        // A polling channel gets none of it.
+        let polling = serde_json::json!({"channels": {"telegram": {"botToken": "x"}}});
+        let (cfg, _) = render_config(Some(&polling), &e).unwrap();
+        assert!(cfg["channels"]["telegram"].get("webhookPort").is_none());
+        // A block of one port has no room: refused, naming the field.
+        e.stride = 1;
+        let err = render_config(Some(&tpl), &e).unwrap_err().to_string();
+        assert!(err.contains("channels.telegram.webhookUrl"), "{err}");
     }
 
     #[test]

@@ -301,6 +301,9 @@ fn agent_view(
             log_file: &paths.openclaw_log,
             log_max_bytes: spec.logs.max_bytes,
             profile: spec.profile,
+            stride: rec.stride,
+            webhook_secret: REDACTED,
+            public: ctx.config.public_url.as_deref().map(|u| (u, fleet, agent)),
         };
         provision::render_config(template.as_ref(), &enforced)?.0
     } else {

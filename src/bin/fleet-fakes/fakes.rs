@@ -138,6 +138,9 @@ struct Bot {
     pollers: u32,
     revoked: bool,
     calls: Vec<String>,
+    /// `setWebhook`'s url and secret_token; while set, getUpdates answers 409 as the real
+    /// API does.
+    webhook: Option<(String, String)>,
 }
 
 #[derive(Default)]
@@ -214,6 +217,12 @@ impl FakeTelegram {
             .unwrap_or_default()
     }
 
+    /// The webhook (url, secret token) the bot of `token` registered, if any.
+    pub fn webhook(&self, token: &str) -> Option<(String, String)> {
+        let st = self.state.0.lock().unwrap();
+        st.bots.get(token).and_then(|b| b.webhook.clone())
+    }
+
     /// The Bot API methods the bot of `token` called, in order.
     pub fn calls(&self, token: &str) -> Vec<String> {
         let st = self.state.0.lock().unwrap();
@@ -226,12 +235,18 @@ impl FakeTelegram {
 
 fn push_dm(bot: &mut Bot, from: i64, text: &str) {
     bot.next_update += 1;
-    let id = bot.next_update;
+    bot.updates
+        .push_back(dm_update(bot.next_update, from, text));
+}
+
+/// A Telegram update carrying a direct message from user `from` (what getUpdates returns and
+/// what Telegram POSTs to a webhook).
+pub fn dm_update(id: i64, from: i64, text: &str) -> Value {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    bot.updates.push_back(json!({
+    json!({
         "update_id": id,
         "message": {
             "message_id": id,
@@ -240,7 +255,7 @@ fn push_dm(bot: &mut Bot, from: i64, text: &str) {
             "date": now,
             "text": text,
         }
-    }));
+    })
 }
 
 /// `POST /_fake/say {"token", "from", "text", "timeout_s"}`: a DM to that bot, answered with
@@ -315,6 +330,36 @@ fn tg_handle(state: &Arc<(Mutex<TgState>, Condvar)>, req: HttpRequest, w: &mut T
     let answer = match method.as_str() {
         "getMe" => {
             json!({"ok": true, "result": {"id": 777, "is_bot": true, "first_name": "Fake", "username": "fake_bot", "can_join_groups": true, "can_read_all_group_messages": false, "supports_inline_queries": false}})
+        }
+        "setWebhook" => {
+            let url = args["url"].as_str().unwrap_or_default().to_string();
+            if url.is_empty() {
+                bot.webhook = None;
+            } else {
+                let secret = args["secret_token"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                bot.webhook = Some((url, secret));
+            }
+            json!({"ok": true, "result": true, "description": "Webhook was set"})
+        }
+        "deleteWebhook" => {
+            bot.webhook = None;
+            json!({"ok": true, "result": true, "description": "Webhook was deleted"})
+        }
+        "getWebhookInfo" => {
+            let url = bot
+                .webhook
+                .as_ref()
+                .map(|w| w.0.clone())
+                .unwrap_or_default();
+            json!({"ok": true, "result": {"url": url, "has_custom_certificate": false, "pending_update_count": 0}})
+        }
+        "getUpdates" if bot.webhook.is_some() => {
+            let c = json!({"ok": false, "error_code": 409, "description": "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook to delete the webhook first"});
+            drop(st);
+            return respond(w, 409, &c).is_ok();
         }
         "getUpdates" => {
             if bot.pollers > 0 {
