@@ -545,22 +545,25 @@ fn config_checks(
     subject: &str,
     out: &mut Out,
 ) {
-    // A tenant's file: opened without following links, bounded.
-    let text = crate::operator_file::open_regular(&paths.config).and_then(|f| {
-        use std::io::Read;
-        let mode = f.metadata()?.mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            out.push(
-                "config.mode",
-                subject,
-                Level::Fail,
-                format!("openclaw.json is mode {mode:04o}: its token is open to group or others"),
-            );
-        }
-        let mut s = String::new();
-        f.take(4 << 20).read_to_string(&mut s)?;
-        Ok(s)
-    });
+    // A tenant's file: opened from its HOME down without following any link, bounded.
+    let text = crate::operator_file::open_beneath(&paths.home, ".openclaw/openclaw.json", false)
+        .and_then(|f| {
+            use std::io::Read;
+            let mode = f.metadata()?.mode() & 0o7777;
+            if mode & 0o077 != 0 {
+                out.push(
+                    "config.mode",
+                    subject,
+                    Level::Fail,
+                    format!(
+                        "openclaw.json is mode {mode:04o}: its token is open to group or others"
+                    ),
+                );
+            }
+            let mut s = String::new();
+            f.take(4 << 20).read_to_string(&mut s)?;
+            Ok(s)
+        });
     match text {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => out.push(
             "config",
@@ -614,7 +617,10 @@ fn config_checks(
 
 fn breaker_check(paths: &AgentPaths, subject: &str, out: &mut Out) {
     let dir = paths.openclaw_dir.join("logs/stability");
-    let tripped: Vec<String> = std::fs::read_dir(&dir)
+    let opened = crate::operator_file::open_beneath(&paths.home, ".openclaw/logs/stability", true);
+    let tripped: Vec<String> = opened
+        .ok()
+        .and_then(|d| std::fs::read_dir(crate::operator_file::fd_path(&d)).ok())
         .into_iter()
         .flatten()
         .flatten()

@@ -84,6 +84,47 @@ pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
     Ok(f)
 }
 
+/// The path of an open descriptor (`/proc/self/fd/<fd>`): what is looked up below it starts
+/// at that directory, whatever its path names now.
+pub fn fd_path(dir: &std::fs::File) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+}
+
+/// `name` (one component) inside the open directory `dir`: resolved from that directory, so a
+/// tenant who swaps a directory above it for a link cannot redirect the lookup.
+pub fn below(dir: &std::fs::File, name: &str) -> std::path::PathBuf {
+    fd_path(dir).join(name)
+}
+
+/// Opens the directory at `p` without following a final link and without blocking.
+pub fn open_dir(p: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(p)
+}
+
+/// Opens `rel` (`/`-separated, relative) under the directory `root`, one component at a time
+/// from the last one opened and never following a link (a directory or the file itself): for
+/// reading in a tenant's HOME with the daemon's rights. Err for a link anywhere on the way.
+pub fn open_beneath(root: &Path, rel: &str, dir: bool) -> std::io::Result<std::fs::File> {
+    let mut cur = open_dir(root)?;
+    let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+    for (i, part) in parts.iter().enumerate() {
+        if *part == ".." || *part == "." {
+            return Err(std::io::Error::other(format!("{rel}: no '.' or '..'")));
+        }
+        let last = i + 1 == parts.len();
+        cur = if last && !dir {
+            open_regular(&below(&cur, part))?
+        } else {
+            open_dir(&below(&cur, part))?
+        };
+    }
+    Ok(cur)
+}
+
 /// `read_bounded` as text.
 pub fn read_text(path: &Path, limit: u64) -> Result<String, ReadError> {
     String::from_utf8(read_bounded(path, limit)?).map_err(|_| ReadError::NotUtf8)
@@ -118,6 +159,30 @@ pub fn check_readable(path: &Path, limit: u64) -> Result<(), ReadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_beneath_never_follows_a_link_on_the_way() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("home");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/f"), b"mine").unwrap();
+        std::fs::create_dir_all(d.path().join("outside")).unwrap();
+        std::fs::write(d.path().join("outside/f"), b"not mine").unwrap();
+        std::os::unix::fs::symlink(d.path().join("outside"), root.join("link")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("outside/f"), root.join("a/flink")).unwrap();
+        let mut s = String::new();
+        use std::io::Read;
+        open_beneath(&root, "a/b/f", false)
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "mine");
+        assert!(open_beneath(&root, "a/b", true).is_ok());
+        for bad in ["link/f", "a/flink", "link", "a/../link/f"] {
+            assert!(open_beneath(&root, bad, false).is_err(), "{bad}");
+        }
+        assert!(open_beneath(&root, "link", true).is_err());
+    }
     use std::time::{Duration, Instant};
 
     #[test]

@@ -126,6 +126,9 @@ pub struct HealthSpec {
     pub grace_ms: u64,
     /// Failed probes in a row that restart a running agent.
     pub failures: u32,
+    /// One probe's answer time. 5 s, not 2: on two cores, three lean gateways cold-starting
+    /// at once starved a healthy one past three 2-second probes, and its restart fed the
+    /// storm (tests/real_openclaw.rs, 2026-12-01).
     pub timeout_ms: u64,
 }
 
@@ -135,7 +138,7 @@ impl Default for HealthSpec {
             interval_ms: 10_000,
             grace_ms: 120_000,
             failures: 3,
-            timeout_ms: 2_000,
+            timeout_ms: 5_000,
         }
     }
 }
@@ -176,7 +179,7 @@ pub struct CgroupLimits {
 }
 
 /// Scheduled backups of each agent of a fleet (`[fleet.backup]`): one archive per agent every
-/// `every`, the newest `keep` kept, in `<dir>/<agent>/` (default
+/// `every`, the newest `keep` kept, in `<dir>/<fleet>/<agent>/` (default
 /// `<state>/backups/<fleet>/<agent>/`). A failed backup is an event and a metric; the agent
 /// runs on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +201,32 @@ impl BackupSpec {
     /// `every` in seconds, or why it is not a duration.
     pub fn every_s(&self) -> Result<u64, String> {
         parse_duration_s(&self.every)
+    }
+}
+
+/// `[fleet.heap_raise]`: after a V8 heap out-of-memory abort, the agent's next start gets a
+/// heap cap (`--max-old-space-size`) `step_mib` larger than the one it died under, never above
+/// `max_mib`. Kept for the agent's life in this daemon; a restart of fleetd starts again from
+/// the fleet's own cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeapRaise {
+    #[serde(default = "default_heap_step")]
+    pub step_mib: u32,
+    pub max_mib: u32,
+}
+
+fn default_heap_step() -> u32 {
+    64
+}
+
+impl HeapRaise {
+    /// The cap after an out-of-memory abort under `current` (`None`: V8's own default, taken
+    /// as unknown: the first raise goes to `max_mib`'s first step above nothing, `step_mib`).
+    pub fn next(self, current: Option<u32>) -> Option<u32> {
+        let cur = current.unwrap_or(0);
+        let next = cur.saturating_add(self.step_mib).min(self.max_mib);
+        (next > cur).then_some(next)
     }
 }
 
@@ -295,6 +324,9 @@ pub struct FleetSpec {
     /// on where the kernel has it. ksmd itself (`/sys/kernel/mm/ksm/run`) is the host's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ksm: Option<bool>,
+    /// Raise an agent's heap cap step by step after V8 heap out-of-memory aborts; `None`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heap_raise: Option<HeapRaise>,
     /// Scheduled backups of its agents; `None`: only on demand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupSpec>,
@@ -343,6 +375,7 @@ impl FleetSpec {
             openclaw_version: None,
             backup: None,
             ksm: None,
+            heap_raise: None,
             start_gate: None,
             tenants: BTreeMap::new(),
         }
@@ -443,6 +476,17 @@ impl FleetSpec {
         }
         if let Some(reason) = self.openclaw_version.as_deref().and_then(version_problem) {
             bad("openclaw_version", reason);
+        }
+        if let Some(h) = &self.heap_raise {
+            if h.step_mib == 0 {
+                bad("heap_raise.step_mib", "must be at least 1".into());
+            }
+            if !(16..=65_536).contains(&h.max_mib) {
+                bad(
+                    "heap_raise.max_mib",
+                    format!("{} is not between 16 and 65536", h.max_mib),
+                );
+            }
         }
         if let Some(b) = &self.backup {
             if let Err(reason) = b.every_s() {
@@ -811,6 +855,24 @@ pub fn version_problem(v: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heap_raises_are_bounded() {
+        let h = HeapRaise {
+            step_mib: 64,
+            max_mib: 512,
+        };
+        for (cur, want) in [
+            (Some(384), Some(448)),
+            (Some(448), Some(512)),
+            (Some(500), Some(512)),
+            (Some(512), None),
+            (Some(600), None),
+            (None, Some(64)),
+        ] {
+            assert_eq!(h.next(cur), want, "{cur:?}");
+        }
+    }
 
     #[test]
     fn durations() {

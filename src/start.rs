@@ -119,6 +119,8 @@ pub struct StartJob {
     pub current: tokio::sync::watch::Receiver<u64>,
     /// Where a port move is asked for (the fleet keeps the recipe, the node the lease).
     pub fleet_ref: ActorRef<FleetMsg>,
+    /// Its heap cap as raised after out-of-memory aborts (`heap_raise`).
+    pub heap_mib: Option<u32>,
 }
 
 impl StartJob {
@@ -173,6 +175,7 @@ impl StartJob {
         let marker = self.marker.clone();
         let agent = self.agent.clone();
         let stride = self.spec.effective_stride();
+        let heap_mib = self.heap_mib;
         let public_url = self.ctx.config.public_url.clone();
         let (fleet_name, agent_name) = (self.fleet.clone(), self.agent.clone());
         let provision_err = move |reason: String| FleetError::Provision {
@@ -238,6 +241,7 @@ impl StartJob {
                     marker: &marker,
                     extra: &extra,
                     runs_openclaw: spec.runs_openclaw(),
+                    heap_mib,
                 }))
             })
             .await

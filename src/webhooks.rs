@@ -152,7 +152,7 @@ impl Format {
 
 /// The config text: to be included inside the operator's `server { … }` (nginx) or site block
 /// (Caddy), which holds the TLS part. Only the listed paths are routed; anything else under
-/// the base path gets 404 from the proxy itself.
+/// the base path (when the public URL has one) gets 404 from the proxy itself.
 pub fn render(format: Format, base: &str, routes: &[Route]) -> String {
     let prefix = base_path(base);
     let mut out = String::from(
@@ -166,7 +166,11 @@ pub fn render(format: Format, base: &str, routes: &[Route]) -> String {
                     r.fleet, r.agent, r.channel, r.port
                 ));
             }
-            out.push_str(&format!("location ^~ {prefix}/ {{\n    return 404;\n}}\n"));
+            // Only under a path of its own: at the site's root it would shadow every other
+            // route of the operator's server.
+            if !prefix.is_empty() {
+                out.push_str(&format!("location ^~ {prefix}/ {{\n    return 404;\n}}\n"));
+            }
         }
         Format::Caddy => {
             for r in routes {
@@ -175,44 +179,84 @@ pub fn render(format: Format, base: &str, routes: &[Route]) -> String {
                     r.fleet, r.agent, r.channel, r.port
                 ));
             }
-            out.push_str(&format!("handle {prefix}/* {{\n    respond 404\n}}\n"));
+            if !prefix.is_empty() {
+                out.push_str(&format!("handle {prefix}/* {{\n    respond 404\n}}\n"));
+            }
         }
     }
     out
 }
 
+/// How long a proxy's reload command may take.
+const RELOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Writes the config into `dir` (atomically: a temporary file renamed over the old one) and
-/// runs `reload`. Err: what failed, with the proxy's own words.
+/// runs `reload` (at most 30 s). A reload that fails leaves the new file: it holds the routes
+/// as they are, what the proxy reads at its next start or reload (fleetd tries again at the
+/// next change). Err: what failed, with the proxy's own words.
 pub fn apply(dir: &Path, format: Format, text: &str, reload: &[String]) -> Result<PathBuf, String> {
-    use std::io::Write;
     let path = dir.join(format.file_name());
-    let tmp = dir.join(format!(".{}.tmp", format.file_name()));
+    write_atomic(dir, &path, format, text.as_bytes())?;
+    let Some((prog, args)) = reload.split_first() else {
+        return Ok(path);
+    };
+    run_with_timeout(prog, args).map_err(|e| format!("{} failed: {e}", reload.join(" ")))?;
+    Ok(path)
+}
+
+fn write_atomic(dir: &Path, path: &Path, format: Format, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        format.file_name(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)
         .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    f.write_all(text.as_bytes())
+    f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    if let Some((prog, args)) = reload.split_first() {
-        let out = std::process::Command::new(prog)
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .map_err(|e| format!("running {prog}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "{} failed ({}): {}",
-                reload.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
+    std::fs::rename(&tmp, path).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+fn run_with_timeout(prog: &str, args: &[String]) -> Result<(), String> {
+    let mut child = std::process::Command::new(prog)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running {prog}: {e}"))?;
+    let deadline = std::time::Instant::now() + RELOAD_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = (&mut e).take(8192).read_to_string(&mut err);
+                }
+                return if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("{status}: {}", err.trim()))
+                };
+            }
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("no answer within {} s", RELOAD_TIMEOUT.as_secs()));
+            }
+            Err(e) => return Err(e.to_string()),
         }
     }
-    Ok(path)
 }
 
 #[cfg(test)]
@@ -298,6 +342,12 @@ mod tests {
         assert!(n.contains("location ^~ /hooks/ {\n    return 404;"), "{n}");
         let c = render(Format::Caddy, "https://h", &routes);
         assert!(c.contains("handle /f/bob/telegram {"), "{c}");
+        assert!(
+            !c.contains("handle /* "),
+            "no catch-all at the site's root: {c}"
+        );
+        let n = render(Format::Nginx, "https://h", &routes);
+        assert!(!n.contains("location ^~ / "), "{n}");
         assert!(c.contains("reverse_proxy 127.0.0.1:21001"), "{c}");
     }
 }

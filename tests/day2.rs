@@ -546,7 +546,7 @@ fn scheduled_backups_are_made_pruned_and_failures_counted() {
     let blocker = dir.path().join("not-a-directory");
     std::fs::write(&blocker, b"x").unwrap();
     // An old archive of agent-1: due at once, and pruned after the new one (keep = 1).
-    let seeded = out.join("agent-1/agent-1-20200101T000000.000Z.tar.gz");
+    let seeded = out.join("s/agent-1/agent-1-20200101T000000.000Z.tar.gz");
     std::fs::create_dir_all(seeded.parent().unwrap()).unwrap();
     std::fs::write(&seeded, b"old").unwrap();
     std::fs::File::options()
@@ -574,7 +574,7 @@ fn scheduled_backups_are_made_pruned_and_failures_counted() {
     d.wait_running("s", 2, Duration::from_secs(60));
     d.wait_running("bad", 1, Duration::from_secs(60));
     for agent in ["agent-1", "agent-2"] {
-        let adir = out.join(agent);
+        let adir = out.join("s").join(agent);
         let got = wait_until(
             Duration::from_secs(90),
             &format!("a scheduled backup of s/{agent}"),

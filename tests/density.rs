@@ -330,3 +330,73 @@ async fn ksm_is_asked_for_per_fleet() {
     assert!(!me.unwrap().merge_any, "the daemon itself is not merged");
     node.shutdown().await;
 }
+
+/// `heap_raise`: after each V8 heap out-of-memory abort the agent's next start gets a heap cap
+/// `step_mib` larger, up to `max_mib`, and the reason says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heap_cap_is_raised_step_by_step_after_heap_aborts() {
+    let (_d, node) = node_with(|_| {}).await;
+    let mut rx = node.subscribe();
+    let mut spec = FleetSpec::new("heap");
+    spec.agents = FleetSpec::numbered_agents(1);
+    spec.stride = Some(1);
+    // What a Node that runs out of heap does: V8's line on stderr, then SIGABRT. Each start
+    // records the NODE_OPTIONS it was given.
+    spec.command = Some(vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "echo \"$NODE_OPTIONS\" >> \"$HOME/options\"; echo 'FATAL ERROR: Ineffective mark-compacts near heap limit Allocation failed - JavaScript heap out of memory' >&2; sleep 0.2; kill -ABRT $$".into(),
+    ]);
+    spec.env.insert(
+        "NODE_OPTIONS".into(),
+        "--max-old-space-size=100 --trace-gc".into(),
+    );
+    spec.heap_raise = Some(fleet_commander::spec::HeapRaise {
+        step_mib: 50,
+        max_mib: 200,
+    });
+    spec.backoff.initial_ms = 20;
+    spec.backoff.max_ms = 100;
+    spec.intensity.max_restarts = 50;
+    node.create_fleet(spec).await.unwrap();
+    let home = std::path::PathBuf::from(row(&node, "heap").await.home);
+    let caps = wait_until(Duration::from_secs(60), "four starts", |seen| {
+        let text = std::fs::read_to_string(home.join("options")).unwrap_or_default();
+        *seen = text.clone();
+        let caps: Vec<String> = text.lines().map(str::to_string).collect();
+        (caps.len() >= 4).then_some(caps)
+    });
+    assert_eq!(
+        caps[..4],
+        [
+            "--max-old-space-size=100 --trace-gc",
+            "--trace-gc --max-old-space-size=150",
+            "--trace-gc --max-old-space-size=200",
+            "--trace-gc --max-old-space-size=200",
+        ]
+    );
+    // The backoff transitions say why and what changed.
+    let mut reasons = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reasons.len() < 3 {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(fleet_commander::messages::events::Event::Agent(t)))
+                if t.new == AgentState::Backoff =>
+            {
+                reasons.push(t.reason.unwrap_or_default())
+            }
+            Ok(Ok(_)) => continue,
+            other => panic!("no backoff transition: {other:?} after {reasons:?}"),
+        }
+    }
+    assert!(
+        reasons[0].starts_with("js heap out of memory (limit 100 MiB)")
+            && reasons[0].contains("heap cap raised to 150 MiB"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[2].contains("heap cap at its bound (200 MiB)"),
+        "{reasons:?}"
+    );
+    node.shutdown().await;
+}

@@ -817,7 +817,7 @@ fn three_tenants_each_answered_by_their_own_bot_and_key() {
     )
     .unwrap();
     let mut spec = String::from(
-        "[[fleet]]\nname = \"tenants\"\nprofile = \"lean\"\ntemplate = \"fleet.json\"\n[fleet.health]\ninterval_ms = 1000\n",
+        "[[fleet]]\nname = \"tenants\"\nprofile = \"lean\"\ntemplate = \"fleet.json\"\n[fleet.health]\ninterval_ms = 1000\ntimeout_ms = 10000\n",
     );
     // The daemon's state dir is known only once it exists: carol's tokenFile names a path in
     // her HOME, so the daemon is made first and the spec written before it is told to load it.

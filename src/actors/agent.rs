@@ -80,6 +80,8 @@ pub struct AgentRuntime {
     was_ready: bool,
     /// This incarnation's stderr said OpenClaw's crash-loop breaker tripped.
     breaker: bool,
+    /// Its heap cap as raised after out-of-memory aborts (`heap_raise`); `None`: the fleet's.
+    heap_mib: Option<u32>,
     /// Itself, for timers set outside a handler's arguments.
     me: ActorRef<AgentMsg>,
     /// The channel states last published, so only changes become events.
@@ -146,6 +148,7 @@ impl Actor for AgentActor {
             failing: Vec::new(),
             was_ready: false,
             breaker: false,
+            heap_mib: None,
             me: myself.clone(),
             channels: Default::default(),
         };
@@ -377,6 +380,7 @@ impl AgentRuntime {
             uid: self.uid,
             current: self.gen_tx.subscribe(),
             fleet_ref: self.fleet_ref.clone(),
+            heap_mib: self.heap_mib,
         };
         let me = myself.clone();
         tokio::spawn(async move {
@@ -554,7 +558,22 @@ impl AgentRuntime {
             }
             OwnerEvent::Exited { exit, heap_oom, .. } => {
                 if heap_oom && self.stopping.is_none() {
-                    self.reason = Some(heap_oom_reason(&self.spec, &self.agent, exit));
+                    let mut reason = heap_oom_reason(&self.spec, &self.agent, exit, self.heap_mib);
+                    if let Some(raise) = self.spec.heap_raise {
+                        let now = self.heap_mib.or_else(|| heap_cap(&self.spec, &self.agent));
+                        match raise.next(now) {
+                            Some(next) => {
+                                tracing::warn!(fleet = %self.fleet, agent = %self.agent, from = ?now, to = next, "heap cap raised after a js heap out-of-memory abort");
+                                reason.push_str(&format!("; heap cap raised to {next} MiB"));
+                                self.heap_mib = Some(next);
+                            }
+                            None => reason.push_str(&format!(
+                                "; heap cap at its bound ({} MiB)",
+                                raise.max_mib
+                            )),
+                        }
+                    }
+                    self.reason = Some(reason);
                 }
                 let healthy_for = self.healthy_since.map(|t| t.elapsed());
                 self.process = None;
@@ -700,8 +719,9 @@ fn configured_channels(spec: &crate::spec::FleetSpec, agent: &str) -> Vec<String
     }
 }
 
-/// The reason of a V8 heap out-of-memory abort, with the heap cap the agent ran under.
-fn heap_oom_reason(spec: &crate::spec::FleetSpec, agent: &str, exit: ExitInfo) -> String {
+/// The heap cap the fleet's settings give the agent (its `NODE_OPTIONS`, else the lean
+/// profile's), in MiB; `None`: V8's default.
+fn heap_cap(spec: &crate::spec::FleetSpec, agent: &str) -> Option<u32> {
     let options = crate::provision::extra_env(spec, agent)
         .ok()
         .and_then(|e| e.get("NODE_OPTIONS").cloned())
@@ -710,7 +730,17 @@ fn heap_oom_reason(spec: &crate::spec::FleetSpec, agent: &str, exit: ExitInfo) -
                 .then(|| crate::provision::LEAN_NODE_OPTIONS.to_string())
         })
         .unwrap_or_default();
-    match crate::process::notice::heap_cap_mib(&options) {
+    crate::process::notice::heap_cap_mib(&options).and_then(|m| u32::try_from(m).ok())
+}
+
+/// The reason of a V8 heap out-of-memory abort, with the heap cap the agent ran under.
+fn heap_oom_reason(
+    spec: &crate::spec::FleetSpec,
+    agent: &str,
+    exit: ExitInfo,
+    raised: Option<u32>,
+) -> String {
+    match raised.or_else(|| heap_cap(spec, agent)) {
         Some(mib) => format!("js heap out of memory (limit {mib} MiB), {exit}"),
         None => format!("js heap out of memory (V8's default limit), {exit}"),
     }

@@ -51,8 +51,10 @@ pub struct NodeRuntime {
     restoring: std::collections::BTreeSet<(String, String)>,
     /// Fleets with an upgrade or rollback under way (one at a time per fleet).
     upgrading: std::collections::BTreeSet<String>,
-    /// The webhook routes the front door was last given (`None`: not yet, or it failed).
-    front_door_routes: Arc<std::sync::Mutex<Option<Vec<crate::webhooks::Route>>>>,
+    /// The webhook routes the front door is to get and last took.
+    front_door: Arc<std::sync::Mutex<front_door::FrontDoorState>>,
+    /// Held while a front door config is written and the proxy reloaded: one at a time.
+    front_door_writer: Arc<std::sync::Mutex<()>>,
 }
 
 mod day2;
@@ -108,7 +110,8 @@ impl Actor for NodeActor {
             removing: Default::default(),
             restoring: Default::default(),
             upgrading: Default::default(),
-            front_door_routes: Default::default(),
+            front_door: Default::default(),
+            front_door_writer: Default::default(),
         };
         let data = a.data;
         rt.data.version = data.version;
@@ -553,6 +556,7 @@ impl NodeRuntime {
     /// Starts (or restarts) every agent of a fleet and records that it should run.
     async fn run_fleet(&mut self, fleet: &str, restart: bool) -> Result<(), FleetError> {
         self.fleet_ref(fleet)?;
+        self.check_not_restoring(fleet, None)?;
         // Saved first: an error reply must mean nothing was started.
         self.set_fleet_desired(fleet, Desired::Running).await?;
         if restart {
@@ -678,6 +682,22 @@ impl NodeRuntime {
     }
 
     /// A name whose removal is not complete yet cannot be created again.
+    /// An agent whose HOME a restore is replacing can be neither started, backed up nor
+    /// removed until the restore is done (`agent: None`: any agent of the fleet).
+    fn check_not_restoring(&self, fleet: &str, agent: Option<&str>) -> Result<(), FleetError> {
+        match self
+            .restoring
+            .iter()
+            .find(|(f, a)| f == fleet && agent.is_none_or(|x| x == a))
+        {
+            Some((f, a)) => Err(FleetError::invalid(
+                "agent",
+                format!("{f}/{a} is being restored; try again once the restore is done"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn check_not_removing(&self, fleet: &str, agent: Option<&str>) -> Result<(), FleetError> {
         let busy = self
             .removing
@@ -1011,6 +1031,7 @@ impl NodeRuntime {
         purge: bool,
     ) -> Result<Later, FleetError> {
         let f = self.fleet_ref(&fleet)?;
+        self.check_not_restoring(&fleet, None)?;
         let state_dir = self.ctx.config.state_dir.clone();
         if purge {
             // A purge that would be refused must refuse the whole command, before anything.
@@ -1212,11 +1233,8 @@ impl NodeRuntime {
         desired: Desired,
     ) -> Result<Later, FleetError> {
         let was = self.agent_record(&fleet, &agent)?.desired;
-        if op != AgentOp::Stop && self.restoring.contains(&(fleet.clone(), agent.clone())) {
-            return Err(FleetError::invalid(
-                "agent",
-                format!("{fleet}/{agent} is being restored; start it once the restore is done"),
-            ));
+        if op != AgentOp::Stop {
+            self.check_not_restoring(&fleet, Some(&agent))?;
         }
         let f = self.fleet_ref(&fleet)?;
         self.set_agent_desired(&fleet, &agent, desired);
@@ -1259,6 +1277,7 @@ impl NodeRuntime {
         agent: String,
         purge: bool,
     ) -> Result<Later, FleetError> {
+        self.check_not_restoring(&fleet, Some(&agent))?;
         self.agent_record(&fleet, &agent)?;
         let f = self.fleet_ref(&fleet)?;
         let state_dir = self.ctx.config.state_dir.clone();

@@ -8,6 +8,7 @@
 //! write it, checking every file again.
 
 use super::manifest::*;
+use crate::operator_file::{below, fd_path, open_dir};
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
 use sha2::{Digest, Sha256};
@@ -107,15 +108,31 @@ pub fn write_archive(
     let gz = GzEncoder::new(BufWriter::new(out), flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
     let io = |what: &str, rel: &str, e: io::Error| format!("{what} {rel}: {e}");
-    let mut stack = vec![String::new()];
+    // Every name is looked up below an open directory (`/proc/self/fd/<fd>/<name>`, final
+    // component never followed), never by a path from the HOME down: a tenant that swaps a
+    // directory for a link while the walk runs cannot lead it out of its HOME, whatever rights
+    // the walk has.
+    let root = open_dir(home).map_err(|e| format!("opening the HOME {}: {e}", home.display()))?;
+    // (relative path, the directory it is in, its name there): opened when its turn comes.
+    let mut stack: Vec<(String, std::sync::Arc<File>, Option<String>)> =
+        vec![(String::new(), std::sync::Arc::new(root), None)];
     let mut entries = 0usize;
-    while let Some(dir) = stack.pop() {
-        let abs = if dir.is_empty() {
-            home.to_path_buf()
-        } else {
-            home.join(&dir)
+    while let Some((dir, parent, name)) = stack.pop() {
+        let here = match name {
+            None => parent,
+            Some(n) => match open_dir(&below(&parent, &n)) {
+                Ok(f) => std::sync::Arc::new(f),
+                // Replaced by something else since it was listed: not a directory now.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ELOOP)
+                        || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(io("opening directory", &dir, e)),
+            },
         };
-        let mut names: Vec<_> = fs::read_dir(&abs)
+        let mut names: Vec<_> = fs::read_dir(fd_path(&here))
             .map_err(|e| io("reading directory", &dir, e))?
             .filter_map(|e| e.ok())
             .collect();
@@ -125,7 +142,7 @@ pub fn write_archive(
                 continue; // not UTF-8: no manifest can name it
             };
             let rel = if dir.is_empty() {
-                name
+                name.clone()
             } else {
                 format!("{dir}/{name}")
             };
@@ -139,7 +156,7 @@ pub fn write_archive(
                     limits.max_entries
                 ));
             }
-            let path = home.join(&rel);
+            let path = below(&here, &name);
             let md = fs::symlink_metadata(&path).map_err(|e| io("reading", &rel, e))?;
             let ft = md.file_type();
             let name_in = format!("{HOME_PREFIX}/{rel}");
@@ -152,7 +169,7 @@ pub fn write_archive(
                     path: rel.clone(),
                     mode,
                 });
-                stack.push(rel);
+                stack.push((rel, here.clone(), Some(name)));
             } else if ft.is_symlink() {
                 let target = fs::read_link(&path).map_err(|e| io("reading link", &rel, e))?;
                 let Some(target) = target.to_str().map(str::to_string) else {
@@ -166,6 +183,14 @@ pub fn write_archive(
                     .map_err(|e| io("writing", &rel, e))?;
                 m.symlinks.push(LinkEntry { path: rel, target });
             } else if ft.is_file() {
+                // Before a byte is read: a huge (or sparse) file must not be streamed whole
+                // first.
+                if m.bytes.saturating_add(md.len()) > limits.max_bytes {
+                    return Err(format!(
+                        "the HOME holds more than {} bytes of files, the backup limit",
+                        limits.max_bytes
+                    ));
+                }
                 let mode = md.mode() & 0o777;
                 let (size, sha, db) =
                     append_file(&mut tar, &path, &rel, &name_in, mode, md.mtime() as u64)?;
@@ -256,6 +281,9 @@ fn append_file<W: Write>(
 fn sqlite_copy(path: &Path) -> rusqlite::Result<Vec<u8>> {
     use rusqlite::{Connection, OpenFlags};
     // Read-write without create: a WAL database's reader must be able to map its -shm.
+    // SQLite resolves the path itself (it needs the directory for the -wal and -shm), so the
+    // `/proc/self/fd/<dir>/<name>` path is expanded again: outside `uid` isolation a tenant
+    // racing a directory swap in this instant could redirect the copy (README, backups).
     let src = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,

@@ -121,9 +121,15 @@ pub fn entry_path_problem(rel: &str) -> Option<&'static str> {
 }
 
 /// Whether a link at `path` pointing to `target` stays inside HOME, judged on the words alone
-/// (nothing on disk is consulted: the restore writes into an empty directory).
+/// (nothing on disk is consulted: the restore writes into an empty directory). A target may
+/// not climb with `..` at all: judged one by one, `s -> .` and `t -> s/..` would each pass and
+/// together lead out; without `..` every link leads down from where it is.
 pub fn link_stays_inside(path: &str, target: &str) -> bool {
-    if target.is_empty() || target.starts_with('/') || target.chars().any(|c| c.is_control()) {
+    if target.is_empty()
+        || target.starts_with('/')
+        || target.chars().any(|c| c.is_control())
+        || target.split('/').any(|p| p == "..")
+    {
         return false;
     }
     let mut depth: Vec<&str> = path.split('/').collect();
@@ -186,10 +192,11 @@ mod tests {
     fn links() {
         for (path, target, ok) in [
             ("a/link", "b", true),
-            ("a/link", "../b", true),
+            ("a/link", "../b", false),
+            ("t", "s/..", false),
             ("a/link", "../../b", false),
             ("link", "/etc/shadow", false),
-            ("a/b/link", "../../c/d", true),
+            ("a/b/link", "c/d", true),
             ("a/b/link", "../../../c", false),
             ("link", "", false),
         ] {

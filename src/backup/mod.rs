@@ -60,8 +60,10 @@ pub fn make_private_dir(dir: &Path) -> Result<(), String> {
 }
 
 /// Backs up `home` into the new file `out` (mode 0600, refused if it exists). Everything
-/// inside the HOME is read with `owner`'s file rights (a link the tenant planted leads
-/// nowhere it could not read itself); the archive is written with the daemon's.
+/// inside the HOME is looked up from the open directory above it, never through a link (a
+/// link the tenant planted, or a directory it swaps for one mid-walk, leads nowhere), and read
+/// with `owner`'s file rights when the agent has a uid of its own; the archive is written with
+/// the daemon's.
 pub fn backup_home(
     home: &Path,
     owner: Option<Identity>,

@@ -19,11 +19,12 @@ const TICK: Duration = Duration::from_secs(30);
 /// A failed agent is tried again after this (or after `every`, if shorter).
 const RETRY: Duration = Duration::from_secs(600);
 
-/// Whether an agent whose newest archive was made at `newest` is due at `now`.
+/// Whether an agent whose newest archive was made at `newest` is due at `now`. An archive
+/// from the future (a clock that was wrong once) must not hold the schedule off until then.
 pub fn due(newest: Option<SystemTime>, now: SystemTime, every: Duration) -> bool {
     match newest {
         None => true,
-        Some(t) => now.duration_since(t).is_ok_and(|age| age >= every),
+        Some(t) => now.duration_since(t).map_or(true, |age| age >= every),
     }
 }
 
@@ -32,12 +33,12 @@ pub fn to_prune(archives: &[PathBuf], keep: usize) -> &[PathBuf] {
     &archives[..archives.len().saturating_sub(keep)]
 }
 
-/// Where a fleet's schedule puts one agent's archives.
+/// Where a fleet's schedule puts one agent's archives: `<dir>/<fleet>/<agent>/` (agent ids
+/// repeat across fleets, and pruning must only ever see one agent's archives).
 pub fn agent_dir(state_dir: &Path, fleet: &str, agent: &str, dir: Option<&Path>) -> PathBuf {
-    match dir {
-        Some(d) => d.join(agent),
-        None => state_dir.join("backups").join(fleet).join(agent),
-    }
+    dir.map_or_else(|| state_dir.join("backups"), Path::to_path_buf)
+        .join(fleet)
+        .join(agent)
 }
 
 pub async fn run(ctx: Arc<NodeContext>, node: ActorRef<NodeMsg>) {
@@ -164,8 +165,8 @@ mod tests {
             (Some(now - h), true),
             (Some(now - h + Duration::from_secs(1)), false),
             (Some(now), false),
-            // A clock that went back: not due until it catches up.
-            (Some(now + h), false),
+            // An archive dated in the future: due (else one wrong clock stops the schedule).
+            (Some(now + h), true),
         ] {
             assert_eq!(due(newest, now, h), want, "{newest:?}");
         }

@@ -19,6 +19,9 @@ pub struct EnvInput<'a> {
     pub extra: &'a BTreeMap<String, String>,
     /// False for a custom command: it gets no OpenClaw/Node tuning it did not ask for.
     pub runs_openclaw: bool,
+    /// A heap cap raised after out-of-memory aborts (`heap_raise`): replaces whatever
+    /// `--max-old-space-size` NODE_OPTIONS has.
+    pub heap_mib: Option<u32>,
 }
 
 pub const MARKER_VAR: &str = "FLEET_COMMANDER_AGENT";
@@ -83,6 +86,22 @@ pub fn agent_env(input: &EnvInput) -> Vec<(String, String)> {
             continue;
         }
         env.insert(k.clone(), v.clone());
+    }
+    if let Some(mib) = input.heap_mib {
+        let others: Vec<&str> = env
+            .get("NODE_OPTIONS")
+            .map(|o| {
+                o.split_whitespace()
+                    .filter(|w| !w.starts_with("--max-old-space-size="))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut opts = others.join(" ");
+        if !opts.is_empty() {
+            opts.push(' ');
+        }
+        opts.push_str(&format!("--max-old-space-size={mib}"));
+        env.insert("NODE_OPTIONS".into(), opts);
     }
     env.into_iter().collect()
 }

@@ -352,7 +352,30 @@ mod tests {
             marker: "f/a#7",
             extra,
             runs_openclaw,
+            heap_mib: None,
         })
+    }
+
+    #[test]
+    fn a_raised_heap_cap_replaces_the_one_node_options_has() {
+        let paths = AgentPaths::new(Path::new("/state"), "f", "a");
+        let mut extra = BTreeMap::new();
+        extra.insert(
+            "NODE_OPTIONS".to_string(),
+            "--max-old-space-size=100 --trace-gc".to_string(),
+        );
+        let env = agent_env(&EnvInput {
+            paths: &paths,
+            port: 20_000,
+            node_bin_dir: None,
+            profile: Profile::Lean,
+            marker: "f/a#7",
+            extra: &extra,
+            runs_openclaw: true,
+            heap_mib: Some(448),
+        });
+        let opts = &env.iter().find(|(k, _)| k == "NODE_OPTIONS").unwrap().1;
+        assert_eq!(opts, "--trace-gc --max-old-space-size=448");
     }
 
     #[test]

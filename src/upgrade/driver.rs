@@ -45,17 +45,19 @@ impl Driver {
         self.rec.lock().unwrap().clone()
     }
 
-    /// Changes the record and saves it before anything else happens.
-    fn update(&self, f: impl FnOnce(&mut UpgradeRecord)) {
+    /// Changes the record and saves it before anything else happens. Err: the record could
+    /// not be written (a full disk): a step that a crash would then misjudge is not taken.
+    fn update(&self, f: impl FnOnce(&mut UpgradeRecord)) -> Result<(), String> {
         let mut r = self.rec.lock().unwrap();
         f(&mut r);
         r.elapsed_ms = self.started.elapsed().as_millis() as u64;
-        if let Err(e) = save(&self.ctx.config.state_dir, &r) {
+        save(&self.ctx.config.state_dir, &r).map_err(|e| {
             tracing::error!(fleet = %r.fleet, error = %e, "could not save the upgrade's progress");
-        }
+            format!("the upgrade's record could not be saved: {e}")
+        })
     }
 
-    fn step(&self, agent: &str, step: Step, reason: Option<String>) {
+    fn step(&self, agent: &str, step: Step, reason: Option<String>) -> Result<(), String> {
         let fleet = self.fleet();
         tracing::info!(
             fleet,
@@ -78,7 +80,7 @@ impl Driver {
                     a.reason = reason;
                 }
             }
-        });
+        })
     }
 
     async fn cmd(&self, c: Command) -> Result<Reply, String> {
@@ -189,7 +191,7 @@ impl Driver {
                 }
             }
             if let Some(why) = stop {
-                self.update(|r| {
+                let _ = self.update(|r| {
                     r.state = Rollout::Stopped;
                     r.reason = Some(why);
                 });
@@ -197,7 +199,7 @@ impl Driver {
             }
         }
         let to = rec.to.clone();
-        match self.set_fleet_version(Some(to)).await {
+        let _ = match self.set_fleet_version(Some(to)).await {
             Ok(()) => self.update(|r| {
                 r.state = Rollout::Done;
                 r.reason = None;
@@ -208,7 +210,7 @@ impl Driver {
                     "every agent is upgraded, but the fleet's version could not be set: {e}"
                 ));
             }),
-        }
+        };
         self.publish_fleet("done");
         self.snapshot()
     }
@@ -242,20 +244,18 @@ impl Driver {
         }
     }
 
-    /// One agent: Err(why the rollout stops) when it had to be rolled back.
+    /// One agent: Err(why the rollout stops) when it had to be put back.
     async fn upgrade_one(&self, agent: String) -> Result<(), String> {
         let rec = self.snapshot();
-        let was_running = match self.status(&agent).await {
-            Ok(r) => r.state != crate::state::AgentState::Stopped,
-            Err(e) => return Err(e),
-        };
+        let was_running = self.status(&agent).await?.state != crate::state::AgentState::Stopped;
+        // Nothing has changed yet: a record that cannot be written stops here.
         self.update(|r| {
             if let Some(a) = r.agent_mut(&agent) {
                 a.was_running = was_running;
             }
-        });
+        })?;
         let t0 = Instant::now();
-        self.step(&agent, Step::BackingUp, None);
+        self.step(&agent, Step::BackingUp, None)?;
         if let Err(e) = self.stop(&agent).await {
             return self.put_back_old(&agent, format!("stopping it: {e}")).await;
         }
@@ -266,7 +266,7 @@ impl Driver {
                 .await;
         }
         let out = dir.join(crate::backup::archive_name(&agent));
-        match self
+        if let Err(e) = self
             .cmd(Command::AgentBackup {
                 fleet: rec.fleet.clone(),
                 agent: agent.clone(),
@@ -274,18 +274,20 @@ impl Driver {
             })
             .await
         {
-            Ok(_) => self.update(|r| {
-                if let Some(a) = r.agent_mut(&agent) {
-                    a.backup = Some(out.clone());
-                }
-            }),
-            Err(e) => {
-                return self
-                    .put_back_old(&agent, format!("backing it up: {e}"))
-                    .await
-            }
+            return self
+                .put_back_old(&agent, format!("backing it up: {e}"))
+                .await;
         }
-        self.step(&agent, Step::Restarting, None);
+        let noted = self.update(|r| {
+            if let Some(a) = r.agent_mut(&agent) {
+                a.backup = Some(out.clone());
+            }
+        });
+        // The new version must not run unless a crash from here on is known to need a
+        // rollback.
+        if let Err(e) = noted.and_then(|()| self.step(&agent, Step::Restarting, None)) {
+            return self.put_back_old(&agent, e).await;
+        }
         let restarts = self.status(&agent).await.map(|r| r.restarts).unwrap_or(0);
         let started = async {
             self.set_version(&agent, Some(rec.to.clone())).await?;
@@ -300,12 +302,12 @@ impl Driver {
         match started {
             Ok(()) => {
                 let ms = t0.elapsed().as_millis() as u64;
-                self.update(|r| {
+                let _ = self.update(|r| {
                     if let Some(a) = r.agent_mut(&agent) {
                         a.unavailable_ms = Some(ms);
                     }
                 });
-                self.step(&agent, Step::Kept, None);
+                let _ = self.step(&agent, Step::Kept, None);
                 Ok(())
             }
             Err(why) => {
@@ -329,12 +331,14 @@ impl Driver {
                 let _ = self.start(agent).await;
             }
         }
-        self.step(agent, Step::RolledBack, Some(why.clone()));
+        let _ = self.step(agent, Step::RolledBack, Some(why.clone()));
         Err(format!("{agent}: {why}"))
     }
 
     /// Stop, restore the backup, old version, start (if it ran), wait for ready (reported,
-    /// not required: the old version's own health is not the rollout's to judge).
+    /// not required: the old version's own health is not the rollout's to judge). A restore
+    /// that fails leaves the agent stopped (`rollback_failed`): the old version must never run
+    /// on state the new one may have migrated.
     async fn roll_back_one(&self, agent: &str, why: Option<String>) {
         let Some(a) = self
             .snapshot()
@@ -344,28 +348,30 @@ impl Driver {
         else {
             return;
         };
-        self.step(agent, Step::RollingBack, why.clone());
+        let _ = self.step(agent, Step::RollingBack, why.clone());
         let mut problems = Vec::new();
         if let Err(e) = self.stop(agent).await {
             problems.push(format!("stop: {e}"));
         }
-        match &a.backup {
-            Some(b) => {
-                if let Err(e) = self
-                    .cmd(Command::AgentRestore {
-                        fleet: self.fleet(),
-                        agent: agent.to_string(),
-                        from: b.clone(),
-                        force: false,
-                    })
-                    .await
-                {
-                    problems.push(format!("restore: {e}"));
-                }
-            }
-            None => {
-                problems.push("no backup was made: its HOME is as the new version left it".into())
-            }
+        let restored = match &a.backup {
+            Some(b) => self
+                .cmd(Command::AgentRestore {
+                    fleet: self.fleet(),
+                    agent: agent.to_string(),
+                    from: b.clone(),
+                    force: false,
+                })
+                .await
+                .map(|_| ()),
+            None => Err("no backup was made".to_string()),
+        };
+        if let Err(e) = restored {
+            let reason = format!(
+                "{}; rollback: restoring its backup failed ({e}): left stopped; `fleet rollback` tries again",
+                why.unwrap_or_default()
+            );
+            let _ = self.step(agent, Step::RollbackFailed, Some(reason));
+            return;
         }
         // Back on exactly the version it ran (the fleet's may have moved since).
         let back = a.own_version.clone().or(a.from.clone());
@@ -383,38 +389,83 @@ impl Driver {
                 problems.push(format!("after the rollback: {e}"));
             }
         }
-        let reason = match (why, problems.is_empty()) {
-            (w, true) => w,
-            (w, false) => Some(format!(
-                "{}; rollback: {}",
-                w.unwrap_or_default(),
-                problems.join("; ")
-            )),
-        };
-        self.step(agent, Step::RolledBack, reason);
+        // The restore rotated its gateway token (the archive's must not keep working).
+        let mut reason = why.unwrap_or_default();
+        reason.push_str("; restored from its backup (its gateway token was rotated)");
+        if !problems.is_empty() {
+            reason.push_str(&format!("; rollback: {}", problems.join("; ")));
+        }
+        let _ = self.step(agent, Step::RolledBack, Some(reason));
     }
 
     /// `fleet rollback`: every agent the upgrade moved goes back, newest first, then the
-    /// fleet's version.
+    /// fleet's version. Agents the upgrade did not move (already on the new version, or added
+    /// since) are pinned to the version they run, so that the fleet's version going back moves
+    /// none of them without a backup.
     pub async fn roll_back_all(self, fleet_version: Option<String>) -> UpgradeRecord {
-        self.update(|r| r.state = Rollout::RollingBack);
-        let moved: Vec<String> = self
-            .snapshot()
+        let _ = self.update(|r| r.state = Rollout::RollingBack);
+        let rec = self.snapshot();
+        let moved: Vec<String> = rec
             .agents
             .iter()
             .rev()
-            .filter(|a| matches!(a.step, Step::Kept | Step::Restarting | Step::RollingBack))
+            .filter(|a| {
+                matches!(
+                    a.step,
+                    Step::Kept | Step::Restarting | Step::RollingBack | Step::RollbackFailed
+                )
+            })
             .map(|a| a.agent.clone())
             .collect();
         for a in moved {
             self.roll_back_one(&a, Some("fleet rollback".into())).await;
         }
+        let recorded: std::collections::BTreeSet<&str> = rec
+            .agents
+            .iter()
+            .filter(|a| a.step != Step::Skipped)
+            .map(|a| a.agent.as_str())
+            .collect();
+        let mut problems = Vec::new();
+        if let Ok(Reply::Status(rows)) = self
+            .cmd(Command::Status {
+                fleet: Some(rec.fleet.clone()),
+                agent: None,
+            })
+            .await
+        {
+            for row in rows.iter().filter(|r| !recorded.contains(r.agent.as_str())) {
+                if let Some(v) = &row.openclaw_version {
+                    if let Err(e) = self.set_version(&row.agent, Some(v.clone())).await {
+                        problems.push(format!("{}: {e}", row.agent));
+                    }
+                }
+            }
+        }
         let r = self.set_fleet_version(fleet_version).await;
-        self.update(|rec| {
-            rec.state = Rollout::RolledBack;
-            rec.reason = r
-                .err()
-                .map(|e| format!("the fleet's version could not be set back: {e}"));
+        if let Err(e) = r {
+            problems.push(format!("the fleet's version could not be set back: {e}"));
+        }
+        let failed: Vec<String> = self
+            .snapshot()
+            .agents
+            .iter()
+            .filter(|a| a.step == Step::RollbackFailed)
+            .map(|a| a.agent.clone())
+            .collect();
+        if !failed.is_empty() {
+            problems.push(format!(
+                "not restored (left stopped): {}",
+                failed.join(", ")
+            ));
+        }
+        let _ = self.update(|rec| {
+            rec.state = if failed.is_empty() {
+                Rollout::RolledBack
+            } else {
+                Rollout::Stopped
+            };
+            rec.reason = (!problems.is_empty()).then(|| problems.join("; "));
         });
         self.publish_fleet("rolled_back");
         self.snapshot()
@@ -435,7 +486,7 @@ impl Driver {
                     if a.was_running {
                         let _ = self.start(&a.agent).await;
                     }
-                    self.step(
+                    let _ = self.step(
                         &a.agent,
                         Step::RolledBack,
                         Some("fleetd stopped during its backup".into()),
@@ -452,7 +503,7 @@ impl Driver {
                 }
             }
         }
-        self.update(|r| {
+        let _ = self.update(|r| {
             r.state = Rollout::Interrupted;
             r.reason = Some(format!(
                 "fleetd stopped during the upgrade; put back on the old version: {}",

@@ -47,6 +47,10 @@ pub enum Step {
     RollingBack,
     /// Back on its old version, with its backup.
     RolledBack,
+    /// Its backup could not be restored: it is left stopped on the new version's state
+    /// (never started on the old version over state the new one migrated); `fleet rollback`
+    /// tries again.
+    RollbackFailed,
 }
 
 impl Step {
@@ -60,6 +64,7 @@ impl Step {
             Step::Kept => "kept",
             Step::RollingBack => "rolling_back",
             Step::RolledBack => "rolled_back",
+            Step::RollbackFailed => "rollback_failed",
         }
     }
 }
@@ -134,21 +139,25 @@ pub enum Resume {
 
 pub fn resume(step: Step) -> Resume {
     match step {
-        Step::Pending | Step::Skipped | Step::Kept | Step::RolledBack => Resume::Leave,
+        Step::Pending | Step::Skipped | Step::Kept | Step::RolledBack | Step::RollbackFailed => {
+            Resume::Leave
+        }
         Step::BackingUp => Resume::StartOld,
         Step::Restarting | Step::RollingBack => Resume::RollBack,
     }
 }
 
 /// Whether a status row says the agent is up on its new version: running, ready, and no
-/// channel failed (OpenClaw reports a channel it cannot start, its probes stay 200).
+/// channel broken: failed, or held off by OpenClaw's crash-loop breaker (both leave the
+/// gateway's probes at 200).
 pub fn ready(row: &crate::messages::command::AgentStatus) -> bool {
+    use crate::channels::ChannelState;
     row.state == crate::state::AgentState::Running
         && row.ready
         && !row
             .channels
             .values()
-            .any(|c| c.state == crate::channels::ChannelState::Failed)
+            .any(|c| matches!(c.state, ChannelState::Failed | ChannelState::Off))
 }
 
 /// Whether the row says the start already failed (no point waiting out the timeout).
@@ -251,6 +260,45 @@ mod tests {
         );
     }
 
+    fn row(
+        state: &str,
+        ready: bool,
+        restarts: u32,
+        channel: Option<&str>,
+    ) -> crate::messages::command::AgentStatus {
+        let channels = match channel {
+            Some(c) => serde_json::json!({"telegram": {"state": c, "error": null}}),
+            None => serde_json::json!({}),
+        };
+        serde_json::from_value(serde_json::json!({
+            "fleet": "f", "agent": "a", "state": state, "pid": 1, "port": 20000, "home": "/h",
+            "restarts": restarts, "healthy": true, "ready": ready, "uptime_s": 1,
+            "rss_bytes": null, "last_exit": null, "reason": null, "drift": null,
+            "channels": channels, "isolation": null,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn readiness_of_an_upgraded_agent() {
+        for (state, rd, restarts, ch, want_ready, want_failed) in [
+            ("running", true, 0, None, true, false),
+            ("running", true, 0, Some("ready"), true, false),
+            ("running", false, 0, None, false, false),
+            ("starting", false, 0, None, false, false),
+            ("running", true, 0, Some("starting"), true, false),
+            ("running", true, 0, Some("failed"), false, false),
+            ("running", true, 0, Some("off"), false, false),
+            ("backoff", false, 1, None, false, true),
+            ("failed", false, 5, None, false, true),
+            ("starting", false, 1, None, false, true),
+        ] {
+            let r = row(state, rd, restarts, ch);
+            assert_eq!(ready(&r), want_ready, "{state} {rd} {ch:?}");
+            assert_eq!(failed(&r, 0).is_some(), want_failed, "{state} {restarts}");
+        }
+    }
+
     #[test]
     fn resume_decisions() {
         for (step, want) in [
@@ -261,6 +309,7 @@ mod tests {
             (Step::Kept, Resume::Leave),
             (Step::RollingBack, Resume::RollBack),
             (Step::RolledBack, Resume::Leave),
+            (Step::RollbackFailed, Resume::Leave),
         ] {
             assert_eq!(resume(step), want, "{step:?}");
         }

@@ -64,6 +64,7 @@ impl NodeRuntime {
         out: Option<PathBuf>,
     ) -> Result<Job, FleetError> {
         self.check_not_removing(fleet, Some(agent))?;
+        self.check_not_restoring(fleet, Some(agent))?;
         let owner = self.home_owner(fleet, agent)?;
         let paths = AgentPaths::new(&self.ctx.config.state_dir, fleet, agent);
         let out = match out {

@@ -52,39 +52,53 @@ impl NodeRuntime {
             .unwrap_or(Format::Nginx);
         let routes = routes(&self.data);
         let text = webhooks::render(format, &base, &routes);
-        let applied = match apply {
-            None => None,
-            Some(dir) => {
-                if !dir.is_absolute() || !dir.is_dir() {
-                    return Err(FleetError::invalid(
-                        "--apply",
-                        format!("{} is not an existing absolute directory", dir.display()),
-                    ));
-                }
-                let reload = self
-                    .ctx
-                    .config
-                    .front_door
-                    .as_ref()
-                    .filter(|f| f.format == format)
-                    .map(|f| f.reload.clone())
-                    .unwrap_or_else(|| format.default_reload());
-                let p = webhooks::apply(&dir, format, &text, &reload)
-                    .map_err(|e| FleetError::invalid("--apply", e))?;
-                Some(p.display().to_string())
-            }
+        let Some(dir) = apply else {
+            return now(Reply::Webhooks {
+                format,
+                routes,
+                config: text,
+                applied: None,
+            });
         };
-        now(Reply::Webhooks {
-            format,
-            routes,
-            config: text,
-            applied,
-        })
+        if !dir.is_absolute() || !dir.is_dir() {
+            return Err(FleetError::invalid(
+                "--apply",
+                format!("{} is not an existing absolute directory", dir.display()),
+            ));
+        }
+        let reload = self
+            .ctx
+            .config
+            .front_door
+            .as_ref()
+            .filter(|f| f.format == format)
+            .map(|f| f.reload.clone())
+            .unwrap_or_else(|| format.default_reload());
+        let writer = self.front_door_writer.clone();
+        Ok(Outcome::Later(Box::pin(async move {
+            let r = tokio::task::spawn_blocking(move || {
+                let _one = writer.lock().unwrap_or_else(|e| e.into_inner());
+                webhooks::apply(&dir, format, &text, &reload).map(|p| (p, text))
+            })
+            .await;
+            match r {
+                Ok(Ok((p, text))) => Reply::Webhooks {
+                    format,
+                    routes,
+                    config: text,
+                    applied: Some(p.display().to_string()),
+                },
+                Ok(Err(e)) => Reply::Error(FleetError::invalid("--apply", e)),
+                Err(e) => Reply::Error(FleetError::internal(e)),
+            }
+        })))
     }
 
     /// After a save: when the routes differ from what the proxy was last given, write them and
-    /// reload it (off the actor). A proxy that refuses the reload keeps its old config; the
-    /// next change tries again.
+    /// reload it, off the actor. One writer at a time, and it always writes the newest routes
+    /// (a slow reload never lets an older set overwrite a newer one). A proxy that refuses the
+    /// reload keeps running its old config; the file holds the new routes, and the next save
+    /// tries the reload again.
     pub(super) fn sync_front_door(&self) {
         let (Some(door), Some(base)) = (
             self.ctx.config.front_door.clone(),
@@ -94,28 +108,46 @@ impl NodeRuntime {
         };
         let routes = routes(&self.data);
         {
-            let mut last = self
-                .front_door_routes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if last.as_ref() == Some(&routes) {
+            let mut st = self.front_door.lock().unwrap_or_else(|e| e.into_inner());
+            if st.wanted.as_ref() == Some(&routes) {
                 return;
             }
-            *last = Some(routes.clone());
+            st.wanted = Some(routes);
         }
-        let shared = self.front_door_routes.clone();
+        let state = self.front_door.clone();
+        let writer = self.front_door_writer.clone();
         tokio::task::spawn_blocking(move || {
-            let text = webhooks::render(door.format, &base, &routes);
-            match webhooks::apply(&door.dir, door.format, &text, &door.reload) {
+            let _one = writer.lock().unwrap_or_else(|e| e.into_inner());
+            let wanted = {
+                let st = state.lock().unwrap_or_else(|e| e.into_inner());
+                match &st.wanted {
+                    Some(w) if st.applied.as_ref() != Some(w) => w.clone(),
+                    _ => return,
+                }
+            };
+            let text = webhooks::render(door.format, &base, &wanted);
+            let r = webhooks::apply(&door.dir, door.format, &text, &door.reload);
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            match r {
                 Ok(p) => {
-                    tracing::info!(path = %p.display(), routes = routes.len(), "front door updated")
+                    tracing::info!(path = %p.display(), routes = wanted.len(), "front door updated");
+                    st.applied = Some(wanted);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "front door not updated");
-                    // Try again at the next save.
-                    *shared.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    st.applied = None;
+                    if st.wanted.as_ref() == Some(&wanted) {
+                        st.wanted = None;
+                    }
                 }
             }
         });
     }
+}
+
+/// What the front door was asked for and what it last took.
+#[derive(Default)]
+pub struct FrontDoorState {
+    wanted: Option<Vec<Route>>,
+    applied: Option<Vec<Route>>,
 }

@@ -269,6 +269,7 @@ fn agent_view(
         marker: &format!("{fleet}/{agent}"),
         extra: &extra,
         runs_openclaw: spec.runs_openclaw(),
+        heap_mib: None,
     });
     if !redact {
         // The operator's program is no member of the agent: no marker, and `openclaw` on PATH.
