@@ -1109,14 +1109,17 @@ impl NodeRuntime {
 
     // ---- agents ----
 
-    fn agent_record(&self, fleet: &str, agent: &str) -> Result<&AgentRecord, FleetError> {
-        let f = self
-            .data
+    fn fleet_record(&self, fleet: &str) -> Result<&FleetRecord, FleetError> {
+        self.data
             .fleets
             .get(fleet)
             .ok_or_else(|| FleetError::NoSuchFleet {
                 fleet: fleet.to_string(),
-            })?;
+            })
+    }
+
+    fn agent_record(&self, fleet: &str, agent: &str) -> Result<&AgentRecord, FleetError> {
+        let f = self.fleet_record(fleet)?;
         f.agents.get(agent).ok_or_else(|| FleetError::NoSuchAgent {
             fleet: fleet.to_string(),
             agent: agent.to_string(),

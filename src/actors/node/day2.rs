@@ -136,13 +136,7 @@ impl NodeRuntime {
         fleet: &str,
         dir: Option<PathBuf>,
     ) -> Result<Later, FleetError> {
-        let rec = self
-            .data
-            .fleets
-            .get(fleet)
-            .ok_or_else(|| FleetError::NoSuchFleet {
-                fleet: fleet.to_string(),
-            })?;
+        let rec = self.fleet_record(fleet)?;
         if let Some(d) = &dir {
             if !d.is_absolute() {
                 return Err(FleetError::invalid(
@@ -303,13 +297,7 @@ impl NodeRuntime {
         ready_timeout_s: Option<u64>,
     ) -> Result<Later, FleetError> {
         self.imperative_change(fleet, format!("fleet {fleet}'s OpenClaw version"))?;
-        let rec = self
-            .data
-            .fleets
-            .get(fleet)
-            .ok_or_else(|| FleetError::NoSuchFleet {
-                fleet: fleet.to_string(),
-            })?;
+        let rec = self.fleet_record(fleet)?;
         if !rec.spec.runs_openclaw() {
             return Err(FleetError::invalid(
                 "fleet upgrade",
