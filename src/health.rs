@@ -61,11 +61,14 @@ pub async fn http_get(
         })?;
         let mut rest = buf[..n].to_vec();
         if max_body > 0 {
-            let mut chunk = [0u8; 1024];
+            // Read straight into the heap: a buffer on this future's stack would be held by
+            // every agent's prober task, body or not.
+            rest.reserve(max_body.saturating_sub(rest.len()));
             while rest.len() < max_body {
-                match s.read(&mut chunk).await {
+                let room = max_body - rest.len();
+                match (&mut s).take(room as u64).read_buf(&mut rest).await {
                     Ok(0) | Err(_) => break,
-                    Ok(k) => rest.extend_from_slice(&chunk[..k.min(max_body - rest.len())]),
+                    Ok(_) => {}
                 }
             }
         }
@@ -132,6 +135,44 @@ pub struct ProbeReport {
 /// Next delay of the probe schedule: doubling from `FIRST_PROBE` (at most
 /// `STARTING_PROBE_MAX`, and never beyond the steady interval) until the agent has been
 /// healthy once, then the steady interval.
+impl ProbeReport {
+    /// What an agent whose fleet probes nothing (`health.enabled = false`) counts as once
+    /// spawned.
+    pub fn unprobed() -> ProbeReport {
+        ProbeReport {
+            healthy: true,
+            ready: true,
+            failures: 0,
+            latency: Duration::ZERO,
+            error: None,
+            failing: Vec::new(),
+        }
+    }
+}
+
+/// Steady probes wake on a shared grid of this step: a thousand agents' probes then come
+/// in 4 runtime wake-ups a second in batches instead of ~100 lone ones (each a worker
+/// unpark and an epoll turn), and an interval is at most one step (and at most a quarter
+/// of itself) longer.
+pub const PROBE_SLOT: Duration = Duration::from_millis(250);
+
+/// The first point of the `slot` grid (counted from `epoch`) at or after `at`, both as
+/// offsets from the epoch; a zero slot is no grid.
+pub fn on_grid(at: Duration, slot: Duration) -> Duration {
+    if slot.is_zero() {
+        return at;
+    }
+    let step = slot.as_nanos();
+    let n = at.as_nanos().div_ceil(step);
+    Duration::from_nanos((n * step) as u64)
+}
+
+/// Where every prober's grid starts: one epoch per process, so all of them share it.
+fn grid_epoch() -> tokio::time::Instant {
+    static EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(tokio::time::Instant::now)
+}
+
 pub fn next_delay(current: Duration, ever_healthy: bool, spec: &HealthSpec) -> Duration {
     let steady = Duration::from_millis(spec.interval_ms);
     if ever_healthy {
@@ -159,7 +200,15 @@ pub fn spawn_prober(
         let mut ready = false;
         let mut ticks_since_ready_check = 0u32;
         loop {
-            tokio::time::sleep(delay).await;
+            if ever_healthy {
+                let epoch = grid_epoch();
+                let due = tokio::time::Instant::now() + delay - epoch;
+                // A short test interval keeps its pace: the step is at most a quarter of it.
+                let slot = PROBE_SLOT.min(delay / 4);
+                tokio::time::sleep_until(epoch + on_grid(due, slot)).await;
+            } else {
+                tokio::time::sleep(delay).await;
+            }
             let t0 = std::time::Instant::now();
             let live = http_status(port, "/healthz", timeout).await;
             let latency = t0.elapsed();
@@ -225,6 +274,22 @@ pub fn spawn_prober(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steady_probes_land_on_the_shared_grid() {
+        let ms = Duration::from_millis;
+        let cases = [
+            (ms(0), ms(250), ms(0)),
+            (ms(1), ms(250), ms(250)),
+            (ms(250), ms(250), ms(250)),
+            (ms(10_001), ms(250), ms(10_250)),
+            (ms(10_249), ms(250), ms(10_250)),
+            (ms(777), Duration::ZERO, ms(777)),
+        ];
+        for (at, slot, want) in cases {
+            assert_eq!(on_grid(at, slot), want, "{at:?} on a {slot:?} grid");
+        }
+    }
 
     #[test]
     fn schedule_backs_off_to_the_interval() {

@@ -28,6 +28,9 @@ pub fn run_differences(old: &FleetSpec, new: &FleetSpec) -> Vec<&'static str> {
     if old.stride != new.stride {
         v.push("stride");
     }
+    if old.node_flags != new.node_flags {
+        v.push("node_flags");
+    }
     v
 }
 
@@ -329,6 +332,9 @@ mod tests {
         let mut s = base.clone();
         s.stride = Some(200);
         cases.push(("stride", s));
+        let mut s = base.clone();
+        s.node_flags = vec!["--optimize-for-size".into()];
+        cases.push(("node_flags", s));
         for (what, new) in cases {
             // The fleet records its new spec first, then its agent restarts on it.
             assert_eq!(

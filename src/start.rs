@@ -159,11 +159,8 @@ impl StartJob {
                     self.spec.openclaw_version_of(&self.agent),
                 )
                 .map_err(|e| permanent(e.to_string()))?;
-                (
-                    inst.openclaw,
-                    vec!["gateway".to_string(), "run".to_string()],
-                    inst.node_bin_dir,
-                )
+                let (program, args) = provision::gateway_invocation(&inst, &self.spec.node_flags);
+                (program, args, inst.node_bin_dir)
             }
         };
         let (paths, spec, token, port) = (
@@ -294,8 +291,7 @@ impl StartJob {
             confine,
             ksm: self
                 .spec
-                .ksm
-                .unwrap_or_else(crate::process::procfs::ksm_available),
+                .merges_pages(crate::process::procfs::ksm_available()),
             cwd: self.paths.home.clone(),
             cgroup_procs: cgroup
                 .as_ref()

@@ -284,7 +284,8 @@ fn check_exposition(body: &str) {
 }
 
 /// `ksm` per fleet: an agent of a fleet with KSM on asked the kernel to merge its pages
-/// (`ksm_merge_any: yes`, kept across exec), one with `ksm = false` did not.
+/// (`ksm_merge_any: yes`, kept across exec), one with `ksm = false` did not, nor one of a
+/// custom command left at the default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ksm_is_asked_for_per_fleet() {
     use fleet_commander::process::procfs;
@@ -299,7 +300,8 @@ async fn ksm_is_asked_for_per_fleet() {
         return;
     }
     let (_d, node) = node_with(|_| {}).await;
-    let on = stub("ksm-on", "");
+    let mut on = stub("ksm-on", "");
+    on.ksm = Some(true);
     let mut off = stub("ksm-off", "");
     off.ksm = Some(false);
     node.create_fleet(on).await.unwrap();
@@ -324,6 +326,11 @@ async fn ksm_is_asked_for_per_fleet() {
         "ksm on: the agent asked for merging"
     );
     assert!(!stat("ksm-off").merge_any, "ksm = false: it did not");
+    node.create_fleet(stub("ksm-default", "")).await.unwrap();
+    assert!(
+        !stat("ksm-default").merge_any,
+        "a custom command's default is off"
+    );
     // The flag is the memory map's: the daemon (this process embeds the node) must not keep
     // it after handing it to a child.
     let me = procfs::parse_ksm_stat(&std::fs::read_to_string("/proc/self/ksm_stat").unwrap());

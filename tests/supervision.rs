@@ -592,3 +592,34 @@ async fn an_agent_respawned_after_its_actor_panics_keeps_its_leased_port() {
     drop(squatter);
     node.shutdown().await;
 }
+
+/// `--no-probes` (`health.enabled = false`): an agent that serves no HTTP at all counts as
+/// running once spawned, as supervisord and PM2 run it; beside it the same program in a
+/// probed fleet stays `starting`, waiting for a /healthz that never answers.
+#[test]
+fn a_fleet_without_probes_runs_what_serves_nothing() {
+    let d = Daemon::start();
+    for (fleet, extra) in [("probed", None), ("unprobed", Some("--no-probes"))] {
+        let mut words = vec![
+            "fleet",
+            "create",
+            fleet,
+            "--agents",
+            "1",
+            "--command",
+            "sleep 600",
+        ];
+        words.extend(extra);
+        let out = d.ctl(&words);
+        assert!(out.contains("created"), "{out}");
+    }
+    let rows = d.wait_running("unprobed", 1, Duration::from_secs(20));
+    assert_eq!(rows[0]["ready"], true, "{}", rows[0]);
+    let probed = wait_until(Duration::from_secs(20), "probed/agent-1 spawned", |seen| {
+        let r = d.agent("probed", "agent-1")?;
+        *seen = r.to_string();
+        r["pid"].as_u64().is_some().then_some(r)
+    });
+    assert_eq!(probed["state"], "starting", "{probed}");
+    assert_eq!(probed["healthy"], false, "{probed}");
+}

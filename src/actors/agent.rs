@@ -484,6 +484,10 @@ impl AgentRuntime {
                 self.breaker = false;
                 self.failing.clear();
                 self.set_state(AgentState::Starting, None, None);
+                if !self.spec.health.enabled {
+                    self.on_probe(gen, ProbeReport::unprobed());
+                    return;
+                }
                 let me = myself.clone();
                 self.prober = Some(health::spawn_prober(
                     self.port,

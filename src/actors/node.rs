@@ -318,12 +318,14 @@ impl NodeRuntime {
                 profile,
                 isolation,
                 openclaw_version,
+                no_probes,
             } => {
                 let mut spec = FleetSpec::from_create(
                     &fleet, agents, strategy, command, template, restart, stride, profile,
                 );
                 spec.isolation = isolation;
                 spec.openclaw_version = openclaw_version;
+                spec.health.enabled = !no_probes;
                 self.create_fleet(myself, spec, Desired::Running, Origin::Command)
                     .await?;
                 done(format!("fleet {fleet} created with {agents} agents"))

@@ -192,6 +192,10 @@ const CREATE_FLAGS: &[Flag] = &[
         "V",
         "the OpenClaw version its agents run (installed by scripts/install-openclaw.sh V)",
     ),
+    switch(
+        "--no-probes",
+        "probe no /healthz: a spawned agent counts as running (as supervisord runs)",
+    ),
 ];
 
 static SPECS: &[Spec] = &[
@@ -965,6 +969,7 @@ fn build_fleet_create(a: &Args) -> Result<Command, ParseError> {
                 None => Ok(v.to_string()),
             })
             .transpose()?,
+        no_probes: a.switch("--no-probes"),
     })
 }
 
@@ -1327,6 +1332,7 @@ mod tests {
             profile: None,
             isolation: None,
             openclaw_version: None,
+            no_probes: false,
         }
     }
 
@@ -1341,6 +1347,14 @@ mod tests {
         let cases: Vec<(&str, Command)> = vec![
             ("fleet create f", create("f")),
             (
+                "fleet create f --no-probes",
+                with(create("f"), |c| {
+                    if let Command::FleetCreate { no_probes, .. } = c {
+                        *no_probes = true;
+                    }
+                }),
+            ),
+            (
                 "fleet create f --agents 3 --strategy rest_for_one --command \"python3 agent.py --flag\" --template t.json --restart transient --stride 200 --profile lean --isolation landlock",
                 Command::FleetCreate {
                     fleet: s("f"),
@@ -1353,6 +1367,7 @@ mod tests {
                     profile: Some(Profile::Lean),
                     isolation: Some(crate::isolation::Isolation::Landlock),
                     openclaw_version: None,
+                    no_probes: false,
                 },
             ),
             (
@@ -1368,6 +1383,7 @@ mod tests {
                     profile: Some(Profile::Default),
                     isolation: None,
                     openclaw_version: None,
+                    no_probes: false,
                 },
             ),
             (

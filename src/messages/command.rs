@@ -35,6 +35,9 @@ pub enum Command {
         /// `None`: the pinned default install.
         #[serde(default)]
         openclaw_version: Option<String>,
+        /// `health.enabled = false`.
+        #[serde(default)]
+        no_probes: bool,
     },
     FleetList,
     FleetStart {

