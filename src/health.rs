@@ -132,9 +132,6 @@ pub struct ProbeReport {
     pub failing: Vec<String>,
 }
 
-/// Next delay of the probe schedule: doubling from `FIRST_PROBE` (at most
-/// `STARTING_PROBE_MAX`, and never beyond the steady interval) until the agent has been
-/// healthy once, then the steady interval.
 impl ProbeReport {
     /// What an agent whose fleet probes nothing (`health.enabled = false`) counts as once
     /// spawned.
@@ -152,8 +149,8 @@ impl ProbeReport {
 
 /// Steady probes wake on a shared grid of this step: a thousand agents' probes then come
 /// in 4 runtime wake-ups a second in batches instead of ~100 lone ones (each a worker
-/// unpark and an epoll turn), and an interval is at most one step (and at most a quarter
-/// of itself) longer.
+/// unpark and an epoll turn). Each probe is due one interval after the last one was, moved
+/// up to the next grid point: an interval that is a multiple of the step stays exact.
 pub const PROBE_SLOT: Duration = Duration::from_millis(250);
 
 /// The first point of the `slot` grid (counted from `epoch`) at or after `at`, both as
@@ -173,6 +170,9 @@ fn grid_epoch() -> tokio::time::Instant {
     *EPOCH.get_or_init(tokio::time::Instant::now)
 }
 
+/// Next delay of the probe schedule: doubling from `FIRST_PROBE` (at most
+/// `STARTING_PROBE_MAX`, and never beyond the steady interval) until the agent has been
+/// healthy once, then the steady interval.
 pub fn next_delay(current: Duration, ever_healthy: bool, spec: &HealthSpec) -> Duration {
     let steady = Duration::from_millis(spec.interval_ms);
     if ever_healthy {
@@ -199,14 +199,24 @@ pub fn spawn_prober(
         let mut ready_supported = true;
         let mut ready = false;
         let mut ticks_since_ready_check = 0u32;
+        // When the last steady probe was due: the next is due one interval after it, not
+        // after the probe's own answer time, so the grid adds no drift.
+        let mut last_due: Option<tokio::time::Instant> = None;
         loop {
             if ever_healthy {
                 let epoch = grid_epoch();
-                let due = tokio::time::Instant::now() + delay - epoch;
-                // A short test interval keeps its pace: the step is at most a quarter of it.
+                let now = tokio::time::Instant::now();
+                let next = last_due
+                    .map(|d| d + delay)
+                    .filter(|n| *n >= now)
+                    .unwrap_or(now + delay);
+                // The step is at most a quarter of the interval, so a short one keeps its pace.
                 let slot = PROBE_SLOT.min(delay / 4);
-                tokio::time::sleep_until(epoch + on_grid(due, slot)).await;
+                let due = epoch + on_grid(next.saturating_duration_since(epoch), slot);
+                last_due = Some(due);
+                tokio::time::sleep_until(due).await;
             } else {
+                last_due = None;
                 tokio::time::sleep(delay).await;
             }
             let t0 = std::time::Instant::now();

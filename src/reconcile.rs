@@ -31,6 +31,10 @@ pub fn run_differences(old: &FleetSpec, new: &FleetSpec) -> Vec<&'static str> {
     if old.node_flags != new.node_flags {
         v.push("node_flags");
     }
+    // A running agent's prober is started with it: probes switched on or off take a restart.
+    if old.health.enabled != new.health.enabled {
+        v.push("health.enabled");
+    }
     v
 }
 
@@ -335,6 +339,9 @@ mod tests {
         let mut s = base.clone();
         s.node_flags = vec!["--optimize-for-size".into()];
         cases.push(("node_flags", s));
+        let mut s = base.clone();
+        s.health.enabled = false;
+        cases.push(("health.enabled", s));
         for (what, new) in cases {
             // The fleet records its new spec first, then its agent restarts on it.
             assert_eq!(

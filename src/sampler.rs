@@ -22,12 +22,15 @@ pub async fn run(ctx: Arc<NodeContext>, node: ActorRef<NodeMsg>) {
         .map(|p| p.start_time)
         .unwrap_or(0);
     let mut agents_last_round = 0usize;
+    let mut first = true;
     loop {
-        tokio::time::sleep(round_interval(
-            ctx.config.sample_interval,
-            agents_last_round,
-        ))
-        .await;
+        // The first round at once: agents adopted after a daemon restart show their memory
+        // and drift without waiting a whole interval.
+        if !first {
+            let wait = round_interval(ctx.config.sample_interval, agents_last_round);
+            tokio::time::sleep(wait).await;
+        }
+        first = false;
         check_drift(&ctx).await;
         let agents: Vec<((String, String), u32)> = ctx
             .views
@@ -105,7 +108,7 @@ pub const LONGEST_ROUND: Duration = Duration::from_secs(60);
 /// (never shorter than the base, whatever it is).
 pub fn round_interval(base: Duration, agents: usize) -> Duration {
     let rounds = agents.div_ceil(AGENTS_PER_BASE_ROUND).max(1) as u32;
-    (base * rounds).min(LONGEST_ROUND.max(base))
+    base.saturating_mul(rounds).min(LONGEST_ROUND.max(base))
 }
 
 /// Compares each fleet's template on disk with the version its agents render, and records

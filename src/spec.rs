@@ -121,8 +121,11 @@ fn default_fleet_intensity() -> Intensity {
 #[serde(default, deny_unknown_fields)]
 pub struct HealthSpec {
     /// False: no probe at all, as supervisord and PM2 run: a spawned agent counts as running
-    /// and ready (nothing checks its port; a hang goes unseen). For agents that serve no
-    /// HTTP, and for the like-for-like supervisor figures.
+    /// and ready (nothing checks its port; a hang goes unseen). Custom commands only (agents
+    /// that serve no HTTP, the like-for-like supervisor figures): an OpenClaw fleet's start
+    /// gate, upgrades and channel states all rest on its probes. Written only when false, so
+    /// a registry stays readable by the build before this field.
+    #[serde(skip_serializing_if = "is_true")]
     pub enabled: bool,
     /// Steady probe interval once the agent is running.
     pub interval_ms: u64,
@@ -570,6 +573,12 @@ impl FleetSpec {
         if self.fleet_intensity.window_s == 0 {
             bad("fleet_intensity.window_s", "must be at least 1".into());
         }
+        if !self.health.enabled && self.runs_openclaw() {
+            bad(
+                "health.enabled",
+                "an OpenClaw fleet is probed: its start gate, upgrades and channel states rest on /healthz and /readyz".into(),
+            );
+        }
         if self.health.interval_ms == 0 {
             bad("health.interval_ms", "must be at least 1".into());
         }
@@ -880,6 +889,10 @@ pub fn version_problem(v: &str) -> Option<String> {
     })
 }
 
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 /// Why these `node_flags` cannot go on a command line: each one a single `--flag` or
 /// `--flag=value` of printable ASCII (no spaces, no second program or script slipped in),
 /// at most 32 of them.
@@ -898,8 +911,44 @@ pub fn node_flags_problem(flags: &[String]) -> Result<(), String> {
                 "{f:?} is not one --flag or --flag=value of printable ASCII"
             ));
         }
+        let name = body.split('=').next().unwrap_or(body);
+        if let Some(why) = refused_node_flag(name) {
+            return Err(format!("{f:?}: {why}"));
+        }
     }
     Ok(())
+}
+
+/// Node flags `node_flags` may not carry: code loaded or run beside the gateway's, a
+/// debugger port (past the enforced loopback bind), an env file, and the heap cap, which is
+/// the profile's and `heap_raise`'s (the command line would win over NODE_OPTIONS, and the
+/// out-of-memory reason would name the wrong limit).
+fn refused_node_flag(name: &str) -> Option<&'static str> {
+    let code = [
+        "require",
+        "import",
+        "eval",
+        "print",
+        "loader",
+        "experimental-loader",
+        "env-file",
+        "env-file-if-exists",
+        "run",
+        "test",
+        "watch",
+        "watch-path",
+        "check",
+        "interactive",
+    ];
+    if code.contains(&name) {
+        Some("loads or runs code beside the gateway's")
+    } else if name.starts_with("inspect") || name.starts_with("debug") {
+        Some("opens a debugger")
+    } else if name == "max-old-space-size" {
+        Some("the heap cap is the profile's NODE_OPTIONS and heap_raise's")
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -918,6 +967,13 @@ mod tests {
             assert_eq!(node_flags_problem(&flags), Ok(()), "{flags:?}");
         }
         let bad = [
+            v(&["--require=/tmp/x.js"]),
+            v(&["--import=data:text/javascript,1"]),
+            v(&["--eval=1"]),
+            v(&["--inspect=0.0.0.0:9229"]),
+            v(&["--inspect-brk"]),
+            v(&["--env-file=/etc/shadow"]),
+            v(&["--max-old-space-size=4096"]),
             v(&["-e"]),
             v(&["/tmp/evil.js"]),
             v(&["--"]),

@@ -159,7 +159,8 @@ impl StartJob {
                     self.spec.openclaw_version_of(&self.agent),
                 )
                 .map_err(|e| permanent(e.to_string()))?;
-                let (program, args) = provision::gateway_invocation(&inst, &self.spec.node_flags);
+                let (program, args) = provision::gateway_invocation(&inst, &self.spec.node_flags)
+                    .map_err(permanent)?;
                 (program, args, inst.node_bin_dir)
             }
         };

@@ -150,8 +150,16 @@ fn pids_bound(pid: u32) -> (u64, &'static str) {
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .unwrap_or("/");
-    let max = std::fs::read_to_string(format!("/sys/fs/cgroup{}/pids.max", path.trim()))
-        .ok()
+    // Only fleetd's own cgroup for this agent (`…/agents/a.agent-1.<incarnation>`): without
+    // delegation the agent sits in the daemon's cgroup, whose pids.max (a systemd TasksMax,
+    // say) is not its limit.
+    let ours = path
+        .trim()
+        .rsplit_once("/agents/")
+        .is_some_and(|(_, leaf)| leaf.starts_with("a.agent-1."));
+    let max = ours
+        .then(|| std::fs::read_to_string(format!("/sys/fs/cgroup{}/pids.max", path.trim())).ok())
+        .flatten()
         .and_then(|s| s.trim().parse::<u64>().ok());
     if let Some(max) = max {
         assert_eq!(max, ATTACKER_PIDS, "the attacker's cgroup {path}");

@@ -470,10 +470,13 @@ async fn purge_removes_the_home_and_the_rotator_never_recreates_it() {
     let h2 = home(&state, "pg", "agent-2");
     assert!(h1.join("logs").is_dir(), "agent-1 has no log dir");
     let a1_log = agent_log_dir(&state, "pg", "agent-1");
-    assert!(
-        a1_log.join("agent.log").exists(),
-        "agent-1 has no agent.log"
-    );
+    // Waited for, not read once: a rotation renames agent.log away a moment before the
+    // writer opens the next one, and this agent rotates every 64 KiB of its flood.
+    wait_for(Duration::from_secs(10), "agent-1's agent.log", |seen| {
+        *seen = format!("{:?}", dir_files(&a1_log));
+        a1_log.join("agent.log").exists().then_some(())
+    })
+    .await;
     node.remove_agent("pg", "agent-1", true).await.unwrap();
     assert!(
         !h1.exists(),

@@ -622,4 +622,13 @@ fn a_fleet_without_probes_runs_what_serves_nothing() {
     });
     assert_eq!(probed["state"], "starting", "{probed}");
     assert_eq!(probed["healthy"], false, "{probed}");
+    // An OpenClaw fleet is always probed: refused, naming the field, and nothing created.
+    let out = d.ctl_output(&["fleet", "create", "oc", "--agents", "1", "--no-probes"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("health.enabled"), "{err}");
+    assert!(
+        d.agent("oc", "agent-1").is_none(),
+        "a refused fleet was created"
+    );
 }

