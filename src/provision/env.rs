@@ -31,6 +31,14 @@ pub const MARKER_VAR: &str = "FLEET_COMMANDER_AGENT";
 /// reply p50 1.5 s (`fleet-bench --real 2 --talk 6 --minutes 10`, docs/bench.md).
 pub const LEAN_NODE_OPTIONS: &str = "--max-old-space-size=384 --max-semi-space-size=1";
 
+/// What the lean profile adds to an OpenClaw agent's environment beside its NODE_OPTIONS:
+/// a smaller allocator footprint, no mDNS, no self-update.
+pub const LEAN_ENV: &[(&str, &str)] = &[
+    ("MALLOC_ARENA_MAX", "2"),
+    ("OPENCLAW_DISABLE_BONJOUR", "1"),
+    ("OPENCLAW_NO_AUTO_UPDATE", "1"),
+];
+
 /// The agent's whole environment (nothing is inherited), sorted by name, no duplicates.
 ///
 /// For a custom command (`runs_openclaw == false`) the compile cache setting and the lean
@@ -74,9 +82,9 @@ pub fn agent_env(input: &EnvInput) -> Vec<(String, String)> {
         put("OPENCLAW_PACKAGED_COMPILE_CACHE_RESPAWNED", "1".into());
         if input.profile == Profile::Lean {
             put("NODE_OPTIONS", LEAN_NODE_OPTIONS.into());
-            put("MALLOC_ARENA_MAX", "2".into());
-            put("OPENCLAW_DISABLE_BONJOUR", "1".into());
-            put("OPENCLAW_NO_AUTO_UPDATE", "1".into());
+            for (k, v) in LEAN_ENV {
+                put(k, v.to_string());
+            }
         }
     }
     for (k, v) in input.extra {

@@ -92,15 +92,6 @@ pub struct TalkArgs<'a> {
     pub node_flags: Option<&'a str>,
 }
 
-/// What fleetd puts in an OpenClaw agent's environment beyond the basics (provision/env.rs),
-/// which a custom command does not get by itself.
-const OPENCLAW_ENV: &[(&str, &str)] = &[
-    ("OPENCLAW_PACKAGED_COMPILE_CACHE_RESPAWNED", "1"),
-    ("MALLOC_ARENA_MAX", "2"),
-    ("OPENCLAW_DISABLE_BONJOUR", "1"),
-    ("OPENCLAW_NO_AUTO_UPDATE", "1"),
-];
-
 pub fn run(a: &TalkArgs) -> Result<TalkReport> {
     if a.per_minute <= 0.0 || a.minutes <= 0.0 || a.agents == 0 {
         bail!("--talk, --minutes and --real must be positive");
@@ -199,7 +190,10 @@ pub fn run(a: &TalkArgs) -> Result<TalkReport> {
             words.extend(["--env".into(), format!("NODE_OPTIONS={o}")]);
         }
         if a.node_flags.is_some() {
-            for (k, v) in OPENCLAW_ENV {
+            // What fleetd gives a lean OpenClaw agent and a custom command does not get by
+            // itself (provision/env.rs).
+            let respawned = [("OPENCLAW_PACKAGED_COMPILE_CACHE_RESPAWNED", "1")];
+            for (k, v) in respawned.iter().chain(fleet_commander::provision::LEAN_ENV) {
                 words.extend(["--env".into(), format!("{k}={v}")]);
             }
         }
