@@ -17,6 +17,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$PWD"
 
+# protoc, which the etcd client's build needs (the demo itself runs one host, no etcd).
+scripts/install-etcd.sh >/dev/null || { echo "demo: scripts/install-etcd.sh failed (message above)" >&2; exit 1; }
 echo "demo: building fleetd (release)…" >&2
 cargo build --release --quiet --bin fleetd --bin fleetctl --bin fleet-fakes
 

@@ -11,6 +11,16 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# etcd for the cluster tests (tests/cluster.rs), and protoc, which the etcd client's build
+# needs before anything compiles.
+if ! etcd_out="$(scripts/install-etcd.sh)"; then
+    echo "test.sh: scripts/install-etcd.sh failed (message above)" >&2
+    exit 1
+fi
+FLEET_ETCD_BIN="$(sed -n 's/^ETCD_BIN=//p' <<<"$etcd_out")"
+export FLEET_ETCD_BIN
+echo "test.sh: FLEET_ETCD_BIN=$FLEET_ETCD_BIN" >&2
+
 if [[ "${FLEET_SKIP_REAL_OPENCLAW:-}" == "1" ]]; then
     if [[ "${CI:-}" == "true" ]]; then
         echo "test.sh: FLEET_SKIP_REAL_OPENCLAW=1 is not allowed under CI=true" >&2

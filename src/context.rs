@@ -49,6 +49,9 @@ pub struct NodeConfig {
     pub cgroup: CgroupMode,
     /// Uids (and, equal to them, gids) leased to agents under `isolation = "uid"`.
     pub agent_uids: crate::isolation::uids::UidRange,
+    /// Cluster mode: what runs here comes from etcd (`cluster::join`), so a start forgets
+    /// the fleets of the local registry (after stopping anything a crashed run left).
+    pub cluster: bool,
 }
 
 /// The reverse proxy fleetd keeps in step with the agents' webhook routes.
@@ -107,6 +110,7 @@ impl NodeConfig {
                 crate::isolation::uids::DEFAULT_RANGE,
             )
             .expect("the default range parses"),
+            cluster: false,
         }
     }
 }

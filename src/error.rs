@@ -56,6 +56,10 @@ pub enum FleetError {
     BeingRemoved { what: String },
     #[error("backup of {what} failed: {reason}")]
     Backup { what: String, reason: String },
+    /// Cluster mode: etcd cannot be reached, the agent runs on another node, or the command
+    /// is one this build does not carry out cluster-wide. Nothing was changed.
+    #[error("cluster: {reason}")]
+    Cluster { reason: String },
     #[error("internal error: {reason}")]
     Internal { reason: String },
 }

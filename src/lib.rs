@@ -7,6 +7,7 @@ pub mod admin;
 pub mod backup;
 pub mod capacity;
 pub mod channels;
+pub mod cluster;
 pub mod context;
 pub mod doctor;
 pub mod error;

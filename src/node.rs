@@ -45,6 +45,9 @@ pub struct Node;
 pub struct NodeHandle {
     actor: ActorRef<NodeMsg>,
     ctx: Arc<NodeContext>,
+    /// Cluster mode's door: set once by `cluster::join`.
+    cluster: Arc<std::sync::OnceLock<Arc<crate::cluster::front::Front>>>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Node {
@@ -89,6 +92,14 @@ impl Node {
                 "stopped processes left by a previous run of this node"
             );
         }
+        if config.cluster && !data.fleets.is_empty() {
+            tracing::info!(
+                fleets = data.fleets.len(),
+                "cluster mode: the local registry's fleets are forgotten; etcd says what runs here"
+            );
+            data.fleets.clear();
+            store.save(&data)?;
+        }
         // Before the spawner: the namespace guardian and every agent inherit the daemon's
         // cgroup, which must already be the leaf it moves into.
         let mode = config.cgroup.clone();
@@ -128,7 +139,12 @@ impl Node {
         )
         .await
         .map_err(FleetError::internal)?;
-        Ok(NodeHandle { actor, ctx })
+        Ok(NodeHandle {
+            actor,
+            ctx,
+            cluster: Default::default(),
+            stopping: Default::default(),
+        })
     }
 }
 
@@ -295,8 +311,52 @@ async fn sweep_leftovers(data: &RegistryData) -> usize {
 }
 
 impl NodeHandle {
-    /// Runs one command of the command language (what the REPL and the socket do).
+    /// Runs one command of the command language (what the REPL and the socket do). In
+    /// cluster mode it acts cluster-wide (`cluster::front`).
     pub async fn execute(&self, cmd: Command) -> Reply {
+        match self.cluster.get() {
+            Some(front) => front.execute(self, cmd).await,
+            None => self.execute_local(cmd).await,
+        }
+    }
+
+    /// Cluster mode: from now on every command goes through `front`. Once only.
+    pub fn set_cluster(&self, front: Arc<crate::cluster::front::Front>) -> Result<(), FleetError> {
+        self.cluster.set(front).map_err(|_| FleetError::Cluster {
+            reason: "this node already belongs to a cluster".into(),
+        })
+    }
+
+    /// The spawner's fence (cluster mode arms it).
+    pub fn fence(&self) -> Arc<crate::process::spawn::Fence> {
+        self.ctx.services.spawner.fence()
+    }
+
+    pub fn port_range(&self) -> crate::ports::PortRange {
+        self.ctx.config.port_range
+    }
+
+    /// `shutdown` has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// No status row and no live process of `fleet/agent` on this node.
+    pub fn local_agent_gone(&self, agent: &str) -> bool {
+        let Some((f, a)) = agent.split_once('/') else {
+            return true;
+        };
+        let listed = self
+            .ctx
+            .views
+            .status
+            .iter()
+            .any(|v| v.key().0 == f && v.key().1 == a);
+        !listed && tree::collect(None, &format!("{}/{f}/{a}/", self.node_id())).is_empty()
+    }
+
+    /// Runs one command on this node only, whatever mode it is in.
+    pub async fn execute_local(&self, cmd: Command) -> Reply {
         if let Command::Status {
             fleet: None,
             agent: None,
@@ -326,6 +386,9 @@ impl NodeHandle {
 
     /// Creates a fleet from a full spec and starts its agents.
     pub async fn create_fleet(&self, spec: FleetSpec) -> Result<(), FleetError> {
+        if let Some(front) = self.cluster.get() {
+            return front.create_fleet(spec).await;
+        }
         match self
             .actor
             .call(
@@ -667,10 +730,16 @@ impl NodeHandle {
     /// Stops every fleet (each agent within its stop timeout), then the actor tree and the
     /// spawner thread. Idempotent.
     pub async fn shutdown(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self
             .actor
             .call(NodeMsg::Shutdown, Some(COMMAND_TIMEOUT))
             .await;
+        // Only now, with every agent stopped: the others may take them over at once.
+        if let Some(front) = self.cluster.get() {
+            front.leave().await;
+        }
         let stopped = self
             .actor
             .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))

@@ -531,6 +531,14 @@ impl NodeRuntime {
                     .map_err(|e| FleetError::invalid("help", e.to_string()))?,
             }),
             Command::Shutdown => done("shutting down"),
+            Command::NodeList
+            | Command::NodeCordon { .. }
+            | Command::NodeUncordon { .. }
+            | Command::NodeDrain { .. } => Err(FleetError::Cluster {
+                reason:
+                    "this fleetd runs a single host (no --etcd): there are no nodes to list or mark"
+                        .into(),
+            }),
         }
     }
 

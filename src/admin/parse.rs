@@ -559,6 +559,50 @@ static SPECS: &[Spec] = &[
         },
     },
     Spec {
+        name: "node list",
+        args: "",
+        summary: "cluster mode: every node, its lease, mark, capacity and agents",
+        max_pos: 0,
+        flags: &[],
+        build: |_| Ok(Command::NodeList),
+    },
+    Spec {
+        name: "node cordon",
+        args: "<node>",
+        summary: "cluster mode: the node takes no new agents (it keeps its own)",
+        max_pos: 1,
+        flags: &[],
+        build: |a| {
+            Ok(Command::NodeCordon {
+                node: a.id("node", a.required(0, "<node>")?)?,
+            })
+        },
+    },
+    Spec {
+        name: "node uncordon",
+        args: "<node>",
+        summary: "cluster mode: the node takes new agents again",
+        max_pos: 1,
+        flags: &[],
+        build: |a| {
+            Ok(Command::NodeUncordon {
+                node: a.id("node", a.required(0, "<node>")?)?,
+            })
+        },
+    },
+    Spec {
+        name: "node drain",
+        args: "<node>",
+        summary: "cluster mode: cordon the node and move every agent off it",
+        max_pos: 1,
+        flags: &[],
+        build: |a| {
+            Ok(Command::NodeDrain {
+                node: a.id("node", a.required(0, "<node>")?)?,
+            })
+        },
+    },
+    Spec {
         name: "ports",
         args: "",
         summary: "list port leases",
@@ -624,7 +668,7 @@ static SPECS: &[Spec] = &[
 ];
 
 /// Verbs that only group sub-verbs.
-const GROUPS: [&str; 2] = ["fleet", "agent"];
+const GROUPS: [&str; 3] = ["fleet", "agent", "node"];
 
 const JSON_FLAG: &str = "--json";
 

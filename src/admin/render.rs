@@ -3,7 +3,7 @@
 //! carries no trailing newline; the caller prints it as one block.
 
 use crate::messages::command::{
-    json, AgentStatus, CapacityRow, FleetInfo, PortLeaseRow, Reply, TopRow,
+    json, AgentStatus, CapacityRow, FleetInfo, NodeRow, PortLeaseRow, Reply, TopRow,
 };
 use crate::messages::events::{AgentTransition, Event};
 use crate::state::ExitInfo;
@@ -175,6 +175,7 @@ fn render_json(reply: &Reply) -> String {
         Reply::Ports(rows) => to_json(rows),
         Reply::Top(rows) => to_json(rows),
         Reply::Capacity(rows) => to_json(rows),
+        Reply::Nodes(rows) => to_json(rows),
         Reply::Logs(lines) => to_json(&json::Logs {
             lines: lines.clone(),
         }),
@@ -245,6 +246,8 @@ fn render_human(reply: &Reply) -> String {
         Reply::Top(rows) => top_table(rows),
         Reply::Capacity(rows) if rows.is_empty() => "no fleets".into(),
         Reply::Capacity(rows) => capacity_table(rows),
+        Reply::Nodes(rows) if rows.is_empty() => "no nodes".into(),
+        Reply::Nodes(rows) => nodes_table(rows),
         Reply::Logs(lines) => lines.join("\n"),
         // Just the token, so `$(fleetctl token f/a)` works.
         Reply::Token { token, .. } => token.clone(),
@@ -408,10 +411,16 @@ fn status_table(rows: &[AgentStatus]) -> String {
         "CHANNELS",
         "REASON",
     ];
+    // Cluster mode: which node runs each agent, after its name.
+    let cluster = rows.iter().any(|r| r.node.is_some());
+    let mut headers = headers.to_vec();
+    if cluster {
+        headers.insert(2, "NODE");
+    }
     table(
         &headers,
         rows.iter().map(|r| {
-            vec![
+            let mut cells = vec![
                 r.fleet.clone(),
                 r.agent.clone(),
                 r.state.to_string(),
@@ -442,6 +451,31 @@ fn status_table(rows: &[AgentStatus]) -> String {
                     (None, Some(_)) => "files changed on disk: reload to apply".into(),
                     (reason, None) => opt(reason),
                 },
+            ];
+            if cluster {
+                cells.insert(2, opt(&r.node));
+            }
+            cells
+        }),
+    )
+}
+
+fn nodes_table(rows: &[NodeRow]) -> String {
+    table(
+        &[
+            "NODE", "LEASE", "MARK", "LEADER", "AGENTS", "PLACED", "MAX", "MEM FREE", "SOCKET",
+        ],
+        rows.iter().map(|r| {
+            vec![
+                r.node.clone(),
+                r.lease.clone(),
+                opt(&r.mark),
+                yes_no(r.leader),
+                r.agents.to_string(),
+                r.placed.to_string(),
+                opt(&r.capacity.as_ref().map(|c| c.agents_max)),
+                opt(&r.capacity.as_ref().map(|c| mib(c.memory_available))),
+                opt(&r.socket),
             ]
         }),
     )
@@ -573,6 +607,7 @@ mod tests {
             isolation: None,
             openclaw_version: Some("2026.9.6".into()),
             webhooks: Default::default(),
+            node: None,
             channels: [(
                 "telegram".to_string(),
                 crate::channels::ChannelStatus {

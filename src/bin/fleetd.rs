@@ -82,6 +82,35 @@ struct Args {
     /// --config /etc/caddy/Caddyfile`).
     #[arg(long, value_name = "COMMAND")]
     webhooks_reload: Option<String>,
+    /// Cluster mode: join the fleet whose desired state this etcd holds, URL[,URL…]
+    /// (http://host:port). Without it, one host on its local registry.
+    #[arg(
+        long,
+        value_name = "URL[,URL…]",
+        value_delimiter = ',',
+        requires = "node_name"
+    )]
+    etcd: Vec<String>,
+    /// Cluster mode: this node's name, unique in the cluster ([a-z0-9-]).
+    #[arg(long, value_name = "NAME", requires = "etcd")]
+    node_name: Option<String>,
+    /// Cluster mode: the node's etcd lease, in seconds (3-300). Its agents die before it
+    /// can expire, even when fleetd is frozen.
+    #[arg(long, default_value_t = 10, requires = "etcd")]
+    lease_ttl: u64,
+    /// Cluster mode: the etcd key prefix the cluster lives under.
+    #[arg(long, default_value = "/fleet-commander/", requires = "etcd")]
+    etcd_prefix: String,
+    /// Cluster mode: etcd user (with --etcd-password-file).
+    #[arg(long, requires_all = ["etcd", "etcd_password_file"])]
+    etcd_user: Option<String>,
+    /// Cluster mode: a file holding the etcd user's password (first line).
+    #[arg(long, requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+    /// Cluster mode: at most this many agents are placed on this node (default: the port
+    /// range's size / 10).
+    #[arg(long, requires = "etcd")]
+    max_agents: Option<u64>,
 }
 
 /// Exit status for a start refused on what the operator gave (a damaged registry, a bad spec,
@@ -227,6 +256,42 @@ async fn run(args: Args) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let cluster = match &args.node_name {
+        None => None,
+        Some(name) => {
+            let auth = match (&args.etcd_user, &args.etcd_password_file) {
+                (Some(u), Some(p)) => {
+                    let text = fleet_commander::operator_file::read_text(p, 4096).map_err(|e| {
+                        refused(format!("--etcd-password-file {}: it {e}", p.display()))
+                    })?;
+                    let pw = text.lines().next().unwrap_or("").to_string();
+                    if pw.is_empty() {
+                        return Err(refused(format!(
+                            "--etcd-password-file {}: empty",
+                            p.display()
+                        )));
+                    }
+                    Some((u.clone(), pw))
+                }
+                _ => None,
+            };
+            let c = fleet_commander::cluster::ClusterConfig {
+                endpoints: args.etcd.clone(),
+                node_name: name.clone(),
+                prefix: args.etcd_prefix.clone(),
+                lease_ttl: args.lease_ttl,
+                auth,
+                max_agents: args.max_agents,
+                socket: socket_path.display().to_string(),
+            };
+            c.validate().map_err(refused)?;
+            if args.spec.is_some() {
+                return Err(refused("--spec: in cluster mode the desired state lives in etcd; create fleets with commands"));
+            }
+            config.cluster = true;
+            Some(c)
+        }
+    };
     let node = Node::start(config).await.map_err(|e| match e {
         // The state dir, its lock or its registry: what the operator must fix.
         fleet_commander::FleetError::Store { .. } => {
@@ -238,6 +303,13 @@ async fn run(args: Args) -> Result<()> {
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let listener = socket::bind(&socket_path)
         .with_context(|| format!("binding the control socket {}", socket_path.display()))?;
+    if let Some(c) = cluster {
+        let name = c.node_name.clone();
+        fleet_commander::cluster::join(&node, c)
+            .await
+            .with_context(|| format!("joining the cluster as node {name}"))?;
+        tracing::info!(node = %name, "cluster mode: desired state from etcd");
+    }
     tokio::spawn(socket::serve(listener, node.clone(), shutdown.clone()));
     if let Some(a) = &args.metrics_addr {
         let addr: std::net::SocketAddr = match a.parse::<u16>() {

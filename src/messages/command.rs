@@ -190,6 +190,20 @@ pub enum Command {
         topic: Option<String>,
     },
     Shutdown,
+    /// Cluster mode: every node, its lease, mark, capacity and agents.
+    NodeList,
+    /// Cluster mode: the node takes no new agents.
+    NodeCordon {
+        node: String,
+    },
+    /// Cluster mode: the node takes new agents again (ends a cordon or a drain).
+    NodeUncordon {
+        node: String,
+    },
+    /// Cluster mode: cordon, and move every agent off the node.
+    NodeDrain {
+        node: String,
+    },
 }
 
 /// A change of one agent's own settings, as the command language gives it. Paths are the
@@ -468,7 +482,11 @@ impl Command {
                 }
                 _ => Ok(()),
             },
+            Command::NodeCordon { node }
+            | Command::NodeUncordon { node }
+            | Command::NodeDrain { node } => validate_id("node", node),
             Command::FleetList
+            | Command::NodeList
             | Command::Ports
             | Command::Top
             | Command::Capacity
@@ -513,6 +531,53 @@ pub struct AgentStatus {
     /// Each channel in webhook mode and its listener's loopback port.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub webhooks: BTreeMap<String, u16>,
+    /// Cluster mode: the node it runs on (or is placed on); absent on a single host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+impl AgentStatus {
+    /// A row for an agent no node runs right now (cluster mode).
+    pub fn placeholder(fleet: &str, agent: &str, node: Option<String>, reason: String) -> Self {
+        AgentStatus {
+            fleet: fleet.into(),
+            agent: agent.into(),
+            state: AgentState::Stopped,
+            pid: None,
+            port: None,
+            home: String::new(),
+            restarts: 0,
+            healthy: false,
+            ready: false,
+            uptime_s: 0,
+            rss_bytes: None,
+            last_exit: None,
+            reason: Some(reason),
+            drift: None,
+            channels: BTreeMap::new(),
+            isolation: None,
+            openclaw_version: None,
+            webhooks: BTreeMap::new(),
+            node,
+        }
+    }
+}
+
+/// One row of `node list` (cluster mode). Field names are a contract (`node list --json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRow {
+    pub node: String,
+    /// `live` while its lease lives; `expired` for a marked node that is gone.
+    pub lease: String,
+    /// `cordon` or `drain`.
+    pub mark: Option<String>,
+    pub leader: bool,
+    /// Agents it holds the claim of (runs or is starting).
+    pub agents: u64,
+    /// Agents placed on it.
+    pub placed: u64,
+    pub capacity: Option<crate::cluster::keys::NodeCapacity>,
+    pub socket: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -577,6 +642,7 @@ pub enum Reply {
     Ports(Vec<PortLeaseRow>),
     Top(Vec<TopRow>),
     Capacity(Vec<CapacityRow>),
+    Nodes(Vec<NodeRow>),
     Logs(Vec<String>),
     Token {
         fleet: String,

@@ -71,6 +71,82 @@ pub struct Spawner {
     tx: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
     containment: Containment,
     guardian: Arc<AtomicU32>,
+    fence: Arc<Fence>,
+}
+
+/// A deadline after which no agent of this node may run (cluster mode: the end of its right
+/// to run them, its etcd lease, minus a margin). Enforced twice, neither time by the daemon's
+/// event loop: the spawner refuses to start anything once it has passed, and the namespace
+/// guardian, told each new deadline over its pipe, exits at it, and the kernel kills every
+/// process in the namespace with it. A daemon that is frozen (SIGSTOP, a stalled VM) stops
+/// extending the deadline, so its agents die in time anyway. Unarmed (the default, single
+/// host) it does nothing.
+#[derive(Default)]
+pub struct Fence {
+    /// CLOCK_BOOTTIME milliseconds (counts suspended time, as the lease's clock does); 0:
+    /// unarmed.
+    deadline_ms: std::sync::atomic::AtomicU64,
+    /// A copy of the write end of the current guardian's pipe.
+    pipe: std::sync::Mutex<Option<OwnedFd>>,
+}
+
+impl Fence {
+    /// Sets the deadline (CLOCK_BOOTTIME ms, from `boottime_ms`) and tells the guardian.
+    pub fn arm(&self, deadline_ms: u64) {
+        let d = deadline_ms.max(1);
+        self.deadline_ms.store(d, Ordering::SeqCst);
+        if let Ok(pipe) = self.pipe.lock() {
+            if let Some(fd) = pipe.as_ref() {
+                tell_guardian(fd.as_raw_fd(), d);
+            }
+        }
+    }
+
+    /// The deadline, 0 when unarmed.
+    pub fn deadline_ms(&self) -> u64 {
+        self.deadline_ms.load(Ordering::SeqCst)
+    }
+
+    /// Armed and passed: nothing may start.
+    pub fn lapsed(&self) -> bool {
+        let d = self.deadline_ms();
+        d != 0 && boottime_ms() >= d
+    }
+
+    fn adopt(&self, guardian: Option<&Guardian>) {
+        let Ok(mut pipe) = self.pipe.lock() else {
+            return;
+        };
+        *pipe = guardian.and_then(|g| g._pipe.try_clone().ok());
+        if let Some(fd) = pipe.as_ref() {
+            // Never block the caller of `arm` on a guardian that stopped reading.
+            unsafe {
+                let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+                libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+            }
+        }
+        let d = self.deadline_ms();
+        if let (Some(fd), true) = (pipe.as_ref(), d != 0) {
+            tell_guardian(fd.as_raw_fd(), d);
+        }
+    }
+}
+
+/// Milliseconds of CLOCK_BOOTTIME, the clock the guardian's deadline is in.
+pub fn boottime_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+fn tell_guardian(fd: RawFd, deadline_ms: u64) {
+    // 8 bytes, below PIPE_BUF: one atomic write the guardian reads whole. A full pipe (a
+    // guardian that stopped reading) drops the update; the one before still holds.
+    let b = deadline_ms.to_le_bytes();
+    unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
 }
 
 impl Spawner {
@@ -80,9 +156,11 @@ impl Spawner {
         let (ready_tx, ready_rx) = mpsc::channel::<Containment>();
         let guardian = Arc::new(AtomicU32::new(0));
         let shown = guardian.clone();
+        let fence = Arc::new(Fence::default());
+        let f = fence.clone();
         std::thread::Builder::new()
             .name("fleet-spawner".into())
-            .spawn(move || spawner_thread(runtime, want_namespace, rx, ready_tx, shown))?;
+            .spawn(move || spawner_thread(runtime, want_namespace, rx, ready_tx, shown, f))?;
         let containment = ready_rx
             .recv()
             .map_err(|_| io::Error::other("spawner thread died during start"))?;
@@ -90,7 +168,13 @@ impl Spawner {
             tx: std::sync::Mutex::new(Some(tx)),
             containment,
             guardian,
+            fence,
         })
+    }
+
+    /// The node's fence (cluster mode arms it).
+    pub fn fence(&self) -> Arc<Fence> {
+        self.fence.clone()
     }
 
     /// The host pid of the PID namespace's init (0 without a namespace), kept current when a
@@ -140,6 +224,7 @@ fn spawner_thread(
     rx: mpsc::Receiver<Job>,
     ready: mpsc::Sender<Containment>,
     shown: Arc<AtomicU32>,
+    fence: Arc<Fence>,
 ) {
     let _enter = runtime.enter();
     let show = |g: &Option<Guardian>| {
@@ -157,6 +242,7 @@ fn spawner_thread(
         None
     };
     show(&guardian);
+    fence.adopt(guardian.as_ref());
     let containment = if guardian.is_some() {
         Containment::PidNamespace
     } else {
@@ -187,10 +273,17 @@ fn spawner_thread(
                 );
                 guardian = start_guardian().ok();
                 show(&guardian);
+                fence.adopt(guardian.as_ref());
             }
         }
         let in_ns = guardian.is_some();
-        let result = spawn_one(&job.req, in_ns, &slots);
+        let result = if fence.lapsed() {
+            Err(io::Error::other(
+                "this node's right to run agents (its cluster lease) has lapsed: nothing starts until it holds its lease again",
+            ))
+        } else {
+            spawn_one(&job.req, in_ns, &slots)
+        };
         // The requester gave up (its agent was stopped meanwhile): nobody would own the
         // process, so it must not run. Its session leader's group is the whole agent so far.
         if let Err(Ok(child)) = job.reply.send(result) {
@@ -199,6 +292,7 @@ fn spawner_thread(
     }
     // Dropping `guardian` closes the pipe: the guardian exits and the kernel ends the namespace.
     show(&None);
+    fence.adopt(None);
     if let Some(g) = guardian.take() {
         drop(g._pipe);
         // Reap it so it does not stay a zombie of an embedding process.
@@ -699,7 +793,14 @@ unsafe fn mount_own_proc() -> io::Result<()> {
 
 /// Creates a PID namespace for this thread's future children and forks its init.
 fn start_guardian() -> io::Result<Guardian> {
-    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+    // A new namespace each time (the first, or one that replaces a dead one): `clone` with
+    // CLONE_NEWPID makes the guardian the init of a fresh namespace, and `setns` points this
+    // thread's future children into it. `unshare(CLONE_NEWPID)` cannot do this twice: once
+    // the children's namespace differs from the thread's own, the kernel refuses a new one,
+    // and spawns would go on landing in the dead namespace (ENOMEM). So the children's
+    // namespace goes back to the thread's own first (a no-op the first time).
+    let own = std::fs::File::open("/proc/thread-self/ns/pid")?;
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
         return Err(io::Error::last_os_error());
     }
     let mut fds = [0 as RawFd; 2];
@@ -707,11 +808,38 @@ fn start_guardian() -> io::Result<Guardian> {
         return Err(io::Error::last_os_error());
     }
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    match unsafe { libc::fork() } {
+    // fork semantics (no new stack, SIGCHLD to us at exit), in a new PID namespace.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    match pid {
         -1 => Err(io::Error::last_os_error()),
         0 => guardian_main(r.as_raw_fd()),
         pid => {
+            let pid = pid as libc::pid_t;
             drop(r);
+            let ns = std::fs::File::open(format!("/proc/{pid}/ns/pid"));
+            let joined = ns.and_then(|ns| {
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = joined {
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
+                return Err(e);
+            }
             Ok(Guardian { pid, _pipe: w })
         }
     }
@@ -735,19 +863,41 @@ fn guardian_main(pipe: RawFd) -> ! {
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        let mut buf = [0u8; 16];
+        let mut buf = [0u8; 64];
+        // The fence's deadline (CLOCK_BOOTTIME ms), 0 while unarmed: at it, this process
+        // exits, and the kernel kills everything in the namespace.
+        let mut deadline: u64 = 0;
         loop {
             while libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) > 0 {}
+            let mut ts: libc::timespec = std::mem::zeroed();
+            libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
+            let now = ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000;
+            if deadline != 0 && now >= deadline {
+                libc::kill(-1, libc::SIGKILL);
+                libc::_exit(0);
+            }
+            let wait = if deadline == 0 {
+                1000
+            } else {
+                (deadline - now).min(1000) as libc::c_int
+            };
             let mut pfd = libc::pollfd {
                 fd: target,
                 events: libc::POLLIN,
                 revents: 0,
             };
-            let n = libc::poll(&mut pfd, 1, 1000);
+            let n = libc::poll(&mut pfd, 1, wait);
             if n > 0 && pfd.revents != 0 {
                 let r = libc::read(target, buf.as_mut_ptr().cast(), buf.len());
                 if r <= 0 {
                     libc::_exit(0);
+                }
+                // Writes are 8 bytes each: the newest whole one counts.
+                let whole = (r as usize / 8) * 8;
+                if whole >= 8 {
+                    let mut d = [0u8; 8];
+                    d.copy_from_slice(&buf[whole - 8..whole]);
+                    deadline = u64::from_le_bytes(d);
                 }
             }
         }

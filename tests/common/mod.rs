@@ -393,6 +393,32 @@ pub fn marked_pids(prefix: &str) -> Vec<u32> {
     out
 }
 
+/// Live processes whose FLEET_COMMANDER_AGENT starts with `prefix`, with the marker's value
+/// (`<node id>/<fleet>/<agent>/<incarnation>`).
+pub fn marked(prefix: &str) -> Vec<(u32, String)> {
+    let needle = format!("FLEET_COMMANDER_AGENT={prefix}");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let Some(kv) = env
+            .split(|b| *b == 0)
+            .find(|kv| kv.starts_with(needle.as_bytes()))
+        else {
+            continue;
+        };
+        if alive(pid) {
+            let v = &kv["FLEET_COMMANDER_AGENT=".len()..];
+            out.push((pid, String::from_utf8_lossy(v).to_string()));
+        }
+    }
+    out
+}
+
 /// Exists, is not a zombie and is not exiting.
 ///
 /// Exiting counts as gone: a PID namespace's init that was killed stays in its exit (state

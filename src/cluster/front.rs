@@ -1,0 +1,431 @@
+//! Commands in cluster mode: whatever changes desired state becomes an etcd transaction (so
+//! it acts cluster-wide from any node's socket, REPL or library API), `status` and `fleet
+//! list` read the whole cluster, an agent's own commands run where it runs (here) or say
+//! which node runs it, and host commands (ports, top, capacity, doctor…) stay on this host.
+//! What this build does not carry out cluster-wide is refused, naming the command.
+
+use super::keys::{FleetDoc, Mark, NodeInfo};
+use super::{ClusterConfig, Etcd};
+use crate::messages::command::{Command, FleetInfo, NodeRow, Reply};
+use crate::node::NodeHandle;
+use crate::spec::FleetSpec;
+use crate::state::FleetState;
+use crate::FleetError;
+use std::sync::Arc;
+
+pub struct Front {
+    etcd: Etcd,
+    cfg: Arc<ClusterConfig>,
+    /// The node's lease while it has one (0: none), for `leave`.
+    pub(super) lease: std::sync::atomic::AtomicI64,
+}
+
+fn refuse(what: &str) -> Reply {
+    Reply::Error(FleetError::Cluster {
+        reason: format!(
+            "{what} is not carried out cluster-wide by this build; nothing was changed"
+        ),
+    })
+}
+
+fn done(message: String) -> Reply {
+    Reply::Done { message }
+}
+
+fn err(r: Result<Reply, FleetError>) -> Reply {
+    r.unwrap_or_else(Reply::Error)
+}
+
+impl Front {
+    pub fn new(etcd: Etcd, cfg: Arc<ClusterConfig>) -> Front {
+        Front {
+            etcd,
+            cfg,
+            lease: Default::default(),
+        }
+    }
+
+    /// Gives the node's lease back (its claims and registration go with it), once its
+    /// agents are stopped: the others take them over at once instead of after the TTL.
+    pub async fn leave(&self) {
+        let id = self.lease.swap(0, std::sync::atomic::Ordering::SeqCst);
+        if id != 0 {
+            let mut c = self.etcd.client.clone();
+            let _ = super::bounded(c.lease_revoke(id)).await;
+            tracing::info!(node = %self.cfg.node_name, "left the cluster (lease revoked)");
+        }
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.cfg.node_name
+    }
+
+    /// Creates a fleet in the cluster's desired state (the library API's `create_fleet`).
+    pub async fn create_fleet(&self, spec: FleetSpec) -> Result<(), FleetError> {
+        spec.check()?;
+        let name = spec.name.clone();
+        self.etcd
+            .update_fleet(&name, |old| match old {
+                Some(_) => Err(FleetError::FleetExists {
+                    fleet: name.clone(),
+                }),
+                None => Ok(Some(FleetDoc {
+                    spec: spec.clone(),
+                    stopped: Default::default(),
+                })),
+            })
+            .await
+    }
+
+    pub async fn execute(&self, local: &NodeHandle, cmd: Command) -> Reply {
+        match cmd {
+            Command::FleetCreate {
+                fleet,
+                agents,
+                strategy,
+                command,
+                template,
+                restart,
+                stride,
+                profile,
+                isolation,
+                openclaw_version,
+                no_probes,
+            } => {
+                if template.is_some() {
+                    return refuse("fleet create --template (a template file is per host)");
+                }
+                let mut spec = FleetSpec::from_create(
+                    &fleet, agents, strategy, command, None, restart, stride, profile,
+                );
+                spec.isolation = isolation;
+                spec.openclaw_version = openclaw_version;
+                spec.health.enabled = !no_probes;
+                match self.create_fleet(spec).await {
+                    Ok(()) => done(format!(
+                        "fleet {fleet} created with {agents} agents (cluster-wide)"
+                    )),
+                    Err(e) => Reply::Error(e),
+                }
+            }
+            Command::FleetRm { fleet, purge } => {
+                if purge {
+                    return refuse("fleet rm --purge (HOMEs are per host)");
+                }
+                let r = self
+                    .etcd
+                    .update_fleet(&fleet, |old| match old {
+                        None => Err(FleetError::NoSuchFleet {
+                            fleet: fleet.clone(),
+                        }),
+                        Some(_) => Ok(None),
+                    })
+                    .await;
+                err(r.map(|()| done(format!("fleet {fleet} removed (cluster-wide)"))))
+            }
+            Command::AgentAdd {
+                fleet,
+                agent,
+                settings,
+            } => {
+                if !settings.is_empty() {
+                    return refuse("agent add with its own settings");
+                }
+                if let Err(e) = crate::ids::validate_id("agent", &agent) {
+                    return Reply::Error(e);
+                }
+                let r = self
+                    .change_agents(&fleet, |doc| {
+                        if doc.spec.agents.contains(&agent) {
+                            return Err(FleetError::AgentExists {
+                                fleet: fleet.clone(),
+                                agent: agent.clone(),
+                            });
+                        }
+                        doc.spec.agents.push(agent.clone());
+                        doc.spec.check()
+                    })
+                    .await;
+                err(r.map(|()| done(format!("agent {fleet}/{agent} added (cluster-wide)"))))
+            }
+            Command::AgentRm {
+                fleet,
+                agent,
+                purge,
+            } => {
+                if purge {
+                    return refuse("agent rm --purge (HOMEs are per host)");
+                }
+                let r = self
+                    .change_agents(&fleet, |doc| {
+                        let before = doc.spec.agents.len();
+                        doc.spec.agents.retain(|a| a != &agent);
+                        if doc.spec.agents.len() == before {
+                            return Err(FleetError::NoSuchAgent {
+                                fleet: fleet.clone(),
+                                agent: agent.clone(),
+                            });
+                        }
+                        doc.stopped.remove(&agent);
+                        doc.spec.tenants.remove(&agent);
+                        Ok(())
+                    })
+                    .await;
+                err(r.map(|()| done(format!("agent {fleet}/{agent} removed (cluster-wide)"))))
+            }
+            Command::AgentStart { fleet, agent } => {
+                self.set_stopped(&fleet, Some(&agent), false).await
+            }
+            Command::AgentStop { fleet, agent } => {
+                self.set_stopped(&fleet, Some(&agent), true).await
+            }
+            Command::FleetStart { fleet } => self.set_stopped(&fleet, None, false).await,
+            Command::FleetStop { fleet } => self.set_stopped(&fleet, None, true).await,
+            Command::Status { fleet, agent } => err(self.status(fleet, agent).await),
+            Command::FleetList => err(self.fleet_list().await),
+            Command::NodeList => err(self.node_list().await),
+            Command::NodeCordon { node } => err(self.mark(&node, Some(Mark::Cordon)).await),
+            Command::NodeDrain { node } => err(self.mark(&node, Some(Mark::Drain)).await),
+            Command::NodeUncordon { node } => err(self.mark(&node, None).await),
+            // An agent's own commands: where it runs.
+            Command::Logs {
+                ref fleet,
+                ref agent,
+                ..
+            }
+            | Command::AgentConfig {
+                ref fleet,
+                ref agent,
+            }
+            | Command::Token {
+                ref fleet,
+                ref agent,
+                ..
+            }
+            | Command::ExecContext {
+                ref fleet,
+                ref agent,
+            }
+            | Command::Say {
+                ref fleet,
+                ref agent,
+                ..
+            }
+            | Command::AgentRestart {
+                ref fleet,
+                ref agent,
+            }
+            | Command::AgentBackup {
+                ref fleet,
+                ref agent,
+                ..
+            } => match self.runs_here(fleet, agent).await {
+                Ok(()) => local.execute_local(cmd).await,
+                Err(e) => Reply::Error(e),
+            },
+            // This host's own figures and tools.
+            Command::Ports
+            | Command::Top
+            | Command::Capacity
+            | Command::Events
+            | Command::Watch { .. }
+            | Command::Help { .. }
+            | Command::Doctor { .. }
+            | Command::Shutdown => local.execute_local(cmd).await,
+            other => refuse(&format!("`{}`", command_name(&other))),
+        }
+    }
+
+    /// `agent start|stop`, `fleet start|stop`: the stopped set in the fleet's doc.
+    pub async fn set_stopped(&self, fleet: &str, agent: Option<&str>, stopped: bool) -> Reply {
+        let r = self
+            .change_agents(fleet, |doc| {
+                match agent {
+                    Some(a) => {
+                        if !doc.spec.agents.iter().any(|x| x == a) {
+                            return Err(FleetError::NoSuchAgent {
+                                fleet: fleet.into(),
+                                agent: a.into(),
+                            });
+                        }
+                        if stopped {
+                            doc.stopped.insert(a.into());
+                        } else {
+                            doc.stopped.remove(a);
+                        }
+                    }
+                    None if stopped => doc.stopped = doc.spec.agents.iter().cloned().collect(),
+                    None => doc.stopped.clear(),
+                }
+                Ok(())
+            })
+            .await;
+        let what = match agent {
+            Some(a) => format!("agent {fleet}/{a}"),
+            None => format!("fleet {fleet}"),
+        };
+        let verb = if stopped { "stopped" } else { "started" };
+        err(r.map(|()| done(format!("{what} {verb} (cluster-wide)"))))
+    }
+
+    async fn change_agents(
+        &self,
+        fleet: &str,
+        mut f: impl FnMut(&mut FleetDoc) -> Result<(), FleetError>,
+    ) -> Result<(), FleetError> {
+        self.etcd
+            .update_fleet(fleet, |old| {
+                let mut doc = old.ok_or_else(|| FleetError::NoSuchFleet {
+                    fleet: fleet.into(),
+                })?;
+                f(&mut doc)?;
+                Ok(Some(doc))
+            })
+            .await
+    }
+
+    async fn runs_here(&self, fleet: &str, agent: &str) -> Result<(), FleetError> {
+        let snap = self.etcd.snapshot(false).await?;
+        let Some((doc, _)) = snap.fleets.get(fleet) else {
+            return Err(FleetError::NoSuchFleet {
+                fleet: fleet.into(),
+            });
+        };
+        if !doc.spec.agents.iter().any(|a| a == agent) {
+            return Err(FleetError::NoSuchAgent {
+                fleet: fleet.into(),
+                agent: agent.into(),
+            });
+        }
+        match snap.claims.get(&format!("{fleet}/{agent}")) {
+            Some(n) if n == &self.cfg.node_name => Ok(()),
+            Some(n) => {
+                let socket = snap
+                    .nodes
+                    .get(n)
+                    .map(|i| i.socket.clone())
+                    .unwrap_or_else(|| "unknown".into());
+                Err(FleetError::Cluster {
+                    reason: format!(
+                        "{fleet}/{agent} runs on node {n} (its socket there: {socket}); ask that node"
+                    ),
+                })
+            }
+            None => Err(FleetError::Cluster {
+                reason: format!("{fleet}/{agent} runs on no node right now"),
+            }),
+        }
+    }
+
+    async fn status(
+        &self,
+        fleet: Option<String>,
+        agent: Option<String>,
+    ) -> Result<Reply, FleetError> {
+        let snap = self.etcd.snapshot(true).await?;
+        if let Some(f) = &fleet {
+            let Some((doc, _)) = snap.fleets.get(f) else {
+                return Err(FleetError::NoSuchFleet { fleet: f.clone() });
+            };
+            if let Some(a) = &agent {
+                if !doc.spec.agents.contains(a) {
+                    return Err(FleetError::NoSuchAgent {
+                        fleet: f.clone(),
+                        agent: a.clone(),
+                    });
+                }
+            }
+        }
+        let rows = super::cluster_status(&snap)
+            .into_iter()
+            .filter(|r| fleet.as_ref().is_none_or(|f| &r.fleet == f))
+            .filter(|r| agent.as_ref().is_none_or(|a| &r.agent == a))
+            .collect();
+        Ok(Reply::Status(rows))
+    }
+
+    async fn fleet_list(&self) -> Result<Reply, FleetError> {
+        let snap = self.etcd.snapshot(true).await?;
+        let rows = super::cluster_status(&snap);
+        let infos = snap
+            .fleets
+            .iter()
+            .map(|(name, (doc, _))| {
+                let running = rows
+                    .iter()
+                    .filter(|r| &r.fleet == name && r.state == crate::state::AgentState::Running)
+                    .count();
+                FleetInfo {
+                    fleet: name.clone(),
+                    state: if doc.stopped.len() == doc.spec.agents.len()
+                        && !doc.spec.agents.is_empty()
+                    {
+                        FleetState::Stopped
+                    } else {
+                        FleetState::Running
+                    },
+                    strategy: doc.spec.strategy,
+                    restart: doc.spec.restart,
+                    agents: doc.spec.agents.len(),
+                    running,
+                    reason: None,
+                }
+            })
+            .collect();
+        Ok(Reply::Fleets(infos))
+    }
+
+    async fn node_list(&self) -> Result<Reply, FleetError> {
+        let snap = self.etcd.snapshot(false).await?;
+        let mut names: Vec<&String> = snap.nodes.keys().chain(snap.marks.keys()).collect();
+        names.sort();
+        names.dedup();
+        let rows = names
+            .into_iter()
+            .map(|n| {
+                let info: Option<&NodeInfo> = snap.nodes.get(n);
+                NodeRow {
+                    node: n.clone(),
+                    lease: if info.is_some() { "live" } else { "expired" }.into(),
+                    mark: snap.marks.get(n).map(|m| m.as_str().to_string()),
+                    leader: snap.leader.as_deref() == Some(n.as_str()),
+                    agents: snap.claims.values().filter(|h| *h == n).count() as u64,
+                    placed: snap.assign.values().filter(|h| *h == n).count() as u64,
+                    capacity: info.map(|i| i.capacity.clone()),
+                    socket: info.map(|i| i.socket.clone()),
+                }
+            })
+            .collect();
+        Ok(Reply::Nodes(rows))
+    }
+
+    async fn mark(&self, node: &str, mark: Option<Mark>) -> Result<Reply, FleetError> {
+        crate::ids::validate_id("node", node)?;
+        let snap = self.etcd.snapshot(false).await?;
+        if !snap.nodes.contains_key(node) && !snap.marks.contains_key(node) {
+            return Err(FleetError::Cluster {
+                reason: format!("no node named {node:?} in the cluster"),
+            });
+        }
+        let key = self.etcd.keys.cordon(node);
+        match mark {
+            Some(m) => self.etcd.put(key, m.as_str().into(), None).await?,
+            None => self.etcd.delete(key).await?,
+        }
+        Ok(done(match mark {
+            Some(Mark::Cordon) => format!("node {node} cordoned: it takes no new agents"),
+            Some(Mark::Drain) => {
+                format!("node {node} draining: its agents move to the other nodes")
+            }
+            None => format!("node {node} uncordoned"),
+        }))
+    }
+}
+
+/// The command's name as the protocol spells it (`agent_set`, `reload`…).
+fn command_name(c: &Command) -> String {
+    serde_json::to_value(c)
+        .ok()
+        .and_then(|v| v.get("cmd").and_then(|n| n.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "this command".into())
+}

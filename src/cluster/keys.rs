@@ -1,0 +1,212 @@
+//! Where the cluster's state lives in etcd, under one prefix (default `/fleet-commander/`),
+//! and the records stored there. `d/` holds what nodes coordinate on and read every round;
+//! `o/` what they observed, read only by `status`.
+//!
+//! | key | value | lease |
+//! |---|---|---|
+//! | `d/fleets/<fleet>` | `FleetDoc`: the spec (agents included) and which agents are stopped | none |
+//! | `d/nodes/<node>` | `NodeInfo`: socket, capacity | the node's |
+//! | `d/cordon/<node>` | `cordon` or `drain` | none (outlives the node) |
+//! | `d/leader` | the node that places agents | the leader's |
+//! | `d/assign/<fleet>/<agent>` | the node it is placed on | none (written by the leader) |
+//! | `d/claims/<fleet>/<agent>` | the node running it: the right to run it | the node's |
+//! | `o/<node>` | `Vec<AgentStatus>` of that node | the node's |
+
+use crate::messages::command::AgentStatus;
+use crate::spec::FleetSpec;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A fleet's desired state in the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetDoc {
+    pub spec: FleetSpec,
+    /// Agents the operator stopped (`agent stop`, `fleet stop`).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub stopped: BTreeSet<String>,
+}
+
+/// What a node publishes about itself while its lease lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Its control socket on its own host.
+    pub socket: String,
+    pub pid: u32,
+    pub capacity: NodeCapacity,
+}
+
+/// The `capacity` figures of a node's host, and the bound placement uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeCapacity {
+    /// At most this many agents are placed on it (`--max-agents`, else its port range / 10).
+    pub agents_max: u64,
+    pub memory_available: u64,
+    pub ports: u64,
+    pub fds_free: u64,
+    pub pids_free: u64,
+}
+
+/// An operator's mark on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mark {
+    /// Takes no new agents, keeps its own.
+    Cordon,
+    /// Takes no new agents and gives its own away.
+    Drain,
+}
+
+impl Mark {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mark::Cordon => "cordon",
+            Mark::Drain => "drain",
+        }
+    }
+}
+
+/// The keys under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        let mut prefix = prefix.to_string();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Keys { prefix }
+    }
+    pub fn desired(&self) -> String {
+        format!("{}d/", self.prefix)
+    }
+    pub fn observed_all(&self) -> String {
+        format!("{}o/", self.prefix)
+    }
+    pub fn fleet(&self, fleet: &str) -> String {
+        format!("{}d/fleets/{fleet}", self.prefix)
+    }
+    pub fn node(&self, node: &str) -> String {
+        format!("{}d/nodes/{node}", self.prefix)
+    }
+    pub fn cordon(&self, node: &str) -> String {
+        format!("{}d/cordon/{node}", self.prefix)
+    }
+    pub fn leader(&self) -> String {
+        format!("{}d/leader", self.prefix)
+    }
+    pub fn assign(&self, agent: &str) -> String {
+        format!("{}d/assign/{agent}", self.prefix)
+    }
+    pub fn claim(&self, agent: &str) -> String {
+        format!("{}d/claims/{agent}", self.prefix)
+    }
+    pub fn observed(&self, node: &str) -> String {
+        format!("{}o/{node}", self.prefix)
+    }
+}
+
+/// One consistent read of `d/` (and, for `status`, `o/`).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub revision: i64,
+    /// Fleet → (doc, mod revision for compare-and-swap).
+    pub fleets: BTreeMap<String, (FleetDoc, i64)>,
+    pub nodes: BTreeMap<String, NodeInfo>,
+    pub marks: BTreeMap<String, Mark>,
+    pub leader: Option<String>,
+    /// `fleet/agent` → node.
+    pub assign: BTreeMap<String, String>,
+    pub claims: BTreeMap<String, String>,
+    pub observed: BTreeMap<String, Vec<AgentStatus>>,
+    /// Keys whose values did not parse (a newer build's, or damage): named in logs, ignored.
+    pub unreadable: Vec<String>,
+}
+
+impl Snapshot {
+    /// Takes one key-value pair read under `keys.prefix`.
+    pub fn take(&mut self, keys: &Keys, key: &str, value: &[u8], mod_revision: i64) {
+        let Some(rest) = key.strip_prefix(&keys.prefix) else {
+            return;
+        };
+        let text = String::from_utf8_lossy(value).to_string();
+        let ok = match rest.split_once('/') {
+            Some(("d", "leader")) => {
+                self.leader = Some(text);
+                true
+            }
+            Some(("d", rest)) => match rest.split_once('/') {
+                Some(("fleets", f)) => serde_json::from_slice::<FleetDoc>(value)
+                    .map(|d| self.fleets.insert(f.to_string(), (d, mod_revision)))
+                    .is_ok(),
+                Some(("nodes", n)) => serde_json::from_slice::<NodeInfo>(value)
+                    .map(|i| self.nodes.insert(n.to_string(), i))
+                    .is_ok(),
+                Some(("cordon", n)) => {
+                    serde_json::from_value::<Mark>(serde_json::Value::String(text.clone()))
+                        .map(|m| self.marks.insert(n.to_string(), m))
+                        .is_ok()
+                }
+                Some(("assign", a)) => {
+                    self.assign.insert(a.to_string(), text);
+                    true
+                }
+                Some(("claims", a)) => {
+                    self.claims.insert(a.to_string(), text);
+                    true
+                }
+                _ => false,
+            },
+            Some(("o", n)) => serde_json::from_slice::<Vec<AgentStatus>>(value)
+                .map(|v| self.observed.insert(n.to_string(), v))
+                .is_ok(),
+            _ => false,
+        };
+        if !ok {
+            self.unreadable.push(key.to_string());
+        }
+    }
+
+    /// Every desired agent as `fleet/agent`, in fleet then spec order.
+    pub fn agents(&self) -> Vec<String> {
+        self.fleets
+            .iter()
+            .flat_map(|(f, (d, _))| d.spec.agents.iter().map(move |a| format!("{f}/{a}")))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_back_into_a_snapshot() {
+        let k = Keys::new("/fc");
+        assert_eq!(k.fleet("bots"), "/fc/d/fleets/bots");
+        let mut s = Snapshot::default();
+        let mut spec = FleetSpec::new("bots");
+        spec.agents = vec!["a1".into(), "a2".into()];
+        let doc = FleetDoc {
+            spec,
+            stopped: BTreeSet::new(),
+        };
+        s.take(&k, &k.fleet("bots"), &serde_json::to_vec(&doc).unwrap(), 7);
+        s.take(&k, &k.assign("bots/a1"), b"n1", 8);
+        s.take(&k, &k.claim("bots/a1"), b"n1", 9);
+        s.take(&k, &k.cordon("n2"), b"drain", 9);
+        s.take(&k, &k.leader(), b"n1", 9);
+        s.take(&k, &k.node("n1"), b"{not json", 9);
+        s.take(&k, "/fc/d/unknown/x", b"", 9);
+        assert_eq!(s.fleets["bots"].1, 7);
+        assert_eq!(s.agents(), vec!["bots/a1", "bots/a2"]);
+        assert_eq!(s.assign["bots/a1"], "n1");
+        assert_eq!(s.claims["bots/a1"], "n1");
+        assert_eq!(s.marks["n2"], Mark::Drain);
+        assert_eq!(s.leader.as_deref(), Some("n1"));
+        assert_eq!(s.unreadable, vec!["/fc/d/nodes/n1", "/fc/d/unknown/x"]);
+    }
+}

@@ -1,0 +1,759 @@
+//! Cluster mode: one fleet across many hosts, its desired state in a real etcd.
+//!
+//! Each `fleetd --etcd URL --node-name NAME` keeps its own node (actors, local registry,
+//! ports, uids, HOMEs: what is per host) and runs one task here that brings it to what etcd
+//! says this host should run. Desired state (fleets, specs, agents, who is stopped) lives
+//! under one key prefix (`keys`); observed state (status rows) is published per node at most
+//! once a second.
+//!
+//! - Membership: a lease per node (`--lease-ttl`, default 10 s), `d/nodes/<name>` on it.
+//! - Placement: the holder of `d/leader` (created on its lease by a transaction, so never two
+//!   at once) writes `d/assign/…` from `placement::place`.
+//! - At most one instance: a node starts an agent only while it holds `d/claims/<agent>`,
+//!   created on its lease by a transaction that succeeds only if nobody holds it; it lets go
+//!   of a claim only after the agent is stopped. The claim dies with the lease, and before
+//!   the lease can expire the node's agents are dead: fleetd stops them when renewals fail,
+//!   and the PID-namespace guardian kills them at `fence::deadline_ms` even when fleetd is
+//!   frozen (`process::spawn::Fence`), which also refuses every spawn after it.
+//! - A leader that has not itself been connected for a full TTL does not move agents off
+//!   nodes it cannot see: after etcd comes back, their owners get the time to renew.
+
+pub mod fence;
+pub mod front;
+pub mod keys;
+pub mod placement;
+
+use crate::messages::command::{AgentStatus, Command, Reply};
+use crate::node::NodeHandle;
+use crate::spec::FleetSpec;
+use crate::FleetError;
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use keys::{FleetDoc, Keys, NodeCapacity, NodeInfo, Snapshot};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How a node joins a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub endpoints: Vec<String>,
+    pub node_name: String,
+    /// Key prefix; default `/fleet-commander/`.
+    pub prefix: String,
+    /// Seconds, 3..=300.
+    pub lease_ttl: u64,
+    /// etcd user and password (`--etcd-user`, `--etcd-password-file`).
+    pub auth: Option<(String, String)>,
+    /// Bound on the agents placed here; `None`: the port range's size / 10.
+    pub max_agents: Option<u64>,
+    /// This node's control socket, published for operators and peers.
+    pub socket: String,
+}
+
+impl ClusterConfig {
+    /// Every problem with the settings, naming the flag.
+    pub fn validate(&self) -> Result<(), FleetError> {
+        if self.endpoints.is_empty() {
+            return Err(FleetError::invalid("--etcd", "no endpoint given"));
+        }
+        for e in &self.endpoints {
+            let ok = (e.starts_with("http://") || e.starts_with("https://"))
+                && e.len() <= 256
+                && e.bytes().all(|b| b.is_ascii_graphic());
+            if !ok {
+                return Err(FleetError::invalid(
+                    "--etcd",
+                    format!("{e:?} is not an http(s)://host:port URL"),
+                ));
+            }
+        }
+        crate::ids::validate_id("node", &self.node_name)
+            .map_err(|e| FleetError::invalid("--node-name", e.to_string()))?;
+        if !(3..=300).contains(&self.lease_ttl) {
+            return Err(FleetError::invalid(
+                "--lease-ttl",
+                format!("{} s: must be 3 to 300 seconds", self.lease_ttl),
+            ));
+        }
+        if !self.prefix.starts_with('/')
+            || self.prefix.len() > 128
+            || !self.prefix.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(FleetError::invalid(
+                "--etcd-prefix",
+                format!(
+                    "{:?}: must start with / and be printable ASCII",
+                    self.prefix
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A connection to etcd with every request bounded in time.
+#[derive(Clone)]
+pub struct Etcd {
+    client: Client,
+    pub keys: Keys,
+}
+
+/// Bound on one etcd request: a node that waits longer would miss its renewals.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn down(e: impl std::fmt::Display) -> FleetError {
+    FleetError::Cluster {
+        reason: format!("etcd: {e}"),
+    }
+}
+
+async fn bounded<T>(
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, FleetError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+        Ok(r) => r.map_err(down),
+        Err(_) => Err(FleetError::Cluster {
+            reason: "etcd did not answer within 2 s (unreachable?); nothing was changed".into(),
+        }),
+    }
+}
+
+impl Etcd {
+    pub async fn connect(cfg: &ClusterConfig) -> Result<Etcd, FleetError> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), REQUEST_TIMEOUT);
+        if let Some((u, p)) = &cfg.auth {
+            opts = opts.with_user(u.clone(), p.clone());
+        }
+        let client = bounded(Client::connect(cfg.endpoints.clone(), Some(opts))).await?;
+        Ok(Etcd {
+            client,
+            keys: Keys::new(&cfg.prefix),
+        })
+    }
+
+    /// One consistent read of `d/` (and `o/` when `observed`).
+    pub async fn snapshot(&self, observed: bool) -> Result<Snapshot, FleetError> {
+        let mut c = self.client.clone();
+        let r = bounded(c.get(self.keys.desired(), Some(GetOptions::new().with_prefix()))).await?;
+        let mut s = Snapshot {
+            revision: r.header().map_or(0, |h| h.revision()),
+            ..Default::default()
+        };
+        for kv in r.kvs() {
+            s.take(
+                &self.keys,
+                &String::from_utf8_lossy(kv.key()),
+                kv.value(),
+                kv.mod_revision(),
+            );
+        }
+        if observed {
+            // At the revision of the first read: one point in time.
+            let r = bounded(c.get(
+                self.keys.observed_all(),
+                Some(GetOptions::new().with_prefix().with_revision(s.revision)),
+            ))
+            .await?;
+            for kv in r.kvs() {
+                s.take(
+                    &self.keys,
+                    &String::from_utf8_lossy(kv.key()),
+                    kv.value(),
+                    kv.mod_revision(),
+                );
+            }
+        }
+        Ok(s)
+    }
+
+    pub async fn txn(&self, txn: Txn) -> Result<bool, FleetError> {
+        let mut c = self.client.clone();
+        Ok(bounded(c.txn(txn)).await?.succeeded())
+    }
+
+    pub async fn put(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        lease: Option<i64>,
+    ) -> Result<(), FleetError> {
+        let mut c = self.client.clone();
+        let opts = lease.map(|l| PutOptions::new().with_lease(l));
+        bounded(c.put(key, value, opts)).await.map(drop)
+    }
+
+    pub async fn delete(&self, key: String) -> Result<(), FleetError> {
+        let mut c = self.client.clone();
+        bounded(c.delete(key, None)).await.map(drop)
+    }
+
+    /// Changes one fleet's doc by compare-and-swap on its revision, retried on a race.
+    /// `f` returns the new doc, `None` to delete it, or an error that changes nothing.
+    pub async fn update_fleet(
+        &self,
+        fleet: &str,
+        mut f: impl FnMut(Option<FleetDoc>) -> Result<Option<FleetDoc>, FleetError>,
+    ) -> Result<(), FleetError> {
+        let key = self.keys.fleet(fleet);
+        for _ in 0..16 {
+            let mut c = self.client.clone();
+            let r = bounded(c.get(key.clone(), None)).await?;
+            let (old, rev) = match r.kvs().first() {
+                Some(kv) => (
+                    Some(serde_json::from_slice::<FleetDoc>(kv.value()).map_err(|e| {
+                        FleetError::Cluster {
+                            reason: format!(
+                                "{key} holds no readable fleet ({e}); nothing was changed"
+                            ),
+                        }
+                    })?),
+                    kv.mod_revision(),
+                ),
+                None => (None, 0),
+            };
+            let guard = if rev == 0 {
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0)
+            } else {
+                Compare::mod_revision(key.clone(), CompareOp::Equal, rev)
+            };
+            let op = match f(old)? {
+                Some(doc) => TxnOp::put(
+                    key.clone(),
+                    serde_json::to_vec(&doc).map_err(FleetError::internal)?,
+                    None,
+                ),
+                None => TxnOp::delete(key.clone(), None),
+            };
+            if self.txn(Txn::new().when([guard]).and_then([op])).await? {
+                return Ok(());
+            }
+        }
+        Err(FleetError::Cluster {
+            reason: format!("fleet {fleet} changed 16 times while this change was made; nothing was changed, try again"),
+        })
+    }
+}
+
+/// Starts cluster mode on a running node: fences it (nothing starts before it holds a
+/// lease and the agents' claims), makes every command act cluster-wide, and runs the
+/// reconcile task until the node shuts down.
+pub async fn join(node: &NodeHandle, cfg: ClusterConfig) -> Result<(), FleetError> {
+    cfg.validate()?;
+    let fence = node.fence();
+    fence.arm(1);
+    let etcd = Etcd::connect(&cfg).await?;
+    let cfg = Arc::new(cfg);
+    let door = Arc::new(front::Front::new(etcd.clone(), cfg.clone()));
+    node.set_cluster(door.clone())?;
+    let runner = Runner {
+        door,
+        node: node.clone(),
+        etcd,
+        cfg,
+        fence,
+        lease: None,
+        connected_since: None,
+        applied: None,
+        stopped_here: BTreeSet::new(),
+        published: None,
+        last_error: None,
+    };
+    tokio::spawn(runner.run());
+    Ok(())
+}
+
+struct Lease {
+    id: i64,
+    keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+    next_renewal: Instant,
+}
+
+struct Runner {
+    door: Arc<front::Front>,
+    node: NodeHandle,
+    etcd: Etcd,
+    cfg: Arc<ClusterConfig>,
+    fence: Arc<crate::process::spawn::Fence>,
+    lease: Option<Lease>,
+    /// Since when every request succeeded (None: the last one failed).
+    connected_since: Option<Instant>,
+    /// The local spec last applied.
+    applied: Option<Vec<FleetSpec>>,
+    /// Local agents this task stopped because the operator asked (`agent stop`).
+    stopped_here: BTreeSet<String>,
+    /// What was last published to `o/<node>`, and when.
+    published: Option<(Vec<u8>, Instant)>,
+    last_error: Option<(String, Instant)>,
+}
+
+const TICK: Duration = Duration::from_millis(500);
+
+impl Runner {
+    async fn run(mut self) {
+        loop {
+            if self.node.is_shutting_down() {
+                // The node stops its agents; the lease must live until they are (and
+                // `NodeHandle::shutdown` gives it back then).
+                if self.door.lease.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    return;
+                }
+                let _ = self.keep_lease().await;
+                tokio::time::sleep(TICK).await;
+                continue;
+            }
+            match self.round().await {
+                Ok(()) => {
+                    self.connected_since.get_or_insert_with(Instant::now);
+                }
+                Err(e) => {
+                    self.connected_since = None;
+                    self.say(&e);
+                }
+            }
+            let now = crate::process::spawn::boottime_ms();
+            if fence::must_stop(now, self.fence.deadline_ms(), self.cfg.lease_ttl)
+                && self.applied.as_ref().is_some_and(|a| !a.is_empty())
+            {
+                tracing::error!(
+                    node = %self.cfg.node_name,
+                    "no lease renewal in time: stopping every agent of this node before its lease can expire"
+                );
+                self.stop_everything().await;
+            }
+            tokio::time::sleep(TICK).await;
+        }
+    }
+
+    fn say(&mut self, e: &FleetError) {
+        let msg = e.to_string();
+        let repeat = self
+            .last_error
+            .as_ref()
+            .is_some_and(|(m, at)| *m == msg && at.elapsed() < Duration::from_secs(30));
+        if !repeat {
+            tracing::warn!(node = %self.cfg.node_name, error = %msg, "cluster round failed; retrying");
+            self.last_error = Some((msg, Instant::now()));
+        }
+    }
+
+    async fn round(&mut self) -> Result<(), FleetError> {
+        self.keep_lease().await?;
+        let Some(lease) = self.lease.as_ref().map(|l| l.id) else {
+            return Ok(());
+        };
+        let snap = self.etcd.snapshot(false).await?;
+        for k in &snap.unreadable {
+            tracing::warn!(key = %k, "an etcd key of the cluster is unreadable; ignored");
+        }
+        let me = self.cfg.node_name.clone();
+        if snap.leader.is_none() {
+            let k = self.etcd.keys.leader();
+            self.etcd
+                .txn(
+                    Txn::new()
+                        .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(
+                            k,
+                            me.clone(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )]),
+                )
+                .await?;
+        } else if snap.leader.as_deref() == Some(me.as_str()) {
+            self.lead(&snap).await?;
+        }
+        self.follow(&snap, lease).await?;
+        self.publish(lease).await
+    }
+
+    /// Grants the lease and registers the node, or renews it when due.
+    async fn keep_lease(&mut self) -> Result<(), FleetError> {
+        let ttl = self.cfg.lease_ttl;
+        if self.lease.is_none() {
+            let sent = crate::process::spawn::boottime_ms();
+            let mut c = self.etcd.client.clone();
+            let id = bounded(c.lease_grant(ttl as i64, None)).await?.id();
+            let key = self.etcd.keys.node(&self.cfg.node_name);
+            let info = serde_json::to_vec(&self.info()).map_err(FleetError::internal)?;
+            let mine = self
+                .etcd
+                .txn(
+                    Txn::new()
+                        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(
+                            key,
+                            info,
+                            Some(PutOptions::new().with_lease(id)),
+                        )]),
+                )
+                .await?;
+            if !mine {
+                let _ = bounded(c.lease_revoke(id)).await;
+                return Err(FleetError::Cluster {
+                    reason: format!(
+                        "node name {:?} is held by another live fleetd (or by this one's previous run, until its lease expires in at most {ttl} s)",
+                        self.cfg.node_name
+                    ),
+                });
+            }
+            tracing::info!(node = %self.cfg.node_name, lease = id, ttl, "joined the cluster");
+            self.fence.arm(fence::deadline_ms(sent, ttl));
+            self.door
+                .lease
+                .store(id, std::sync::atomic::Ordering::SeqCst);
+            self.lease = Some(Lease {
+                id,
+                keeper: None,
+                next_renewal: Instant::now() + Duration::from_millis(fence::renew_every_ms(ttl)),
+            });
+            return Ok(());
+        }
+        let lease = self.lease.as_mut().expect("checked");
+        if Instant::now() < lease.next_renewal {
+            return Ok(());
+        }
+        let sent = crate::process::spawn::boottime_ms();
+        if lease.keeper.is_none() {
+            let mut c = self.etcd.client.clone();
+            lease.keeper = Some(bounded(c.lease_keep_alive(lease.id)).await?);
+        }
+        let (keeper, stream) = lease.keeper.as_mut().expect("set");
+        let renewed = async {
+            keeper.keep_alive().await?;
+            stream.message().await
+        };
+        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, renewed).await {
+            Ok(Ok(Some(r))) => r.ttl(),
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                lease.keeper = None;
+                return Err(FleetError::Cluster {
+                    reason: "etcd: the lease keep-alive got no answer".into(),
+                });
+            }
+        };
+        if answer <= 0 {
+            tracing::error!(node = %self.cfg.node_name, lease = lease.id, "this node's lease expired: stopping its agents, then joining again");
+            self.stop_everything().await;
+            self.lease = None;
+            self.door
+                .lease
+                .store(0, std::sync::atomic::Ordering::SeqCst);
+            return Ok(());
+        }
+        self.fence.arm(fence::deadline_ms(sent, ttl));
+        lease.next_renewal = Instant::now() + Duration::from_millis(fence::renew_every_ms(ttl));
+        Ok(())
+    }
+
+    fn info(&self) -> NodeInfo {
+        let host = crate::process::procfs::host_info();
+        let ports = u64::from(self.node.port_range().len());
+        NodeInfo {
+            name: self.cfg.node_name.clone(),
+            socket: self.cfg.socket.clone(),
+            pid: std::process::id(),
+            capacity: NodeCapacity {
+                agents_max: self.cfg.max_agents.unwrap_or((ports / 10).max(1)),
+                memory_available: host.mem_available,
+                ports,
+                fds_free: host.nofile_soft.saturating_sub(host.fds_in_use),
+                pids_free: host.pid_max.saturating_sub(host.pids_in_use),
+            },
+        }
+    }
+
+    /// The leader's part: place every desired agent, write what changed.
+    async fn lead(&mut self, snap: &Snapshot) -> Result<(), FleetError> {
+        let nodes: Vec<placement::NodeView> = snap
+            .nodes
+            .values()
+            .map(|n| {
+                let mark = snap.marks.get(&n.name);
+                placement::NodeView {
+                    name: n.name.clone(),
+                    capacity: n.capacity.agents_max,
+                    cordoned: mark.is_some(),
+                    draining: mark == Some(&keys::Mark::Drain),
+                }
+            })
+            .collect();
+        let agents = snap.agents();
+        let mut want = placement::place(&agents, &nodes, &snap.assign);
+        let settled = self
+            .connected_since
+            .is_some_and(|t| t.elapsed() >= Duration::from_secs(self.cfg.lease_ttl));
+        if !settled {
+            // Not yet sure an absent node is dead rather than unseen: leave its agents.
+            for (a, n) in &snap.assign {
+                if !snap.nodes.contains_key(n) && agents.contains(a) {
+                    want.insert(a.clone(), n.clone());
+                }
+            }
+        }
+        let mut ops = Vec::new();
+        for (a, n) in &want {
+            if snap.assign.get(a) != Some(n) {
+                ops.push(TxnOp::put(self.etcd.keys.assign(a), n.clone(), None));
+            }
+        }
+        for a in snap.assign.keys() {
+            if !want.contains_key(a) {
+                ops.push(TxnOp::delete(self.etcd.keys.assign(a), None));
+            }
+        }
+        // etcd takes at most 128 operations per transaction by default.
+        for chunk in ops.chunks(100) {
+            let guard = Compare::value(
+                self.etcd.keys.leader(),
+                CompareOp::Equal,
+                self.cfg.node_name.clone(),
+            );
+            if !self
+                .etcd
+                .txn(Txn::new().when([guard]).and_then(chunk.to_vec()))
+                .await?
+            {
+                return Ok(());
+            }
+        }
+        if !ops.is_empty() {
+            tracing::info!(changes = ops.len(), "placement written");
+        }
+        Ok(())
+    }
+
+    /// This node's part: claim what is placed here, let go of what is not (after it is
+    /// stopped), and make the local node run exactly the claimed agents.
+    async fn follow(&mut self, snap: &Snapshot, lease: i64) -> Result<(), FleetError> {
+        let me = self.cfg.node_name.as_str();
+        let desired: BTreeSet<String> = snap.agents().into_iter().collect();
+        let placed: BTreeSet<String> = snap
+            .assign
+            .iter()
+            .filter(|(a, n)| n.as_str() == me && desired.contains(*a))
+            .map(|(a, _)| a.clone())
+            .collect();
+        let mut held: BTreeSet<String> = snap
+            .claims
+            .iter()
+            .filter(|(_, n)| n.as_str() == me)
+            .map(|(a, _)| a.clone())
+            .collect();
+        // Claims are not taken while the fence would not let the agent start anyway.
+        if !self.fence.lapsed() {
+            for a in placed.iter().filter(|a| !snap.claims.contains_key(*a)) {
+                let k = self.etcd.keys.claim(a);
+                let won = self
+                    .etcd
+                    .txn(
+                        Txn::new()
+                            .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+                            .and_then([TxnOp::put(
+                                k,
+                                me,
+                                Some(PutOptions::new().with_lease(lease)),
+                            )]),
+                    )
+                    .await?;
+                if won {
+                    held.insert(a.clone());
+                }
+            }
+        }
+        let release: Vec<String> = held.difference(&placed).cloned().collect();
+        for a in &release {
+            if let Some((f, ag)) = a.split_once('/') {
+                // Waits until its processes are gone.
+                let _ = self
+                    .node
+                    .execute_local(Command::AgentStop {
+                        fleet: f.into(),
+                        agent: ag.into(),
+                    })
+                    .await;
+            }
+        }
+        let run: BTreeSet<&String> = held.intersection(&placed).collect();
+        let local = local_specs(snap, &run);
+        if self.applied.as_ref() != Some(&local) {
+            match self.node.apply_spec(local.clone()).await {
+                Ok(msg) => {
+                    tracing::info!(result = %msg, "cluster: local agents brought to the placement");
+                    self.applied = Some(local.clone());
+                }
+                Err(e) => {
+                    // Most often a removal still running: the next round tries again. The
+                    // released claims wait until what they guard is gone.
+                    tracing::debug!(error = %e, "cluster: local apply deferred");
+                    return Ok(());
+                }
+            }
+        }
+        for a in &release {
+            let gone = self.node.local_agent_gone(a);
+            if gone {
+                let k = self.etcd.keys.claim(a);
+                self.etcd
+                    .txn(
+                        Txn::new()
+                            .when([Compare::value(k.clone(), CompareOp::Equal, me)])
+                            .and_then([TxnOp::delete(k, None)]),
+                    )
+                    .await?;
+                self.stopped_here.remove(a);
+            }
+        }
+        // The operator's stop and start, agent by agent.
+        for a in &run {
+            let Some((f, ag)) = a.split_once('/') else {
+                continue;
+            };
+            let want_stopped = snap
+                .fleets
+                .get(f)
+                .is_some_and(|(d, _)| d.stopped.contains(ag));
+            let is_stopped = self.stopped_here.contains(*a);
+            if want_stopped != is_stopped {
+                let cmd = if want_stopped {
+                    Command::AgentStop {
+                        fleet: f.into(),
+                        agent: ag.into(),
+                    }
+                } else {
+                    Command::AgentStart {
+                        fleet: f.into(),
+                        agent: ag.into(),
+                    }
+                };
+                if !matches!(self.node.execute_local(cmd).await, Reply::Error(_)) {
+                    if want_stopped {
+                        self.stopped_here.insert((*a).clone());
+                    } else {
+                        self.stopped_here.remove(*a);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes this node's status rows (at most once a second; at least every 10 s).
+    async fn publish(&mut self, lease: i64) -> Result<(), FleetError> {
+        if self
+            .published
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() < Duration::from_secs(1))
+        {
+            return Ok(());
+        }
+        let mut rows = match self
+            .node
+            .execute_local(Command::Status {
+                fleet: None,
+                agent: None,
+            })
+            .await
+        {
+            Reply::Status(r) => r,
+            _ => return Ok(()),
+        };
+        for r in &mut rows {
+            r.node = Some(self.cfg.node_name.clone());
+        }
+        let bytes = serde_json::to_vec(&rows).map_err(FleetError::internal)?;
+        if self
+            .published
+            .as_ref()
+            .is_some_and(|(b, at)| *b == bytes && at.elapsed() < Duration::from_secs(10))
+        {
+            return Ok(());
+        }
+        self.etcd
+            .put(
+                self.etcd.keys.observed(&self.cfg.node_name),
+                bytes.clone(),
+                Some(lease),
+            )
+            .await?;
+        self.published = Some((bytes, Instant::now()));
+        Ok(())
+    }
+
+    /// Stops and removes every local agent (their HOMEs stay); bounded.
+    async fn stop_everything(&mut self) {
+        let names: Vec<(String, String)> = self
+            .applied
+            .iter()
+            .flatten()
+            .flat_map(|s| s.agents.iter().map(move |a| (s.name.clone(), a.clone())))
+            .collect();
+        for (f, a) in names {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(30),
+                self.node
+                    .execute_local(Command::AgentStop { fleet: f, agent: a }),
+            )
+            .await;
+        }
+        if self.node.apply_spec(Vec::new()).await.is_ok() {
+            self.applied = Some(Vec::new());
+        } else {
+            self.applied = None;
+        }
+        self.stopped_here.clear();
+    }
+}
+
+/// The specs the local node must run: each fleet with only the agents this node holds.
+fn local_specs(snap: &Snapshot, run: &BTreeSet<&String>) -> Vec<FleetSpec> {
+    let mut out = Vec::new();
+    for (name, (doc, _)) in &snap.fleets {
+        let mut spec = doc.spec.clone();
+        spec.agents.retain(|a| run.contains(&format!("{name}/{a}")));
+        if spec.agents.is_empty() {
+            continue;
+        }
+        let keep: BTreeSet<String> = spec.agents.iter().cloned().collect();
+        spec.tenants.retain(|a, _| keep.contains(a));
+        out.push(spec);
+    }
+    out
+}
+
+/// `status` of the whole cluster: every node's published rows (with `node`), and a row for
+/// each desired agent no node runs.
+pub fn cluster_status(snap: &Snapshot) -> Vec<AgentStatus> {
+    let mut rows: BTreeMap<(String, String), AgentStatus> = BTreeMap::new();
+    for (node, list) in &snap.observed {
+        // A node's rows count only for agents it holds the claim of: a stale row of an
+        // agent that moved is not shown twice.
+        for r in list {
+            let key = format!("{}/{}", r.fleet, r.agent);
+            if snap.claims.get(&key) != Some(node) {
+                continue;
+            }
+            let mut r = r.clone();
+            r.node = Some(node.clone());
+            rows.insert((r.fleet.clone(), r.agent.clone()), r);
+        }
+    }
+    for (f, (doc, _)) in &snap.fleets {
+        for a in &doc.spec.agents {
+            rows.entry((f.clone(), a.clone())).or_insert_with(|| {
+                let key = format!("{f}/{a}");
+                let reason = match (snap.assign.get(&key), snap.claims.get(&key)) {
+                    (None, _) => "not placed: no live, uncordoned node with room".to_string(),
+                    (Some(n), Some(h)) if n != h => {
+                        format!("moving: placed on {n}, {h} still stopping it")
+                    }
+                    (Some(n), _) => format!("placed on {n}, not started there yet"),
+                };
+                AgentStatus::placeholder(f, a, snap.assign.get(&key).cloned(), reason)
+            });
+        }
+    }
+    rows.into_values().collect()
+}

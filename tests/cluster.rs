@@ -1,0 +1,524 @@
+//! Cluster mode against a real etcd (scripts/install-etcd.sh; `FLEET_ETCD_BIN`), with real
+//! fleetd processes on loopback: placement over three nodes, drain, a SIGKILLed node, a
+//! frozen node (SIGSTOP for 3 × TTL), an etcd restart, the same status through every socket,
+//! and a three-member etcd that loses one member. A sampler checks every 100 ms, for the
+//! whole test, that no agent has live processes under two nodes.
+
+mod common;
+
+use common::{wait_until, Daemon, STUB};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One test at a time: each starts etcd and several daemons on 2 cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const TTL: u64 = 5;
+
+fn etcd_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("FLEET_ETCD_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let out = Command::new("sh")
+        .args(["-c", "command -v etcd"])
+        .output()
+        .ok()?;
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!p.is_empty()).then(|| PathBuf::from(p))
+}
+
+/// Loopback ports of this test binary's own (another binary's tests use 21000-50999).
+fn etcd_ports(i: u16) -> (u16, u16) {
+    (52379 + i * 2, 52380 + i * 2)
+}
+
+struct EtcdMember {
+    child: Option<Child>,
+    args: Vec<String>,
+    bin: PathBuf,
+    log: PathBuf,
+}
+
+impl EtcdMember {
+    fn start(bin: &Path, dir: &Path, name: &str, i: u16, cluster: &str) -> EtcdMember {
+        let (client, peer) = etcd_ports(i);
+        let args = vec![
+            "--name".into(),
+            name.into(),
+            "--data-dir".into(),
+            dir.join(name).display().to_string(),
+            "--listen-client-urls".into(),
+            format!("http://127.0.0.1:{client}"),
+            "--advertise-client-urls".into(),
+            format!("http://127.0.0.1:{client}"),
+            "--listen-peer-urls".into(),
+            format!("http://127.0.0.1:{peer}"),
+            "--initial-advertise-peer-urls".into(),
+            format!("http://127.0.0.1:{peer}"),
+            "--initial-cluster".into(),
+            cluster.into(),
+            "--initial-cluster-token".into(),
+            format!("fleet-test-{}", std::process::id()),
+        ];
+        let mut m = EtcdMember {
+            child: None,
+            args,
+            bin: bin.to_path_buf(),
+            log: dir.join(format!("{name}.log")),
+        };
+        m.launch();
+        m
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(&self.bin)
+                .args(&self.args)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start etcd"),
+        );
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn url(i: u16) -> String {
+    format!("http://127.0.0.1:{}", etcd_ports(i).0)
+}
+
+fn node(name: &str, etcd: &str) -> Daemon {
+    Daemon::start_with(&[
+        "--etcd",
+        etcd,
+        "--node-name",
+        name,
+        "--lease-ttl",
+        &TTL.to_string(),
+        "--cgroup",
+        "off",
+    ])
+}
+
+/// `--json status` through one node, or None while it cannot answer (etcd down).
+fn try_status(d: &Daemon) -> Option<Vec<Value>> {
+    let out = d.ctl_output(&["--json", "status"]);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice::<Value>(&out.stdout)
+        .ok()?
+        .as_array()
+        .cloned()
+}
+
+/// Waits until `n` agents of fleet `s` run, every one healthy, on nodes `on`; returns
+/// agent → (node, pid).
+fn wait_spread(
+    d: &Daemon,
+    n: usize,
+    on: &[&str],
+    timeout: Duration,
+    what: &str,
+) -> BTreeMap<String, (String, u64)> {
+    wait_until(timeout, what, |seen| {
+        let rows = try_status(d)?;
+        let ok: BTreeMap<String, (String, u64)> = rows
+            .iter()
+            .filter(|r| r["fleet"] == "s" && r["state"] == "running" && r["healthy"] == true)
+            .filter(|r| on.iter().any(|n| r["node"] == *n))
+            .filter_map(|r| {
+                Some((
+                    r["agent"].as_str()?.to_string(),
+                    (r["node"].as_str()?.to_string(), r["pid"].as_u64()?),
+                ))
+            })
+            .collect();
+        *seen = format!(
+            "{} of {n} running on {on:?}; rows: {}",
+            ok.len(),
+            rows.iter()
+                .map(|r| format!("{}@{}:{}", r["agent"], r["node"], r["state"]))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        (ok.len() == n).then_some(ok)
+    })
+}
+
+/// Every 100 ms: for each agent, the nodes (by node id in the process marker) that have a
+/// live process of it. Two nodes at once is the violation.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Sampler {
+    fn start(node_ids: Arc<Mutex<BTreeSet<String>>>) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut rounds = 0u64;
+            let mut violations = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let ids = node_ids.lock().unwrap().clone();
+                let mut by_agent: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+                for id in &ids {
+                    for (pid, marker) in common::marked(&format!("{id}/")) {
+                        let mut parts = marker.splitn(4, '/');
+                        let (Some(node), Some(f), Some(a)) =
+                            (parts.next(), parts.next(), parts.next())
+                        else {
+                            continue;
+                        };
+                        let _ = pid;
+                        by_agent
+                            .entry(format!("{f}/{a}"))
+                            .or_default()
+                            .insert(node.to_string());
+                    }
+                }
+                for (a, nodes) in by_agent {
+                    if nodes.len() > 1 {
+                        violations.push(format!("round {rounds}: {a} live under {nodes:?}"));
+                    }
+                }
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (rounds, violations)
+        });
+        Sampler {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+fn nodes_live(d: &Daemon) -> Option<BTreeMap<String, Value>> {
+    let out = d.ctl_output(&["--json", "node", "list"]);
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(
+        v.as_array()?
+            .iter()
+            .filter(|r| r["lease"] == "live")
+            .map(|r| (r["node"].as_str().unwrap_or("").to_string(), r.clone()))
+            .collect(),
+    )
+}
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn three_nodes_spread_fail_over_fence_drain_and_ride_out_an_etcd_restart() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(bin) = etcd_bin() else {
+        common::skipped("tests/cluster.rs: no etcd (run scripts/install-etcd.sh)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = EtcdMember::start(
+        &bin,
+        dir.path(),
+        "e0",
+        0,
+        &format!("e0=http://127.0.0.1:{}", etcd_ports(0).1),
+    );
+    let u = url(0);
+    let mut n1 = node("n1", &u);
+    let n2 = node("n2", &u);
+    let n3 = node("n3", &u);
+    let ids = Arc::new(Mutex::new(BTreeSet::from([
+        n1.node_id(),
+        n2.node_id(),
+        n3.node_id(),
+    ])));
+    let sampler = Sampler::start(ids.clone());
+
+    // 30 stand-ins, created through n1, spread over all three.
+    let cmd = STUB.to_string();
+    n1.ctl(&[
+        "fleet",
+        "create",
+        "s",
+        "--agents",
+        "30",
+        "--command",
+        &cmd,
+        "--stride",
+        "1",
+    ]);
+    let placed = wait_spread(
+        &n2,
+        30,
+        &["n1", "n2", "n3"],
+        Duration::from_secs(60),
+        "30 agents",
+    );
+    for n in ["n1", "n2", "n3"] {
+        let k = placed.values().filter(|(x, _)| x == n).count();
+        assert_eq!(
+            k, 10,
+            "spread by free room over equal nodes: {n} has {k}: {placed:?}"
+        );
+    }
+
+    // The same cluster-wide status through every node's socket.
+    wait_until(
+        Duration::from_secs(10),
+        "one status through every socket",
+        |seen| {
+            let views: Vec<BTreeSet<(String, String, String)>> = [&n1, &n2, &n3]
+                .iter()
+                .map(|d| {
+                    try_status(d)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|r| {
+                            (
+                                r["agent"].to_string(),
+                                r["node"].to_string(),
+                                r["pid"].to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .collect();
+            *seen = format!("{views:?}");
+            (views[0].len() == 30 && views[0] == views[1] && views[1] == views[2]).then_some(())
+        },
+    );
+    // An agent's own command on another node says where it runs.
+    let (agent, (on, _)) = placed.iter().find(|(_, (n, _))| n == "n3").unwrap();
+    let out = n1.ctl_output(&["logs", &format!("s/{agent}")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("runs on node {on}")), "{err}");
+
+    // Drain n3: everything moves to n1 and n2; then n3 takes agents again.
+    n1.ctl(&["node", "drain", "n3"]);
+    let drained = wait_spread(
+        &n1,
+        30,
+        &["n1", "n2"],
+        Duration::from_secs(30),
+        "n3 drained",
+    );
+    let on_n3: BTreeSet<&String> = placed
+        .iter()
+        .filter(|(_, (n, _))| n == "n3")
+        .map(|(a, _)| a)
+        .collect();
+    for (a, (n, pid)) in &drained {
+        if !on_n3.contains(a) {
+            assert_eq!(
+                (n, pid),
+                (&placed[a].0, &placed[a].1),
+                "{a} was not on n3 and must not have moved or restarted"
+            );
+        }
+    }
+    n1.ctl(&["node", "uncordon", "n3"]);
+
+    // SIGKILL n1: its agents run on n2 and n3 within 30 s.
+    n1.kill9();
+    let t = Instant::now();
+    let after_kill = wait_spread(
+        &n2,
+        30,
+        &["n2", "n3"],
+        Duration::from_secs(30),
+        "n1's agents on the survivors within 30 s",
+    );
+    eprintln!(
+        "cluster: SIGKILLed node's agents running elsewhere after {:?}",
+        t.elapsed()
+    );
+    // n1 comes back (a new lease once the old one expired) and takes no agent from the others.
+    n1.launch();
+    ids.lock().unwrap().insert(n1.node_id());
+    wait_until(Duration::from_secs(30), "n1 live again", |seen| {
+        let l = nodes_live(&n2)?;
+        *seen = format!("{:?}", l.keys());
+        l.contains_key("n1").then_some(())
+    });
+
+    if is_root() {
+        // SIGSTOP n2 for 3 × TTL: its agents die (the guardian's deadline) before its lease
+        // expires, run elsewhere, and n2 rejoins without duplicates.
+        let n2_pids: Vec<u64> = after_kill
+            .values()
+            .filter(|(n, _)| n == "n2")
+            .map(|(_, p)| *p)
+            .collect();
+        assert!(!n2_pids.is_empty());
+        unsafe { libc::kill(n2.pid() as i32, libc::SIGSTOP) };
+        let frozen = Instant::now();
+        wait_until(
+            Duration::from_secs(TTL),
+            "a frozen node's agents dead within its TTL",
+            |seen| {
+                let alive: Vec<&u64> = n2_pids
+                    .iter()
+                    .filter(|p| common::alive(**p as u32))
+                    .collect();
+                *seen = format!("{alive:?}");
+                alive.is_empty().then_some(())
+            },
+        );
+        eprintln!(
+            "cluster: frozen node's agents dead after {:?}",
+            frozen.elapsed()
+        );
+        wait_spread(
+            &n3,
+            30,
+            &["n1", "n3"],
+            Duration::from_secs(30),
+            "the frozen node's agents elsewhere",
+        );
+        let rest = Duration::from_secs(3 * TTL).saturating_sub(frozen.elapsed());
+        std::thread::sleep(rest); // the freeze itself lasts 3 × TTL: not a synchronisation
+        unsafe { libc::kill(n2.pid() as i32, libc::SIGCONT) };
+        wait_until(Duration::from_secs(30), "n2 live again", |seen| {
+            let l = nodes_live(&n3)?;
+            *seen = format!("{:?}", l.keys());
+            l.contains_key("n2").then_some(())
+        });
+    } else {
+        common::skipped("tests/cluster.rs: the SIGSTOP fence needs a PID namespace (root)");
+    }
+
+    // etcd restarted: no healthy agent restarts.
+    let before = wait_spread(
+        &n3,
+        30,
+        &["n1", "n2", "n3"],
+        Duration::from_secs(30),
+        "settled",
+    );
+    etcd.stop();
+    let err = n3.ctl_output(&["status"]);
+    assert!(!err.status.success(), "status answered with etcd down");
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("etcd"),
+        "{}",
+        String::from_utf8_lossy(&err.stderr)
+    );
+    etcd.launch();
+    wait_until(
+        Duration::from_secs(30),
+        "all three nodes live after etcd's restart",
+        |seen| {
+            let l = nodes_live(&n1)?;
+            *seen = format!("{:?}", l.keys());
+            (l.len() == 3).then_some(())
+        },
+    );
+    let after = wait_spread(
+        &n1,
+        30,
+        &["n1", "n2", "n3"],
+        Duration::from_secs(30),
+        "after etcd",
+    );
+    assert_eq!(
+        after, before,
+        "an agent moved or restarted across etcd's restart"
+    );
+
+    let (rounds, violations) = sampler.finish();
+    assert!(rounds > 100, "the sampler ran only {rounds} rounds");
+    assert!(violations.is_empty(), "two live instances: {violations:?}");
+    drop((n1, n2, n3));
+}
+
+#[test]
+fn a_three_member_etcd_keeps_serving_with_one_member_killed() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(bin) = etcd_bin() else {
+        common::skipped("tests/cluster.rs: no etcd (run scripts/install-etcd.sh)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = (1..=3)
+        .map(|i| format!("m{i}=http://127.0.0.1:{}", etcd_ports(i).1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut members: Vec<EtcdMember> = (1..=3)
+        .map(|i| EtcdMember::start(&bin, dir.path(), &format!("m{i}"), i, &cluster))
+        .collect();
+    let urls = (1..=3).map(url).collect::<Vec<_>>().join(",");
+    let a = node("a", &urls);
+    let cmd = STUB.to_string();
+    a.ctl(&[
+        "fleet",
+        "create",
+        "s",
+        "--agents",
+        "3",
+        "--command",
+        &cmd,
+        "--stride",
+        "1",
+    ]);
+    let before = wait_spread(&a, 3, &["a"], Duration::from_secs(30), "3 agents");
+    members[0].stop();
+    // Still serving: a change is accepted and carried out, and nothing restarted.
+    wait_until(
+        Duration::from_secs(20),
+        "a command through the surviving members",
+        |seen| {
+            let out = a.ctl_output(&["agent", "add", "s", "extra"]);
+            *seen = String::from_utf8_lossy(&out.stderr).to_string();
+            (out.status.success() || seen.contains("already exists")).then_some(())
+        },
+    );
+    let after = wait_spread(&a, 4, &["a"], Duration::from_secs(30), "4 agents");
+    for (agent, v) in &before {
+        assert_eq!(
+            &after[agent], v,
+            "{agent} restarted when one etcd member died"
+        );
+    }
+    drop(a);
+    drop(members);
+}
