@@ -410,29 +410,6 @@ impl FleetSpec {
             .or(self.openclaw_version.as_deref())
     }
 
-    /// The spec a `fleet create` asks for: every default but what its flags set.
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_create(
-        name: &str,
-        agents: u32,
-        strategy: Option<Strategy>,
-        command: Option<Vec<String>>,
-        template: Option<PathBuf>,
-        restart: Option<RestartType>,
-        stride: Option<u16>,
-        profile: Option<Profile>,
-    ) -> Self {
-        let mut spec = FleetSpec::new(name);
-        spec.agents = FleetSpec::numbered_agents(agents);
-        spec.strategy = strategy.unwrap_or_default();
-        spec.restart = restart.unwrap_or_default();
-        spec.command = command;
-        spec.template = template;
-        spec.stride = stride;
-        spec.profile = profile.unwrap_or_default();
-        spec
-    }
-
     /// `agent-1` … `agent-N`.
     pub fn numbered_agents(n: u32) -> Vec<String> {
         (1..=n).map(|i| format!("agent-{i}")).collect()

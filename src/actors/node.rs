@@ -307,25 +307,11 @@ impl NodeRuntime {
         cmd: Command,
     ) -> Result<Outcome, FleetError> {
         match cmd {
-            Command::FleetCreate {
-                fleet,
-                agents,
-                strategy,
-                command,
-                template,
-                restart,
-                stride,
-                profile,
-                isolation,
-                openclaw_version,
-                no_probes,
-            } => {
-                let mut spec = FleetSpec::from_create(
-                    &fleet, agents, strategy, command, template, restart, stride, profile,
-                );
-                spec.isolation = isolation;
-                spec.openclaw_version = openclaw_version;
-                spec.health.enabled = !no_probes;
+            Command::FleetCreate { .. } => {
+                let spec = cmd
+                    .create_spec()
+                    .ok_or_else(|| FleetError::internal("create_spec"))?;
+                let (fleet, agents) = (spec.name.clone(), spec.agents.len());
                 self.create_fleet(myself, spec, Desired::Running, Origin::Command)
                     .await?;
                 done(format!("fleet {fleet} created with {agents} agents"))

@@ -79,28 +79,14 @@ impl Front {
 
     pub async fn execute(&self, local: &NodeHandle, cmd: Command) -> Reply {
         match cmd {
-            Command::FleetCreate {
-                fleet,
-                agents,
-                strategy,
-                command,
-                template,
-                restart,
-                stride,
-                profile,
-                isolation,
-                openclaw_version,
-                no_probes,
-            } => {
+            Command::FleetCreate { ref template, .. } => {
                 if template.is_some() {
                     return refuse("fleet create --template (a template file is per host)");
                 }
-                let mut spec = FleetSpec::from_create(
-                    &fleet, agents, strategy, command, None, restart, stride, profile,
-                );
-                spec.isolation = isolation;
-                spec.openclaw_version = openclaw_version;
-                spec.health.enabled = !no_probes;
+                let Some(spec) = cmd.create_spec() else {
+                    return refuse("fleet create");
+                };
+                let (fleet, agents) = (spec.name.clone(), spec.agents.len());
                 match self.create_fleet(spec).await {
                     Ok(()) => done(format!(
                         "fleet {fleet} created with {agents} agents (cluster-wide)"

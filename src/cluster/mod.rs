@@ -174,6 +174,26 @@ impl Etcd {
         Ok(bounded(c.txn(txn)).await?.succeeded())
     }
 
+    /// Puts `value` at `key` on `lease` unless the key exists: how a node's registration,
+    /// the leader's key and an agent's claim are taken (exactly one taker wins).
+    pub async fn create_on_lease(
+        &self,
+        key: String,
+        value: impl Into<Vec<u8>>,
+        lease: i64,
+    ) -> Result<bool, FleetError> {
+        self.txn(
+            Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key,
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                )]),
+        )
+        .await
+    }
+
     pub async fn put(
         &self,
         key: String,
@@ -351,17 +371,7 @@ impl Runner {
         let me = self.cfg.node_name.clone();
         if snap.leader.is_none() {
             let k = self.etcd.keys.leader();
-            self.etcd
-                .txn(
-                    Txn::new()
-                        .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
-                        .and_then([TxnOp::put(
-                            k,
-                            me.clone(),
-                            Some(PutOptions::new().with_lease(lease)),
-                        )]),
-                )
-                .await?;
+            self.etcd.create_on_lease(k, me.clone(), lease).await?;
         } else if snap.leader.as_deref() == Some(me.as_str()) {
             self.lead(&snap).await?;
         }
@@ -378,18 +388,7 @@ impl Runner {
             let id = bounded(c.lease_grant(ttl as i64, None)).await?.id();
             let key = self.etcd.keys.node(&self.cfg.node_name);
             let info = serde_json::to_vec(&self.info()).map_err(FleetError::internal)?;
-            let mine = self
-                .etcd
-                .txn(
-                    Txn::new()
-                        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                        .and_then([TxnOp::put(
-                            key,
-                            info,
-                            Some(PutOptions::new().with_lease(id)),
-                        )]),
-                )
-                .await?;
+            let mine = self.etcd.create_on_lease(key, info, id).await?;
             if !mine {
                 let _ = bounded(c.lease_revoke(id)).await;
                 return Err(FleetError::Cluster {
@@ -546,18 +545,7 @@ impl Runner {
         if !self.fence.lapsed() {
             for a in placed.iter().filter(|a| !snap.claims.contains_key(*a)) {
                 let k = self.etcd.keys.claim(a);
-                let won = self
-                    .etcd
-                    .txn(
-                        Txn::new()
-                            .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
-                            .and_then([TxnOp::put(
-                                k,
-                                me,
-                                Some(PutOptions::new().with_lease(lease)),
-                            )]),
-                    )
-                    .await?;
+                let won = self.etcd.create_on_lease(k, me, lease).await?;
                 if won {
                     held.insert(a.clone());
                 }

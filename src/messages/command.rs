@@ -740,3 +740,38 @@ pub mod json {
         pub message: String,
     }
 }
+
+impl Command {
+    /// The spec a `fleet create` asks for: every default but what its flags set; `None` for
+    /// any other command.
+    pub fn create_spec(&self) -> Option<crate::spec::FleetSpec> {
+        let Command::FleetCreate {
+            fleet,
+            agents,
+            strategy,
+            command,
+            template,
+            restart,
+            stride,
+            profile,
+            isolation,
+            openclaw_version,
+            no_probes,
+        } = self
+        else {
+            return None;
+        };
+        let mut spec = crate::spec::FleetSpec::new(fleet.clone());
+        spec.agents = crate::spec::FleetSpec::numbered_agents(*agents);
+        spec.strategy = strategy.unwrap_or_default();
+        spec.restart = restart.unwrap_or_default();
+        spec.command = command.clone();
+        spec.template = template.clone();
+        spec.stride = *stride;
+        spec.profile = profile.unwrap_or_default();
+        spec.isolation = *isolation;
+        spec.openclaw_version = openclaw_version.clone();
+        spec.health.enabled = !no_probes;
+        Some(spec)
+    }
+}

@@ -373,24 +373,7 @@ impl Drop for Daemon {
 
 /// Pids of live processes whose FLEET_COMMANDER_AGENT starts with `prefix`.
 pub fn marked_pids(prefix: &str) -> Vec<u32> {
-    let needle = format!("FLEET_COMMANDER_AGENT={prefix}");
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        if env
-            .split(|b| *b == 0)
-            .any(|kv| kv.starts_with(needle.as_bytes()))
-            && alive(pid)
-        {
-            out.push(pid);
-        }
-    }
-    out
+    marked(prefix).into_iter().map(|(pid, _)| pid).collect()
 }
 
 /// Live processes whose FLEET_COMMANDER_AGENT starts with `prefix`, with the marker's value
