@@ -71,6 +71,16 @@ impl FleetError {
             reason: reason.into(),
         }
     }
+    /// A spec error about one agent's settings, saying whose and that nothing changed.
+    pub fn of_agent(self, fleet: &str, agent: &str) -> Self {
+        match self {
+            FleetError::Spec { reason } => FleetError::Spec {
+                reason: format!("agent {fleet}/{agent}: {reason}; nothing was changed"),
+            },
+            other => other,
+        }
+    }
+
     pub fn internal(reason: impl std::fmt::Display) -> Self {
         FleetError::Internal {
             reason: reason.to_string(),

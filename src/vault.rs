@@ -26,14 +26,67 @@ struct VaultFile {
 
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 struct Entry {
+    #[serde(flatten)]
+    held: Held,
+    /// Earlier secret values, newest last: old log lines still carry them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    previous: Vec<String>,
+}
+
+/// One tenant's accepted values in the form they are stored in: the vault file here, the
+/// fleet's doc in etcd in cluster mode.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Held {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     secrets: BTreeMap<String, String>,
     /// Destination → base64 content.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     files: BTreeMap<String, String>,
-    /// Earlier secret values, newest last: old log lines still carry them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    previous: Vec<String>,
+}
+
+impl Held {
+    /// What `t` accepted.
+    pub fn of(t: &crate::spec::AgentSettings) -> Held {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        Held {
+            secrets: t
+                .accepted
+                .secrets
+                .iter()
+                .map(|(k, s)| (k.clone(), s.expose().to_string()))
+                .collect(),
+            files: t
+                .accepted
+                .files
+                .iter()
+                .map(|(k, c)| (k.clone(), b64.encode(c)))
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.secrets.is_empty() && self.files.is_empty()
+    }
+
+    /// Puts the values back into `t`: only those its settings still name. The error names
+    /// the file whose content does not decode.
+    pub fn restore(self, t: &mut crate::spec::AgentSettings) -> Result<(), String> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        for (k, s) in self.secrets {
+            if t.secrets.contains_key(&k) {
+                t.accepted.secrets.insert(k, Secret::new(s));
+            }
+        }
+        for (k, c) in self.files {
+            if t.files.contains_key(&k) {
+                let c = b64
+                    .decode(c.as_bytes())
+                    .map_err(|e| format!("file {k:?}: {e}"))?;
+                t.accepted.files.insert(k, c);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The bytes of a vault holding nothing.
@@ -43,7 +96,6 @@ pub fn empty() -> Vec<u8> {
 
 /// The vault's bytes for `data`.
 pub fn encode(data: &RegistryData) -> Vec<u8> {
-    let b64 = base64::engine::general_purpose::STANDARD;
     let mut v = VaultFile {
         version: VAULT_VERSION,
         agents: BTreeMap::new(),
@@ -59,18 +111,7 @@ pub fn encode(data: &RegistryData) -> Vec<u8> {
                 ..Entry::default()
             };
             if let Some(t) = f.spec.tenant(aname) {
-                e.secrets = t
-                    .accepted
-                    .secrets
-                    .iter()
-                    .map(|(k, s)| (k.clone(), s.expose().to_string()))
-                    .collect();
-                e.files = t
-                    .accepted
-                    .files
-                    .iter()
-                    .map(|(k, c)| (k.clone(), b64.encode(c)))
-                    .collect();
+                e.held = Held::of(t);
             }
             if e != Entry::default() {
                 v.agents.insert(format!("{fname}/{aname}"), e);
@@ -96,7 +137,6 @@ pub fn decode_into(bytes: &[u8], path: &Path, data: &mut RegistryData) -> Result
             v.version
         )));
     }
-    let b64 = base64::engine::general_purpose::STANDARD;
     for (key, e) in v.agents {
         let Some((fname, aname)) = key.split_once('/') else {
             continue;
@@ -110,19 +150,9 @@ pub fn decode_into(bytes: &[u8], path: &Path, data: &mut RegistryData) -> Result
         let Some(t) = f.spec.tenants.get_mut(aname) else {
             continue;
         };
-        for (k, s) in e.secrets {
-            if t.secrets.contains_key(&k) {
-                t.accepted.secrets.insert(k, Secret::new(s));
-            }
-        }
-        for (k, c) in e.files {
-            if t.files.contains_key(&k) {
-                let c = b64
-                    .decode(c.as_bytes())
-                    .map_err(|e| bad(format!("{key}: file {k:?}: {e}")))?;
-                t.accepted.files.insert(k, c);
-            }
-        }
+        e.held
+            .restore(t)
+            .map_err(|why| bad(format!("{key}: {why}")))?;
     }
     Ok(())
 }

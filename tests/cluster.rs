@@ -522,3 +522,147 @@ fn a_three_member_etcd_keeps_serving_with_one_member_killed() {
     drop(a);
     drop(members);
 }
+
+/// A process's environment.
+fn environ(pid: u64) -> BTreeMap<String, String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// The row of `fleet/agent` once it runs healthy on one of `on`, else None.
+fn running_on(d: &Daemon, fleet: &str, agent: &str, on: &[&str]) -> Option<(String, u64)> {
+    try_status(d)?.iter().find_map(|r| {
+        (r["fleet"] == fleet
+            && r["agent"] == agent
+            && r["state"] == "running"
+            && on.iter().any(|n| r["node"] == *n))
+        .then(|| Some((r["node"].as_str()?.to_string(), r["pid"].as_u64()?)))
+        .flatten()
+    })
+}
+
+#[test]
+fn a_tenant_moves_with_its_secret_env_and_files_from_etcd_not_from_the_host() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(bin) = etcd_bin() else {
+        common::skipped("tests/cluster.rs: no etcd (run scripts/install-etcd.sh)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let _etcd = EtcdMember::start(
+        &bin,
+        dir.path(),
+        "e0",
+        0,
+        &format!("e0=http://127.0.0.1:{}", etcd_ports(0).1),
+    );
+    let u = url(0);
+    let a = node("a", &u);
+    let b = node("b", &u);
+    let cmd = STUB.to_string();
+    a.ctl(&[
+        "fleet",
+        "create",
+        "t",
+        "--agents",
+        "1",
+        "--command",
+        &cmd,
+        "--stride",
+        "1",
+    ]);
+    let token_file = dir.path().join("bot.tg");
+    let soul_file = dir.path().join("soul.md");
+    std::fs::write(&token_file, "123456:tenant-bot-token\n").unwrap();
+    std::fs::write(&soul_file, "You are a pirate.").unwrap();
+
+    // A setting naming a file that is not there: refused, naming the field; nothing added.
+    let out = b.ctl_output(&[
+        "agent",
+        "add",
+        "t",
+        "ghost",
+        "--secret",
+        &format!("TG_BOT_TOKEN={}", dir.path().join("absent").display()),
+    ]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("secrets.TG_BOT_TOKEN") && e.contains("nothing was changed"),
+        "{e}"
+    );
+
+    // The tenant is added through b; its files are read on b's host, once.
+    b.ctl(&[
+        "agent",
+        "add",
+        "t",
+        "bot",
+        "--secret",
+        &format!("TG_BOT_TOKEN={}", token_file.display()),
+        "--env",
+        "PERSONA=pirate",
+        "--file",
+        &format!("SOUL.md={}", soul_file.display()),
+    ]);
+    let (first, pid) = wait_until(Duration::from_secs(30), "bot running", |_| {
+        running_on(&a, "t", "bot", &["a", "b"])
+    });
+    let env = environ(pid);
+    assert_eq!(
+        env.get("TG_BOT_TOKEN").map(String::as_str),
+        Some("123456:tenant-bot-token")
+    );
+    assert_eq!(env.get("PERSONA").map(String::as_str), Some("pirate"));
+    let home = PathBuf::from(&env["HOME"]);
+    assert_eq!(
+        std::fs::read_to_string(home.join("SOUL.md")).unwrap(),
+        "You are a pirate."
+    );
+    assert!(
+        !try_status(&a)
+            .unwrap()
+            .iter()
+            .any(|r| r["agent"] == "ghost"),
+        "the refused add left no agent"
+    );
+
+    // The operator's files are gone: the node that takes the agent over provisions its HOME
+    // from etcd alone.
+    std::fs::remove_file(&token_file).unwrap();
+    std::fs::remove_file(&soul_file).unwrap();
+    let other = if first == "a" { "b" } else { "a" };
+    a.ctl(&["node", "drain", &first]);
+    let (_, pid) = wait_until(Duration::from_secs(30), "bot moved", |_| {
+        running_on(&a, "t", "bot", &[other])
+    });
+    let env = environ(pid);
+    assert_eq!(
+        env.get("TG_BOT_TOKEN").map(String::as_str),
+        Some("123456:tenant-bot-token")
+    );
+    assert_eq!(env.get("PERSONA").map(String::as_str), Some("pirate"));
+    let moved_home = PathBuf::from(&env["HOME"]);
+    assert_ne!(moved_home, home, "another host's HOME");
+    assert_eq!(
+        std::fs::read_to_string(moved_home.join("SOUL.md")).unwrap(),
+        "You are a pirate."
+    );
+
+    // A change of its settings from any node restarts it where it runs, with the new value.
+    b.ctl(&["agent", "set", "t/bot", "--env", "PERSONA=poet"]);
+    let (_, new_pid) = wait_until(Duration::from_secs(30), "bot restarted as a poet", |_| {
+        running_on(&a, "t", "bot", &[other])
+            .filter(|(_, p)| environ(*p).get("PERSONA").map(String::as_str) == Some("poet"))
+    });
+    assert_ne!(new_pid, pid);
+    drop(a);
+    drop(b);
+}

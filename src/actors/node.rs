@@ -733,7 +733,7 @@ impl NodeRuntime {
         }
         self.check_not_removing(&spec.name, None)?;
         self.check_host_gives(&spec)?;
-        let spec = accept_files(spec).await?;
+        let spec = provision::accepted_spec(spec).await?;
         // The files were read off the actor: look again.
         if self.fleets.contains_key(&spec.name) {
             return Err(FleetError::FleetExists { fleet: spec.name });
@@ -876,7 +876,7 @@ impl NodeRuntime {
         // A registry from before templates were kept in it: read the file once, now. If it
         // cannot be read the agents' starts fail with the reason and are retried.
         if rec.spec.template.is_some() && rec.spec.template_config.is_none() {
-            match accept_files(rec.spec.clone()).await {
+            match provision::accepted_spec(rec.spec.clone()).await {
                 Ok(spec) => rec.spec.template_config = spec.template_config,
                 Err(e) => {
                     tracing::error!(fleet = %rec.spec.name, error = %e, "cannot read the fleet's template")
@@ -1465,7 +1465,7 @@ impl NodeRuntime {
         let mut accepted = Vec::with_capacity(specs.len());
         for s in specs {
             s.check()?;
-            accepted.push(accept_files(s).await?);
+            accepted.push(provision::accepted_spec(s).await?);
         }
         let specs = accepted;
         for s in &specs {
@@ -1796,11 +1796,4 @@ fn read_logs(paths: &AgentPaths, lines: usize, tokens: &[String]) -> Reply {
             paths.agent_log.display()
         ))),
     }
-}
-
-/// `provision::accept_files` off the actor's thread (it reads operator files).
-async fn accept_files(mut spec: FleetSpec) -> Result<FleetSpec, FleetError> {
-    tokio::task::spawn_blocking(move || provision::accept_files(&mut spec).map(|()| spec))
-        .await
-        .map_err(FleetError::internal)?
 }

@@ -6,9 +6,9 @@
 
 use super::keys::{FleetDoc, Mark, NodeInfo};
 use super::{ClusterConfig, Etcd};
-use crate::messages::command::{Command, FleetInfo, NodeRow, Reply};
+use crate::messages::command::{AgentChange, Command, FleetInfo, NodeRow, Reply};
 use crate::node::NodeHandle;
-use crate::spec::FleetSpec;
+use crate::spec::{AgentSettings, FleetSpec};
 use crate::state::FleetState;
 use crate::FleetError;
 use std::sync::Arc;
@@ -61,8 +61,11 @@ impl Front {
     }
 
     /// Creates a fleet in the cluster's desired state (the library API's `create_fleet`).
+    /// What the spec names on this host's disk (a template, a tenant's secrets and files)
+    /// is read here, once, and goes into etcd with it.
     pub async fn create_fleet(&self, spec: FleetSpec) -> Result<(), FleetError> {
         spec.check()?;
+        let spec = crate::provision::accepted_spec(spec).await?;
         let name = spec.name.clone();
         self.etcd
             .update_fleet(&name, |old| match old {
@@ -79,10 +82,7 @@ impl Front {
 
     pub async fn execute(&self, local: &NodeHandle, cmd: Command) -> Reply {
         match cmd {
-            Command::FleetCreate { ref template, .. } => {
-                if template.is_some() {
-                    return refuse("fleet create --template (a template file is per host)");
-                }
+            Command::FleetCreate { .. } => {
                 let Some(spec) = cmd.create_spec() else {
                     return refuse("fleet create");
                 };
@@ -114,12 +114,13 @@ impl Front {
                 agent,
                 settings,
             } => {
-                if !settings.is_empty() {
-                    return refuse("agent add with its own settings");
-                }
                 if let Err(e) = crate::ids::validate_id("agent", &agent) {
                     return Reply::Error(e);
                 }
+                let tenant = match accept_change(&fleet, &agent, &settings, None).await {
+                    Ok(t) => t,
+                    Err(e) => return Reply::Error(e),
+                };
                 let r = self
                     .change_agents(&fleet, |doc| {
                         if doc.spec.agents.contains(&agent) {
@@ -129,11 +130,19 @@ impl Front {
                             });
                         }
                         doc.spec.agents.push(agent.clone());
+                        if let Some(t) = &tenant {
+                            doc.spec.tenants.insert(agent.clone(), t.clone());
+                        }
                         doc.spec.check()
                     })
                     .await;
                 err(r.map(|()| done(format!("agent {fleet}/{agent} added (cluster-wide)"))))
             }
+            Command::AgentSet {
+                fleet,
+                agent,
+                change,
+            } => err(self.set_tenant(&fleet, &agent, &change).await),
             Command::AgentRm {
                 fleet,
                 agent,
@@ -252,6 +261,51 @@ impl Front {
         };
         let verb = if stopped { "stopped" } else { "started" };
         err(r.map(|()| done(format!("{what} {verb} (cluster-wide)"))))
+    }
+
+    /// `agent set` / `agent secret`: the new settings are read here from the old ones in
+    /// etcd, and written only if nobody changed that agent's settings meanwhile.
+    async fn set_tenant(
+        &self,
+        fleet: &str,
+        agent: &str,
+        change: &AgentChange,
+    ) -> Result<Reply, FleetError> {
+        let snap = self.etcd.snapshot(false).await?;
+        let Some((doc, _)) = snap.fleets.get(fleet) else {
+            return Err(FleetError::NoSuchFleet {
+                fleet: fleet.into(),
+            });
+        };
+        if !doc.spec.agents.iter().any(|a| a == agent) {
+            return Err(FleetError::NoSuchAgent {
+                fleet: fleet.into(),
+                agent: agent.into(),
+            });
+        }
+        let old = doc.spec.tenant(agent).cloned();
+        let new = accept_change(fleet, agent, change, old.as_ref())
+            .await?
+            .filter(|t| !t.is_empty());
+        if new == old {
+            return Ok(done(format!("agent {fleet}/{agent}: nothing changed")));
+        }
+        self.change_agents(fleet, |doc| {
+            if doc.spec.tenant(agent) != old.as_ref() {
+                return Err(FleetError::Cluster {
+                    reason: format!("agent {fleet}/{agent}'s settings were changed by another command meanwhile; nothing was changed, try again"),
+                });
+            }
+            match &new {
+                Some(t) => doc.spec.tenants.insert(agent.to_string(), t.clone()),
+                None => doc.spec.tenants.remove(agent),
+            };
+            doc.spec.check()
+        })
+        .await?;
+        Ok(done(format!(
+            "agent {fleet}/{agent}: settings changed (cluster-wide); it restarts where it runs"
+        )))
     }
 
     async fn change_agents(
@@ -409,6 +463,24 @@ impl Front {
 }
 
 /// The command's name as the protocol spells it (`agent_set`, `reload`…).
+/// An agent's settings after `change` (over `old`, `None`: none), with what they name read
+/// from this host's disk; `None` when the change sets nothing.
+async fn accept_change(
+    fleet: &str,
+    agent: &str,
+    change: &AgentChange,
+    old: Option<&AgentSettings>,
+) -> Result<Option<AgentSettings>, FleetError> {
+    if change.is_empty() {
+        return Ok(old.cloned());
+    }
+    let t = change.apply(&old.cloned().unwrap_or_default())?;
+    crate::provision::accepted_tenant(t)
+        .await
+        .map(Some)
+        .map_err(|e| e.of_agent(fleet, agent))
+}
+
 fn command_name(c: &Command) -> String {
     serde_json::to_value(c)
         .ok()

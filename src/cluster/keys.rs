@@ -17,13 +17,59 @@ use crate::spec::FleetSpec;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// A fleet's desired state in the cluster.
+/// A fleet's desired state in the cluster. Its tenants' accepted values (secrets, file
+/// contents: never serialized with a spec) travel beside the spec in `vault`, so a node
+/// that starts the agent provisions its HOME from etcd alone, never from the files of the
+/// host that accepted the command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(into = "FleetDocWire", try_from = "FleetDocWire")]
 pub struct FleetDoc {
     pub spec: FleetSpec,
     /// Agents the operator stopped (`agent stop`, `fleet stop`).
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub stopped: BTreeSet<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FleetDocWire {
+    spec: FleetSpec,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    stopped: BTreeSet<String>,
+    /// Agent → its accepted values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    vault: BTreeMap<String, crate::vault::Held>,
+}
+
+impl From<FleetDoc> for FleetDocWire {
+    fn from(d: FleetDoc) -> Self {
+        let vault = d
+            .spec
+            .tenants
+            .iter()
+            .map(|(a, t)| (a.clone(), crate::vault::Held::of(t)))
+            .filter(|(_, h)| !h.is_empty())
+            .collect();
+        FleetDocWire {
+            spec: d.spec,
+            stopped: d.stopped,
+            vault,
+        }
+    }
+}
+
+impl TryFrom<FleetDocWire> for FleetDoc {
+    type Error = String;
+    fn try_from(w: FleetDocWire) -> Result<Self, String> {
+        let mut spec = w.spec;
+        for (a, held) in w.vault {
+            if let Some(t) = spec.tenants.get_mut(&a) {
+                held.restore(t).map_err(|why| format!("vault.{a}: {why}"))?;
+            }
+        }
+        Ok(FleetDoc {
+            spec,
+            stopped: w.stopped,
+        })
+    }
 }
 
 /// What a node publishes about itself while its lease lives.
@@ -208,5 +254,41 @@ mod tests {
         assert_eq!(s.marks["n2"], Mark::Drain);
         assert_eq!(s.leader.as_deref(), Some("n1"));
         assert_eq!(s.unreadable, vec!["/fc/d/nodes/n1", "/fc/d/unknown/x"]);
+    }
+
+    #[test]
+    fn a_doc_carries_its_tenants_accepted_values_and_a_damaged_one_is_refused() {
+        let mut spec = FleetSpec::new("bots");
+        spec.agents = vec!["a1".into()];
+        let mut t = crate::spec::AgentSettings::default();
+        t.secrets
+            .insert("TG_BOT_TOKEN".into(), "/host-a/a1.tg".into());
+        t.files.insert("SOUL.md".into(), "/host-a/soul.md".into());
+        t.accepted.secrets.insert(
+            "TG_BOT_TOKEN".into(),
+            crate::spec::Secret::new("123:value-from-host-a".into()),
+        );
+        t.accepted.files.insert("SOUL.md".into(), vec![0, 1, 255]);
+        spec.tenants.insert("a1".into(), t);
+        let doc = FleetDoc {
+            spec,
+            stopped: ["a1".to_string()].into_iter().collect(),
+        };
+        let bytes = serde_json::to_vec(&doc).unwrap();
+        let back: FleetDoc = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back, doc, "accepted values survive the trip through etcd");
+        // Without the vault the spec alone does not hold the values (they never serialize
+        // with it): what another host would lack.
+        let alone: FleetSpec = serde_json::from_value(
+            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["spec"].clone(),
+        )
+        .unwrap();
+        assert_ne!(alone, doc.spec);
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v["vault"]["a1"]["files"]["SOUL.md"] = "not base64!".into();
+        let e = serde_json::from_value::<FleetDoc>(v)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vault.a1") && e.contains("SOUL.md"), "{e}");
     }
 }

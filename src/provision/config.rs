@@ -356,6 +356,28 @@ pub fn accept_files(spec: &mut crate::spec::FleetSpec) -> Result<(), FleetError>
     Ok(())
 }
 
+/// `accept_files` off the async runtime's threads (it reads operator files).
+pub async fn accepted_spec(
+    mut spec: crate::spec::FleetSpec,
+) -> Result<crate::spec::FleetSpec, FleetError> {
+    tokio::task::spawn_blocking(move || accept_files(&mut spec).map(|()| spec))
+        .await
+        .map_err(FleetError::internal)?
+}
+
+/// `accept_tenant_files` off the async runtime's threads.
+pub async fn accepted_tenant(
+    mut t: crate::spec::AgentSettings,
+) -> Result<crate::spec::AgentSettings, FleetError> {
+    tokio::task::spawn_blocking(move || {
+        accept_tenant_files(&mut t)
+            .map(|()| t)
+            .map_err(|reason| FleetError::Spec { reason })
+    })
+    .await
+    .map_err(FleetError::internal)?
+}
+
 /// Reads what one agent's settings name and was not read yet (a registry record or a spec
 /// that already carries the contents keeps them); forgets contents no longer named.
 pub fn accept_tenant_files(t: &mut crate::spec::AgentSettings) -> Result<(), String> {

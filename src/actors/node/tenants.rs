@@ -6,17 +6,6 @@ use super::*;
 use crate::messages::command::AgentChange;
 use crate::spec::AgentSettings;
 
-/// What a tenant's settings name, read off the actor's thread.
-pub(super) async fn accept_tenant(mut t: AgentSettings) -> Result<AgentSettings, FleetError> {
-    tokio::task::spawn_blocking(move || {
-        provision::accept_tenant_files(&mut t)
-            .map(|()| t)
-            .map_err(|reason| FleetError::Spec { reason })
-    })
-    .await
-    .map_err(FleetError::internal)?
-}
-
 impl NodeRuntime {
     /// The tenant settings an `agent add` asks for, read and checked before anything changes.
     pub(super) async fn new_tenant(
@@ -29,10 +18,10 @@ impl NodeRuntime {
             return Ok(None);
         }
         let t = change.apply(&AgentSettings::default())?;
-        accept_tenant(t)
+        provision::accepted_tenant(t)
             .await
             .map(Some)
-            .map_err(|e| with_agent(e, fleet, agent))
+            .map_err(|e| e.of_agent(fleet, agent))
     }
 
     /// `agent set` / `agent secret`: the agent's new settings are read and checked, saved
@@ -49,9 +38,9 @@ impl NodeRuntime {
         self.check_not_removing(fleet, Some(agent))?;
         let old_spec = self.data.fleets[fleet].spec.clone();
         let old = old_spec.tenant(agent).cloned().unwrap_or_default();
-        let new = accept_tenant(change.apply(&old)?)
+        let new = provision::accepted_tenant(change.apply(&old)?)
             .await
-            .map_err(|e| with_agent(e, fleet, agent))?;
+            .map_err(|e| e.of_agent(fleet, agent))?;
         // The files were read off the actor: look again.
         self.agent_record(fleet, agent)?;
         self.check_not_removing(fleet, Some(agent))?;
@@ -206,15 +195,6 @@ fn say_blocking(spec: &FleetSpec, agent: &str, text: &str) -> Result<String, Str
             .and_then(|d| d.as_str())
             .unwrap_or("no reply")
             .to_string()),
-    }
-}
-
-fn with_agent(e: FleetError, fleet: &str, agent: &str) -> FleetError {
-    match e {
-        FleetError::Spec { reason } => FleetError::Spec {
-            reason: format!("agent {fleet}/{agent}: {reason}; nothing was changed"),
-        },
-        other => other,
     }
 }
 
