@@ -1,7 +1,8 @@
 //! Cluster mode against a real etcd (scripts/install-etcd.sh; `FLEET_ETCD_BIN`), with real
 //! fleetd processes on loopback: placement over three nodes, drain, a SIGKILLed node, a
 //! frozen node (SIGSTOP for 3 × TTL), an etcd restart, the same status through every socket,
-//! and a three-member etcd that loses one member. A sampler checks every 100 ms, for the
+//! a three-member etcd that loses one member, a tenant that moves with its settings, and
+//! TLS with client certificates. A sampler checks every 100 ms, for the
 //! whole test, that no agent has live processes under two nodes.
 
 mod common;
@@ -665,4 +666,258 @@ fn a_tenant_moves_with_its_secret_env_and_files_from_etcd_not_from_the_host() {
     assert_ne!(new_pid, pid);
     drop(a);
     drop(b);
+}
+
+/// A CA, etcd's server certificate for 127.0.0.1 and a node's client certificate, made by
+/// the openssl CLI; None when it is not installed.
+fn certificates(dir: &Path) -> Option<()> {
+    let run = |args: &[&str]| {
+        Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .ok()
+            .filter(|s| s.success())
+            .map(drop)
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "1", "-subj", "/CN=fleet-test-ca"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    run(&ca)?;
+    for (name, ext) in [
+        // etcd dials its own gRPC gateway with its server certificate: both usages.
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).ok()?;
+        let mut req = vec!["req", "-subj"];
+        let subj = format!("/CN={name}");
+        req.push(&subj);
+        req.extend(ec);
+        let (key, csr, pem, extf) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        req.extend(["-keyout", &key, "-out", &csr]);
+        run(&req)?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            &pem,
+            "-extfile",
+            &extf,
+        ])?;
+    }
+    Some(())
+}
+
+/// fleetd with these flags must refuse to start: its stderr.
+fn refused(dir: &Path, flags: &[&str]) -> String {
+    let mut c = Command::new(common::FLEETD)
+        .arg("--state-dir")
+        .arg(dir.join("refused-state"))
+        .arg("--socket")
+        .arg(dir.join("refused.sock"))
+        .arg("--no-repl")
+        .args(flags)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let st = wait_until(Duration::from_secs(10), "fleetd refusing", |_| {
+        c.try_wait().ok().flatten()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut c.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!st.success(), "fleetd {flags:?} started: {err}");
+    err
+}
+
+#[test]
+fn nodes_speak_tls_with_client_certificates_and_bad_tls_flags_are_refused() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(bin) = etcd_bin() else {
+        common::skipped("tests/cluster.rs: no etcd (run scripts/install-etcd.sh)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    if certificates(d).is_none() {
+        common::skipped("tests/cluster.rs: TLS: no openssl CLI to make certificates");
+        return;
+    }
+    let (client, peer) = etcd_ports(0);
+    let https = format!("https://127.0.0.1:{client}");
+    let file = |n: &str| d.join(n).display().to_string();
+    let mut etcd = EtcdMember {
+        child: None,
+        args: [
+            "--name",
+            "tls",
+            "--data-dir",
+            &file("tls-data"),
+            "--listen-client-urls",
+            &https,
+            "--advertise-client-urls",
+            &https,
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+            "--initial-cluster",
+            &format!("tls=http://127.0.0.1:{peer}"),
+            "--cert-file",
+            &file("server.pem"),
+            "--key-file",
+            &file("server.key"),
+            "--trusted-ca-file",
+            &file("ca.pem"),
+            "--client-cert-auth",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        bin: bin.clone(),
+        log: d.join("tls-etcd.log"),
+    };
+    etcd.launch();
+
+    // What an operator can get wrong is refused before anything starts, naming the flag.
+    let base = ["--node-name", "x", "--etcd"];
+    let e = refused(d, &[&base[..], &[&https]].concat());
+    assert!(e.contains("--etcd-ca") && e.contains("https"), "{e}");
+    let e = refused(
+        d,
+        &[
+            &base[..],
+            &[
+                &format!("http://127.0.0.1:{client}"),
+                "--etcd-ca",
+                &file("ca.pem"),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(e.contains("--etcd-ca") && e.contains("http://"), "{e}");
+    let e = refused(
+        d,
+        &[&base[..], &[&https, "--etcd-ca", &file("ca.key.missing")]].concat(),
+    );
+    assert!(
+        e.contains("--etcd-ca") && e.contains("ca.key.missing"),
+        "{e}"
+    );
+    let e = refused(
+        d,
+        &[&base[..], &[&https, "--etcd-ca", &file("server.ext")]].concat(),
+    );
+    assert!(
+        e.contains("--etcd-ca") && e.contains("not a PEM file"),
+        "{e}"
+    );
+
+    // The right certificates: the node joins and runs its agents.
+    let n = Daemon::start_with(&[
+        "--etcd",
+        &https,
+        "--node-name",
+        "t",
+        "--lease-ttl",
+        &TTL.to_string(),
+        "--cgroup",
+        "off",
+        "--etcd-ca",
+        &file("ca.pem"),
+        "--etcd-cert",
+        &file("client.pem"),
+        "--etcd-key",
+        &file("client.key"),
+    ]);
+    let cmd = STUB.to_string();
+    wait_until(Duration::from_secs(20), "fleet create over TLS", |seen| {
+        let out = n.ctl_output(&[
+            "fleet",
+            "create",
+            "s",
+            "--agents",
+            "2",
+            "--command",
+            &cmd,
+            "--stride",
+            "1",
+        ]);
+        *seen = String::from_utf8_lossy(&out.stderr).to_string();
+        out.status.success().then_some(())
+    });
+    wait_spread(&n, 2, &["t"], Duration::from_secs(30), "2 agents over TLS");
+    // Without its client certificate etcd turns the node away: its commands say so.
+    let mut no_cert = Command::new(common::FLEETD)
+        .arg("--state-dir")
+        .arg(d.join("no-cert-state"))
+        .arg("--socket")
+        .arg(d.join("no-cert.sock"))
+        .args([
+            "--no-repl",
+            "--cgroup",
+            "off",
+            "--port-range",
+            &common::next_port_range(),
+        ])
+        .args([
+            "--etcd",
+            &https,
+            "--node-name",
+            "u",
+            "--etcd-ca",
+            &file("ca.pem"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "a node without a client certificate refused by etcd",
+        |seen| {
+            let out = Command::new(common::FLEETCTL)
+                .arg("--socket")
+                .arg(d.join("no-cert.sock"))
+                .arg("status")
+                .output()
+                .ok()?;
+            *seen = String::from_utf8_lossy(&out.stderr).to_string();
+            (!out.status.success() && seen.contains("cluster: etcd")).then_some(())
+        },
+    );
+    unsafe { libc::kill(no_cert.id() as i32, libc::SIGTERM) };
+    wait_until(Duration::from_secs(20), "the refused node stopping", |_| {
+        no_cert.try_wait().ok().flatten()
+    });
+    drop(n);
 }

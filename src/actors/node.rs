@@ -1122,8 +1122,6 @@ impl NodeRuntime {
         })
     }
 
-    /// `tenant`: the agent's own settings, already read; `None` keeps what the fleet's spec
-    /// holds for it (a reload records it first).
     /// Everything to redact from an agent's output: its gateway tokens and its secrets'
     /// values, current and earlier.
     fn redactions(&self, fleet: &str, agent: &str) -> Result<Vec<String>, FleetError> {
@@ -1142,62 +1140,97 @@ impl NodeRuntime {
         agent: &str,
         tenant: Option<crate::spec::AgentSettings>,
     ) -> Result<(), FleetError> {
-        crate::ids::validate_id("agent", agent)?;
+        self.add_agents(fleet, vec![(agent.to_string(), tenant)])
+            .await
+    }
+
+    /// Adds agents to a fleet: ports, uids and tokens for all, one registry save, then each
+    /// to its fleet. One save and one uid scan for a batch is what lets a node take over a
+    /// dead node's hundreds of agents in about a second (fleet-bench --cluster) instead of
+    /// one fsync'd registry write each. `tenant`: the agent's own settings, already read;
+    /// `None` keeps what the fleet's spec holds for it (a reload records it first). Nothing
+    /// changes unless every agent can be recorded.
+    async fn add_agents(
+        &mut self,
+        fleet: &str,
+        agents: Vec<(String, Option<crate::spec::AgentSettings>)>,
+    ) -> Result<(), FleetError> {
         let f = self.fleet_ref(fleet)?;
-        self.check_not_removing(fleet, Some(agent))?;
-        let rec = self
-            .data
-            .fleets
-            .get(fleet)
-            .expect("fleet ref implies record");
-        if rec.agents.contains_key(agent) {
-            return Err(FleetError::AgentExists {
-                fleet: fleet.to_string(),
-                agent: agent.to_string(),
-            });
+        let mut seen = std::collections::BTreeSet::new();
+        for (agent, _) in &agents {
+            crate::ids::validate_id("agent", agent)?;
+            self.check_not_removing(fleet, Some(agent))?;
+            if self.data.fleets[fleet].agents.contains_key(agent) || !seen.insert(agent) {
+                return Err(FleetError::AgentExists {
+                    fleet: fleet.to_string(),
+                    agent: agent.to_string(),
+                });
+            }
         }
+        let rec = &self.data.fleets[fleet];
         let desired = rec.desired;
         let stride = rec.spec.effective_stride();
-        let uid = self.lease_uids(1)?.pop().flatten();
-        let lease = self.allocate(fleet, agent, stride).await?;
-        let token = match provision::generate_token() {
-            Ok(t) => t,
-            Err(e) => {
-                self.release(fleet, agent);
-                return Err(e);
+        let uids = self.lease_uids(agents.len())?;
+        let mut leased = Vec::with_capacity(agents.len());
+        let mut failed = None;
+        for (agent, _) in &agents {
+            let lease = match self.allocate(fleet, agent, stride).await {
+                Ok(l) => l,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            match provision::generate_token() {
+                Ok(t) => leased.push((lease, t)),
+                Err(e) => {
+                    self.release(fleet, agent);
+                    failed = Some(e);
+                    break;
+                }
             }
-        };
-        let old_tenant = self.data.fleets[fleet].spec.tenant(agent).cloned();
-        let set_tenant = tenant.is_some();
+        }
+        if let Some(e) = failed {
+            for (agent, _) in agents.iter().take(leased.len()) {
+                self.release(fleet, agent);
+            }
+            return Err(e);
+        }
+        let old_spec = self.data.fleets[fleet].spec.clone();
+        let set_tenant = agents.iter().any(|(_, t)| t.is_some());
         {
             let rec = self.data.fleets.get_mut(fleet).expect("checked above");
-            rec.spec.agents.push(agent.to_string());
-            if let Some(t) = tenant {
-                rec.spec.tenants.insert(agent.to_string(), t);
+            for ((agent, tenant), ((lease, token), uid)) in
+                agents.iter().zip(leased.into_iter().zip(uids))
+            {
+                rec.spec.agents.push(agent.clone());
+                if let Some(t) = tenant {
+                    rec.spec.tenants.insert(agent.clone(), t.clone());
+                }
+                rec.agents.insert(
+                    agent.clone(),
+                    AgentRecord {
+                        desired,
+                        port_base: Some(lease.base),
+                        stride: lease.stride,
+                        token,
+                        process: None,
+                        uid,
+                        previous_tokens: vec![],
+                        previous_secrets: vec![],
+                    },
+                );
             }
-            rec.agents.insert(
-                agent.to_string(),
-                AgentRecord {
-                    desired,
-                    port_base: Some(lease.base),
-                    stride: lease.stride,
-                    token: token.clone(),
-                    process: None,
-                    uid,
-                    previous_tokens: vec![],
-                    previous_secrets: vec![],
-                },
-            );
         }
         if let Err(e) = self.save().await {
             let rec = self.data.fleets.get_mut(fleet).expect("checked above");
-            rec.spec.agents.retain(|a| a != agent);
-            match old_tenant {
-                Some(t) => rec.spec.tenants.insert(agent.to_string(), t),
-                None => rec.spec.tenants.remove(agent),
-            };
-            rec.agents.remove(agent);
-            self.release(fleet, agent);
+            rec.spec = old_spec;
+            for (agent, _) in &agents {
+                rec.agents.remove(agent);
+            }
+            for (agent, _) in &agents {
+                self.release(fleet, agent);
+            }
             return Err(e);
         }
         if set_tenant {
@@ -1205,23 +1238,29 @@ impl NodeRuntime {
             let spec = Arc::new(self.data.fleets[fleet].spec.clone());
             let _ = f.send_message(FleetMsg::UpdateSpec(spec));
         }
-        let name = agent.to_string();
-        let record = Box::new(self.agent_record(fleet, agent)?.clone());
-        let r = call_t(
-            &f,
-            |r| FleetMsg::AddAgent {
-                agent: name,
-                record,
-                start: desired == Desired::Running,
-                reply: r,
-            },
-            CALL,
-            &format!("fleet {fleet}"),
-        )
-        .await
-        .and_then(|r| r);
+        let mut first_err = None;
+        for (agent, _) in &agents {
+            let record = Box::new(self.agent_record(fleet, agent)?.clone());
+            let name = agent.clone();
+            let r = call_t(
+                &f,
+                |r| FleetMsg::AddAgent {
+                    agent: name,
+                    record,
+                    start: desired == Desired::Running,
+                    reply: r,
+                },
+                CALL,
+                &format!("fleet {fleet}"),
+            )
+            .await
+            .and_then(|r| r);
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
         self.tell_rotator(fleet);
-        r
+        first_err.map_or(Ok(()), Err)
     }
 
     async fn agent_op(
@@ -1525,7 +1564,9 @@ impl NodeRuntime {
             }
         }
         let mut done: Vec<String> = Vec::new();
-        for (c, what) in changes.into_iter().zip(described) {
+        let mut changes = changes.into_iter().zip(described).peekable();
+        while let Some((c, what)) = changes.next() {
+            let mut whats = vec![what];
             let r = match c {
                 Action::AddFleet(spec) => {
                     self.create_fleet(myself, spec, Desired::Running, Origin::Spec)
@@ -1537,7 +1578,19 @@ impl NodeRuntime {
                     .await
                     .map(|work| drop(tokio::spawn(work))),
                 Action::UpdateFleet { fleet, spec } => self.update_spec(&fleet, spec).await,
-                Action::AddAgent { fleet, agent } => self.add_agent(&fleet, &agent, None).await,
+                // A run of additions to one fleet is one batch (one registry save).
+                Action::AddAgent { fleet, agent } => {
+                    let mut batch = vec![(agent, None)];
+                    while let Some((Action::AddAgent { fleet: f, agent: a }, w)) = changes.peek() {
+                        if *f != fleet {
+                            break;
+                        }
+                        batch.push((a.clone(), None));
+                        whats.push(w.clone());
+                        changes.next();
+                    }
+                    self.add_agents(&fleet, batch).await
+                }
                 Action::RemoveAgent { fleet, agent } => self
                     .remove_agent(myself, fleet, agent, false)
                     .await
@@ -1548,8 +1601,10 @@ impl NodeRuntime {
             };
             match r {
                 Ok(()) => {
-                    tracing::info!(change = %what, "spec applied");
-                    done.push(what);
+                    for what in whats {
+                        tracing::info!(change = %what, "spec applied");
+                        done.push(what);
+                    }
                 }
                 Err(e) if done.is_empty() => return Err(e),
                 Err(e) => {
@@ -1559,7 +1614,7 @@ impl NodeRuntime {
                             done.len(),
                             done.join("; ")
                         ),
-                        failed: format!("{what} failed: {e}"),
+                        failed: format!("{} failed: {e}", whats.join("; ")),
                     })
                 }
             }

@@ -107,6 +107,15 @@ struct Args {
     /// Cluster mode: a file holding the etcd user's password (first line).
     #[arg(long, requires = "etcd_user")]
     etcd_password_file: Option<PathBuf>,
+    /// Cluster mode, https:// endpoints: the CA certificate (PEM) that signed etcd's.
+    #[arg(long, requires = "etcd")]
+    etcd_ca: Option<PathBuf>,
+    /// Cluster mode: this node's client certificate (PEM), for etcd's --client-cert-auth.
+    #[arg(long, requires_all = ["etcd_ca", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// Cluster mode: the private key (PEM) of --etcd-cert.
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     /// Cluster mode: at most this many agents are placed on this node (default: the port
     /// range's size / 10).
     #[arg(long, requires = "etcd")]
@@ -275,6 +284,28 @@ async fn run(args: Args) -> Result<()> {
                 }
                 _ => None,
             };
+            // PEM files: small, regular, read once at start (a FIFO or a device is refused).
+            let pem = |flag: &str, p: &PathBuf| -> anyhow::Result<Vec<u8>> {
+                let b = fleet_commander::operator_file::read_bounded(p, 1024 * 1024)
+                    .map_err(|e| refused(format!("{flag} {}: it {e}", p.display())))?;
+                if !String::from_utf8_lossy(&b).contains("-----BEGIN ") {
+                    return Err(refused(format!(
+                        "{flag} {}: not a PEM file (no -----BEGIN line)",
+                        p.display()
+                    )));
+                }
+                Ok(b)
+            };
+            let tls = match &args.etcd_ca {
+                None => None,
+                Some(ca) => Some(fleet_commander::cluster::ClusterTls {
+                    ca_pem: pem("--etcd-ca", ca)?,
+                    identity: match (&args.etcd_cert, &args.etcd_key) {
+                        (Some(c), Some(k)) => Some((pem("--etcd-cert", c)?, pem("--etcd-key", k)?)),
+                        _ => None,
+                    },
+                }),
+            };
             let c = fleet_commander::cluster::ClusterConfig {
                 endpoints: args.etcd.clone(),
                 node_name: name.clone(),
@@ -283,6 +314,7 @@ async fn run(args: Args) -> Result<()> {
                 auth,
                 max_agents: args.max_agents,
                 socket: socket_path.display().to_string(),
+                tls,
             };
             c.validate().map_err(refused)?;
             if args.spec.is_some() {

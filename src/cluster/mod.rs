@@ -48,6 +48,24 @@ pub struct ClusterConfig {
     pub max_agents: Option<u64>,
     /// This node's control socket, published for operators and peers.
     pub socket: String,
+    /// TLS to etcd (`https://` endpoints): the CA that signed etcd's certificate and, for
+    /// etcd's `--client-cert-auth`, this node's certificate and key, all PEM.
+    pub tls: Option<ClusterTls>,
+}
+
+#[derive(Clone)]
+pub struct ClusterTls {
+    pub ca_pem: Vec<u8>,
+    /// Certificate and private key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ClusterTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClusterConfig {
@@ -66,6 +84,32 @@ impl ClusterConfig {
                     format!("{e:?} is not an http(s)://host:port URL"),
                 ));
             }
+        }
+        let https = self
+            .endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        if https != 0 && https != self.endpoints.len() {
+            return Err(FleetError::invalid(
+                "--etcd",
+                "mixes http:// and https:// endpoints: one cluster speaks one of them",
+            ));
+        }
+        match (https > 0, self.tls.is_some()) {
+            (true, false) => {
+                return Err(FleetError::invalid(
+                    "--etcd-ca",
+                    "https:// endpoints need the CA that signed etcd's certificate",
+                ))
+            }
+            (false, true) => {
+                return Err(FleetError::invalid(
+                    "--etcd-ca",
+                    "given with http:// endpoints: TLS needs https:// URLs",
+                ))
+            }
+            _ => {}
         }
         crate::ids::validate_id("node", &self.node_name)
             .map_err(|e| FleetError::invalid("--node-name", e.to_string()))?;
@@ -126,6 +170,14 @@ impl Etcd {
             .with_keep_alive(Duration::from_secs(2), REQUEST_TIMEOUT);
         if let Some((u, p)) = &cfg.auth {
             opts = opts.with_user(u.clone(), p.clone());
+        }
+        if let Some(t) = &cfg.tls {
+            let mut tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&t.ca_pem));
+            if let Some((cert, key)) = &t.identity {
+                tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(tls);
         }
         let client = bounded(Client::connect(cfg.endpoints.clone(), Some(opts))).await?;
         Ok(Etcd {
@@ -192,6 +244,24 @@ impl Etcd {
                 )]),
         )
         .await
+    }
+
+    /// `create_on_lease` of every key in one transaction: all or none.
+    pub async fn create_all_on_lease(
+        &self,
+        keys: &[String],
+        value: &str,
+        lease: i64,
+    ) -> Result<bool, FleetError> {
+        let absent: Vec<Compare> = keys
+            .iter()
+            .map(|k| Compare::create_revision(k.clone(), CompareOp::Equal, 0))
+            .collect();
+        let puts: Vec<TxnOp> = keys
+            .iter()
+            .map(|k| TxnOp::put(k.clone(), value, Some(PutOptions::new().with_lease(lease))))
+            .collect();
+        self.txn(Txn::new().when(absent).and_then(puts)).await
     }
 
     pub async fn put(
@@ -304,12 +374,15 @@ struct Runner {
     applied: Option<Vec<FleetSpec>>,
     /// Local agents this task stopped because the operator asked (`agent stop`).
     stopped_here: BTreeSet<String>,
-    /// What was last published to `o/<node>`, and when.
+    /// What was last published to `o/<node>` (without its self-changing figures), and when.
     published: Option<(Vec<u8>, Instant)>,
     last_error: Option<(String, Instant)>,
 }
 
 const TICK: Duration = Duration::from_millis(500);
+/// A transaction's compares and puts count against etcd's 128 operations (its default
+/// `--max-txn-ops`).
+const CLAIMS_PER_TXN: usize = 60;
 
 impl Runner {
     async fn run(mut self) {
@@ -543,11 +616,22 @@ impl Runner {
             .collect();
         // Claims are not taken while the fence would not let the agent start anyway.
         if !self.fence.lapsed() {
-            for a in placed.iter().filter(|a| !snap.claims.contains_key(*a)) {
-                let k = self.etcd.keys.claim(a);
-                let won = self.etcd.create_on_lease(k, me, lease).await?;
-                if won {
-                    held.insert(a.clone());
+            let free: Vec<&String> = placed
+                .iter()
+                .filter(|a| !snap.claims.contains_key(*a))
+                .collect();
+            // All of a chunk in one transaction (each claim still conditional on nobody
+            // holding it); a chunk that loses any race is taken claim by claim.
+            for chunk in free.chunks(CLAIMS_PER_TXN) {
+                let keys: Vec<String> = chunk.iter().map(|a| self.etcd.keys.claim(a)).collect();
+                if chunk.len() > 1 && self.etcd.create_all_on_lease(&keys, me, lease).await? {
+                    held.extend(chunk.iter().map(|a| (*a).clone()));
+                    continue;
+                }
+                for (a, k) in chunk.iter().zip(keys) {
+                    if self.etcd.create_on_lease(k, me, lease).await? {
+                        held.insert((*a).clone());
+                    }
                 }
             }
         }
@@ -651,22 +735,25 @@ impl Runner {
         for r in &mut rows {
             r.node = Some(self.cfg.node_name.clone());
         }
-        let bytes = serde_json::to_vec(&rows).map_err(FleetError::internal)?;
+        // What changes every second on its own (uptime, memory) is refreshed every 10 s;
+        // anything else (a state, a pid, health, a restart) goes out within a second.
+        let settled = serde_json::to_vec(&settled(&rows)).map_err(FleetError::internal)?;
         if self
             .published
             .as_ref()
-            .is_some_and(|(b, at)| *b == bytes && at.elapsed() < Duration::from_secs(10))
+            .is_some_and(|(b, at)| *b == settled && at.elapsed() < Duration::from_secs(10))
         {
             return Ok(());
         }
+        let bytes = serde_json::to_vec(&rows).map_err(FleetError::internal)?;
         self.etcd
             .put(
                 self.etcd.keys.observed(&self.cfg.node_name),
-                bytes.clone(),
+                bytes,
                 Some(lease),
             )
             .await?;
-        self.published = Some((bytes, Instant::now()));
+        self.published = Some((settled, Instant::now()));
         Ok(())
     }
 
@@ -709,6 +796,18 @@ fn local_specs(snap: &Snapshot, run: &BTreeSet<&String>) -> Vec<FleetSpec> {
         out.push(spec);
     }
     out
+}
+
+/// Observed rows without the figures that change by themselves every second.
+fn settled(rows: &[AgentStatus]) -> Vec<AgentStatus> {
+    rows.iter()
+        .cloned()
+        .map(|mut r| {
+            r.uptime_s = 0;
+            r.rss_bytes = None;
+            r
+        })
+        .collect()
 }
 
 /// `status` of the whole cluster: every node's published rows (with `node`), and a row for
