@@ -4,6 +4,7 @@
 //! tables or `--json`). The procedure itself lives in `bench` (a module of this binary, not of the library).
 
 mod bench;
+mod cluster;
 mod talk;
 
 use crate::bench::fleetd::{Fleetd, FLEET};
@@ -78,6 +79,23 @@ struct Args {
     /// Create fleetd's fleet with `--no-probes` (no /healthz probing, as the peers run).
     #[arg(long)]
     no_probes: bool,
+    /// The cluster benchmark instead: NODESxAGENTS (e.g. 3x300) stand-ins on fleetd nodes
+    /// against a real etcd on loopback (scripts/install-etcd.sh); "0x0" runs only the
+    /// simulation.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// Node deaths measured (SIGKILL, a different node each time).
+    #[arg(long, default_value_t = 5)]
+    cluster_runs: usize,
+    /// The nodes' lease TTL, seconds.
+    #[arg(long, default_value_t = 10)]
+    lease_ttl: u64,
+    /// With --cluster: also simulate clusters of these many fleetd nodes (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    sim_nodes: Vec<usize>,
+    /// Stand-ins per simulated node.
+    #[arg(long, default_value_t = 4)]
+    sim_agents: usize,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -149,6 +167,45 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
             println!("{json}");
         } else {
             print!("{}", talk::render(&r));
+        }
+        return Ok(());
+    }
+    if let Some(shape) = &args.cluster {
+        let (nodes, per) = shape
+            .split_once('x')
+            .and_then(|(n, a)| Some((n.parse::<usize>().ok()?, a.parse::<usize>().ok()?)))
+            .with_context(|| format!("--cluster {shape:?}: expected NODESxAGENTS, e.g. 3x300"))?;
+        if nodes == 1 || (nodes == 0) != (per == 0) {
+            bail!("--cluster {shape:?}: at least 2 nodes with at least 1 agent each, or 0x0 (simulation only)");
+        }
+        if !(3..=300).contains(&args.lease_ttl) {
+            bail!("--lease-ttl {}: between 3 and 300 s", args.lease_ttl);
+        }
+        let child = vec![compile_child(&args.child_src, dir)?];
+        let r = cluster::run(
+            &cluster::ClusterArgs {
+                fleetd: &fleetd_exe,
+                dir,
+                child: &child,
+                nodes,
+                agents_per_node: per,
+                runs: args.cluster_runs,
+                ttl: args.lease_ttl,
+                sim_nodes: &args.sim_nodes,
+                sim_agents_per_node: args.sim_agents,
+                ports: parse_range(&args.port_range)?,
+            },
+            now_utc(),
+            std::env::args().collect::<Vec<_>>().join(" "),
+        )?;
+        let json = serde_json::to_string_pretty(&r)?;
+        if let Some(p) = &args.json_out {
+            std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
+        }
+        if args.json {
+            println!("{json}");
+        } else {
+            print!("{}", cluster::render(&r));
         }
         return Ok(());
     }

@@ -34,6 +34,18 @@ impl Fleetd {
         command: Option<Vec<String>>,
         profile: Option<String>,
     ) -> Result<Fleetd> {
+        Self::start_with(exe, dir, port_range, command, profile, &[])
+    }
+
+    /// `start` with more flags on fleetd's command line (cluster mode's `--etcd`, …).
+    pub fn start_with(
+        exe: &Path,
+        dir: &Path,
+        port_range: &str,
+        command: Option<Vec<String>>,
+        profile: Option<String>,
+        extra: &[String],
+    ) -> Result<Fleetd> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let socket = dir.join("fleetd.sock");
         let log = std::fs::File::create(dir.join("fleetd.log")).context("fleetd.log")?;
@@ -45,6 +57,7 @@ impl Fleetd {
             .arg("--no-repl")
             .arg("--port-range")
             .arg(port_range)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -84,6 +97,12 @@ impl Fleetd {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL, reaped: a node that dies without a word.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends one command (words as typed after `fleetctl`) and returns the reply.
