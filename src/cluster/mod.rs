@@ -349,6 +349,8 @@ pub async fn join(node: &NodeHandle, cfg: ClusterConfig) -> Result<(), FleetErro
         applied: None,
         stopped_here: BTreeSet::new(),
         published: None,
+        cache: None,
+        watch: None,
         last_error: None,
     };
     tokio::spawn(runner.run());
@@ -377,9 +379,15 @@ struct Runner {
     /// What was last published to `o/<node>` (without its self-changing figures), and when.
     published: Option<(Vec<u8>, Instant)>,
     last_error: Option<(String, Instant)>,
+    /// The last full read of `d/`, and when; a watch on `d/` from just after it says when
+    /// it is stale, so a quiet cluster is not read in full by every node every round.
+    cache: Option<(Snapshot, Instant)>,
+    watch: Option<etcd_client::WatchStream>,
 }
 
 const TICK: Duration = Duration::from_millis(500);
+/// However quiet the watch, `d/` is read in full this often (what a missed event costs).
+const FULL_READ_EVERY: Duration = Duration::from_secs(5);
 /// A transaction's compares and puts count against etcd's 128 operations (its default
 /// `--max-txn-ops`).
 const CLAIMS_PER_TXN: usize = 60;
@@ -437,10 +445,7 @@ impl Runner {
         let Some(lease) = self.lease.as_ref().map(|l| l.id) else {
             return Ok(());
         };
-        let snap = self.etcd.snapshot(false).await?;
-        for k in &snap.unreadable {
-            tracing::warn!(key = %k, "an etcd key of the cluster is unreadable; ignored");
-        }
+        let snap = self.desired().await?;
         let me = self.cfg.node_name.clone();
         if snap.leader.is_none() {
             let k = self.etcd.keys.leader();
@@ -450,6 +455,51 @@ impl Runner {
         }
         self.follow(&snap, lease).await?;
         self.publish(lease).await
+    }
+
+    /// The desired state: the cached full read while the watch on `d/` has seen no change
+    /// (and it is younger than `FULL_READ_EVERY`), else a new full read.
+    async fn desired(&mut self) -> Result<Snapshot, FleetError> {
+        let mut stale = self.watch.is_none();
+        if let Some(w) = self.watch.as_mut() {
+            // What the watch has already delivered, without waiting for more.
+            loop {
+                match tokio::time::timeout(Duration::ZERO, w.message()).await {
+                    Err(_) => break,
+                    Ok(Ok(Some(r))) if r.canceled() => {
+                        stale = true;
+                        self.watch = None;
+                        break;
+                    }
+                    Ok(Ok(Some(r))) => stale |= !r.events().is_empty(),
+                    Ok(Ok(None)) | Ok(Err(_)) => {
+                        stale = true;
+                        self.watch = None;
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some((snap, at)) = &self.cache {
+            if !stale && at.elapsed() < FULL_READ_EVERY {
+                return Ok(snap.clone());
+            }
+        }
+        let snap = self.etcd.snapshot(false).await?;
+        for k in &snap.unreadable {
+            tracing::warn!(key = %k, "an etcd key of the cluster is unreadable; ignored");
+        }
+        if self.watch.is_none() {
+            let mut c = self.etcd.client.clone();
+            let opts = etcd_client::WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(snap.revision + 1);
+            self.watch = bounded(c.watch(self.etcd.keys.desired(), Some(opts)))
+                .await
+                .ok();
+        }
+        self.cache = Some((snap.clone(), Instant::now()));
+        Ok(snap)
     }
 
     /// Grants the lease and registers the node, or renews it when due.

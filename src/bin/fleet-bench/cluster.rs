@@ -83,10 +83,12 @@ pub struct Sim {
     pub leader_cpu_pct: f64,
     pub follower_cpu_pct_mean: f64,
     pub writes_per_s: f64,
-    /// Size of the desired state every node reads in each round (keys + values under `d/`).
+    /// Size of the desired state a node's full read returns (keys + values under `d/`).
     pub desired_state_bytes: u64,
-    /// What the nodes' rounds read from etcd per second (nodes × rounds/s × desired state).
-    pub read_bytes_per_s: f64,
+    /// What etcd sent its clients, and its range (read) calls, per second over the window
+    /// (its own metrics: `etcd_network_client_grpc_sent_bytes_total`, `grpc_server_handled_total`).
+    pub sent_bytes_per_s: f64,
+    pub reads_per_s: f64,
     pub etcd_rss_mib: f64,
 }
 
@@ -604,12 +606,14 @@ fn simulate(
         .collect();
     let before: Vec<u64> = pids.iter().map(|(_, p)| ticks(*p)).collect();
     let etcd_before = ticks(etcd.pid());
+    let m0 = etcd_metrics()?;
     let w0 = watch.now();
     let window = Duration::from_secs(20);
     std::thread::sleep(window);
     let hz = procfs::clock_ticks_per_sec() as f64;
     let pct = |d: u64| d as f64 / hz / window.as_secs_f64() * 100.0;
     let writes = watch.now().minus(&w0).total();
+    let m1 = etcd_metrics()?;
     let mut leader_pct = 0.0;
     let mut others = Vec::new();
     for ((name, pid), b) in pids.iter().zip(&before) {
@@ -629,8 +633,8 @@ fn simulate(
         follower_cpu_pct_mean: others.iter().sum::<f64>() / others.len().max(1) as f64,
         writes_per_s: writes as f64 / window.as_secs_f64(),
         desired_state_bytes: bytes,
-        // Two full reads of d/ per node per second (500 ms rounds).
-        read_bytes_per_s: (n * 2) as f64 * bytes as f64,
+        sent_bytes_per_s: (m1.0 - m0.0) / window.as_secs_f64(),
+        reads_per_s: (m1.1 - m0.1) / window.as_secs_f64(),
         etcd_rss_mib: procfs::rss_bytes(etcd.pid()).unwrap_or(0) as f64 / 1048576.0,
     };
     say(format!("{s:?}"));
@@ -638,6 +642,32 @@ fn simulate(
         x.shutdown();
     }
     Ok(s)
+}
+
+/// etcd's counters of bytes sent to clients and of range calls, from its `/metrics`.
+fn etcd_metrics() -> Result<(f64, f64)> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", ETCD_CLIENT))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut text = String::new();
+    c.read_to_string(&mut text)?;
+    let mut sent = 0.0;
+    let mut reads = 0.0;
+    for l in text.lines() {
+        let Some((name, v)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        let v: f64 = v.parse().unwrap_or(0.0);
+        if name == "etcd_network_client_grpc_sent_bytes_total" {
+            sent += v;
+        } else if name.starts_with("grpc_server_handled_total{")
+            && name.contains("grpc_method=\"Range\"")
+        {
+            reads += v;
+        }
+    }
+    Ok((sent, reads))
 }
 
 pub fn render(r: &ClusterReport) -> String {
@@ -679,7 +709,7 @@ pub fn render(r: &ClusterReport) -> String {
     for s in &r.sims {
         let _ = writeln!(
             o,
-            "simulation {} nodes / {} agents: placed {:.1} s; etcd {:.1} % CPU ({:.0} MiB), leader {:.1} %, other nodes {:.2} % each; {:.1} writes/s; desired state {} B, read {:.1} MB/s by the nodes",
+            "simulation {} nodes / {} agents: placed {:.1} s; etcd {:.1} % CPU ({:.0} MiB), leader {:.1} %, other nodes {:.2} % each; {:.1} writes/s; desired state {} B; etcd served {:.1} reads/s, {:.2} MB/s",
             s.nodes,
             s.agents,
             s.placed_s,
@@ -689,7 +719,8 @@ pub fn render(r: &ClusterReport) -> String {
             s.follower_cpu_pct_mean,
             s.writes_per_s,
             s.desired_state_bytes,
-            s.read_bytes_per_s / 1e6
+            s.reads_per_s,
+            s.sent_bytes_per_s / 1e6
         );
     }
     o
