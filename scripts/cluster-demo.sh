@@ -5,7 +5,8 @@
 # column), `node list`, `node drain n3`, `node uncordon n3`, `agent stop demo/agent-1`,
 # `fleet create more --agents 6 --command <stub>`; from another terminal SIGKILL a node
 # (the pids are printed) and watch its agents come back on the others within TTL + a few s.
-# `shutdown` (or EOF) stops n1; the script then stops the rest and etcd.
+# `shutdown` stops n1 (EOF leaves it serving its socket, as fleetd does); the script then
+# stops the rest and etcd.
 #
 # State lives in target/cluster-demo (under /var/tmp as root in a checkout other users cannot
 # search); `rm -rf` it to forget. Ports: etcd 52479/52480, agents 36000-38999.

@@ -264,17 +264,38 @@ fn spawner_thread(
         }
     };
     let _ = ready.send(containment);
+    // The namespace ended (its guardian exited) and a new one is due.
+    let mut lost = false;
     while let Ok(job) = rx.recv() {
         if let Some(g) = &guardian {
-            if guardian_exited(g.pid) {
-                tracing::error!(
-                    pid = g.pid,
-                    "agent namespace guardian died; starting a new namespace"
-                );
-                guardian = start_guardian().ok();
+            if let Some(status) = guardian_exit(g.pid) {
+                if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+                    // What the fence is for: a cluster node past its lease deadline, or one
+                    // that holds no lease yet (`cluster::join` closes the fence first).
+                    tracing::info!(
+                        pid = g.pid,
+                        "agent namespace ended at the fence (this cluster node's lease lapsed, or it holds none yet); a new one starts once it holds its lease"
+                    );
+                } else {
+                    tracing::error!(
+                        pid = g.pid,
+                        status,
+                        "agent namespace guardian died; starting a new namespace"
+                    );
+                }
+                guardian = None;
                 show(&guardian);
-                fence.adopt(guardian.as_ref());
+                fence.adopt(None);
+                lost = true;
             }
+        }
+        // Not while the fence is lapsed: a new guardian would be told the passed deadline
+        // and end at once (and nothing may start anyway).
+        if lost && !fence.lapsed() {
+            guardian = start_guardian().ok();
+            show(&guardian);
+            fence.adopt(guardian.as_ref());
+            lost = guardian.is_none();
         }
         let in_ns = guardian.is_some();
         let result = if fence.lapsed() {
@@ -300,8 +321,10 @@ fn spawner_thread(
     }
 }
 
-fn guardian_exited(pid: libc::pid_t) -> bool {
-    unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) == pid }
+/// The guardian's wait status once it has exited (reaped), else None.
+fn guardian_exit(pid: libc::pid_t) -> Option<libc::c_int> {
+    let mut status = 0;
+    (unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid).then_some(status)
 }
 
 fn spawn_one(req: &SpawnRequest, in_ns: bool, slots: &Slots) -> io::Result<Child> {
