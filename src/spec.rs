@@ -358,6 +358,11 @@ pub struct FleetSpec {
     /// `[[fleet.agents]]` tables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tenants: BTreeMap<String, AgentSettings>,
+    /// Cluster mode: the secret every node derives this fleet's gateway tokens from
+    /// (`provision::derived_token`), so an agent keeps its token when it moves to another
+    /// host. Travels in the fleet's etcd doc, never with a spec; `None`: random tokens.
+    #[serde(skip)]
+    pub token_seed: Option<Secret>,
 }
 
 fn default_stop_timeout() -> u64 {
@@ -394,6 +399,7 @@ impl FleetSpec {
             node_flags: Vec::new(),
             start_gate: None,
             tenants: BTreeMap::new(),
+            token_seed: None,
         }
     }
 

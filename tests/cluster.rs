@@ -635,6 +635,13 @@ fn a_tenant_moves_with_its_secret_env_and_files_from_etcd_not_from_the_host() {
         "the refused add left no agent"
     );
 
+    let by_name = |n: &str| if n == "a" { &a } else { &b };
+    let token = by_name(&first).ctl(&["token", "t/bot"]).trim().to_string();
+    assert_eq!(token.len(), 64, "{token}");
+    let out = by_name(&first).ctl_output(&["token", "t/bot", "--rotate"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("token --rotate"), "{e}");
+
     // The operator's files are gone: the node that takes the agent over provisions its HOME
     // from etcd alone.
     std::fs::remove_file(&token_file).unwrap();
@@ -651,6 +658,11 @@ fn a_tenant_moves_with_its_secret_env_and_files_from_etcd_not_from_the_host() {
     );
     assert_eq!(env.get("PERSONA").map(String::as_str), Some("pirate"));
     let moved_home = PathBuf::from(&env["HOME"]);
+    assert_eq!(
+        by_name(other).ctl(&["token", "t/bot"]).trim(),
+        token,
+        "a moved agent keeps its gateway token"
+    );
     assert_ne!(moved_home, home, "another host's HOME");
     assert_eq!(
         std::fs::read_to_string(moved_home.join("SOUL.md")).unwrap(),

@@ -778,7 +778,7 @@ impl NodeRuntime {
         };
         let mut agents: BTreeMap<String, AgentRecord> = BTreeMap::new();
         for ((a, lease), uid) in spec.agents.iter().zip(leases).zip(uids) {
-            let token = match provision::generate_token() {
+            let token = match provision::agent_token(&spec, a) {
                 Ok(t) => t,
                 Err(e) => {
                     for a in &spec.agents {
@@ -1181,7 +1181,7 @@ impl NodeRuntime {
                     break;
                 }
             };
-            match provision::generate_token() {
+            match provision::agent_token(&self.data.fleets[fleet].spec, agent) {
                 Ok(t) => leased.push((lease, t)),
                 Err(e) => {
                     self.release(fleet, agent);

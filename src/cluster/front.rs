@@ -65,7 +65,8 @@ impl Front {
     /// is read here, once, and goes into etcd with it.
     pub async fn create_fleet(&self, spec: FleetSpec) -> Result<(), FleetError> {
         spec.check()?;
-        let spec = crate::provision::accepted_spec(spec).await?;
+        let mut spec = crate::provision::accepted_spec(spec).await?;
+        spec.token_seed = Some(crate::spec::Secret::new(crate::provision::generate_token()?));
         let name = spec.name.clone();
         self.etcd
             .update_fleet(&name, |old| match old {
@@ -195,7 +196,7 @@ impl Front {
             | Command::Token {
                 ref fleet,
                 ref agent,
-                ..
+                rotate: false,
             }
             | Command::ExecContext {
                 ref fleet,
@@ -218,6 +219,9 @@ impl Front {
                 Ok(()) => local.execute_local(cmd).await,
                 Err(e) => Reply::Error(e),
             },
+            Command::Token { rotate: true, .. } => refuse(
+                "token --rotate (an agent's gateway token derives from its fleet's seed in etcd, the same on every node)",
+            ),
             // This host's own figures and tools.
             Command::Ports
             | Command::Top

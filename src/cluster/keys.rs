@@ -37,6 +37,9 @@ struct FleetDocWire {
     /// Agent → its accepted values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     vault: BTreeMap<String, crate::vault::Held>,
+    /// The fleet's `token_seed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_seed: Option<String>,
 }
 
 impl From<FleetDoc> for FleetDocWire {
@@ -48,10 +51,12 @@ impl From<FleetDoc> for FleetDocWire {
             .map(|(a, t)| (a.clone(), crate::vault::Held::of(t)))
             .filter(|(_, h)| !h.is_empty())
             .collect();
+        let token_seed = d.spec.token_seed.as_ref().map(|s| s.expose().to_string());
         FleetDocWire {
             spec: d.spec,
             stopped: d.stopped,
             vault,
+            token_seed,
         }
     }
 }
@@ -60,6 +65,7 @@ impl TryFrom<FleetDocWire> for FleetDoc {
     type Error = String;
     fn try_from(w: FleetDocWire) -> Result<Self, String> {
         let mut spec = w.spec;
+        spec.token_seed = w.token_seed.map(crate::spec::Secret::new);
         for (a, held) in w.vault {
             if let Some(t) = spec.tenants.get_mut(&a) {
                 held.restore(t).map_err(|why| format!("vault.{a}: {why}"))?;
@@ -270,6 +276,7 @@ mod tests {
         );
         t.accepted.files.insert("SOUL.md".into(), vec![0, 1, 255]);
         spec.tenants.insert("a1".into(), t);
+        spec.token_seed = Some(crate::spec::Secret::new("seed-of-the-fleet".into()));
         let doc = FleetDoc {
             spec,
             stopped: ["a1".to_string()].into_iter().collect(),

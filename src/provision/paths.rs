@@ -226,6 +226,27 @@ pub fn generate_token() -> Result<String, FleetError> {
     Ok(hex(&buf))
 }
 
+/// A new agent's gateway token: derived from its fleet's seed in cluster mode, else random.
+pub fn agent_token(spec: &crate::spec::FleetSpec, agent: &str) -> Result<String, FleetError> {
+    match &spec.token_seed {
+        Some(seed) => Ok(derived_token(seed, &spec.name, agent)),
+        None => generate_token(),
+    }
+}
+
+/// An agent's gateway token derived from its fleet's seed: the same on every host, so a
+/// moved agent keeps it, and no agent's token tells another's (HMAC-SHA256).
+pub fn derived_token(seed: &crate::spec::Secret, fleet: &str, agent: &str) -> String {
+    use hmac::Mac as _;
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(seed.expose().as_bytes())
+        .expect("HMAC takes a key of any length");
+    m.update(b"fleet-commander gateway token\0");
+    m.update(fleet.as_bytes());
+    m.update(b"\0");
+    m.update(agent.as_bytes());
+    hex(&m.finalize().into_bytes())
+}
+
 pub(super) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     let mut s = String::with_capacity(bytes.len() * 2);
