@@ -54,6 +54,27 @@ pub struct AgentRecord {
     pub previous_secrets: Vec<crate::spec::Secret>,
 }
 
+impl AgentRecord {
+    /// A new agent's record: its port block, token and uid, nothing run yet.
+    pub fn new(
+        desired: Desired,
+        lease: &crate::ports::Lease,
+        token: String,
+        uid: Option<u32>,
+    ) -> Self {
+        AgentRecord {
+            desired,
+            port_base: Some(lease.base),
+            stride: lease.stride,
+            token,
+            process: None,
+            uid,
+            previous_tokens: vec![],
+            previous_secrets: vec![],
+        }
+    }
+}
+
 /// How many earlier secret values an agent record keeps for redaction.
 pub const PREVIOUS_SECRETS: usize = 16;
 

@@ -275,18 +275,7 @@ fn three_nodes_spread_fail_over_fence_drain_and_ride_out_an_etcd_restart() {
     let sampler = Sampler::start(ids.clone());
 
     // 30 stand-ins, created through n1, spread over all three.
-    let cmd = STUB.to_string();
-    n1.ctl(&[
-        "fleet",
-        "create",
-        "s",
-        "--agents",
-        "30",
-        "--command",
-        &cmd,
-        "--stride",
-        "1",
-    ]);
+    n1.create_stub_fleet("s", 30, "", &[]);
     let placed = wait_spread(
         &n2,
         30,
@@ -489,18 +478,7 @@ fn a_three_member_etcd_keeps_serving_with_one_member_killed() {
         .collect();
     let urls = (1..=3).map(url).collect::<Vec<_>>().join(",");
     let a = node("a", &urls);
-    let cmd = STUB.to_string();
-    a.ctl(&[
-        "fleet",
-        "create",
-        "s",
-        "--agents",
-        "3",
-        "--command",
-        &cmd,
-        "--stride",
-        "1",
-    ]);
+    a.create_stub_fleet("s", 3, "", &[]);
     let before = wait_spread(&a, 3, &["a"], Duration::from_secs(30), "3 agents");
     members[0].stop();
     // Still serving: a change is accepted and carried out, and nothing restarted.
@@ -567,18 +545,7 @@ fn a_tenant_moves_with_its_secret_env_and_files_from_etcd_not_from_the_host() {
     let u = url(0);
     let a = node("a", &u);
     let b = node("b", &u);
-    let cmd = STUB.to_string();
-    a.ctl(&[
-        "fleet",
-        "create",
-        "t",
-        "--agents",
-        "1",
-        "--command",
-        &cmd,
-        "--stride",
-        "1",
-    ]);
+    a.create_stub_fleet("t", 1, "", &[]);
     let token_file = dir.path().join("bot.tg");
     let soul_file = dir.path().join("soul.md");
     std::fs::write(&token_file, "123456:tenant-bot-token\n").unwrap();

@@ -787,19 +787,7 @@ impl NodeRuntime {
                     return Err(e);
                 }
             };
-            agents.insert(
-                a.clone(),
-                AgentRecord {
-                    desired,
-                    port_base: Some(lease.base),
-                    stride: lease.stride,
-                    token,
-                    process: None,
-                    uid,
-                    previous_tokens: vec![],
-                    previous_secrets: vec![],
-                },
-            );
+            agents.insert(a.clone(), AgentRecord::new(desired, &lease, token, uid));
         }
         let rec = FleetRecord {
             spec: spec.clone(),
@@ -1207,19 +1195,8 @@ impl NodeRuntime {
                 if let Some(t) = tenant {
                     rec.spec.tenants.insert(agent.clone(), t.clone());
                 }
-                rec.agents.insert(
-                    agent.clone(),
-                    AgentRecord {
-                        desired,
-                        port_base: Some(lease.base),
-                        stride: lease.stride,
-                        token,
-                        process: None,
-                        uid,
-                        previous_tokens: vec![],
-                        previous_secrets: vec![],
-                    },
-                );
+                rec.agents
+                    .insert(agent.clone(), AgentRecord::new(desired, &lease, token, uid));
             }
         }
         if let Err(e) = self.save().await {

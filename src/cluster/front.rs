@@ -276,17 +276,7 @@ impl Front {
         change: &AgentChange,
     ) -> Result<Reply, FleetError> {
         let snap = self.etcd.snapshot(false).await?;
-        let Some((doc, _)) = snap.fleets.get(fleet) else {
-            return Err(FleetError::NoSuchFleet {
-                fleet: fleet.into(),
-            });
-        };
-        if !doc.spec.agents.iter().any(|a| a == agent) {
-            return Err(FleetError::NoSuchAgent {
-                fleet: fleet.into(),
-                agent: agent.into(),
-            });
-        }
+        let doc = snap.doc_with(fleet, agent)?;
         let old = doc.spec.tenant(agent).cloned();
         let new = accept_change(fleet, agent, change, old.as_ref())
             .await?
@@ -330,17 +320,7 @@ impl Front {
 
     async fn runs_here(&self, fleet: &str, agent: &str) -> Result<(), FleetError> {
         let snap = self.etcd.snapshot(false).await?;
-        let Some((doc, _)) = snap.fleets.get(fleet) else {
-            return Err(FleetError::NoSuchFleet {
-                fleet: fleet.into(),
-            });
-        };
-        if !doc.spec.agents.iter().any(|a| a == agent) {
-            return Err(FleetError::NoSuchAgent {
-                fleet: fleet.into(),
-                agent: agent.into(),
-            });
-        }
+        snap.doc_with(fleet, agent)?;
         match snap.claims.get(&format!("{fleet}/{agent}")) {
             Some(n) if n == &self.cfg.node_name => Ok(()),
             Some(n) => {

@@ -222,6 +222,22 @@ impl Snapshot {
         }
     }
 
+    /// The doc of a fleet that has `agent`, else the error naming what is missing.
+    pub fn doc_with(&self, fleet: &str, agent: &str) -> Result<&FleetDoc, crate::FleetError> {
+        let Some((doc, _)) = self.fleets.get(fleet) else {
+            return Err(crate::FleetError::NoSuchFleet {
+                fleet: fleet.into(),
+            });
+        };
+        if !doc.spec.agents.iter().any(|a| a == agent) {
+            return Err(crate::FleetError::NoSuchAgent {
+                fleet: fleet.into(),
+                agent: agent.into(),
+            });
+        }
+        Ok(doc)
+    }
+
     /// Every desired agent as `fleet/agent`, in fleet then spec order.
     pub fn agents(&self) -> Vec<String> {
         self.fleets

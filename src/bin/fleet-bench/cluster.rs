@@ -425,36 +425,19 @@ fn wait_for(
     }
 }
 
-fn create(d: &Fleetd, a: &ClusterArgs, agents: usize) -> Result<()> {
-    let cmd = fleet_commander::admin::parse::join_words(a.child);
-    let n = agents.to_string();
-    match d.request(&[
-        "fleet",
-        "create",
-        FLEET,
-        "--agents",
-        &n,
-        "--command",
-        &cmd,
-        "--stride",
-        "1",
-    ])? {
-        fleet_commander::messages::command::Reply::Error(e) => bail!("fleet create: {e}"),
-        _ => Ok(()),
-    }
-}
-
 fn main_cluster(a: &ClusterArgs, r: &mut ClusterReport, watch: &Watch) -> Result<()> {
     let total = a.nodes * a.agents_per_node;
-    // Room for the survivors to take a dead node's share.
-    let room = total;
+    // The burst of adds below.
+    let k = 30usize;
+    // Room for one survivor to take every agent (2 nodes: the other's whole share).
+    let room = total + k;
     say(format!(
         "{} nodes, {total} stand-ins, lease TTL {} s",
         a.nodes, a.ttl
     ));
     let mut ns = nodes(a, "n", a.nodes, room)?;
     let t = Instant::now();
-    create(ns[0].fleetd(), a, total)?;
+    ns[0].fleetd().create(total)?;
     let (_, placed) = wait_for(
         ns[0].fleetd(),
         Duration::from_secs(120) + Duration::from_millis(100) * total as u32,
@@ -479,7 +462,6 @@ fn main_cluster(a: &ClusterArgs, r: &mut ClusterReport, watch: &Watch) -> Result
         .collect();
 
     // A burst of adds: writes per agent start, by class.
-    let k = 30usize;
     let before = watch.now();
     let t = Instant::now();
     for i in 1..=k {
@@ -591,7 +573,7 @@ fn simulate(
     say(format!("simulation: {n} nodes, {agents} stand-ins"));
     let mut ns = nodes(a, "s", n, a.sim_agents_per_node * 2)?;
     let t = Instant::now();
-    create(ns[0].fleetd(), a, agents)?;
+    ns[0].fleetd().create(agents)?;
     wait_for(
         ns[0].fleetd(),
         Duration::from_secs(300),

@@ -159,16 +159,7 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
             node_options: args.node_options.as_deref(),
             node_flags: args.node_flags.as_deref(),
         })?;
-        let json = serde_json::to_string_pretty(&r)?;
-        if let Some(p) = &args.json_out {
-            std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
-        }
-        if args.json {
-            println!("{json}");
-        } else {
-            print!("{}", talk::render(&r));
-        }
-        return Ok(());
+        return emit(args, &r, talk::render);
     }
     if let Some(shape) = &args.cluster {
         let (nodes, per) = shape
@@ -198,16 +189,7 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
             now_utc(),
             std::env::args().collect::<Vec<_>>().join(" "),
         )?;
-        let json = serde_json::to_string_pretty(&r)?;
-        if let Some(p) = &args.json_out {
-            std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
-        }
-        if args.json {
-            println!("{json}");
-        } else {
-            print!("{}", cluster::render(&r));
-        }
-        return Ok(());
+        return emit(args, &r, cluster::render);
     }
     let command = match &args.command {
         Some(c) => {
@@ -303,6 +285,20 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("{}", report::human(&report));
+    }
+    Ok(())
+}
+
+/// A report as JSON (`--json`, and to `--json-out`) or as the human text.
+fn emit<R: serde::Serialize>(args: &Args, r: &R, human: fn(&R) -> String) -> Result<()> {
+    let json = serde_json::to_string_pretty(r)?;
+    if let Some(p) = &args.json_out {
+        std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if args.json {
+        println!("{json}");
+    } else {
+        print!("{}", human(r));
     }
     Ok(())
 }
