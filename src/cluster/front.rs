@@ -458,11 +458,9 @@ async fn accept_change(
     if change.is_empty() {
         return Ok(old.cloned());
     }
-    let t = change.apply(&old.cloned().unwrap_or_default())?;
-    crate::provision::accepted_tenant(t)
+    crate::provision::accepted_change(change, &old.cloned().unwrap_or_default(), fleet, agent)
         .await
         .map(Some)
-        .map_err(|e| e.of_agent(fleet, agent))
 }
 
 fn command_name(c: &Command) -> String {

@@ -234,32 +234,30 @@ impl Etcd {
         value: impl Into<Vec<u8>>,
         lease: i64,
     ) -> Result<bool, FleetError> {
-        self.txn(
-            Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    key,
-                    value,
-                    Some(PutOptions::new().with_lease(lease)),
-                )]),
-        )
-        .await
+        self.create_all_on_lease(&[key], value, lease).await
     }
 
     /// `create_on_lease` of every key in one transaction: all or none.
     pub async fn create_all_on_lease(
         &self,
         keys: &[String],
-        value: &str,
+        value: impl Into<Vec<u8>>,
         lease: i64,
     ) -> Result<bool, FleetError> {
+        let value = value.into();
         let absent: Vec<Compare> = keys
             .iter()
             .map(|k| Compare::create_revision(k.clone(), CompareOp::Equal, 0))
             .collect();
         let puts: Vec<TxnOp> = keys
             .iter()
-            .map(|k| TxnOp::put(k.clone(), value, Some(PutOptions::new().with_lease(lease))))
+            .map(|k| {
+                TxnOp::put(
+                    k.clone(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+            })
             .collect();
         self.txn(Txn::new().when(absent).and_then(puts)).await
     }

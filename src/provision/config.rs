@@ -378,6 +378,19 @@ pub async fn accepted_tenant(
     .map_err(FleetError::internal)?
 }
 
+/// An agent's settings after `change` over `old`, with what they name read (off the async
+/// runtime's threads); an error names the agent and says nothing changed.
+pub async fn accepted_change(
+    change: &crate::messages::command::AgentChange,
+    old: &crate::spec::AgentSettings,
+    fleet: &str,
+    agent: &str,
+) -> Result<crate::spec::AgentSettings, FleetError> {
+    accepted_tenant(change.apply(old)?)
+        .await
+        .map_err(|e| e.of_agent(fleet, agent))
+}
+
 /// Reads what one agent's settings name and was not read yet (a registry record or a spec
 /// that already carries the contents keeps them); forgets contents no longer named.
 pub fn accept_tenant_files(t: &mut crate::spec::AgentSettings) -> Result<(), String> {

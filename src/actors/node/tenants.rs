@@ -17,11 +17,9 @@ impl NodeRuntime {
         if change.is_empty() {
             return Ok(None);
         }
-        let t = change.apply(&AgentSettings::default())?;
-        provision::accepted_tenant(t)
+        provision::accepted_change(change, &AgentSettings::default(), fleet, agent)
             .await
             .map(Some)
-            .map_err(|e| e.of_agent(fleet, agent))
     }
 
     /// `agent set` / `agent secret`: the agent's new settings are read and checked, saved
@@ -38,9 +36,7 @@ impl NodeRuntime {
         self.check_not_removing(fleet, Some(agent))?;
         let old_spec = self.data.fleets[fleet].spec.clone();
         let old = old_spec.tenant(agent).cloned().unwrap_or_default();
-        let new = provision::accepted_tenant(change.apply(&old)?)
-            .await
-            .map_err(|e| e.of_agent(fleet, agent))?;
+        let new = provision::accepted_change(&change, &old, fleet, agent).await?;
         // The files were read off the actor: look again.
         self.agent_record(fleet, agent)?;
         self.check_not_removing(fleet, Some(agent))?;
