@@ -608,6 +608,9 @@ impl NodeHandle {
         agent: &str,
         lines: usize,
     ) -> Result<(Vec<String>, LogFollow), FleetError> {
+        if let Some(front) = self.cluster.get() {
+            front.follows_here(fleet, agent).await?;
+        }
         let first = self.logs(fleet, agent, lines).await?;
         let tokens = self.agent_tokens(fleet, agent).await?;
         let path = crate::provision::AgentPaths::new(self.state_dir(), fleet, agent).agent_log;

@@ -316,12 +316,11 @@ fn three_nodes_spread_fail_over_fence_drain_and_ride_out_an_etcd_restart() {
             (views[0].len() == 30 && views[0] == views[1] && views[1] == views[2]).then_some(())
         },
     );
-    // An agent's own command on another node says where it runs.
-    let (agent, (on, _)) = placed.iter().find(|(_, (n, _))| n == "n3").unwrap();
-    let out = n1.ctl_output(&["logs", &format!("s/{agent}")]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("runs on node {on}")), "{err}");
+    // An agent's own command at another node is answered by the node that runs it.
+    let (agent, _) = placed.iter().find(|(_, (n, _))| n == "n3").unwrap();
+    let there = n3.ctl(&["logs", &format!("s/{agent}")]);
+    assert!(!there.trim().is_empty());
+    assert_eq!(n1.ctl(&["logs", &format!("s/{agent}")]), there);
 
     // Drain n3: everything moves to n1 and n2; then n3 takes agents again.
     n1.ctl(&["node", "drain", "n3"]);
@@ -643,6 +642,76 @@ fn a_tenant_moves_with_its_secret_env_and_files_from_etcd_not_from_the_host() {
             .filter(|(_, p)| environ(*p).get("PERSONA").map(String::as_str) == Some("poet"))
     });
     assert_ne!(new_pid, pid);
+
+    // An agent's own commands at the node that does not run it are carried to the one that
+    // does (through etcd), and answer as there.
+    let (here, there) = (by_name(other), by_name(&first));
+    assert_eq!(there.ctl(&["token", "t/bot"]).trim(), token);
+    let logs_here = here.ctl(&["logs", "t/bot"]);
+    assert!(!logs_here.trim().is_empty(), "the stand-in logs its start");
+    assert_eq!(there.ctl(&["logs", "t/bot"]), logs_here);
+    let follow = std::process::Command::new("timeout")
+        .args(["20", common::FLEETCTL, "--socket"])
+        .arg(there.socket())
+        .args(["logs", "t/bot", "--follow"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&follow.stderr);
+    assert!(
+        !follow.status.success() && e.contains(&format!("runs on node {other}")),
+        "a stream does not cross nodes, and says where to follow it: {e}"
+    );
+    // A backup asked at `there` is taken where the agent runs, and says so.
+    let b_out = there.ctl(&["--json", "agent", "backup", "t/bot"]);
+    let rows: Vec<Value> = serde_json::from_str(&b_out).unwrap();
+    assert_eq!(rows[0]["node"], other, "{b_out}");
+    let archive = PathBuf::from(rows[0]["path"].as_str().unwrap());
+    assert!(archive.starts_with(here.state_dir()), "{archive:?}");
+    // `fleet restart` from `there` restarts it where it runs.
+    let out = there.ctl(&["fleet", "restart", "t"]);
+    assert!(out.contains(&format!("{other}:")), "{out}");
+    let (_, restarted) = wait_until(Duration::from_secs(30), "bot restarted", |_| {
+        running_on(&a, "t", "bot", &[other]).filter(|(_, p)| *p != new_pid)
+    });
+    // Restore from `there`, with the archive a file on `there`'s host: carried through etcd.
+    let copy = dir.path().join("bot-copy.tar.gz");
+    std::fs::copy(&archive, &copy).unwrap();
+    there.ctl(&["agent", "stop", "t/bot"]);
+    wait_until(Duration::from_secs(30), "bot stopped", |_| {
+        try_status(&a)?
+            .iter()
+            .find(|r| r["agent"] == "bot" && r["state"] == "stopped")
+            .map(drop)
+    });
+    std::fs::write(moved_home.join("SOUL.md"), "changed after the backup").unwrap();
+    let out = there.ctl(&[
+        "agent",
+        "restore",
+        "t/bot",
+        "--from",
+        copy.to_str().unwrap(),
+    ]);
+    assert!(out.contains("restored"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(moved_home.join("SOUL.md")).unwrap(),
+        "You are a pirate.",
+        "the HOME is the archive's again"
+    );
+    let out = there.ctl_output(&["agent", "restore", "t/bot", "--from", "/dev/zero"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("--from"), "{e}");
+    there.ctl(&["agent", "start", "t/bot"]);
+    wait_until(Duration::from_secs(30), "bot running again", |_| {
+        running_on(&a, "t", "bot", &[other]).filter(|(_, p)| *p != restarted)
+    });
+
+    // `agent rm --purge` from either node: every node's copy of the HOME goes (the first
+    // host kept one from before the move).
+    assert!(home.exists() && moved_home.exists());
+    let out = there.ctl(&["agent", "rm", "t/bot", "--purge"]);
+    assert!(out.contains("purged"), "{out}");
+    assert!(!home.exists(), "{home:?} purged on {first}");
+    assert!(!moved_home.exists(), "{moved_home:?} purged on {other}");
     drop(a);
     drop(b);
 }

@@ -279,7 +279,10 @@ fn render_human(reply: &Reply) -> String {
             &["AGENT", "FILES", "SIZE", "ARCHIVE", "TIME", "PATH"],
             rows.iter().map(|b| {
                 vec![
-                    format!("{}/{}", b.fleet, b.agent),
+                    match &b.node {
+                        Some(n) => format!("{}/{} (on {n})", b.fleet, b.agent),
+                        None => format!("{}/{}", b.fleet, b.agent),
+                    },
                     b.files.to_string(),
                     mib(b.bytes),
                     mib(b.archive_bytes),

@@ -28,6 +28,9 @@ pub struct BackupDone {
     /// The archive's size.
     pub archive_bytes: u64,
     pub elapsed_ms: u64,
+    /// Cluster mode: the node whose disk holds the archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// `<dir>/<agent>-<UTC time>.tar.gz`, the name scheduled and default backups get.
@@ -123,6 +126,7 @@ pub fn backup_home(
         files: m.files.len(),
         archive_bytes,
         elapsed_ms: started.elapsed().as_millis() as u64,
+        node: None,
     })
 }
 

@@ -5,8 +5,10 @@
 //! What this build does not carry out cluster-wide is refused, naming the command.
 
 use super::keys::{FleetDoc, Mark, NodeInfo};
+use super::remote::{agent_command, patience};
 use super::{ClusterConfig, Etcd};
 use crate::messages::command::{AgentChange, Command, FleetInfo, NodeRow, Reply};
+use crate::messages::forward::Forward;
 use crate::node::NodeHandle;
 use crate::spec::{AgentSettings, FleetSpec};
 use crate::state::FleetState;
@@ -14,13 +16,13 @@ use crate::FleetError;
 use std::sync::Arc;
 
 pub struct Front {
-    etcd: Etcd,
-    cfg: Arc<ClusterConfig>,
+    pub(super) etcd: Etcd,
+    pub(super) cfg: Arc<ClusterConfig>,
     /// The node's lease while it has one (0: none), for `leave`.
     pub(super) lease: std::sync::atomic::AtomicI64,
 }
 
-fn refuse(what: &str) -> Reply {
+pub(super) fn refuse(what: &str) -> Reply {
     Reply::Error(FleetError::Cluster {
         reason: format!(
             "{what} is not carried out cluster-wide by this build; nothing was changed"
@@ -28,11 +30,11 @@ fn refuse(what: &str) -> Reply {
     })
 }
 
-fn done(message: String) -> Reply {
+pub(super) fn done(message: String) -> Reply {
     Reply::Done { message }
 }
 
-fn err(r: Result<Reply, FleetError>) -> Reply {
+pub(super) fn err(r: Result<Reply, FleetError>) -> Reply {
     r.unwrap_or_else(Reply::Error)
 }
 
@@ -60,6 +62,10 @@ impl Front {
         &self.cfg.node_name
     }
 
+    pub fn socket(&self) -> &str {
+        &self.cfg.socket
+    }
+
     /// Creates a fleet in the cluster's desired state (the library API's `create_fleet`).
     /// What the spec names on this host's disk (a template, a tenant's secrets and files)
     /// is read here, once, and goes into etcd with it.
@@ -82,6 +88,17 @@ impl Front {
     }
 
     pub async fn execute(&self, local: &NodeHandle, cmd: Command) -> Reply {
+        if let Some((fleet, agent)) = agent_command(&cmd) {
+            return match self.where_it_runs(&fleet, &agent).await {
+                Ok(None) => self.stamped(local.execute_local(cmd).await),
+                Ok(Some((node, _))) => {
+                    let wait = patience(&cmd);
+                    self.ask(node, Forward::Command { command: cmd }, Vec::new(), wait)
+                        .await
+                }
+                Err(e) => Reply::Error(e),
+            };
+        }
         match cmd {
             Command::FleetCreate { .. } => {
                 let Some(spec) = cmd.create_spec() else {
@@ -96,9 +113,6 @@ impl Front {
                 }
             }
             Command::FleetRm { fleet, purge } => {
-                if purge {
-                    return refuse("fleet rm --purge (HOMEs are per host)");
-                }
                 let r = self
                     .etcd
                     .update_fleet(&fleet, |old| match old {
@@ -108,7 +122,11 @@ impl Front {
                         Some(_) => Ok(None),
                     })
                     .await;
-                err(r.map(|()| done(format!("fleet {fleet} removed (cluster-wide)"))))
+                match r {
+                    Ok(()) if purge => self.purge_everywhere(local, &fleet, None).await,
+                    Ok(()) => done(format!("fleet {fleet} removed (cluster-wide)")),
+                    Err(e) => Reply::Error(e),
+                }
             }
             Command::AgentAdd {
                 fleet,
@@ -149,9 +167,6 @@ impl Front {
                 agent,
                 purge,
             } => {
-                if purge {
-                    return refuse("agent rm --purge (HOMEs are per host)");
-                }
                 let r = self
                     .change_agents(&fleet, |doc| {
                         let before = doc.spec.agents.len();
@@ -167,7 +182,11 @@ impl Front {
                         Ok(())
                     })
                     .await;
-                err(r.map(|()| done(format!("agent {fleet}/{agent} removed (cluster-wide)"))))
+                match r {
+                    Ok(()) if purge => self.purge_everywhere(local, &fleet, Some(&agent)).await,
+                    Ok(()) => done(format!("agent {fleet}/{agent} removed (cluster-wide)")),
+                    Err(e) => Reply::Error(e),
+                }
             }
             Command::AgentStart { fleet, agent } => {
                 self.set_stopped(&fleet, Some(&agent), false).await
@@ -183,42 +202,26 @@ impl Front {
             Command::NodeCordon { node } => err(self.mark(&node, Some(Mark::Cordon)).await),
             Command::NodeDrain { node } => err(self.mark(&node, Some(Mark::Drain)).await),
             Command::NodeUncordon { node } => err(self.mark(&node, None).await),
-            // An agent's own commands: where it runs.
+            // A stream cannot cross nodes: `logs --follow` names the node's socket.
             Command::Logs {
                 ref fleet,
                 ref agent,
+                follow: true,
                 ..
-            }
-            | Command::AgentConfig {
-                ref fleet,
-                ref agent,
-            }
-            | Command::Token {
-                ref fleet,
-                ref agent,
-                rotate: false,
-            }
-            | Command::ExecContext {
-                ref fleet,
-                ref agent,
-            }
-            | Command::Say {
-                ref fleet,
-                ref agent,
-                ..
-            }
-            | Command::AgentRestart {
-                ref fleet,
-                ref agent,
-            }
-            | Command::AgentBackup {
-                ref fleet,
-                ref agent,
-                ..
-            } => match self.runs_here(fleet, agent).await {
+            } => match self.follows_here(fleet, agent).await {
                 Ok(()) => local.execute_local(cmd).await,
                 Err(e) => Reply::Error(e),
             },
+            Command::AgentRestore {
+                fleet,
+                agent,
+                from,
+                force,
+            } => err(self.restore(local, fleet, agent, from, force).await),
+            Command::FleetRestart { ref fleet } | Command::FleetBackup { ref fleet, .. } => {
+                let fleet = fleet.clone();
+                err(self.on_every_holder(local, &fleet, cmd).await)
+            }
             Command::Token { rotate: true, .. } => refuse(
                 "token --rotate (an agent's gateway token derives from its fleet's seed in etcd, the same on every node)",
             ),
@@ -318,22 +321,36 @@ impl Front {
             .await
     }
 
-    async fn runs_here(&self, fleet: &str, agent: &str) -> Result<(), FleetError> {
+    /// Whether `logs --follow` of the agent can be served here (a stream does not cross
+    /// nodes), else the error naming the node and its socket.
+    pub async fn follows_here(&self, fleet: &str, agent: &str) -> Result<(), FleetError> {
+        match self.where_it_runs(fleet, agent).await? {
+            None => Ok(()),
+            Some((node, socket)) => Err(FleetError::Cluster {
+                reason: format!(
+                    "{fleet}/{agent} runs on node {node}: follow its logs at that node's socket ({socket}), or leave out --follow to fetch them from here"
+                ),
+            }),
+        }
+    }
+
+    /// `None`: the agent runs here; else the node that runs it, with its socket.
+    pub(super) async fn where_it_runs(
+        &self,
+        fleet: &str,
+        agent: &str,
+    ) -> Result<Option<(String, String)>, FleetError> {
         let snap = self.etcd.snapshot(false).await?;
         snap.doc_with(fleet, agent)?;
         match snap.claims.get(&format!("{fleet}/{agent}")) {
-            Some(n) if n == &self.cfg.node_name => Ok(()),
+            Some(n) if n == &self.cfg.node_name => Ok(None),
             Some(n) => {
                 let socket = snap
                     .nodes
                     .get(n)
                     .map(|i| i.socket.clone())
                     .unwrap_or_else(|| "unknown".into());
-                Err(FleetError::Cluster {
-                    reason: format!(
-                        "{fleet}/{agent} runs on node {n} (its socket there: {socket}); ask that node"
-                    ),
-                })
+                Ok(Some((n.clone(), socket)))
             }
             None => Err(FleetError::Cluster {
                 reason: format!("{fleet}/{agent} runs on no node right now"),

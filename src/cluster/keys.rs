@@ -159,6 +159,20 @@ impl Keys {
     pub fn observed(&self, node: &str) -> String {
         format!("{}o/{node}", self.prefix)
     }
+    /// Requests to one node (`mailbox`): `m/<node>/<id>`.
+    pub fn mailbox(&self, node: &str) -> String {
+        format!("{}m/{node}/", self.prefix)
+    }
+    pub fn request(&self, node: &str, id: &str) -> String {
+        format!("{}m/{node}/{id}", self.prefix)
+    }
+    pub fn reply(&self, id: &str) -> String {
+        format!("{}r/{id}", self.prefix)
+    }
+    /// A request's attached bytes, in order: `x/<id>/<n>`.
+    pub fn blob(&self, id: &str) -> String {
+        format!("{}x/{id}/", self.prefix)
+    }
 }
 
 /// One consistent read of `d/` (and, for `status`, `o/`).

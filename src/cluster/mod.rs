@@ -21,7 +21,9 @@
 pub mod fence;
 pub mod front;
 pub mod keys;
+pub mod mailbox;
 pub mod placement;
+mod remote;
 
 use crate::messages::command::{AgentStatus, Command, Reply};
 use crate::node::NodeHandle;
@@ -336,6 +338,7 @@ pub async fn join(node: &NodeHandle, cfg: ClusterConfig) -> Result<(), FleetErro
     let cfg = Arc::new(cfg);
     let door = Arc::new(front::Front::new(etcd.clone(), cfg.clone()));
     node.set_cluster(door.clone())?;
+    tokio::spawn(mailbox::serve(node.clone(), etcd.clone(), door.clone()));
     let runner = Runner {
         door,
         node: node.clone(),

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod command;
 pub mod events;
 pub mod fleet;
+pub mod forward;
 pub mod logs;
 pub mod node;
 pub mod ports;
