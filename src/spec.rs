@@ -363,6 +363,10 @@ pub struct FleetSpec {
     /// host. Travels in the fleet's etcd doc, never with a spec; `None`: random tokens.
     #[serde(skip)]
     pub token_seed: Option<Secret>,
+    /// Cluster mode: how many times each agent's token was rotated (`token --rotate`, a
+    /// restore); part of what its token derives from. In the etcd doc beside the seed.
+    #[serde(skip)]
+    pub token_epochs: BTreeMap<String, u32>,
 }
 
 fn default_stop_timeout() -> u64 {
@@ -400,10 +404,16 @@ impl FleetSpec {
             start_gate: None,
             tenants: BTreeMap::new(),
             token_seed: None,
+            token_epochs: BTreeMap::new(),
         }
     }
 
     /// The agent's own settings, if it has any.
+    /// How many times the agent's derived token was rotated (0: never).
+    pub fn token_epoch(&self, agent: &str) -> u32 {
+        self.token_epochs.get(agent).copied().unwrap_or(0)
+    }
+
     pub fn tenant(&self, agent: &str) -> Option<&AgentSettings> {
         self.tenants.get(agent)
     }

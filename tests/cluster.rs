@@ -604,9 +604,6 @@ fn a_tenant_moves_with_its_secret_env_and_files_from_etcd_not_from_the_host() {
     let by_name = |n: &str| if n == "a" { &a } else { &b };
     let token = by_name(&first).ctl(&["token", "t/bot"]).trim().to_string();
     assert_eq!(token.len(), 64, "{token}");
-    let out = by_name(&first).ctl_output(&["token", "t/bot", "--rotate"]);
-    let e = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && e.contains("token --rotate"), "{e}");
 
     // The operator's files are gone: the node that takes the agent over provisions its HOME
     // from etcd alone.
@@ -647,6 +644,13 @@ fn a_tenant_moves_with_its_secret_env_and_files_from_etcd_not_from_the_host() {
     // does (through etcd), and answer as there.
     let (here, there) = (by_name(other), by_name(&first));
     assert_eq!(there.ctl(&["token", "t/bot"]).trim(), token);
+    // `token --rotate` at either node: one new token, the one the node running it took.
+    let rotated = there
+        .ctl(&["token", "t/bot", "--rotate"])
+        .trim()
+        .to_string();
+    assert!(rotated.len() == 64 && rotated != token, "{rotated}");
+    assert_eq!(here.ctl(&["token", "t/bot"]).trim(), rotated);
     let logs_here = here.ctl(&["logs", "t/bot"]);
     assert!(!logs_here.trim().is_empty(), "the stand-in logs its start");
     assert_eq!(there.ctl(&["logs", "t/bot"]), logs_here);
@@ -696,6 +700,16 @@ fn a_tenant_moves_with_its_secret_env_and_files_from_etcd_not_from_the_host() {
         std::fs::read_to_string(moved_home.join("SOUL.md")).unwrap(),
         "You are a pirate.",
         "the HOME is the archive's again"
+    );
+    assert_ne!(
+        here.ctl(&["token", "t/bot"]).trim(),
+        rotated,
+        "a restore rotates the token (the archive's must not work)"
+    );
+    assert_eq!(
+        here.ctl(&["token", "t/bot"]),
+        there.ctl(&["token", "t/bot"]),
+        "one token cluster-wide after a restore"
     );
     let out = there.ctl_output(&["agent", "restore", "t/bot", "--from", "/dev/zero"]);
     let e = String::from_utf8_lossy(&out.stderr);

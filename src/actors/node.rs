@@ -1754,6 +1754,7 @@ impl NodeRuntime {
         let f = self.fleet_ref(fleet)?;
         let mut limits_changed = false;
         let mut before = None;
+        let mut rotated = Vec::new();
         if let Some(rec) = self.data.fleets.get_mut(fleet) {
             // The agent list is managed by AddAgent/RemoveAgent changes.
             spec.agents = rec.spec.agents.clone();
@@ -1763,6 +1764,18 @@ impl NodeRuntime {
             for (a, old) in &rec.spec.tenants {
                 if let Some(r) = rec.agents.get_mut(a) {
                     r.remember_secrets(old.secrets_dropped_by(spec.tenant(a)));
+                }
+            }
+            // Cluster mode: a rotation is a new epoch of the agent's derived token.
+            if spec.token_seed.is_some() {
+                for (a, r) in rec.agents.iter_mut() {
+                    let fresh = rec.spec.token_seed != spec.token_seed
+                        || rec.spec.token_epoch(a) != spec.token_epoch(a);
+                    let token = provision::agent_token(&spec, a)?;
+                    if fresh && r.token != token {
+                        r.replace_token(token.clone());
+                        rotated.push((a.clone(), token));
+                    }
                 }
             }
             before = Some((
@@ -1779,6 +1792,22 @@ impl NodeRuntime {
         }
         if limits_changed {
             self.apply_cgroup_limits(&spec);
+        }
+        for (agent, token) in rotated {
+            tracing::info!(fleet, agent = %agent, "gateway token rotated (its epoch changed in the desired state)");
+            let f = f.clone();
+            tokio::spawn(async move {
+                let _ = f
+                    .call(
+                        |reply| FleetMsg::SetToken {
+                            agent,
+                            token,
+                            reply,
+                        },
+                        Some(CALL),
+                    )
+                    .await;
+            });
         }
         let _ = f.send_message(FleetMsg::UpdateSpec(Arc::new(spec)));
         self.tell_rotator(fleet);

@@ -89,15 +89,7 @@ impl Front {
 
     pub async fn execute(&self, local: &NodeHandle, cmd: Command) -> Reply {
         if let Some((fleet, agent)) = agent_command(&cmd) {
-            return match self.where_it_runs(&fleet, &agent).await {
-                Ok(None) => self.stamped(local.execute_local(cmd).await),
-                Ok(Some((node, _))) => {
-                    let wait = patience(&cmd);
-                    self.ask(node, Forward::Command { command: cmd }, Vec::new(), wait)
-                        .await
-                }
-                Err(e) => Reply::Error(e),
-            };
+            return self.where_it_runs_do(local, &fleet, &agent, cmd).await;
         }
         match cmd {
             Command::FleetCreate { .. } => {
@@ -222,9 +214,11 @@ impl Front {
                 let fleet = fleet.clone();
                 err(self.on_every_holder(local, &fleet, cmd).await)
             }
-            Command::Token { rotate: true, .. } => refuse(
-                "token --rotate (an agent's gateway token derives from its fleet's seed in etcd, the same on every node)",
-            ),
+            Command::Token {
+                fleet,
+                agent,
+                rotate: true,
+            } => err(self.rotate_token(local, &fleet, &agent).await),
             // This host's own figures and tools.
             Command::Ports
             | Command::Top
@@ -235,6 +229,84 @@ impl Front {
             | Command::Doctor { .. }
             | Command::Shutdown => local.execute_local(cmd).await,
             other => refuse(&format!("`{}`", command_name(&other))),
+        }
+    }
+
+    /// One of an agent's own commands (`remote::agent_command`), here or at its node.
+    async fn where_it_runs_do(
+        &self,
+        local: &NodeHandle,
+        fleet: &str,
+        agent: &str,
+        cmd: Command,
+    ) -> Reply {
+        match self.where_it_runs(fleet, agent).await {
+            Ok(None) => self.stamped(local.execute_local(cmd).await),
+            Ok(Some((node, _))) => {
+                let wait = patience(&cmd);
+                self.ask(node, Forward::Command { command: cmd }, Vec::new(), wait)
+                    .await
+            }
+            Err(e) => Reply::Error(e),
+        }
+    }
+
+    /// `token --rotate`: the agent's token epoch goes up by one in its fleet's doc; the node
+    /// that runs it derives the new token and takes it (as does any node it moves to). The
+    /// answer waits, bounded, until that node has it.
+    pub(super) async fn rotate_token(
+        &self,
+        local: &NodeHandle,
+        fleet: &str,
+        agent: &str,
+    ) -> Result<Reply, FleetError> {
+        let mut new_token = String::new();
+        self.change_agents(fleet, |doc| {
+            if !doc.spec.agents.iter().any(|a| a == agent) {
+                return Err(FleetError::NoSuchAgent {
+                    fleet: fleet.into(),
+                    agent: agent.into(),
+                });
+            }
+            let Some(seed) = doc.spec.token_seed.clone() else {
+                return Err(FleetError::Cluster {
+                    reason: format!(
+                        "fleet {fleet}'s doc in etcd has no token seed; nothing was changed"
+                    ),
+                });
+            };
+            let epoch = doc.spec.token_epochs.entry(agent.into()).or_insert(0);
+            *epoch += 1;
+            new_token = crate::provision::derived_token(&seed, fleet, agent, *epoch);
+            Ok(())
+        })
+        .await?;
+        let token = Reply::Token {
+            fleet: fleet.into(),
+            agent: agent.into(),
+            token: new_token.clone(),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let ask = Command::Token {
+                fleet: fleet.into(),
+                agent: agent.into(),
+                rotate: false,
+            };
+            match self.where_it_runs_do(local, fleet, agent, ask).await {
+                Reply::Token { token: t, .. } if t == new_token => return Ok(token),
+                // Not running anywhere: whichever node starts it derives the new one.
+                Reply::Error(FleetError::Cluster { reason }) if reason.contains("runs on no node") => {
+                    return Ok(token)
+                }
+                _ if std::time::Instant::now() > deadline => {
+                    return Err(FleetError::Partial {
+                        done: format!("a new token for {fleet}/{agent} is in the desired state"),
+                        failed: "the node that runs it has not taken it within 15 s; it will at its next round".into(),
+                    })
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+            }
         }
     }
 

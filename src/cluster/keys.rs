@@ -40,6 +40,9 @@ struct FleetDocWire {
     /// The fleet's `token_seed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     token_seed: Option<String>,
+    /// The fleet's `token_epochs`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    token_epochs: BTreeMap<String, u32>,
 }
 
 impl From<FleetDoc> for FleetDocWire {
@@ -52,11 +55,13 @@ impl From<FleetDoc> for FleetDocWire {
             .filter(|(_, h)| !h.is_empty())
             .collect();
         let token_seed = d.spec.token_seed.as_ref().map(|s| s.expose().to_string());
+        let token_epochs = d.spec.token_epochs.clone();
         FleetDocWire {
             spec: d.spec,
             stopped: d.stopped,
             vault,
             token_seed,
+            token_epochs,
         }
     }
 }
@@ -66,6 +71,7 @@ impl TryFrom<FleetDocWire> for FleetDoc {
     fn try_from(w: FleetDocWire) -> Result<Self, String> {
         let mut spec = w.spec;
         spec.token_seed = w.token_seed.map(crate::spec::Secret::new);
+        spec.token_epochs = w.token_epochs;
         for (a, held) in w.vault {
             if let Some(t) = spec.tenants.get_mut(&a) {
                 held.restore(t).map_err(|why| format!("vault.{a}: {why}"))?;

@@ -356,15 +356,43 @@ impl Front {
         from: PathBuf,
         force: bool,
     ) -> Result<Reply, FleetError> {
-        let cmd = |from| Command::AgentRestore {
-            fleet: fleet.clone(),
-            agent: agent.clone(),
-            from,
-            force,
+        let restored = match self.where_it_runs(&fleet, &agent).await? {
+            None => {
+                let (fleet, agent) = (fleet.clone(), agent.clone());
+                local
+                    .execute_local(Command::AgentRestore {
+                        fleet,
+                        agent,
+                        from,
+                        force,
+                    })
+                    .await
+            }
+            Some((node, _)) => self.restore_at(node, &fleet, &agent, from, force).await?,
         };
-        let Some((node, _)) = self.where_it_runs(&fleet, &agent).await? else {
-            return Ok(local.execute_local(cmd(from)).await);
+        let Reply::Done { message } = restored else {
+            return Ok(restored);
         };
+        // The HOME is the archive's now: a token it held must not keep working. The node's
+        // own rotation gave it a random one; the desired state's new epoch makes it the one
+        // every node derives.
+        match self.rotate_token(local, &fleet, &agent).await {
+            Ok(_) => Ok(done(message)),
+            Err(e) => Err(FleetError::Partial {
+                done: message,
+                failed: format!("rotating its token in the desired state: {e}"),
+            }),
+        }
+    }
+
+    async fn restore_at(
+        &self,
+        node: String,
+        fleet: &str,
+        agent: &str,
+        from: PathBuf,
+        force: bool,
+    ) -> Result<Reply, FleetError> {
         if !from.is_absolute() {
             return Err(FleetError::invalid(
                 "--from",
@@ -388,8 +416,8 @@ impl Front {
             )
         })?;
         let forward = Forward::Restore {
-            fleet: fleet.clone(),
-            agent: agent.clone(),
+            fleet: fleet.into(),
+            agent: agent.into(),
             force,
             chunks: blob.len().div_ceil(mailbox::CHUNK_BYTES) as u32,
             bytes: blob.len() as u64,

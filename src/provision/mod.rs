@@ -34,6 +34,34 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::path::{Path, PathBuf};
 
+    #[test]
+    fn derived_tokens_are_per_seed_fleet_agent_and_epoch_and_epoch_0_is_the_old_one() {
+        let seed = crate::spec::Secret::new("s".into());
+        let t = |f: &str, a: &str, e: u32| derived_token(&seed, f, a, e);
+        // Epoch 0 keeps what every node derived before rotation existed (fixed vector).
+        assert_eq!(
+            t("f", "a", 0),
+            "048aa31e69092d46f6ca27f0ddd21a7034e18ea5cd32e83b44f49d00ddbb9479"
+        );
+        let all = [
+            t("f", "a", 0),
+            t("f", "a", 1),
+            t("f", "a", 2),
+            t("f", "b", 0),
+            t("g", "a", 0),
+            t("fa", "", 0),
+            derived_token(&crate::spec::Secret::new("other".into()), "f", "a", 0),
+        ];
+        let distinct: std::collections::BTreeSet<&String> = all.iter().collect();
+        assert_eq!(distinct.len(), all.len(), "{all:?}");
+        assert!(all.iter().all(|x| x.len() == 64));
+        let mut spec = crate::spec::FleetSpec::new("f");
+        spec.token_seed = Some(seed.clone());
+        spec.token_epochs.insert("a".into(), 2);
+        assert_eq!(agent_token(&spec, "a").unwrap(), t("f", "a", 2));
+        assert_eq!(agent_token(&spec, "b").unwrap(), t("f", "b", 0));
+    }
+
     fn mode(p: &Path) -> u32 {
         fs::metadata(p).unwrap().permissions().mode() & 0o777
     }

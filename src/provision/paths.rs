@@ -229,14 +229,20 @@ pub fn generate_token() -> Result<String, FleetError> {
 /// A new agent's gateway token: derived from its fleet's seed in cluster mode, else random.
 pub fn agent_token(spec: &crate::spec::FleetSpec, agent: &str) -> Result<String, FleetError> {
     match &spec.token_seed {
-        Some(seed) => Ok(derived_token(seed, &spec.name, agent)),
+        Some(seed) => Ok(derived_token(
+            seed,
+            &spec.name,
+            agent,
+            spec.token_epoch(agent),
+        )),
         None => generate_token(),
     }
 }
 
 /// An agent's gateway token derived from its fleet's seed: the same on every host, so a
-/// moved agent keeps it, and no agent's token tells another's (HMAC-SHA256).
-pub fn derived_token(seed: &crate::spec::Secret, fleet: &str, agent: &str) -> String {
+/// moved agent keeps it, and no agent's token tells another's (HMAC-SHA256). `epoch`: how
+/// many times it was rotated (0 derives what tokens were before rotation existed).
+pub fn derived_token(seed: &crate::spec::Secret, fleet: &str, agent: &str, epoch: u32) -> String {
     use hmac::Mac as _;
     let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(seed.expose().as_bytes())
         .expect("HMAC takes a key of any length");
@@ -244,6 +250,9 @@ pub fn derived_token(seed: &crate::spec::Secret, fleet: &str, agent: &str) -> St
     m.update(fleet.as_bytes());
     m.update(b"\0");
     m.update(agent.as_bytes());
+    if epoch > 0 {
+        m.update(format!("\0{epoch}").as_bytes());
+    }
     hex(&m.finalize().into_bytes())
 }
 
