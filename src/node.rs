@@ -332,6 +332,11 @@ impl NodeHandle {
         self.ctx.services.spawner.fence()
     }
 
+    /// The `--spec` file the node was started with.
+    pub fn spec_path(&self) -> Option<&std::path::Path> {
+        self.ctx.config.spec_path.as_deref()
+    }
+
     pub fn port_range(&self) -> crate::ports::PortRange {
         self.ctx.config.port_range
     }

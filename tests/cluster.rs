@@ -730,6 +730,133 @@ fn a_tenant_moves_with_its_secret_env_and_files_from_etcd_not_from_the_host() {
     drop(b);
 }
 
+/// `fleet/agent` → pid of every running agent of `fleet`, as `d` sees the cluster.
+fn running_pids(d: &Daemon, fleet: &str) -> BTreeMap<String, u64> {
+    try_status(d)
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r["fleet"] == fleet && r["state"] == "running")
+        .filter_map(|r| Some((r["agent"].as_str()?.to_string(), r["pid"].as_u64()?)))
+        .collect()
+}
+
+#[test]
+fn a_spec_file_declares_fleets_cluster_wide_and_reload_keeps_them_in_step() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(bin) = etcd_bin() else {
+        common::skipped("tests/cluster.rs: no etcd (run scripts/install-etcd.sh)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let _etcd = EtcdMember::start(
+        &bin,
+        dir.path(),
+        "e0",
+        0,
+        &format!("e0=http://127.0.0.1:{}", etcd_ports(0).1),
+    );
+    let u = url(0);
+    let spec = dir.path().join("fleets.toml");
+    let template = dir.path().join("t.json");
+    let write_spec = |agents: u32, extra: &str| {
+        std::fs::write(
+            &spec,
+            format!(
+                "[defaults]\ncommand = \"{STUB} --no-helper\"\nstride = 1\n\
+                 [[fleet]]\nname = \"decl\"\nagents = {agents}\ntemplate = \"t.json\"\n{extra}"
+            ),
+        )
+        .unwrap();
+    };
+    std::fs::write(&template, r#"{"custom": {"v": 1}}"#).unwrap();
+    write_spec(2, "");
+    let a = Daemon::start_with(&[
+        "--etcd",
+        &u,
+        "--node-name",
+        "a",
+        "--lease-ttl",
+        &TTL.to_string(),
+        "--cgroup",
+        "off",
+        "--spec",
+        spec.to_str().unwrap(),
+    ]);
+    let b = node("b", &u);
+    // Declared at a's start, run wherever placement puts them; seen from b.
+    let first = wait_until(Duration::from_secs(60), "decl's 2 agents running", |seen| {
+        let p = running_pids(&b, "decl");
+        *seen = format!("{p:?}");
+        (p.len() == 2).then_some(p)
+    });
+
+    // The file owns what it declares: a command that would change it is refused.
+    let out = b.ctl_output(&["agent", "add", "decl", "x"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("on node a") && e.contains("fleets.toml"),
+        "{e}"
+    );
+    let out = b.ctl_output(&["reload"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("without --spec"), "{e}");
+
+    // Edited: a dry run says what would change and changes nothing; reload does it.
+    std::fs::write(&template, r#"{"custom": {"v": 2}}"#).unwrap();
+    write_spec(3, "");
+    let dry = a.ctl(&["reload", "--dry-run"]);
+    assert!(dry.contains("update fleet decl"), "{dry}");
+    assert_eq!(running_pids(&b, "decl"), first, "a dry run changes nothing");
+    let out = a.ctl(&["reload"]);
+    assert!(out.contains("update fleet decl"), "{out}");
+    wait_until(
+        Duration::from_secs(60),
+        "3 agents, the first two restarted for the new template",
+        |seen| {
+            let p = running_pids(&b, "decl");
+            *seen = format!("{p:?} (first {first:?})");
+            (p.len() == 3
+                && first
+                    .iter()
+                    .all(|(k, pid)| p.get(k).is_some_and(|x| x != pid)))
+            .then_some(())
+        },
+    );
+    assert!(a.ctl(&["reload"]).contains("nothing to change"));
+
+    // A fleet made by commands is never taken over by a file: refused whole.
+    b.create_stub_fleet("hand", 1, "--no-helper", &[]);
+    let settled = wait_until(Duration::from_secs(30), "hand running", |_| {
+        let p = running_pids(&b, "decl");
+        (running_pids(&b, "hand").len() == 1 && p.len() == 3).then_some(p)
+    });
+    write_spec(4, "[[fleet]]\nname = \"hand\"\nagents = 2\n");
+    let out = a.ctl_output(&["reload"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("hand") && e.contains("made by commands"),
+        "{e}"
+    );
+    assert_eq!(
+        running_pids(&b, "decl"),
+        settled,
+        "a refused reload changed nothing"
+    );
+
+    // Dropped from the file: removed cluster-wide; the command-made fleet stays.
+    std::fs::write(&spec, format!("[defaults]\ncommand = \"{STUB}\"\n")).unwrap();
+    let out = a.ctl(&["reload"]);
+    assert!(out.contains("remove fleet decl"), "{out}");
+    wait_until(Duration::from_secs(30), "decl gone everywhere", |seen| {
+        let rows = try_status(&b)?;
+        *seen = format!("{rows:?}");
+        (!rows.iter().any(|r| r["fleet"] == "decl") && rows.iter().any(|r| r["fleet"] == "hand"))
+            .then_some(())
+    });
+    drop(a);
+    drop(b);
+}
+
 /// A CA, etcd's server certificate for 127.0.0.1 and a node's client certificate, made by
 /// the openssl CLI; None when it is not installed.
 fn certificates(dir: &Path) -> Option<()> {

@@ -317,9 +317,6 @@ async fn run(args: Args) -> Result<()> {
                 tls,
             };
             c.validate().map_err(refused)?;
-            if args.spec.is_some() {
-                return Err(refused("--spec: in cluster mode the desired state lives in etcd; create fleets with commands"));
-            }
             config.cluster = true;
             Some(c)
         }
@@ -335,13 +332,22 @@ async fn run(args: Args) -> Result<()> {
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let listener = socket::bind(&socket_path)
         .with_context(|| format!("binding the control socket {}", socket_path.display()))?;
-    if let Some(c) = cluster {
-        let name = c.node_name.clone();
-        fleet_commander::cluster::join(&node, c)
-            .await
-            .with_context(|| format!("joining the cluster as node {name}"))?;
-        tracing::info!(node = %name, "cluster mode: desired state from etcd");
-    }
+    // Cluster mode: the spec file declares fleets of the cluster's desired state, written
+    // into etcd (once this node can reach it) rather than applied here.
+    let specs = match cluster {
+        Some(c) => {
+            let name = c.node_name.clone();
+            fleet_commander::cluster::join(&node, c)
+                .await
+                .with_context(|| format!("joining the cluster as node {name}"))?;
+            tracing::info!(node = %name, "cluster mode: desired state from etcd");
+            if specs.is_some() {
+                tokio::spawn(declare_when_joined(node.clone()));
+            }
+            None
+        }
+        None => specs,
+    };
     tokio::spawn(socket::serve(listener, node.clone(), shutdown.clone()));
     if let Some(a) = &args.metrics_addr {
         let addr: std::net::SocketAddr = match a.parse::<u16>() {
@@ -419,4 +425,34 @@ async fn run(args: Args) -> Result<()> {
     socket::unlink(&socket_path);
     tracing::info!("fleetd stopped");
     Ok(())
+}
+
+/// Cluster mode with `--spec`: the file's fleets into etcd, retried while etcd (or this
+/// node's lease) is not there yet; a file the cluster refuses is logged and left.
+async fn declare_when_joined(node: fleet_commander::NodeHandle) {
+    use fleet_commander::messages::command::{Command, Reply};
+    use fleet_commander::FleetError;
+    for _ in 0..300 {
+        if node.is_shutting_down() {
+            return;
+        }
+        match node.execute(Command::Reload { dry_run: false }).await {
+            Reply::Error(FleetError::Cluster { reason }) => {
+                tracing::debug!(%reason, "spec file not declared to the cluster yet; retrying")
+            }
+            Reply::Error(e) => {
+                tracing::error!(error = %e, "the spec file was not declared to the cluster");
+                return;
+            }
+            other => {
+                tracing::info!(
+                    "spec file declared to the cluster: {}",
+                    fleet_commander::admin::render::render(&other, false)
+                );
+                return;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    tracing::error!("the spec file was not declared to the cluster: etcd stayed out of reach for 5 minutes; `reload` tries again");
 }

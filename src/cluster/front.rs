@@ -4,6 +4,7 @@
 //! which node runs it, and host commands (ports, top, capacity, doctor…) stay on this host.
 //! What this build does not carry out cluster-wide is refused, naming the command.
 
+use super::declared::imperative;
 use super::keys::{FleetDoc, Mark, NodeInfo};
 use super::remote::{agent_command, patience};
 use super::{ClusterConfig, Etcd};
@@ -82,6 +83,7 @@ impl Front {
                 None => Ok(Some(FleetDoc {
                     spec: spec.clone(),
                     stopped: Default::default(),
+                    declared_by: None,
                 })),
             })
             .await
@@ -111,7 +113,7 @@ impl Front {
                         None => Err(FleetError::NoSuchFleet {
                             fleet: fleet.clone(),
                         }),
-                        Some(_) => Ok(None),
+                        Some(d) => imperative(&d, format!("fleet {fleet}")).map(|()| None),
                     })
                     .await;
                 match r {
@@ -134,6 +136,7 @@ impl Front {
                 };
                 let r = self
                     .change_agents(&fleet, |doc| {
+                        imperative(doc, format!("fleet {fleet}"))?;
                         if doc.spec.agents.contains(&agent) {
                             return Err(FleetError::AgentExists {
                                 fleet: fleet.clone(),
@@ -161,6 +164,7 @@ impl Front {
             } => {
                 let r = self
                     .change_agents(&fleet, |doc| {
+                        imperative(doc, format!("fleet {fleet}"))?;
                         let before = doc.spec.agents.len();
                         doc.spec.agents.retain(|a| a != &agent);
                         if doc.spec.agents.len() == before {
@@ -190,6 +194,7 @@ impl Front {
             Command::FleetStop { fleet } => self.set_stopped(&fleet, None, true).await,
             Command::Status { fleet, agent } => err(self.status(fleet, agent).await),
             Command::FleetList => err(self.fleet_list().await),
+            Command::Reload { dry_run } => err(self.reload(local, dry_run).await),
             Command::NodeList => err(self.node_list().await),
             Command::NodeCordon { node } => err(self.mark(&node, Some(Mark::Cordon)).await),
             Command::NodeDrain { node } => err(self.mark(&node, Some(Mark::Drain)).await),
@@ -352,6 +357,7 @@ impl Front {
     ) -> Result<Reply, FleetError> {
         let snap = self.etcd.snapshot(false).await?;
         let doc = snap.doc_with(fleet, agent)?;
+        imperative(doc, format!("agent {fleet}/{agent}'s settings"))?;
         let old = doc.spec.tenant(agent).cloned();
         let new = accept_change(fleet, agent, change, old.as_ref())
             .await?
@@ -360,6 +366,7 @@ impl Front {
             return Ok(done(format!("agent {fleet}/{agent}: nothing changed")));
         }
         self.change_agents(fleet, |doc| {
+            imperative(doc, format!("agent {fleet}/{agent}'s settings"))?;
             if doc.spec.tenant(agent) != old.as_ref() {
                 return Err(FleetError::Cluster {
                     reason: format!("agent {fleet}/{agent}'s settings were changed by another command meanwhile; nothing was changed, try again"),

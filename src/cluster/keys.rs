@@ -27,6 +27,22 @@ pub struct FleetDoc {
     pub spec: FleetSpec,
     /// Agents the operator stopped (`agent stop`, `fleet stop`).
     pub stopped: BTreeSet<String>,
+    /// The spec file that declares the fleet (`reload` keeps it in step); `None`: created
+    /// by commands.
+    pub declared_by: Option<SpecFile>,
+}
+
+/// A node's `--spec` file, as the owner of the fleets it declares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecFile {
+    pub node: String,
+    pub path: String,
+}
+
+impl std::fmt::Display for SpecFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} on node {}", self.path, self.node)
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -43,6 +59,8 @@ struct FleetDocWire {
     /// The fleet's `token_epochs`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     token_epochs: BTreeMap<String, u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    declared_by: Option<SpecFile>,
 }
 
 impl From<FleetDoc> for FleetDocWire {
@@ -62,6 +80,7 @@ impl From<FleetDoc> for FleetDocWire {
             vault,
             token_seed,
             token_epochs,
+            declared_by: d.declared_by,
         }
     }
 }
@@ -80,6 +99,7 @@ impl TryFrom<FleetDocWire> for FleetDoc {
         Ok(FleetDoc {
             spec,
             stopped: w.stopped,
+            declared_by: w.declared_by,
         })
     }
 }
@@ -281,6 +301,7 @@ mod tests {
         let doc = FleetDoc {
             spec,
             stopped: BTreeSet::new(),
+            declared_by: None,
         };
         s.take(&k, &k.fleet("bots"), &serde_json::to_vec(&doc).unwrap(), 7);
         s.take(&k, &k.assign("bots/a1"), b"n1", 8);
@@ -313,9 +334,14 @@ mod tests {
         t.accepted.files.insert("SOUL.md".into(), vec![0, 1, 255]);
         spec.tenants.insert("a1".into(), t);
         spec.token_seed = Some(crate::spec::Secret::new("seed-of-the-fleet".into()));
+        spec.token_epochs.insert("a1".into(), 3);
         let doc = FleetDoc {
             spec,
             stopped: ["a1".to_string()].into_iter().collect(),
+            declared_by: Some(SpecFile {
+                node: "n1".into(),
+                path: "/etc/fleet.toml".into(),
+            }),
         };
         let bytes = serde_json::to_vec(&doc).unwrap();
         let back: FleetDoc = serde_json::from_slice(&bytes).unwrap();

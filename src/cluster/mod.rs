@@ -18,6 +18,7 @@
 //! - A leader that has not itself been connected for a full TTL does not move agents off
 //!   nodes it cannot see: after etcd comes back, their owners get the time to renew.
 
+pub mod declared;
 pub mod fence;
 pub mod front;
 pub mod keys;
