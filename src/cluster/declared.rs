@@ -261,7 +261,8 @@ mod tests {
         let c = |s: &str| Change::Create(s.into());
         let u = |s: &str| Change::Update(s.into());
         let r = |s: &str| Change::Remove(s.into());
-        let cases: Vec<(&str, Vec<FleetSpec>, Result<Vec<Change>, &str>)> = vec![
+        type Want = Result<Vec<Change>, &'static str>;
+        let cases: Vec<(&str, Vec<FleetSpec>, Want)> = vec![
             (
                 "new, changed, same, dropped",
                 vec![
