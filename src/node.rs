@@ -725,6 +725,15 @@ impl NodeHandle {
         self.ctx.services.spawner.containment()
     }
 
+    pub(crate) fn context(&self) -> Arc<NodeContext> {
+        self.ctx.clone()
+    }
+
+    /// Cluster mode's front door, once joined.
+    pub(crate) fn cluster_front(&self) -> Option<Arc<crate::cluster::front::Front>> {
+        self.cluster.get().cloned()
+    }
+
     /// The node's state directory (registry, agent HOMEs, socket).
     pub fn state_dir(&self) -> &std::path::Path {
         &self.ctx.config.state_dir

@@ -857,6 +857,183 @@ fn a_spec_file_declares_fleets_cluster_wide_and_reload_keeps_them_in_step() {
     drop(b);
 }
 
+/// A versions home of stand-in OpenClaw releases: two that serve (the stand-in agent) and
+/// one that exits 78 at once, as a release that rejects its config.
+fn stand_in_versions(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let home = dir.join("openclaw");
+    // The stand-in agent is copied in: an agent may execute only what its install holds
+    // (and the system's own programs).
+    let serve = |v: &str| {
+        let stub = home.join("versions").join(v).join("node_modules/stand-in");
+        std::fs::create_dir_all(stub.parent().unwrap()).unwrap();
+        std::fs::copy(STUB, &stub).unwrap();
+        format!("#!/bin/sh\nexec {} --no-helper\n", stub.display())
+    };
+    for (v, body) in [
+        ("1.0.0-v1", serve("1.0.0-v1")),
+        ("1.0.0-v2", serve("1.0.0-v2")),
+        (
+            "1.0.0-bad",
+            "#!/bin/sh\necho 'stand-in: this version rejects the config' >&2\nexit 78\n".into(),
+        ),
+    ] {
+        let bin = home.join("versions").join(v).join("node_modules/.bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("openclaw"), body).unwrap();
+        std::fs::set_permissions(bin.join("openclaw"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+    let mut walk = vec![dir.to_path_buf()];
+    while let Some(p) = walk.pop() {
+        common::searchable(&p);
+        for e in std::fs::read_dir(&p).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                walk.push(e.path());
+            }
+        }
+    }
+    home
+}
+
+/// agent → (node, pid, version) of every running agent of fleet `up`.
+fn versions_running(d: &Daemon) -> BTreeMap<String, (String, u64, String)> {
+    try_status(d)
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r["fleet"] == "up" && r["state"] == "running" && r["ready"] == true)
+        .filter_map(|r| {
+            Some((
+                r["agent"].as_str()?.to_string(),
+                (
+                    r["node"].as_str()?.to_string(),
+                    r["pid"].as_u64()?,
+                    r["openclaw_version"].as_str()?.to_string(),
+                ),
+            ))
+        })
+        .collect()
+}
+
+fn all_on(d: &Daemon, version: &str, what: &str) -> BTreeMap<String, (String, u64, String)> {
+    wait_until(Duration::from_secs(60), what, |seen| {
+        let v = versions_running(d);
+        *seen = format!("{v:?}");
+        (v.len() == 4 && v.values().all(|(_, _, x)| x == version)).then_some(v)
+    })
+}
+
+#[test]
+fn a_fleet_upgrades_and_rolls_back_across_nodes_each_step_where_its_agent_runs() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(bin) = etcd_bin() else {
+        common::skipped("tests/cluster.rs: no etcd (run scripts/install-etcd.sh)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let _etcd = EtcdMember::start(
+        &bin,
+        dir.path(),
+        "e0",
+        0,
+        &format!("e0=http://127.0.0.1:{}", etcd_ports(0).1),
+    );
+    let u = url(0);
+    common::searchable(dir.path());
+    let versions = stand_in_versions(&dir.path().join("releases"));
+    let vh = versions.to_string_lossy().into_owned();
+    let start = |name: &str| {
+        Daemon::start_env(
+            &[("FLEET_OPENCLAW_HOME", &vh)],
+            &[
+                "--etcd",
+                &u,
+                "--node-name",
+                name,
+                "--lease-ttl",
+                &TTL.to_string(),
+                "--cgroup",
+                "off",
+            ],
+        )
+    };
+    let (a, b) = (start("a"), start("b"));
+    a.ctl(&[
+        "fleet",
+        "create",
+        "up",
+        "--agents",
+        "4",
+        "--openclaw-version",
+        "1.0.0-v1",
+    ]);
+    let v1 = all_on(&b, "1.0.0-v1", "4 agents on v1");
+    let nodes: BTreeSet<&str> = v1.values().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(nodes.len(), 2, "spread over both nodes: {v1:?}");
+
+    // Driven from b; each agent backed up on the node that runs it, then on v2.
+    let out = b.ctl(&["--json", "fleet", "upgrade", "up", "--to", "1.0.0-v2"]);
+    let rec: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rec["state"], "done", "{out}");
+    for ag in rec["agents"].as_array().unwrap() {
+        let name = ag["agent"].as_str().unwrap();
+        assert_eq!(ag["step"], "kept", "{out}");
+        assert_eq!(
+            ag["backup_node"].as_str(),
+            Some(v1[name].0.as_str()),
+            "{out}"
+        );
+        let archive = PathBuf::from(ag["backup"].as_str().unwrap());
+        assert!(archive.exists(), "{archive:?}");
+    }
+    let v2 = all_on(&a, "1.0.0-v2", "4 agents on v2");
+    for (name, (_, pid, _)) in &v2 {
+        assert_ne!(*pid, v1[name].1, "{name} restarted on the new version");
+    }
+    let st: Value =
+        serde_json::from_str(&a.ctl(&["--json", "fleet", "upgrade", "up", "--status"])).unwrap();
+    assert_eq!(
+        st["state"], "done",
+        "the record is in etcd: any node shows it"
+    );
+
+    // Rolled back from a: each agent restored where it runs, back on v1.
+    let out = a.ctl(&["--json", "fleet", "rollback", "up"]);
+    let rec: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rec["state"], "rolled_back", "{out}");
+    let back = all_on(&b, "1.0.0-v1", "4 agents back on v1");
+
+    // A release that does not come up: the canary is put back, nobody else is touched.
+    let bad = b.ctl_output(&["--json", "fleet", "upgrade", "up", "--to", "1.0.0-bad"]);
+    assert!(
+        !bad.status.success(),
+        "a stopped rollout is a failed command"
+    );
+    let out = String::from_utf8_lossy(&bad.stdout).to_string();
+    let rec: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rec["state"], "stopped", "{out}");
+    let steps: Vec<&str> = rec["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        ["rolled_back", "pending", "pending", "pending"],
+        "{out}"
+    );
+    let after = all_on(&a, "1.0.0-v1", "4 agents on v1 after the failed canary");
+    let canary = rec["agents"][0]["agent"].as_str().unwrap();
+    for (name, (_, pid, _)) in &after {
+        if name != canary {
+            assert_eq!(*pid, back[name].1, "{name} was not touched");
+        }
+    }
+    drop(a);
+    drop(b);
+}
+
 /// A CA, etcd's server certificate for 127.0.0.1 and a node's client certificate, made by
 /// the openssl CLI; None when it is not installed.
 fn certificates(dir: &Path) -> Option<()> {

@@ -344,6 +344,7 @@ impl AgentRuntime {
             // Filled in by the status rows, which know the install and the leases.
             openclaw_version: None,
             node: None,
+            held_stopped: None,
             webhooks: Default::default(),
         };
         let started = self.process.as_ref().and(self.started_at);

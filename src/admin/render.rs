@@ -611,6 +611,7 @@ mod tests {
             openclaw_version: Some("2026.9.6".into()),
             webhooks: Default::default(),
             node: None,
+            held_stopped: None,
             channels: [(
                 "telegram".to_string(),
                 crate::channels::ChannelStatus {

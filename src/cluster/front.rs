@@ -23,6 +23,9 @@ pub struct Front {
     pub(super) lease: std::sync::atomic::AtomicI64,
 }
 
+/// How long `agent stop|start` waits for the node that runs the agent.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(90);
+
 pub(super) fn refuse(what: &str) -> Reply {
     Reply::Error(FleetError::Cluster {
         reason: format!(
@@ -89,7 +92,18 @@ impl Front {
             .await
     }
 
-    pub async fn execute(&self, local: &NodeHandle, cmd: Command) -> Reply {
+    /// One command, cluster-wide. Boxed, with its `Send` stated: an upgrade's driver runs
+    /// its steps through this very function, and the compiler cannot prove `Send` of a
+    /// future that contains itself.
+    pub fn execute<'a>(
+        &'a self,
+        local: &'a NodeHandle,
+        cmd: Command,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send + 'a>> {
+        Box::pin(self.execute_here(local, cmd))
+    }
+
+    async fn execute_here(&self, local: &NodeHandle, cmd: Command) -> Reply {
         if let Some((fleet, agent)) = agent_command(&cmd) {
             return self.where_it_runs_do(local, &fleet, &agent, cmd).await;
         }
@@ -195,6 +209,23 @@ impl Front {
             Command::Status { fleet, agent } => err(self.status(fleet, agent).await),
             Command::FleetList => err(self.fleet_list().await),
             Command::Reload { dry_run } => err(self.reload(local, dry_run).await),
+            Command::FleetUpgrade {
+                fleet,
+                to,
+                canary,
+                max_unavailable,
+                ready_timeout_s,
+            } => {
+                let plan = crate::upgrade::Plan {
+                    to,
+                    canary,
+                    max_unavailable,
+                    ready_timeout_s,
+                };
+                err(self.upgrade(local, &fleet, plan).await)
+            }
+            Command::FleetUpgradeStatus { fleet } => err(self.upgrade_status(&fleet).await),
+            Command::FleetRollback { fleet } => err(self.rollback(local, &fleet).await),
             Command::NodeList => err(self.node_list().await),
             Command::NodeCordon { node } => err(self.mark(&node, Some(Mark::Cordon)).await),
             Command::NodeDrain { node } => err(self.mark(&node, Some(Mark::Drain)).await),
@@ -344,7 +375,52 @@ impl Front {
             None => format!("fleet {fleet}"),
         };
         let verb = if stopped { "stopped" } else { "started" };
-        err(r.map(|()| done(format!("{what} {verb} (cluster-wide)"))))
+        if let Err(e) = r {
+            return Reply::Error(e);
+        }
+        // One agent's answer waits until the node that runs it has done it (an upgrade
+        // backs up only a stopped agent); a fleet's is given once asked.
+        if let Some(a) = agent {
+            if let Err(e) = self.settle(fleet, a, stopped).await {
+                return Reply::Error(e);
+            }
+        }
+        done(format!("{what} {verb} (cluster-wide)"))
+    }
+
+    /// Waits (bounded) until the node that runs `fleet/agent` has stopped it (or started
+    /// it), as its published rows say.
+    async fn settle(&self, fleet: &str, agent: &str, stopped: bool) -> Result<(), FleetError> {
+        let deadline = std::time::Instant::now() + SETTLE;
+        loop {
+            let snap = self.etcd.snapshot(true).await?;
+            let row = super::cluster_status(&snap)
+                .into_iter()
+                .find(|r| r.fleet == fleet && r.agent == agent);
+            // What the node that runs it published once it carried the stop or start out
+            // (a row no node publishes: nobody runs it, nothing to wait for).
+            let (settled, seen) = match &row {
+                None => (true, "gone".to_string()),
+                Some(r) => (
+                    r.held_stopped.is_none_or(|held| held == stopped),
+                    format!("{:?}", r.state).to_lowercase(),
+                ),
+            };
+            if settled {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                let verb = if stopped { "stop" } else { "start" };
+                return Err(FleetError::Partial {
+                    done: format!("{fleet}/{agent}'s {verb} is in the desired state"),
+                    failed: format!(
+                        "it was not done within {} s (it is {seen}); the node that runs it keeps trying",
+                        SETTLE.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
     }
 
     /// `agent set` / `agent secret`: the new settings are read here from the old ones in

@@ -185,6 +185,15 @@ impl Keys {
     pub fn observed(&self, node: &str) -> String {
         format!("{}o/{node}", self.prefix)
     }
+    /// A fleet's last upgrade (`upgrade::UpgradeRecord`), outside `d/`: its steps are no
+    /// change of what runs where.
+    pub fn upgrade(&self, fleet: &str) -> String {
+        format!("{}u/records/{fleet}", self.prefix)
+    }
+    /// Held on the lease of the node driving an upgrade or rollback of the fleet.
+    pub fn upgrade_lock(&self, fleet: &str) -> String {
+        format!("{}u/locks/{fleet}", self.prefix)
+    }
     /// Requests to one node (`mailbox`): `m/<node>/<id>`.
     pub fn mailbox(&self, node: &str) -> String {
         format!("{}m/{node}/", self.prefix)

@@ -25,6 +25,7 @@ pub mod keys;
 pub mod mailbox;
 pub mod placement;
 mod remote;
+mod upgrades;
 
 use crate::messages::command::{AgentStatus, Command, Reply};
 use crate::node::NodeHandle;
@@ -786,6 +787,10 @@ impl Runner {
         };
         for r in &mut rows {
             r.node = Some(self.cfg.node_name.clone());
+            r.held_stopped = Some(
+                self.stopped_here
+                    .contains(&format!("{}/{}", r.fleet, r.agent)),
+            );
         }
         // What changes every second on its own (uptime, memory) is refreshed every 10 s;
         // anything else (a state, a pid, health, a restart) goes out within a second.

@@ -130,7 +130,13 @@ impl Front {
     pub async fn serve(&self, local: &NodeHandle, id: &str, req: Request) -> Reply {
         match req.forward {
             Forward::Command { command } => {
-                let agent = agent_command(&command);
+                // A restore from an archive on this node's own disk (an upgrade's backup).
+                let agent = agent_command(&command).or(match &command {
+                    Command::AgentRestore { fleet, agent, .. } => {
+                        Some((fleet.clone(), agent.clone()))
+                    }
+                    _ => None,
+                });
                 let fleet_share = matches!(
                     command,
                     Command::FleetRestart { .. } | Command::FleetBackup { .. }
@@ -370,19 +376,64 @@ impl Front {
             }
             Some((node, _)) => self.restore_at(node, &fleet, &agent, from, force).await?,
         };
+        self.rotated_after(local, &fleet, &agent, restored).await
+    }
+
+    /// After a restore: the HOME is the archive's now, and a token it held must not keep
+    /// working. The node's own rotation gave it a random one; the desired state's new
+    /// epoch makes it the one every node derives.
+    async fn rotated_after(
+        &self,
+        local: &NodeHandle,
+        fleet: &str,
+        agent: &str,
+        restored: Reply,
+    ) -> Result<Reply, FleetError> {
         let Reply::Done { message } = restored else {
             return Ok(restored);
         };
-        // The HOME is the archive's now: a token it held must not keep working. The node's
-        // own rotation gave it a random one; the desired state's new epoch makes it the one
-        // every node derives.
-        match self.rotate_token(local, &fleet, &agent).await {
+        match self.rotate_token(local, fleet, agent).await {
             Ok(_) => Ok(done(message)),
             Err(e) => Err(FleetError::Partial {
                 done: message,
                 failed: format!("rotating its token in the desired state: {e}"),
             }),
         }
+    }
+
+    /// An upgrade's rollback: `cmd` (an `AgentRestore`) from an archive on node `on`'s disk
+    /// (`None`: this node's), carried out there, which must be where the agent runs.
+    pub async fn restore_from(
+        &self,
+        local: &NodeHandle,
+        cmd: Command,
+        on: Option<String>,
+    ) -> Reply {
+        let Command::AgentRestore { fleet, agent, .. } = &cmd else {
+            return refuse("restore_from without a restore");
+        };
+        let (fleet, agent) = (fleet.clone(), agent.clone());
+        let me = self.cfg.node_name.clone();
+        let holder = match self.where_it_runs(&fleet, &agent).await {
+            Ok(h) => h.map_or_else(|| me.clone(), |(n, _)| n),
+            Err(e) => return Reply::Error(e),
+        };
+        let on = on.unwrap_or_else(|| me.clone());
+        if holder != on {
+            return Reply::Error(FleetError::Cluster {
+                reason: format!(
+                    "{fleet}/{agent}'s backup is on node {on}'s disk, but it runs on node {holder} now; nothing was restored"
+                ),
+            });
+        }
+        let restored = if holder == me {
+            local.execute_local(cmd).await
+        } else {
+            let forward = Forward::Command { command: cmd };
+            self.ask(holder, forward, Vec::new(), RESTORE_PATIENCE)
+                .await
+        };
+        err(self.rotated_after(local, &fleet, &agent, restored).await)
     }
 
     async fn restore_at(

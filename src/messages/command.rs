@@ -534,6 +534,10 @@ pub struct AgentStatus {
     /// Cluster mode: the node it runs on (or is placed on); absent on a single host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Cluster mode: whether that node has carried out the operator's `agent stop` (it
+    /// keeps the agent stopped), so a command that waits for it can tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_stopped: Option<bool>,
 }
 
 impl AgentStatus {
@@ -559,6 +563,7 @@ impl AgentStatus {
             openclaw_version: None,
             webhooks: BTreeMap::new(),
             node,
+            held_stopped: None,
         }
     }
 }

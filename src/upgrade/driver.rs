@@ -7,6 +7,7 @@ use crate::messages::command::{AgentChange, AgentStatus, Command, Reply};
 use crate::messages::events::Event;
 use crate::messages::node::NodeMsg;
 use ractor::ActorRef;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,22 +16,31 @@ const POLL: Duration = Duration::from_millis(250);
 /// Bound on one command (stops wait out the agent's stop timeout).
 const CALL: Duration = Duration::from_secs(900);
 
+/// How the driver reaches the agents and where it keeps its record.
+#[derive(Clone)]
+pub enum Via {
+    /// This node's own actor; the record in `<state>/upgrades/`.
+    Node(ActorRef<NodeMsg>),
+    /// Cluster mode: the commands act cluster-wide through the front door (each step where
+    /// the agent runs, its backup on that node's disk); the record lives in etcd.
+    Cluster {
+        front: Arc<crate::cluster::front::Front>,
+        local: crate::node::NodeHandle,
+    },
+}
+
 #[derive(Clone)]
 pub struct Driver {
-    node: ActorRef<NodeMsg>,
+    via: Via,
     ctx: Arc<crate::context::NodeContext>,
     rec: Arc<Mutex<UpgradeRecord>>,
     started: Instant,
 }
 
 impl Driver {
-    pub fn new(
-        node: ActorRef<NodeMsg>,
-        ctx: Arc<crate::context::NodeContext>,
-        rec: UpgradeRecord,
-    ) -> Driver {
+    pub fn new(via: Via, ctx: Arc<crate::context::NodeContext>, rec: UpgradeRecord) -> Driver {
         Driver {
-            node,
+            via,
             ctx,
             rec: Arc::new(Mutex::new(rec)),
             started: Instant::now(),
@@ -47,17 +57,24 @@ impl Driver {
 
     /// Changes the record and saves it before anything else happens. Err: the record could
     /// not be written (a full disk): a step that a crash would then misjudge is not taken.
-    fn update(&self, f: impl FnOnce(&mut UpgradeRecord)) -> Result<(), String> {
-        let mut r = self.rec.lock().unwrap();
-        f(&mut r);
-        r.elapsed_ms = self.started.elapsed().as_millis() as u64;
-        save(&self.ctx.config.state_dir, &r).map_err(|e| {
+    async fn update(&self, f: impl FnOnce(&mut UpgradeRecord)) -> Result<(), String> {
+        let r = {
+            let mut r = self.rec.lock().unwrap();
+            f(&mut r);
+            r.elapsed_ms = self.started.elapsed().as_millis() as u64;
+            r.clone()
+        };
+        let saved = match &self.via {
+            Via::Node(_) => save(&self.ctx.config.state_dir, &r),
+            Via::Cluster { front, .. } => front.save_upgrade(&r).await.map_err(|e| e.to_string()),
+        };
+        saved.map_err(|e| {
             tracing::error!(fleet = %r.fleet, error = %e, "could not save the upgrade's progress");
             format!("the upgrade's record could not be saved: {e}")
         })
     }
 
-    fn step(&self, agent: &str, step: Step, reason: Option<String>) -> Result<(), String> {
+    async fn step(&self, agent: &str, step: Step, reason: Option<String>) -> Result<(), String> {
         let fleet = self.fleet();
         tracing::info!(
             fleet,
@@ -81,14 +98,69 @@ impl Driver {
                 }
             }
         })
+        .await
     }
 
     async fn cmd(&self, c: Command) -> Result<Reply, String> {
-        match self.node.call(|r| NodeMsg::Command(c, r), Some(CALL)).await {
+        let node = match &self.via {
+            Via::Node(node) => node,
+            Via::Cluster { front, local } => {
+                return match front.execute(local, c).await {
+                    Reply::Error(e) => Err(e.to_string()),
+                    r => Ok(r),
+                };
+            }
+        };
+        match node.call(|r| NodeMsg::Command(c, r), Some(CALL)).await {
             Ok(ractor::rpc::CallResult::Success(Reply::Error(e))) => Err(e.to_string()),
             Ok(ractor::rpc::CallResult::Success(r)) => Ok(r),
             Ok(_) => Err("the node did not answer in time".into()),
             Err(e) => Err(format!("the node is gone: {e}")),
+        }
+    }
+
+    /// A backup of the stopped agent: its archive's path and (cluster mode) the node whose
+    /// disk holds it.
+    async fn backup(&self, agent: &str) -> Result<(PathBuf, Option<String>), String> {
+        let fleet = self.fleet();
+        let out = match &self.via {
+            Via::Node(_) => {
+                let dir = backup_dir(&self.ctx.config.state_dir, &fleet);
+                crate::backup::make_private_dir(&dir)?;
+                Some(dir.join(crate::backup::archive_name(agent)))
+            }
+            // Taken where the agent runs, into that node's own backups directory.
+            Via::Cluster { .. } => None,
+        };
+        let r = self
+            .cmd(Command::AgentBackup {
+                fleet,
+                agent: agent.to_string(),
+                out: out.clone(),
+            })
+            .await?;
+        match (r, out) {
+            (Reply::Backups(rows), _) if !rows.is_empty() => {
+                Ok((rows[0].path.clone(), rows[0].node.clone()))
+            }
+            (_, Some(out)) => Ok((out, None)),
+            (other, None) => Err(format!("the backup did not say where it is: {other:?}")),
+        }
+    }
+
+    async fn restore(&self, agent: &str, backup: &Path, on: Option<String>) -> Result<(), String> {
+        let cmd = Command::AgentRestore {
+            fleet: self.fleet(),
+            agent: agent.to_string(),
+            from: backup.to_path_buf(),
+            force: false,
+        };
+        match &self.via {
+            Via::Node(_) => self.cmd(cmd).await.map(drop),
+            Via::Cluster { front, local } => match front.restore_from(local, cmd, on).await {
+                Reply::Error(e) => Err(e.to_string()),
+                _ => Ok(()),
+            },
         }
     }
 
@@ -191,25 +263,33 @@ impl Driver {
                 }
             }
             if let Some(why) = stop {
-                let _ = self.update(|r| {
-                    r.state = Rollout::Stopped;
-                    r.reason = Some(why);
-                });
+                let _ = self
+                    .update(|r| {
+                        r.state = Rollout::Stopped;
+                        r.reason = Some(why);
+                    })
+                    .await;
                 return self.snapshot();
             }
         }
         let to = rec.to.clone();
         let _ = match self.set_fleet_version(Some(to)).await {
-            Ok(()) => self.update(|r| {
-                r.state = Rollout::Done;
-                r.reason = None;
-            }),
-            Err(e) => self.update(|r| {
-                r.state = Rollout::Stopped;
-                r.reason = Some(format!(
-                    "every agent is upgraded, but the fleet's version could not be set: {e}"
-                ));
-            }),
+            Ok(()) => {
+                self.update(|r| {
+                    r.state = Rollout::Done;
+                    r.reason = None;
+                })
+                .await
+            }
+            Err(e) => {
+                self.update(|r| {
+                    r.state = Rollout::Stopped;
+                    r.reason = Some(format!(
+                        "every agent is upgraded, but the fleet's version could not be set: {e}"
+                    ));
+                })
+                .await
+            }
         };
         self.publish_fleet("done");
         self.snapshot()
@@ -227,8 +307,16 @@ impl Driver {
 
     async fn set_fleet_version(&self, version: Option<String>) -> Result<(), String> {
         let fleet = self.fleet();
-        match self
-            .node
+        let node = match &self.via {
+            Via::Node(node) => node,
+            Via::Cluster { front, local } => {
+                return front
+                    .set_fleet_version(local, &fleet, version)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        };
+        match node
             .call(
                 |r| NodeMsg::SetFleetVersion {
                     fleet,
@@ -253,39 +341,36 @@ impl Driver {
             if let Some(a) = r.agent_mut(&agent) {
                 a.was_running = was_running;
             }
-        })?;
+        })
+        .await?;
         let t0 = Instant::now();
-        self.step(&agent, Step::BackingUp, None)?;
+        self.step(&agent, Step::BackingUp, None).await?;
         if let Err(e) = self.stop(&agent).await {
             return self.put_back_old(&agent, format!("stopping it: {e}")).await;
         }
-        let dir = backup_dir(&self.ctx.config.state_dir, &rec.fleet);
-        if let Err(e) = crate::backup::make_private_dir(&dir) {
-            return self
-                .put_back_old(&agent, format!("backing it up: {e}"))
-                .await;
-        }
-        let out = dir.join(crate::backup::archive_name(&agent));
-        if let Err(e) = self
-            .cmd(Command::AgentBackup {
-                fleet: rec.fleet.clone(),
-                agent: agent.clone(),
-                out: Some(out.clone()),
-            })
-            .await
-        {
-            return self
-                .put_back_old(&agent, format!("backing it up: {e}"))
-                .await;
-        }
-        let noted = self.update(|r| {
-            if let Some(a) = r.agent_mut(&agent) {
-                a.backup = Some(out.clone());
+        let (out, on) = match self.backup(&agent).await {
+            Ok(b) => b,
+            Err(e) => {
+                return self
+                    .put_back_old(&agent, format!("backing it up: {e}"))
+                    .await
             }
-        });
+        };
+        let noted = self
+            .update(|r| {
+                if let Some(a) = r.agent_mut(&agent) {
+                    a.backup = Some(out.clone());
+                    a.backup_node = on.clone();
+                }
+            })
+            .await;
         // The new version must not run unless a crash from here on is known to need a
         // rollback.
-        if let Err(e) = noted.and_then(|()| self.step(&agent, Step::Restarting, None)) {
+        let noted = match noted {
+            Ok(()) => self.step(&agent, Step::Restarting, None).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = noted {
             return self.put_back_old(&agent, e).await;
         }
         let restarts = self.status(&agent).await.map(|r| r.restarts).unwrap_or(0);
@@ -302,12 +387,14 @@ impl Driver {
         match started {
             Ok(()) => {
                 let ms = t0.elapsed().as_millis() as u64;
-                let _ = self.update(|r| {
-                    if let Some(a) = r.agent_mut(&agent) {
-                        a.unavailable_ms = Some(ms);
-                    }
-                });
-                let _ = self.step(&agent, Step::Kept, None);
+                let _ = self
+                    .update(|r| {
+                        if let Some(a) = r.agent_mut(&agent) {
+                            a.unavailable_ms = Some(ms);
+                        }
+                    })
+                    .await;
+                let _ = self.step(&agent, Step::Kept, None).await;
                 Ok(())
             }
             Err(why) => {
@@ -331,7 +418,7 @@ impl Driver {
                 let _ = self.start(agent).await;
             }
         }
-        let _ = self.step(agent, Step::RolledBack, Some(why.clone()));
+        let _ = self.step(agent, Step::RolledBack, Some(why.clone())).await;
         Err(format!("{agent}: {why}"))
     }
 
@@ -348,21 +435,13 @@ impl Driver {
         else {
             return;
         };
-        let _ = self.step(agent, Step::RollingBack, why.clone());
+        let _ = self.step(agent, Step::RollingBack, why.clone()).await;
         let mut problems = Vec::new();
         if let Err(e) = self.stop(agent).await {
             problems.push(format!("stop: {e}"));
         }
         let restored = match &a.backup {
-            Some(b) => self
-                .cmd(Command::AgentRestore {
-                    fleet: self.fleet(),
-                    agent: agent.to_string(),
-                    from: b.clone(),
-                    force: false,
-                })
-                .await
-                .map(|_| ()),
+            Some(b) => self.restore(agent, b, a.backup_node.clone()).await,
             None => Err("no backup was made".to_string()),
         };
         if let Err(e) = restored {
@@ -370,7 +449,7 @@ impl Driver {
                 "{}; rollback: restoring its backup failed ({e}): left stopped; `fleet rollback` tries again",
                 why.unwrap_or_default()
             );
-            let _ = self.step(agent, Step::RollbackFailed, Some(reason));
+            let _ = self.step(agent, Step::RollbackFailed, Some(reason)).await;
             return;
         }
         // Back on exactly the version it ran (the fleet's may have moved since).
@@ -395,7 +474,7 @@ impl Driver {
         if !problems.is_empty() {
             reason.push_str(&format!("; rollback: {}", problems.join("; ")));
         }
-        let _ = self.step(agent, Step::RolledBack, Some(reason));
+        let _ = self.step(agent, Step::RolledBack, Some(reason)).await;
     }
 
     /// `fleet rollback`: every agent the upgrade moved goes back, newest first, then the
@@ -403,7 +482,7 @@ impl Driver {
     /// since) are pinned to the version they run, so that the fleet's version going back moves
     /// none of them without a backup.
     pub async fn roll_back_all(self, fleet_version: Option<String>) -> UpgradeRecord {
-        let _ = self.update(|r| r.state = Rollout::RollingBack);
+        let _ = self.update(|r| r.state = Rollout::RollingBack).await;
         let rec = self.snapshot();
         let moved: Vec<String> = rec
             .agents
@@ -419,6 +498,16 @@ impl Driver {
             .collect();
         for a in moved {
             self.roll_back_one(&a, Some("fleet rollback".into())).await;
+        }
+        // Stopped for its backup when the driving node went away (cluster mode): its HOME
+        // was never run on the new version, so it only starts again as it was.
+        for a in rec.agents.iter().filter(|a| a.step == Step::BackingUp) {
+            let _ = self
+                .put_back_old(
+                    &a.agent,
+                    "its upgrade was interrupted during its backup".into(),
+                )
+                .await;
         }
         let recorded: std::collections::BTreeSet<&str> = rec
             .agents
@@ -459,14 +548,16 @@ impl Driver {
                 failed.join(", ")
             ));
         }
-        let _ = self.update(|rec| {
-            rec.state = if failed.is_empty() {
-                Rollout::RolledBack
-            } else {
-                Rollout::Stopped
-            };
-            rec.reason = (!problems.is_empty()).then(|| problems.join("; "));
-        });
+        let _ = self
+            .update(|rec| {
+                rec.state = if failed.is_empty() {
+                    Rollout::RolledBack
+                } else {
+                    Rollout::Stopped
+                };
+                rec.reason = (!problems.is_empty()).then(|| problems.join("; "));
+            })
+            .await;
         self.publish_fleet("rolled_back");
         self.snapshot()
     }
@@ -486,11 +577,13 @@ impl Driver {
                     if a.was_running {
                         let _ = self.start(&a.agent).await;
                     }
-                    let _ = self.step(
-                        &a.agent,
-                        Step::RolledBack,
-                        Some("fleetd stopped during its backup".into()),
-                    );
+                    let _ = self
+                        .step(
+                            &a.agent,
+                            Step::RolledBack,
+                            Some("fleetd stopped during its backup".into()),
+                        )
+                        .await;
                     put_back.push(a.agent.clone());
                 }
                 Resume::RollBack => {
@@ -503,17 +596,19 @@ impl Driver {
                 }
             }
         }
-        let _ = self.update(|r| {
-            r.state = Rollout::Interrupted;
-            r.reason = Some(format!(
-                "fleetd stopped during the upgrade; put back on the old version: {}",
-                if put_back.is_empty() {
-                    "none".to_string()
-                } else {
-                    put_back.join(", ")
-                }
-            ));
-        });
+        let _ = self
+            .update(|r| {
+                r.state = Rollout::Interrupted;
+                r.reason = Some(format!(
+                    "fleetd stopped during the upgrade; put back on the old version: {}",
+                    if put_back.is_empty() {
+                        "none".to_string()
+                    } else {
+                        put_back.join(", ")
+                    }
+                ));
+            })
+            .await;
         self.publish_fleet("interrupted");
         self.snapshot()
     }

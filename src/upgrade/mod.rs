@@ -78,6 +78,9 @@ pub struct AgentUpgrade {
     pub from: Option<String>,
     pub step: Step,
     pub backup: Option<PathBuf>,
+    /// Cluster mode: the node whose disk holds `backup`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_node: Option<String>,
     /// Whether it was running before (an agent stopped by its operator stays stopped).
     pub was_running: bool,
     /// From its stop to ready on the new version.
@@ -102,12 +105,91 @@ pub struct UpgradeRecord {
     pub started_unix: u64,
     pub elapsed_ms: u64,
     pub agents: Vec<AgentUpgrade>,
+    /// Cluster mode: the node that drives it (its lease holds the upgrade's lock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl UpgradeRecord {
     pub fn agent_mut(&mut self, agent: &str) -> Option<&mut AgentUpgrade> {
         self.agents.iter_mut().find(|a| a.agent == agent)
     }
+}
+
+/// The settings of an upgrade's start.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub to: String,
+    pub canary: Option<u32>,
+    pub max_unavailable: Option<u32>,
+    pub ready_timeout_s: Option<u64>,
+}
+
+/// A new upgrade's record for the fleet of `spec` (`default`: the version the default
+/// install holds): every agent pending, but those already on `to`.
+pub fn new_record(
+    spec: &crate::spec::FleetSpec,
+    plan: Plan,
+    default: Option<String>,
+) -> UpgradeRecord {
+    let agents = spec
+        .agents
+        .iter()
+        .map(|a| {
+            let from = spec
+                .openclaw_version_of(a)
+                .map(str::to_string)
+                .or_else(|| default.clone());
+            AgentUpgrade {
+                agent: a.clone(),
+                own_version: spec.tenant(a).and_then(|t| t.openclaw_version.clone()),
+                step: if from.as_deref() == Some(plan.to.as_str()) {
+                    Step::Skipped
+                } else {
+                    Step::Pending
+                },
+                from,
+                backup: None,
+                backup_node: None,
+                was_running: false,
+                unavailable_ms: None,
+                reason: None,
+            }
+        })
+        .collect();
+    UpgradeRecord {
+        fleet: spec.name.clone(),
+        from: spec.openclaw_version.clone().or(default),
+        fleet_version: spec.openclaw_version.clone(),
+        to: plan.to,
+        canary: plan.canary.unwrap_or(DEFAULT_CANARY),
+        max_unavailable: plan.max_unavailable.unwrap_or(DEFAULT_MAX_UNAVAILABLE),
+        ready_timeout_s: plan.ready_timeout_s.unwrap_or(DEFAULT_READY_TIMEOUT_S),
+        state: Rollout::Running,
+        reason: None,
+        started_unix: crate::state::now_ms() / 1000,
+        elapsed_ms: 0,
+        agents,
+        node: None,
+    }
+}
+
+/// The fleet's version set to `version` (`default`: what the default install holds): an
+/// agent's own version equal to the new effective one is dropped, so it follows its fleet
+/// again (and restarts for nothing).
+pub fn set_fleet_version(
+    spec: &mut crate::spec::FleetSpec,
+    version: Option<String>,
+    default: Option<String>,
+) {
+    let effective = version.clone().or(default);
+    spec.openclaw_version = version;
+    for t in spec.tenants.values_mut() {
+        if t.openclaw_version.is_some() && t.openclaw_version == effective {
+            t.openclaw_version = None;
+        }
+    }
+    spec.tenants.retain(|_, t| !t.is_empty());
 }
 
 /// The agents in the order they are upgraded, in batches: `canary` of them first, one batch

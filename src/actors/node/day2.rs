@@ -14,7 +14,8 @@ use crate::messages::node::NodeMsg;
 use crate::provision::{self, AgentPaths};
 use crate::registry::Desired;
 use crate::state::AgentState;
-use crate::upgrade::{self, driver::Driver, AgentUpgrade, Rollout, Step, UpgradeRecord};
+use crate::upgrade::driver::{Driver, Via};
+use crate::upgrade::{self, Rollout};
 use ractor::ActorRef;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -312,48 +313,17 @@ impl NodeRuntime {
         }
         provision::resolve_openclaw_version(self.ctx.config.openclaw_bin.as_deref(), Some(&to))
             .map_err(|e| FleetError::invalid("--to", e.to_string()))?;
-        let agents: Vec<AgentUpgrade> = rec
-            .spec
-            .agents
-            .iter()
-            .map(|a| {
-                let from = self.effective_version(fleet, a);
-                AgentUpgrade {
-                    agent: a.clone(),
-                    own_version: rec.spec.tenant(a).and_then(|t| t.openclaw_version.clone()),
-                    step: if from.as_deref() == Some(to.as_str()) {
-                        Step::Skipped
-                    } else {
-                        Step::Pending
-                    },
-                    from,
-                    backup: None,
-                    was_running: false,
-                    unavailable_ms: None,
-                    reason: None,
-                }
-            })
-            .collect();
-        let record =
-            UpgradeRecord {
-                fleet: fleet.to_string(),
-                from: rec.spec.openclaw_version.clone().or_else(|| {
-                    provision::default_version(self.ctx.config.openclaw_bin.as_deref())
-                }),
-                fleet_version: rec.spec.openclaw_version.clone(),
-                to,
-                canary: canary.unwrap_or(upgrade::DEFAULT_CANARY),
-                max_unavailable: max_unavailable.unwrap_or(upgrade::DEFAULT_MAX_UNAVAILABLE),
-                ready_timeout_s: ready_timeout_s.unwrap_or(upgrade::DEFAULT_READY_TIMEOUT_S),
-                state: Rollout::Running,
-                reason: None,
-                started_unix: crate::state::now_ms() / 1000,
-                elapsed_ms: 0,
-                agents,
-            };
+        let plan = upgrade::Plan {
+            to,
+            canary,
+            max_unavailable,
+            ready_timeout_s,
+        };
+        let default = provision::default_version(self.ctx.config.openclaw_bin.as_deref());
+        let record = upgrade::new_record(&rec.spec, plan, default);
         upgrade::save(&self.ctx.config.state_dir, &record).map_err(FleetError::internal)?;
         self.upgrading.insert(fleet.to_string());
-        let d = Driver::new(myself.clone(), self.ctx.clone(), record);
+        let d = Driver::new(Via::Node(myself.clone()), self.ctx.clone(), record);
         let (me, f) = (myself.clone(), fleet.to_string());
         Ok(Box::pin(async move {
             let rec = tokio::spawn(d.run()).await;
@@ -392,7 +362,7 @@ impl NodeRuntime {
         }
         let fleet_version = rec.fleet_version.clone();
         self.upgrading.insert(fleet.to_string());
-        let d = Driver::new(myself.clone(), self.ctx.clone(), rec);
+        let d = Driver::new(Via::Node(myself.clone()), self.ctx.clone(), rec);
         let (me, f) = (myself.clone(), fleet.to_string());
         Ok(Box::pin(async move {
             let rec = tokio::spawn(d.roll_back_all(fleet_version)).await;
@@ -425,7 +395,7 @@ impl NodeRuntime {
             let fleet = rec.fleet.clone();
             let fleet_version = rec.fleet_version.clone();
             self.upgrading.insert(fleet.clone());
-            let d = Driver::new(myself.clone(), self.ctx.clone(), rec);
+            let d = Driver::new(Via::Node(myself.clone()), self.ctx.clone(), rec);
             let me = myself.clone();
             tokio::spawn(async move {
                 let r = d.resume(fleet_version).await;
@@ -442,16 +412,9 @@ impl NodeRuntime {
     ) -> Result<(), FleetError> {
         let f = self.fleet_ref(fleet)?;
         let default = provision::default_version(self.ctx.config.openclaw_bin.as_deref());
-        let effective = version.clone().or(default);
         let rec = self.data.fleets.get_mut(fleet).expect("checked above");
         let before = rec.spec.clone();
-        rec.spec.openclaw_version = version;
-        for t in rec.spec.tenants.values_mut() {
-            if t.openclaw_version.is_some() && t.openclaw_version == effective {
-                t.openclaw_version = None;
-            }
-        }
-        rec.spec.tenants.retain(|_, t| !t.is_empty());
+        upgrade::set_fleet_version(&mut rec.spec, version, default);
         let spec = rec.spec.clone();
         if let Err(e) = self.save().await {
             self.data.fleets.get_mut(fleet).expect("checked above").spec = before;
