@@ -34,6 +34,9 @@ pub struct Driver {
     via: Via,
     ctx: Arc<crate::context::NodeContext>,
     rec: Arc<Mutex<UpgradeRecord>>,
+    /// Held from a change of the record to its save: saves of one batch's agents never
+    /// overlap, and land in the order of their changes.
+    saving: Arc<tokio::sync::Mutex<()>>,
     started: Instant,
 }
 
@@ -43,6 +46,7 @@ impl Driver {
             via,
             ctx,
             rec: Arc::new(Mutex::new(rec)),
+            saving: Arc::default(),
             started: Instant::now(),
         }
     }
@@ -58,6 +62,7 @@ impl Driver {
     /// Changes the record and saves it before anything else happens. Err: the record could
     /// not be written (a full disk): a step that a crash would then misjudge is not taken.
     async fn update(&self, f: impl FnOnce(&mut UpgradeRecord)) -> Result<(), String> {
+        let _saving = self.saving.lock().await;
         let r = {
             let mut r = self.rec.lock().unwrap();
             f(&mut r);
