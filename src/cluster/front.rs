@@ -2,11 +2,11 @@
 //! it acts cluster-wide from any node's socket, REPL or library API), `status` and `fleet
 //! list` read the whole cluster, an agent's own commands run where it runs (here) or say
 //! which node runs it, and host commands (ports, top, capacity, doctor…) stay on this host.
-//! What this build does not carry out cluster-wide is refused, naming the command.
+//! The match below is exhaustive on purpose: a new command must be given its place here.
 
 use super::declared::imperative;
 use super::keys::{FleetDoc, Mark, NodeInfo};
-use super::remote::{agent_command, patience};
+use super::remote::patience;
 use super::{ClusterConfig, Etcd};
 use crate::messages::command::{AgentChange, Command, FleetInfo, NodeRow, Reply};
 use crate::messages::forward::Forward;
@@ -104,9 +104,6 @@ impl Front {
     }
 
     async fn execute_here(&self, local: &NodeHandle, cmd: Command) -> Reply {
-        if let Some((fleet, agent)) = agent_command(&cmd) {
-            return self.where_it_runs_do(local, &fleet, &agent, cmd).await;
-        }
         match cmd {
             Command::FleetCreate { .. } => {
                 let Some(spec) = cmd.create_spec() else {
@@ -263,8 +260,44 @@ impl Front {
             | Command::Watch { .. }
             | Command::Help { .. }
             | Command::Doctor { .. }
+            | Command::Webhooks { .. }
             | Command::Shutdown => local.execute_local(cmd).await,
-            other => refuse(&format!("`{}`", command_name(&other))),
+            // An agent's own commands (`remote::agent_command`): where it runs.
+            Command::Logs {
+                ref fleet,
+                ref agent,
+                ..
+            }
+            | Command::AgentConfig {
+                ref fleet,
+                ref agent,
+            }
+            | Command::Token {
+                ref fleet,
+                ref agent,
+                ..
+            }
+            | Command::ExecContext {
+                ref fleet,
+                ref agent,
+            }
+            | Command::Say {
+                ref fleet,
+                ref agent,
+                ..
+            }
+            | Command::AgentRestart {
+                ref fleet,
+                ref agent,
+            }
+            | Command::AgentBackup {
+                ref fleet,
+                ref agent,
+                ..
+            } => {
+                let (fleet, agent) = (fleet.clone(), agent.clone());
+                self.where_it_runs_do(local, &fleet, &agent, cmd).await
+            }
         }
     }
 
@@ -618,7 +651,6 @@ impl Front {
     }
 }
 
-/// The command's name as the protocol spells it (`agent_set`, `reload`…).
 /// An agent's settings after `change` (over `old`, `None`: none), with what they name read
 /// from this host's disk; `None` when the change sets nothing.
 async fn accept_change(
@@ -633,11 +665,4 @@ async fn accept_change(
     crate::provision::accepted_change(change, &old.cloned().unwrap_or_default(), fleet, agent)
         .await
         .map(Some)
-}
-
-fn command_name(c: &Command) -> String {
-    serde_json::to_value(c)
-        .ok()
-        .and_then(|v| v.get("cmd").and_then(|n| n.as_str()).map(str::to_string))
-        .unwrap_or_else(|| "this command".into())
 }
