@@ -112,6 +112,21 @@ impl Drop for EtcdMember {
     }
 }
 
+/// A one-member etcd under `dir`, or `None` (said as skipped) where etcd is not installed.
+fn one_etcd(dir: &Path) -> Option<EtcdMember> {
+    let Some(bin) = etcd_bin() else {
+        common::skipped("tests/cluster.rs: no etcd (run scripts/install-etcd.sh)");
+        return None;
+    };
+    Some(EtcdMember::start(
+        &bin,
+        dir,
+        "e0",
+        0,
+        &format!("e0=http://127.0.0.1:{}", etcd_ports(0).1),
+    ))
+}
+
 fn url(i: u16) -> String {
     format!("http://127.0.0.1:{}", etcd_ports(i).0)
 }
@@ -251,18 +266,10 @@ fn is_root() -> bool {
 #[test]
 fn three_nodes_spread_fail_over_fence_drain_and_ride_out_an_etcd_restart() {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(bin) = etcd_bin() else {
-        common::skipped("tests/cluster.rs: no etcd (run scripts/install-etcd.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut etcd) = one_etcd(dir.path()) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut etcd = EtcdMember::start(
-        &bin,
-        dir.path(),
-        "e0",
-        0,
-        &format!("e0=http://127.0.0.1:{}", etcd_ports(0).1),
-    );
     let u = url(0);
     let mut n1 = node("n1", &u);
     let n2 = node("n2", &u);
@@ -529,18 +536,10 @@ fn running_on(d: &Daemon, fleet: &str, agent: &str, on: &[&str]) -> Option<(Stri
 #[test]
 fn a_tenant_moves_with_its_secret_env_and_files_from_etcd_not_from_the_host() {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(bin) = etcd_bin() else {
-        common::skipped("tests/cluster.rs: no etcd (run scripts/install-etcd.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_etcd) = one_etcd(dir.path()) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let _etcd = EtcdMember::start(
-        &bin,
-        dir.path(),
-        "e0",
-        0,
-        &format!("e0=http://127.0.0.1:{}", etcd_ports(0).1),
-    );
     let u = url(0);
     let a = node("a", &u);
     let b = node("b", &u);
@@ -743,18 +742,10 @@ fn running_pids(d: &Daemon, fleet: &str) -> BTreeMap<String, u64> {
 #[test]
 fn a_spec_file_declares_fleets_cluster_wide_and_reload_keeps_them_in_step() {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(bin) = etcd_bin() else {
-        common::skipped("tests/cluster.rs: no etcd (run scripts/install-etcd.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_etcd) = one_etcd(dir.path()) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let _etcd = EtcdMember::start(
-        &bin,
-        dir.path(),
-        "e0",
-        0,
-        &format!("e0=http://127.0.0.1:{}", etcd_ports(0).1),
-    );
     let u = url(0);
     let spec = dir.path().join("fleets.toml");
     let template = dir.path().join("t.json");
@@ -926,18 +917,10 @@ fn all_on(d: &Daemon, version: &str, what: &str) -> BTreeMap<String, (String, u6
 #[test]
 fn a_fleet_upgrades_and_rolls_back_across_nodes_each_step_where_its_agent_runs() {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(bin) = etcd_bin() else {
-        common::skipped("tests/cluster.rs: no etcd (run scripts/install-etcd.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_etcd) = one_etcd(dir.path()) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let _etcd = EtcdMember::start(
-        &bin,
-        dir.path(),
-        "e0",
-        0,
-        &format!("e0=http://127.0.0.1:{}", etcd_ports(0).1),
-    );
     let u = url(0);
     common::searchable(dir.path());
     let versions = stand_in_versions(&dir.path().join("releases"));
