@@ -5,6 +5,7 @@
 # column), `node list`, `node drain n3`, `node uncordon n3`, `agent stop demo/agent-1`,
 # `fleet create more --agents 6 --command <stub>`; from another terminal SIGKILL a node
 # (the pids are printed) and watch its agents come back on the others within TTL + a few s.
+# The nodes share $STATE/handover (--handover-dir): a drained agent's HOME moves with it.
 # `shutdown` stops n1 (EOF leaves it serving its socket, as fleetd does); the script then
 # stops the rest and etcd.
 #
@@ -24,8 +25,9 @@ STATE="$PWD/target/cluster-demo"
 if [[ "$(id -u)" == "0" ]] && ! searchable_by_others .; then
     STATE="$(outside_checkout cluster-demo)"
 fi
-mkdir -p "$STATE"
+mkdir -p "$STATE" "$STATE/handover"
 chmod 711 "$STATE"
+chmod 700 "$STATE/handover"
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -47,7 +49,8 @@ node_args() {
     local n="$1" i="$2"
     echo --state-dir "$STATE/$n" --etcd http://127.0.0.1:52479 --node-name "$n" \
         --port-range "$((36000 + i * 1000))-$((36999 + i * 1000))" \
-        --agent-uids "$((1800000 + i * 1000))-$((1800999 + i * 1000))" --cgroup off
+        --agent-uids "$((1800000 + i * 1000))-$((1800999 + i * 1000))" --cgroup off \
+        --handover-dir "$STATE/handover"
 }
 for i in 1 2; do
     n="n$((i + 1))"

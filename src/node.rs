@@ -409,9 +409,21 @@ impl NodeHandle {
 
     /// Makes the node's fleets match `specs` (what `--spec` and `reload` do).
     pub async fn apply_spec(&self, specs: Vec<FleetSpec>) -> Result<String, FleetError> {
+        self.apply_spec_holding(specs, Default::default()).await
+    }
+
+    /// `apply_spec`, with the agents named in `hold` (`fleet/agent`) added stopped.
+    pub(crate) async fn apply_spec_holding(
+        &self,
+        specs: Vec<FleetSpec>,
+        hold: std::collections::BTreeSet<String>,
+    ) -> Result<String, FleetError> {
         match self
             .actor
-            .call(|r| NodeMsg::ApplySpec(specs, r), Some(COMMAND_TIMEOUT))
+            .call(
+                |r| NodeMsg::ApplySpec(specs, hold, r),
+                Some(COMMAND_TIMEOUT),
+            )
             .await
         {
             Ok(CallResult::Success(r)) => r,
@@ -749,6 +761,10 @@ impl NodeHandle {
     pub async fn shutdown(&self) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(front) = self.cluster.get() {
+            // Bounded: a shutdown is not held up by a slow shared filesystem.
+            let _ = tokio::time::timeout(Duration::from_secs(120), front.hand_over_all(self)).await;
+        }
         let _ = self
             .actor
             .call(NodeMsg::Shutdown, Some(COMMAND_TIMEOUT))

@@ -729,6 +729,165 @@ fn a_tenant_moves_with_its_secret_env_and_files_from_etcd_not_from_the_host() {
     drop(b);
 }
 
+/// `<HOME>/notes/session.txt` of a running agent, by its pid.
+fn session_of(pid: u64) -> Option<String> {
+    let home = PathBuf::from(environ(pid).get("HOME")?);
+    std::fs::read_to_string(home.join("notes").join("session.txt")).ok()
+}
+
+fn write_session(pid: u64, text: &str) {
+    let home = PathBuf::from(&environ(pid)["HOME"]);
+    std::fs::create_dir_all(home.join("notes")).unwrap();
+    std::fs::write(home.join("notes").join("session.txt"), text).unwrap();
+}
+
+/// Archives waiting in the shared handover dir for fleet `f`.
+fn waiting_archives(shared: &Path, f: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(shared.join(f))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_moved_agent_takes_its_home_along_through_the_handover_dir() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_etcd) = one_etcd(dir.path()) else {
+        return;
+    };
+    let u = url(0);
+    let shared = dir.path().join("handover");
+    std::fs::create_dir(&shared).unwrap();
+
+    // A handover dir that is not an absolute directory is refused, naming the flag.
+    for bad in ["relative/dir", "/dev/null"] {
+        let e = refused(
+            dir.path(),
+            &["--etcd", &u, "--node-name", "x", "--handover-dir", bad],
+        );
+        assert!(e.contains("--handover-dir"), "{bad}: {e}");
+    }
+
+    let start = |name: &str| {
+        Daemon::start_with(&[
+            "--etcd",
+            &u,
+            "--node-name",
+            name,
+            "--lease-ttl",
+            &TTL.to_string(),
+            "--cgroup",
+            "off",
+            "--handover-dir",
+            shared.to_str().unwrap(),
+        ])
+    };
+    let a = start("a");
+    let mut b = start("b");
+    a.create_stub_fleet("h", 2, "", &[]);
+    let names = ["agent-1", "agent-2"];
+    let on_any = |d: &Daemon, nodes: &[&str]| -> Option<BTreeMap<String, (String, u64)>> {
+        names
+            .iter()
+            .map(|n| Some((n.to_string(), running_on(d, "h", n, nodes)?)))
+            .collect()
+    };
+    let first = wait_until(Duration::from_secs(30), "both agents running", |_| {
+        on_any(&a, &["a", "b"])
+    });
+    let tokens: BTreeMap<&str, String> = names
+        .iter()
+        .map(|n| (*n, a.ctl(&["token", &format!("h/{n}")]).trim().to_string()))
+        .collect();
+    assert!(
+        first.values().any(|(n, _)| n == "a"),
+        "placement spreads: a runs one of them ({first:?})"
+    );
+    for (n, (_, pid)) in &first {
+        write_session(*pid, &format!("{n} talked before the drain"));
+    }
+
+    // A drain: each agent leaves a, and its HOME (what the desired state does not hold)
+    // arrives with it on b.
+    a.ctl(&["node", "drain", "a"]);
+    let drained = wait_until(Duration::from_secs(45), "every agent on b", |_| {
+        on_any(&a, &["b"])
+    });
+    for (n, (_, pid)) in &drained {
+        assert_eq!(
+            session_of(*pid).as_deref(),
+            Some(format!("{n} talked before the drain").as_str()),
+            "{n}'s session moved with it"
+        );
+        assert_eq!(
+            b.ctl(&["token", &format!("h/{n}")]).trim(),
+            tokens[n.as_str()],
+            "{n} keeps its token through the handover's restore"
+        );
+    }
+    assert_eq!(
+        waiting_archives(&shared, "h"),
+        Vec::<String>::new(),
+        "taken-in archives are deleted"
+    );
+
+    // A graceful shutdown (SIGTERM) of the node that runs them hands them over too.
+    a.ctl(&["node", "uncordon", "a"]);
+    for (n, (_, pid)) in &drained {
+        write_session(*pid, &format!("{n} talked on b"));
+    }
+    assert!(b.stop().success());
+    let back = wait_until(Duration::from_secs(45), "every agent on a", |_| {
+        on_any(&a, &["a"])
+    });
+    for (n, (_, pid)) in &back {
+        assert_eq!(
+            session_of(*pid).as_deref(),
+            Some(format!("{n} talked on b").as_str()),
+            "{n}'s session survived b's shutdown"
+        );
+    }
+
+    // Drained with nowhere to go, both wait as archives; a removed agent's goes with it,
+    // and the name added again starts from its own desired state, not the old HOME; the
+    // one that stayed is taken back by the node that archived it, its HOME as it was.
+    for (n, (_, pid)) in &back {
+        write_session(*pid, &format!("{n} talked on a"));
+    }
+    a.ctl(&["node", "drain", "a"]);
+    wait_until(Duration::from_secs(45), "two archives waiting", |_| {
+        (waiting_archives(&shared, "h").len() == 2).then_some(())
+    });
+    a.ctl(&["agent", "rm", "h/agent-2", "--purge"]);
+    let left = waiting_archives(&shared, "h");
+    assert!(
+        left.len() == 1 && left[0].starts_with("a.agent-1-"),
+        "only agent-1's archive is left: {left:?}"
+    );
+    a.ctl(&["agent", "add", "h", "agent-2"]);
+    a.ctl(&["node", "uncordon", "a"]);
+    let last = wait_until(Duration::from_secs(45), "both running on a again", |_| {
+        on_any(&a, &["a"])
+    });
+    assert_eq!(
+        session_of(last["agent-1"].1).as_deref(),
+        Some("agent-1 talked on a")
+    );
+    assert_eq!(
+        session_of(last["agent-2"].1),
+        None,
+        "the agent added again under a removed name starts with a fresh HOME"
+    );
+    assert_eq!(waiting_archives(&shared, "h"), Vec::<String>::new());
+    drop(a);
+}
+
 /// `fleet/agent` → pid of every running agent of `fleet`, as `d` sees the cluster.
 fn running_pids(d: &Daemon, fleet: &str) -> BTreeMap<String, u64> {
     try_status(d)

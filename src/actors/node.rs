@@ -49,6 +49,9 @@ pub struct NodeRuntime {
     removing: std::collections::BTreeSet<(String, Option<String>)>,
     /// Agents whose HOME a restore is replacing: they cannot be started meanwhile.
     restoring: std::collections::BTreeSet<(String, String)>,
+    /// `fleet/agent` of agents an `ApplySpec` adds stopped (cluster mode: a handover's
+    /// archive is restored into the HOME before the agent's first start here).
+    hold: std::collections::BTreeSet<String>,
     /// Fleets with an upgrade or rollback under way (one at a time per fleet).
     upgrading: std::collections::BTreeSet<String>,
     /// The webhook routes the front door is to get and last took.
@@ -109,6 +112,7 @@ impl Actor for NodeActor {
             logs,
             removing: Default::default(),
             restoring: Default::default(),
+            hold: Default::default(),
             upgrading: Default::default(),
             front_door: Default::default(),
             front_door_writer: Default::default(),
@@ -164,8 +168,10 @@ impl Actor for NodeActor {
                     .await;
                 let _ = reply.send(r);
             }
-            NodeMsg::ApplySpec(specs, reply) => {
+            NodeMsg::ApplySpec(specs, hold, reply) => {
+                rt.hold = hold;
                 let r = rt.apply_spec(&myself, specs, false).await;
+                rt.hold.clear();
                 let _ = reply.send(r);
             }
             NodeMsg::MovePort {
@@ -787,7 +793,8 @@ impl NodeRuntime {
                     return Err(e);
                 }
             };
-            agents.insert(a.clone(), AgentRecord::new(desired, &lease, token, uid));
+            let d = self.desired_of(&spec.name, a, desired);
+            agents.insert(a.clone(), AgentRecord::new(d, &lease, token, uid));
         }
         let rec = FleetRecord {
             spec: spec.clone(),
@@ -1122,6 +1129,15 @@ impl NodeRuntime {
         Ok(v)
     }
 
+    /// An added agent's desired state: its fleet's, unless the apply holds it.
+    fn desired_of(&self, fleet: &str, agent: &str, fleet_desired: Desired) -> Desired {
+        if self.hold.contains(&format!("{fleet}/{agent}")) {
+            Desired::Stopped
+        } else {
+            fleet_desired
+        }
+    }
+
     async fn add_agent(
         &mut self,
         fleet: &str,
@@ -1186,6 +1202,11 @@ impl NodeRuntime {
         }
         let old_spec = self.data.fleets[fleet].spec.clone();
         let set_tenant = agents.iter().any(|(_, t)| t.is_some());
+        let wanted: Vec<Desired> = agents
+            .iter()
+            .map(|(a, _)| self.desired_of(fleet, a, desired))
+            .collect();
+        let mut wanted = wanted.into_iter();
         {
             let rec = self.data.fleets.get_mut(fleet).expect("checked above");
             for ((agent, tenant), ((lease, token), uid)) in
@@ -1195,8 +1216,9 @@ impl NodeRuntime {
                 if let Some(t) = tenant {
                     rec.spec.tenants.insert(agent.clone(), t.clone());
                 }
+                let d = wanted.next().unwrap_or(desired);
                 rec.agents
-                    .insert(agent.clone(), AgentRecord::new(desired, &lease, token, uid));
+                    .insert(agent.clone(), AgentRecord::new(d, &lease, token, uid));
             }
         }
         if let Err(e) = self.save().await {
@@ -1223,8 +1245,8 @@ impl NodeRuntime {
                 &f,
                 |r| FleetMsg::AddAgent {
                     agent: name,
+                    start: desired == Desired::Running && record.desired == Desired::Running,
                     record,
-                    start: desired == Desired::Running,
                     reply: r,
                 },
                 CALL,
@@ -1397,7 +1419,9 @@ impl NodeRuntime {
             return Ok(current.token);
         }
         let f = self.fleet_ref(fleet)?;
-        let t = provision::generate_token()?;
+        // Cluster mode: the token every node derives for the agent's current epoch, so
+        // the agent's other nodes agree (a new epoch in the desired state rotates it there).
+        let t = provision::agent_token(&self.data.fleets[fleet].spec, agent)?;
         if let Some(a) = self
             .data
             .fleets

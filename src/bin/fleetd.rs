@@ -120,6 +120,11 @@ struct Args {
     /// range's size / 10).
     #[arg(long, requires = "etcd")]
     max_agents: Option<u64>,
+    /// Cluster mode: a directory every node mounts at the same path; an agent that moves
+    /// takes its HOME (sessions, memory) along through it. Without it a move keeps what
+    /// etcd holds (config, token, tenant settings) and starts with a fresh HOME.
+    #[arg(long, value_name = "DIR", requires = "etcd")]
+    handover_dir: Option<PathBuf>,
 }
 
 /// Exit status for a start refused on what the operator gave (a damaged registry, a bad spec,
@@ -315,6 +320,7 @@ async fn run(args: Args) -> Result<()> {
                 max_agents: args.max_agents,
                 socket: socket_path.display().to_string(),
                 tls,
+                handover_dir: args.handover_dir.clone(),
             };
             c.validate().map_err(refused)?;
             config.cluster = true;

@@ -62,6 +62,72 @@ impl Front {
         }
     }
 
+    /// A node that shuts down hands its agents' HOMEs over (`--handover-dir`) before it
+    /// gives its lease back: all stopped at once, each archived, each recorded by a
+    /// transaction that holds only while this node still has the claim and the fleet is
+    /// as read (an agent removed meanwhile gets no record, its archive is deleted).
+    pub async fn hand_over_all(&self, local: &NodeHandle) {
+        use etcd_client::{Compare, CompareOp, Txn};
+        let Some(dir) = self.cfg.handover_dir.clone() else {
+            return;
+        };
+        let me = self.cfg.node_name.clone();
+        let snap = match self.etcd.snapshot(false).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "shutting down without handing the agents' HOMEs over");
+                return;
+            }
+        };
+        let desired: std::collections::BTreeSet<String> = snap.agents().into_iter().collect();
+        let mut work = tokio::task::JoinSet::new();
+        for (a, n) in &snap.claims {
+            if *n == me && desired.contains(a) {
+                work.spawn(super::handover::stop_and_archive(
+                    local.clone(),
+                    Some(dir.clone()),
+                    me.clone(),
+                    a.clone(),
+                ));
+            }
+        }
+        let mut handed = 0;
+        while let Some(r) = work.join_next().await {
+            let Ok(Some((a, h))) = r else {
+                continue;
+            };
+            let fleet = a.split('/').next().unwrap_or_default();
+            let Some((_, rev)) = snap.fleets.get(fleet) else {
+                continue;
+            };
+            let claim = Compare::value(self.etcd.keys.claim(&a), CompareOp::Equal, me.clone());
+            let ok = match super::handover::guarded_record(&self.etcd.keys, &a, *rev, &h) {
+                Ok((guard, put)) => self
+                    .etcd
+                    .txn(Txn::new().when([claim, guard]).and_then([put]))
+                    .await
+                    .unwrap_or(false),
+                Err(_) => false,
+            };
+            if ok {
+                handed += 1;
+            } else {
+                super::handover::remove_archive(&super::handover::archive_path(&dir, &a, &h));
+            }
+        }
+        tracing::info!(node = %me, handed, "agents' HOMEs handed over for the shutdown");
+    }
+
+    /// A removed agent's (or fleet's) handovers go with it: a name added again later must
+    /// never start from an earlier tenant's HOME. (A node that hands one over in the same
+    /// moment finds the fleet changed and records nothing.)
+    async fn forget_handovers(&self, fleet: &str, agent: Option<&str>) {
+        let dir = self.cfg.handover_dir.as_deref();
+        if let Err(e) = super::handover::forget(&self.etcd, dir, fleet, agent).await {
+            tracing::warn!(fleet, agent = ?agent, error = %e, "its handover records were not deleted");
+        }
+    }
+
     pub fn node_name(&self) -> &str {
         &self.cfg.node_name
     }
@@ -127,6 +193,9 @@ impl Front {
                         Some(d) => imperative(&d, format!("fleet {fleet}")).map(|()| None),
                     })
                     .await;
+                if r.is_ok() {
+                    self.forget_handovers(&fleet, None).await;
+                }
                 match r {
                     Ok(()) if purge => self.purge_everywhere(local, &fleet, None).await,
                     Ok(()) => done(format!("fleet {fleet} removed (cluster-wide)")),
@@ -189,6 +258,9 @@ impl Front {
                         Ok(())
                     })
                     .await;
+                if r.is_ok() {
+                    self.forget_handovers(&fleet, Some(&agent)).await;
+                }
                 match r {
                     Ok(()) if purge => self.purge_everywhere(local, &fleet, Some(&agent)).await,
                     Ok(()) => done(format!("agent {fleet}/{agent} removed (cluster-wide)")),

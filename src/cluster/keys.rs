@@ -11,6 +11,7 @@
 //! | `d/assign/<fleet>/<agent>` | the node it is placed on | none (written by the leader) |
 //! | `d/claims/<fleet>/<agent>` | the node running it: the right to run it | the node's |
 //! | `o/<node>` | `Vec<AgentStatus>` of that node | the node's |
+//! | `h/<fleet>/<agent>` | `handover::Handover`: the archive of a moved agent's HOME | none |
 
 use crate::messages::command::AgentStatus;
 use crate::spec::FleetSpec;
@@ -193,6 +194,17 @@ impl Keys {
     /// Held on the lease of the node driving an upgrade or rollback of the fleet.
     pub fn upgrade_lock(&self, fleet: &str) -> String {
         format!("{}u/locks/{fleet}", self.prefix)
+    }
+    /// A moved agent's HOME, archived by the node that let it go (`handover`).
+    pub fn handover(&self, agent: &str) -> String {
+        format!("{}h/{agent}", self.prefix)
+    }
+    /// Every handover of `fleet`, or of the cluster (`None`).
+    pub fn handovers(&self, fleet: Option<&str>) -> String {
+        match fleet {
+            Some(f) => format!("{}h/{f}/", self.prefix),
+            None => format!("{}h/", self.prefix),
+        }
     }
     /// Requests to one node (`mailbox`): `m/<node>/<id>`.
     pub fn mailbox(&self, node: &str) -> String {

@@ -21,6 +21,7 @@
 pub mod declared;
 pub mod fence;
 pub mod front;
+pub mod handover;
 pub mod keys;
 pub mod mailbox;
 pub mod placement;
@@ -55,6 +56,9 @@ pub struct ClusterConfig {
     /// TLS to etcd (`https://` endpoints): the CA that signed etcd's certificate and, for
     /// etcd's `--client-cert-auth`, this node's certificate and key, all PEM.
     pub tls: Option<ClusterTls>,
+    /// A directory every node mounts at this path: a moved agent's HOME goes through it
+    /// (`handover`). `None`: a move keeps the desired state, not the old HOME.
+    pub handover_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone)]
@@ -117,6 +121,29 @@ impl ClusterConfig {
         }
         crate::ids::validate_id("node", &self.node_name)
             .map_err(|e| FleetError::invalid("--node-name", e.to_string()))?;
+        if let Some(d) = &self.handover_dir {
+            if !d.is_absolute() {
+                return Err(FleetError::invalid(
+                    "--handover-dir",
+                    format!("{} is not an absolute path", d.display()),
+                ));
+            }
+            match std::fs::metadata(d) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(FleetError::invalid(
+                        "--handover-dir",
+                        format!("{} is not a directory", d.display()),
+                    ))
+                }
+                Err(e) => {
+                    return Err(FleetError::invalid(
+                        "--handover-dir",
+                        format!("{}: {e}", d.display()),
+                    ))
+                }
+            }
+        }
         if !(3..=300).contains(&self.lease_ttl) {
             return Err(FleetError::invalid(
                 "--lease-ttl",
@@ -355,6 +382,8 @@ pub async fn join(node: &NodeHandle, cfg: ClusterConfig) -> Result<(), FleetErro
         cache: None,
         watch: None,
         last_error: None,
+        handed: BTreeMap::new(),
+        to_consume: Vec::new(),
     };
     tokio::spawn(runner.run());
     Ok(())
@@ -362,8 +391,16 @@ pub async fn join(node: &NodeHandle, cfg: ClusterConfig) -> Result<(), FleetErro
 
 struct Lease {
     id: i64,
-    keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
-    next_renewal: Instant,
+    renewal: Arc<Renewal>,
+}
+
+/// What the lease's renewal task (`renew`) tells the reconcile loop.
+#[derive(Default)]
+struct Renewal {
+    /// etcd answered that the lease is gone: the claims went with it.
+    expired: std::sync::atomic::AtomicBool,
+    /// The last keep-alive got no answer.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 struct Runner {
@@ -386,6 +423,11 @@ struct Runner {
     /// it is stale, so a quiet cluster is not read in full by every node every round.
     cache: Option<(Snapshot, Instant)>,
     watch: Option<etcd_client::WatchStream>,
+    /// Agents this node let go of and archived for the node that takes them next, until
+    /// the record goes into etcd with the release of the claim.
+    handed: BTreeMap<String, handover::Handover>,
+    /// Handover records taken in (restored or not) whose deletion etcd did not confirm.
+    to_consume: Vec<(String, i64)>,
 }
 
 const TICK: Duration = Duration::from_millis(500);
@@ -401,10 +443,10 @@ impl Runner {
             if self.node.is_shutting_down() {
                 // The node stops its agents; the lease must live until they are (and
                 // `NodeHandle::shutdown` gives it back then).
+                // (`renew` keeps renewing it on its own until then.)
                 if self.door.lease.load(std::sync::atomic::Ordering::SeqCst) == 0 {
                     return;
                 }
-                let _ = self.keep_lease().await;
                 tokio::time::sleep(TICK).await;
                 continue;
             }
@@ -505,71 +547,54 @@ impl Runner {
         Ok(snap)
     }
 
-    /// Grants the lease and registers the node, or renews it when due.
+    /// Grants the lease, registers the node and starts the lease's renewal task; after
+    /// that, says what the renewals met.
     async fn keep_lease(&mut self) -> Result<(), FleetError> {
+        use std::sync::atomic::Ordering::SeqCst;
         let ttl = self.cfg.lease_ttl;
-        if self.lease.is_none() {
-            let sent = crate::process::spawn::boottime_ms();
-            let mut c = self.etcd.client.clone();
-            let id = bounded(c.lease_grant(ttl as i64, None)).await?.id();
-            let key = self.etcd.keys.node(&self.cfg.node_name);
-            let info = serde_json::to_vec(&self.info()).map_err(FleetError::internal)?;
-            let mine = self.etcd.create_on_lease(key, info, id).await?;
-            if !mine {
-                let _ = bounded(c.lease_revoke(id)).await;
-                return Err(FleetError::Cluster {
-                    reason: format!(
-                        "node name {:?} is held by another live fleetd (or by this one's previous run, until its lease expires in at most {ttl} s)",
-                        self.cfg.node_name
-                    ),
-                });
+        if let Some(lease) = &self.lease {
+            if lease.renewal.expired.load(SeqCst) {
+                tracing::error!(node = %self.cfg.node_name, lease = lease.id, "this node's lease expired: stopping its agents, then joining again");
+                self.stop_everything().await;
+                self.lease = None;
+                self.door.lease.store(0, SeqCst);
+                return Ok(());
             }
-            tracing::info!(node = %self.cfg.node_name, lease = id, ttl, "joined the cluster");
-            self.fence.arm(fence::deadline_ms(sent, ttl));
-            self.door
-                .lease
-                .store(id, std::sync::atomic::Ordering::SeqCst);
-            self.lease = Some(Lease {
-                id,
-                keeper: None,
-                next_renewal: Instant::now() + Duration::from_millis(fence::renew_every_ms(ttl)),
-            });
-            return Ok(());
-        }
-        let lease = self.lease.as_mut().expect("checked");
-        if Instant::now() < lease.next_renewal {
-            return Ok(());
-        }
-        let sent = crate::process::spawn::boottime_ms();
-        if lease.keeper.is_none() {
-            let mut c = self.etcd.client.clone();
-            lease.keeper = Some(bounded(c.lease_keep_alive(lease.id)).await?);
-        }
-        let (keeper, stream) = lease.keeper.as_mut().expect("set");
-        let renewed = async {
-            keeper.keep_alive().await?;
-            stream.message().await
-        };
-        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, renewed).await {
-            Ok(Ok(Some(r))) => r.ttl(),
-            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
-                lease.keeper = None;
+            if lease.renewal.failing.load(SeqCst) {
                 return Err(FleetError::Cluster {
                     reason: "etcd: the lease keep-alive got no answer".into(),
                 });
             }
-        };
-        if answer <= 0 {
-            tracing::error!(node = %self.cfg.node_name, lease = lease.id, "this node's lease expired: stopping its agents, then joining again");
-            self.stop_everything().await;
-            self.lease = None;
-            self.door
-                .lease
-                .store(0, std::sync::atomic::Ordering::SeqCst);
             return Ok(());
         }
+        let sent = crate::process::spawn::boottime_ms();
+        let mut c = self.etcd.client.clone();
+        let id = bounded(c.lease_grant(ttl as i64, None)).await?.id();
+        let key = self.etcd.keys.node(&self.cfg.node_name);
+        let info = serde_json::to_vec(&self.info()).map_err(FleetError::internal)?;
+        let mine = self.etcd.create_on_lease(key, info, id).await?;
+        if !mine {
+            let _ = bounded(c.lease_revoke(id)).await;
+            return Err(FleetError::Cluster {
+                reason: format!(
+                    "node name {:?} is held by another live fleetd (or by this one's previous run, until its lease expires in at most {ttl} s)",
+                    self.cfg.node_name
+                ),
+            });
+        }
+        tracing::info!(node = %self.cfg.node_name, lease = id, ttl, "joined the cluster");
         self.fence.arm(fence::deadline_ms(sent, ttl));
-        lease.next_renewal = Instant::now() + Duration::from_millis(fence::renew_every_ms(ttl));
+        self.door.lease.store(id, SeqCst);
+        let renewal = Arc::new(Renewal::default());
+        tokio::spawn(renew(
+            self.etcd.clone(),
+            ttl,
+            id,
+            self.fence.clone(),
+            self.door.clone(),
+            renewal.clone(),
+        ));
+        self.lease = Some(Lease { id, renewal });
         Ok(())
     }
 
@@ -689,22 +714,38 @@ impl Runner {
             }
         }
         let release: Vec<String> = held.difference(&placed).cloned().collect();
-        for a in &release {
-            if let Some((f, ag)) = a.split_once('/') {
-                // Waits until its processes are gone.
-                let _ = self
-                    .node
-                    .execute_local(Command::AgentStop {
-                        fleet: f.into(),
-                        agent: ag.into(),
-                    })
-                    .await;
+        // Archives made for claims this node no longer holds (its lease expired meanwhile)
+        // will never be recorded.
+        self.handed.retain(|a, h| {
+            let keep = held.contains(a);
+            if !keep {
+                if let Some(d) = &self.cfg.handover_dir {
+                    handover::remove_archive(&handover::archive_path(d, a, h));
+                }
             }
-        }
+            keep
+        });
+        self.let_go(&release, &desired).await;
         let run: BTreeSet<&String> = held.intersection(&placed).collect();
         let local = local_specs(snap, &run);
+        let mut incoming = BTreeMap::new();
         if self.applied.as_ref() != Some(&local) {
-            match self.node.apply_spec(local.clone()).await {
+            // New here: taken over from another node, whose archive of its HOME may wait.
+            let new: Vec<&String> = run
+                .iter()
+                .filter(|a| !applied_has(self.applied.as_deref(), a))
+                .copied()
+                .collect();
+            if !new.is_empty() {
+                let mut waiting = handover::pending(&self.etcd, None).await?;
+                for a in new {
+                    if let Some(h) = waiting.remove(a) {
+                        incoming.insert(a.clone(), h);
+                    }
+                }
+            }
+            let hold = incoming.keys().cloned().collect();
+            match self.node.apply_spec_holding(local.clone(), hold).await {
                 Ok(msg) => {
                     tracing::info!(result = %msg, "cluster: local agents brought to the placement");
                     self.applied = Some(local.clone());
@@ -718,19 +759,20 @@ impl Runner {
             }
         }
         for a in &release {
-            let gone = self.node.local_agent_gone(a);
-            if gone {
-                let k = self.etcd.keys.claim(a);
-                self.etcd
-                    .txn(
-                        Txn::new()
-                            .when([Compare::value(k.clone(), CompareOp::Equal, me)])
-                            .and_then([TxnOp::delete(k, None)]),
-                    )
-                    .await?;
-                self.stopped_here.remove(a);
+            if self.node.local_agent_gone(a) {
+                self.release_claim(snap, a, desired.contains(a)).await?;
             }
         }
+        for (a, (h, rev)) in incoming {
+            self.hand_in(snap, &a, h, rev).await;
+        }
+        let mut unconfirmed = Vec::new();
+        for (a, rev) in std::mem::take(&mut self.to_consume) {
+            if handover::consume(&self.etcd, &a, rev).await.is_err() {
+                unconfirmed.push((a, rev));
+            }
+        }
+        self.to_consume = unconfirmed;
         // The operator's stop and start, agent by agent.
         for a in &run {
             let Some((f, ag)) = a.split_once('/') else {
@@ -763,6 +805,119 @@ impl Runner {
             }
         }
         Ok(())
+    }
+
+    /// Stops the agents this node lets go of, all at once (a drain waits for the slowest
+    /// stop, not for their sum), and archives the HOME of each that moves elsewhere.
+    async fn let_go(&mut self, release: &[String], desired: &BTreeSet<String>) {
+        let mut work = tokio::task::JoinSet::new();
+        for a in release {
+            if self.handed.contains_key(a) {
+                continue;
+            }
+            let dir = self
+                .cfg
+                .handover_dir
+                .clone()
+                .filter(|_| desired.contains(a));
+            work.spawn(handover::stop_and_archive(
+                self.node.clone(),
+                dir,
+                self.cfg.node_name.clone(),
+                a.clone(),
+            ));
+        }
+        while let Some(r) = work.join_next().await {
+            if let Ok(Some((a, h))) = r {
+                self.handed.insert(a, h);
+            }
+        }
+    }
+
+    /// Gives up the claim of a stopped agent, with its handover's record when it moves: both
+    /// in one transaction, which also fails when the fleet changed since `snap` (then the
+    /// next round looks again: a record is never written for an agent removed meanwhile).
+    async fn release_claim(
+        &mut self,
+        snap: &Snapshot,
+        a: &str,
+        moving: bool,
+    ) -> Result<(), FleetError> {
+        let me = self.cfg.node_name.as_str();
+        let k = self.etcd.keys.claim(a);
+        let mut when = vec![Compare::value(k.clone(), CompareOp::Equal, me)];
+        let mut then = vec![TxnOp::delete(k, None)];
+        let fleet = a.split('/').next().unwrap_or_default();
+        let handed = self.handed.get(a).filter(|_| moving);
+        let mut recorded = false;
+        if let (Some(h), Some((_, rev))) = (handed, snap.fleets.get(fleet)) {
+            let (guard, put) = handover::guarded_record(&self.etcd.keys, a, *rev, h)?;
+            when.push(guard);
+            then.push(put);
+            recorded = true;
+        }
+        let ok = self.etcd.txn(Txn::new().when(when).and_then(then)).await?;
+        if !ok && recorded {
+            return Ok(());
+        }
+        if let Some(h) = self.handed.remove(a) {
+            if !(ok && recorded) {
+                if let Some(d) = &self.cfg.handover_dir {
+                    handover::remove_archive(&handover::archive_path(d, a, &h));
+                }
+            }
+        }
+        if ok && recorded {
+            tracing::info!(agent = %a, "released, its HOME handed over");
+        }
+        self.stopped_here.remove(a);
+        Ok(())
+    }
+
+    /// An agent taken over with a handover: restores the archive into the HOME it was
+    /// added with (stopped), then starts it unless the operator stopped it. A restore that
+    /// fails leaves the HOME as provisioned (the desired state's) and the archive in place.
+    async fn hand_in(&mut self, snap: &Snapshot, a: &str, h: handover::Handover, rev: i64) {
+        let Some((f, ag)) = a.split_once('/') else {
+            return;
+        };
+        let me = self.cfg.node_name.as_str();
+        match handover::take(&h, me, self.cfg.handover_dir.as_deref(), f) {
+            handover::Take::Restore(path) => {
+                let cmd = Command::AgentRestore {
+                    fleet: f.into(),
+                    agent: ag.into(),
+                    from: path.clone(),
+                    force: false,
+                };
+                match self.node.execute_local(cmd).await {
+                    Reply::Done { .. } => {
+                        tracing::info!(agent = %a, from = %h.node, bytes = h.bytes, "its HOME was handed over");
+                        handover::remove_archive(&path);
+                    }
+                    other => {
+                        tracing::warn!(agent = %a, archive = %path.display(), answer = ?other, "the handover archive was not restored: it starts from the desired state alone (the archive stays)");
+                    }
+                }
+            }
+            handover::Take::Own(path) => handover::remove_archive(&path),
+            handover::Take::Skip(why) => {
+                tracing::warn!(agent = %a, reason = %why, "no handover: it starts from the desired state alone");
+            }
+        }
+        self.to_consume.push((a.to_string(), rev));
+        let want_stopped = snap
+            .fleets
+            .get(f)
+            .is_some_and(|(d, _)| d.stopped.contains(ag));
+        let start = Command::AgentStart {
+            fleet: f.into(),
+            agent: ag.into(),
+        };
+        // Held as stopped, so the next round's start/stop pass starts it again if this fails.
+        if want_stopped || matches!(self.node.execute_local(start).await, Reply::Error(_)) {
+            self.stopped_here.insert(a.to_string());
+        }
     }
 
     /// Publishes this node's status rows (at most once a second; at least every 10 s).
@@ -837,6 +992,74 @@ impl Runner {
         }
         self.stopped_here.clear();
     }
+}
+
+/// Renews lease `id` every TTL/4 and moves the fence's deadline with each answer, in a
+/// task of its own: no round of the reconcile loop (a drain's stops, a handover's archives,
+/// a restore) can hold a renewal back. Ends when the node gives the lease up or etcd says
+/// it expired.
+async fn renew(
+    etcd: Etcd,
+    ttl: u64,
+    id: i64,
+    fence: Arc<crate::process::spawn::Fence>,
+    door: Arc<front::Front>,
+    state: Arc<Renewal>,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let every = Duration::from_millis(fence::renew_every_ms(ttl));
+    let mut keeper = None;
+    let mut wait = every;
+    loop {
+        tokio::time::sleep(wait).await;
+        if door.lease.load(SeqCst) != id {
+            return;
+        }
+        wait = TICK;
+        let sent = crate::process::spawn::boottime_ms();
+        if keeper.is_none() {
+            let mut c = etcd.client.clone();
+            match bounded(c.lease_keep_alive(id)).await {
+                Ok(k) => keeper = Some(k),
+                Err(_) => {
+                    state.failing.store(true, SeqCst);
+                    continue;
+                }
+            }
+        }
+        let (k, stream): &mut (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream) =
+            keeper.as_mut().expect("set above");
+        let renewed = async {
+            k.keep_alive().await?;
+            stream.message().await
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, renewed).await {
+            Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                fence.arm(fence::deadline_ms(sent, ttl));
+                state.failing.store(false, SeqCst);
+                wait = every;
+            }
+            Ok(Ok(Some(_))) => {
+                state.expired.store(true, SeqCst);
+                return;
+            }
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                keeper = None;
+                state.failing.store(true, SeqCst);
+            }
+        }
+    }
+}
+
+/// Whether the applied specs run `fleet/agent`.
+fn applied_has(applied: Option<&[FleetSpec]>, a: &str) -> bool {
+    let Some((f, ag)) = a.split_once('/') else {
+        return false;
+    };
+    applied
+        .unwrap_or_default()
+        .iter()
+        .any(|s| s.name == f && s.agents.iter().any(|x| x == ag))
 }
 
 /// The specs the local node must run: each fleet with only the agents this node holds.

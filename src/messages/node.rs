@@ -13,8 +13,12 @@ pub enum NodeMsg {
     /// Create a fleet from a full spec (the library API and the spec file).
     CreateFleet(Box<FleetSpec>, RpcReplyPort<Result<(), FleetError>>),
     /// Apply a whole desired spec (spec file load or reload): create, remove, restart only what
-    /// changed.
-    ApplySpec(Vec<FleetSpec>, RpcReplyPort<Result<String, FleetError>>),
+    /// changed. The agents named `fleet/agent` in the set are added stopped.
+    ApplySpec(
+        Vec<FleetSpec>,
+        std::collections::BTreeSet<String>,
+        RpcReplyPort<Result<String, FleetError>>,
+    ),
     /// Stop every fleet (reverse creation order), then reply.
     Shutdown(RpcReplyPort<()>),
     /// Copy what agents observed (pids, start times, ports) into the registry and save it.
