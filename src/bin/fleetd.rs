@@ -172,12 +172,29 @@ fn start() -> Result<()> {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not raise RLIMIT_NOFILE"),
     }
+    one_malloc_arena();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fleetd")
         .build()
         .context("starting the tokio runtime")?;
     rt.block_on(run(args))
+}
+
+/// glibc gives each thread that allocates an arena of its own (the runtime's workers, the
+/// blocking pool's threads that come and go); a thousand agents' small, long-lived
+/// allocations spread over five of them left ~5 KiB per agent in fragments (anonymous memory
+/// 28.8 → 23.7 MB with 1000 agents, heaptrack's live heap 15.7 MB). One arena, before any
+/// thread starts; two cores do not contend for it measurably. `MALLOC_ARENA_MAX` in the
+/// environment still decides where the operator set it.
+fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes the allocator's tuning, before other threads exist.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
 }
 
 fn init_tracing(format: &str) {

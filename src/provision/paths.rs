@@ -34,7 +34,7 @@ impl AgentPaths {
         let openclaw_dir = home.join(".openclaw");
         let log_dir = home.join("logs");
         let daemon_log_dir = state_dir.join("logs").join(fleet).join(agent);
-        AgentPaths {
+        let mut p = AgentPaths {
             config: openclaw_dir.join("openclaw.json"),
             agent_log: daemon_log_dir.join("agent.log"),
             daemon_log_dir,
@@ -43,7 +43,22 @@ impl AgentPaths {
             openclaw_dir,
             log_dir,
             home,
+        };
+        // Every agent's actor and the log rotator keep one for its whole life: each `join`
+        // leaves up to twice the bytes a path needs (heaptrack: 1.1 KiB per agent).
+        for path in [
+            &mut p.home,
+            &mut p.openclaw_dir,
+            &mut p.config,
+            &mut p.log_dir,
+            &mut p.daemon_log_dir,
+            &mut p.agent_log,
+            &mut p.openclaw_log,
+            &mut p.tmp,
+        ] {
+            path.shrink_to_fit();
         }
+        p
     }
 
     /// (fleet, agent) as read back from the HOME path, for error messages.
