@@ -155,6 +155,8 @@ pub struct Services {
     pub gate: Arc<Semaphore>,
     /// Starts waiting at the start gate (counted by the starts themselves).
     pub gate_waiting: std::sync::atomic::AtomicI64,
+    /// Which ports listen, read once for every prober (`listeners`).
+    pub listeners: Arc<crate::listeners::ListenerTable>,
     pub metrics: crate::metrics::Metrics,
     /// Per-agent cgroups, where a cgroup v2 directory is delegated to the daemon.
     pub cgroups: Option<crate::process::cgroup::CgroupTree>,
@@ -219,6 +221,7 @@ impl NodeContext {
                 events,
                 gate,
                 gate_waiting: std::sync::atomic::AtomicI64::new(0),
+                listeners: Default::default(),
                 metrics: crate::metrics::Metrics::default(),
                 cgroups,
                 state_lock: std::sync::Mutex::new(None),

@@ -16,6 +16,18 @@ pub const FIRST_PROBE: Duration = Duration::from_millis(10);
 pub const STARTING_PROBE_MAX: Duration = Duration::from_millis(100);
 /// A ready agent's `/readyz` is asked again every this many liveness probes.
 pub const READY_RECHECK_EVERY: u32 = 6;
+/// A healthy, ready agent gets the HTTP probe every this many steady intervals; in between,
+/// the node's shared listener table (`listeners`) confirms its port still listens. A hang
+/// that leaves the port listening is seen by the next HTTP probe, and probes stay HTTP
+/// until the agent passes again.
+pub const HTTP_EVERY: u32 = 3;
+
+/// Whether a steady tick may let the listener table stand in for the HTTP probe: the agent
+/// was healthy and ready with no failure at its last probe, and fewer than `HTTP_EVERY` − 1
+/// ticks in a row were already taken that way.
+pub fn table_may_answer(healthy: bool, ready: bool, failures: u32, table_ticks: u32) -> bool {
+    healthy && ready && failures == 0 && table_ticks + 1 < HTTP_EVERY
+}
 
 /// The status code of `GET http://127.0.0.1:<port><path>`, or why there was none.
 ///
@@ -186,6 +198,7 @@ pub fn next_delay(current: Duration, ever_healthy: bool, spec: &HealthSpec) -> D
 pub fn spawn_prober(
     port: u16,
     spec: HealthSpec,
+    listeners: Option<std::sync::Arc<crate::listeners::ListenerTable>>,
     latency_histogram: Option<prometheus_client::metrics::histogram::Histogram>,
     report: impl Fn(ProbeReport) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
@@ -199,6 +212,7 @@ pub fn spawn_prober(
         let mut ready_supported = true;
         let mut ready = false;
         let mut ticks_since_ready_check = 0u32;
+        let mut table_ticks = 0u32;
         // When the last steady probe was due: the next is due one interval after it, not
         // after the probe's own answer time, so the grid adds no drift.
         let mut last_due: Option<tokio::time::Instant> = None;
@@ -219,6 +233,19 @@ pub fn spawn_prober(
                 last_due = None;
                 tokio::time::sleep(delay).await;
             }
+            let clean = last
+                .as_ref()
+                .is_some_and(|(h, r, f, _)| table_may_answer(*h, *r, *f, table_ticks));
+            if ever_healthy && clean {
+                let listening = listeners
+                    .as_ref()
+                    .and_then(|t| t.listening(port, delay / 2));
+                if listening == Some(true) {
+                    table_ticks += 1;
+                    continue;
+                }
+            }
+            table_ticks = 0;
             let t0 = std::time::Instant::now();
             let live = http_status(port, "/healthz", timeout).await;
             let latency = t0.elapsed();
@@ -298,6 +325,22 @@ mod tests {
         ];
         for (at, slot, want) in cases {
             assert_eq!(on_grid(at, slot), want, "{at:?} on a {slot:?} grid");
+        }
+    }
+
+    #[test]
+    fn the_listener_table_stands_in_only_between_http_probes_of_a_clean_agent() {
+        // (healthy, ready, failures, table ticks so far) → may the table answer
+        let cases = [
+            (true, true, 0, 0, true),
+            (true, true, 0, 1, true),
+            (true, true, 0, 2, false),  // every third tick is HTTP
+            (true, false, 0, 0, false), // readiness changes are seen over HTTP
+            (false, false, 1, 0, false),
+            (true, true, 1, 0, false), // a failure: HTTP until it passes
+        ];
+        for (h, r, f, t, want) in cases {
+            assert_eq!(table_may_answer(h, r, f, t), want, "{h} {r} {f} {t}");
         }
     }
 

@@ -15,6 +15,7 @@ pub mod health;
 pub mod ids;
 pub mod isolation;
 pub mod lifecycle;
+pub mod listeners;
 pub mod logs;
 pub mod memory;
 pub mod messages;

@@ -494,6 +494,7 @@ impl AgentRuntime {
                 self.prober = Some(health::spawn_prober(
                     self.port,
                     self.spec.health.clone(),
+                    Some(self.ctx.services.listeners.clone()),
                     Some(self.ctx.services.metrics.probe_latency.clone()),
                     move |report| {
                         let _ = me.send_message(AgentMsg::Probe { gen, report });
