@@ -107,8 +107,14 @@ pub const LONGEST_ROUND: Duration = Duration::from_secs(60);
 /// to `AGENTS_PER_BASE_ROUND` agents, then proportionally longer, at most `LONGEST_ROUND`
 /// (never shorter than the base, whatever it is).
 pub fn round_interval(base: Duration, agents: usize) -> Duration {
-    let rounds = agents.div_ceil(AGENTS_PER_BASE_ROUND).max(1) as u32;
-    base.saturating_mul(rounds).min(LONGEST_ROUND.max(base))
+    spaced_out(base, agents, AGENTS_PER_BASE_ROUND, LONGEST_ROUND)
+}
+
+/// A periodic job over every agent (this sampler, the log pruner): `base` up to `per_base`
+/// agents, then proportionally longer, at most `longest` (never shorter than `base`).
+pub fn spaced_out(base: Duration, agents: usize, per_base: usize, longest: Duration) -> Duration {
+    let rounds = agents.div_ceil(per_base.max(1)).max(1) as u32;
+    base.saturating_mul(rounds).min(longest.max(base))
 }
 
 /// Compares each fleet's template on disk with the version its agents render, and records

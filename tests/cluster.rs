@@ -127,21 +127,41 @@ fn one_etcd(dir: &Path) -> Option<EtcdMember> {
     ))
 }
 
+/// What most tests start with: the one-test-at-a-time lock, a temporary directory and a
+/// one-member etcd in it (`None`, said as skipped, where etcd is not installed).
+fn one_etcd_serial() -> Option<(
+    std::sync::MutexGuard<'static, ()>,
+    tempfile::TempDir,
+    EtcdMember,
+)> {
+    let one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = one_etcd(dir.path())?;
+    Some((one, dir, etcd))
+}
+
 fn url(i: u16) -> String {
     format!("http://127.0.0.1:{}", etcd_ports(i).0)
 }
 
 fn node(name: &str, etcd: &str) -> Daemon {
-    Daemon::start_with(&[
+    node_with(name, etcd, &[])
+}
+
+fn node_with(name: &str, etcd: &str, extra: &[&str]) -> Daemon {
+    let ttl = TTL.to_string();
+    let mut args = vec![
         "--etcd",
         etcd,
         "--node-name",
         name,
         "--lease-ttl",
-        &TTL.to_string(),
+        &ttl,
         "--cgroup",
         "off",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start_with(&args)
 }
 
 /// `--json status` through one node, or None while it cannot answer (etcd down).
@@ -265,9 +285,7 @@ fn is_root() -> bool {
 
 #[test]
 fn three_nodes_spread_fail_over_fence_drain_and_ride_out_an_etcd_restart() {
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let Some(mut etcd) = one_etcd(dir.path()) else {
+    let Some((_one, _dir, mut etcd)) = one_etcd_serial() else {
         return;
     };
     let u = url(0);
@@ -535,9 +553,7 @@ fn running_on(d: &Daemon, fleet: &str, agent: &str, on: &[&str]) -> Option<(Stri
 
 #[test]
 fn a_tenant_moves_with_its_secret_env_and_files_from_etcd_not_from_the_host() {
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let Some(_etcd) = one_etcd(dir.path()) else {
+    let Some((_one, dir, _etcd)) = one_etcd_serial() else {
         return;
     };
     let u = url(0);
@@ -756,9 +772,7 @@ fn waiting_archives(shared: &Path, f: &str) -> Vec<String> {
 
 #[test]
 fn a_moved_agent_takes_its_home_along_through_the_handover_dir() {
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let Some(_etcd) = one_etcd(dir.path()) else {
+    let Some((_one, dir, _etcd)) = one_etcd_serial() else {
         return;
     };
     let u = url(0);
@@ -774,20 +788,7 @@ fn a_moved_agent_takes_its_home_along_through_the_handover_dir() {
         assert!(e.contains("--handover-dir"), "{bad}: {e}");
     }
 
-    let start = |name: &str| {
-        Daemon::start_with(&[
-            "--etcd",
-            &u,
-            "--node-name",
-            name,
-            "--lease-ttl",
-            &TTL.to_string(),
-            "--cgroup",
-            "off",
-            "--handover-dir",
-            shared.to_str().unwrap(),
-        ])
-    };
+    let start = |name: &str| node_with(name, &u, &["--handover-dir", shared.to_str().unwrap()]);
     let a = start("a");
     let mut b = start("b");
     a.create_stub_fleet("h", 2, "", &[]);
@@ -861,9 +862,27 @@ fn a_moved_agent_takes_its_home_along_through_the_handover_dir() {
         write_session(*pid, &format!("{n} talked on a"));
     }
     a.ctl(&["node", "drain", "a"]);
-    wait_until(Duration::from_secs(45), "two archives waiting", |_| {
-        (waiting_archives(&shared, "h").len() == 2).then_some(())
+    // Both let go (their claims released, which is the transaction that records the
+    // archive), with nowhere to go.
+    wait_until(Duration::from_secs(45), "both released, unplaced", |seen| {
+        let rows = try_status(&a)?;
+        *seen = format!("{rows:?}");
+        let unplaced = rows
+            .iter()
+            .filter(|r| {
+                r["fleet"] == "h"
+                    && r["reason"]
+                        .as_str()
+                        .is_some_and(|x| x.starts_with("not placed"))
+            })
+            .count();
+        (unplaced == 2).then_some(())
     });
+    assert_eq!(
+        waiting_archives(&shared, "h").len(),
+        2,
+        "two archives waiting"
+    );
     a.ctl(&["agent", "rm", "h/agent-2", "--purge"]);
     let left = waiting_archives(&shared, "h");
     assert!(
@@ -900,9 +919,7 @@ fn running_pids(d: &Daemon, fleet: &str) -> BTreeMap<String, u64> {
 
 #[test]
 fn a_spec_file_declares_fleets_cluster_wide_and_reload_keeps_them_in_step() {
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let Some(_etcd) = one_etcd(dir.path()) else {
+    let Some((_one, dir, _etcd)) = one_etcd_serial() else {
         return;
     };
     let u = url(0);
@@ -1075,9 +1092,7 @@ fn all_on(d: &Daemon, version: &str, what: &str) -> BTreeMap<String, (String, u6
 
 #[test]
 fn a_fleet_upgrades_and_rolls_back_across_nodes_each_step_where_its_agent_runs() {
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let Some(_etcd) = one_etcd(dir.path()) else {
+    let Some((_one, dir, _etcd)) = one_etcd_serial() else {
         return;
     };
     let u = url(0);

@@ -111,8 +111,7 @@ const SLACK: Duration = Duration::from_secs(1);
 /// `AGENTS_PER_BASE_PASS`, then proportionally longer, at most `LONGEST_PASS` (never shorter
 /// than the base).
 pub fn pass_interval(base: Duration, agents: usize) -> Duration {
-    let passes = agents.div_ceil(AGENTS_PER_BASE_PASS).max(1) as u32;
-    base.saturating_mul(passes).min(LONGEST_PASS.max(base))
+    crate::sampler::spaced_out(base, agents, AGENTS_PER_BASE_PASS, LONGEST_PASS)
 }
 
 /// One pass over every known agent: (bytes freed, files deleted).
