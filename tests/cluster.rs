@@ -855,9 +855,15 @@ fn a_moved_agent_takes_its_home_along_through_the_handover_dir() {
         );
     }
 
-    // Drained with nowhere to go, both wait as archives; a removed agent's goes with it,
-    // and the name added again starts from its own desired state, not the old HOME; the
-    // one that stayed is taken back by the node that archived it, its HOME as it was.
+    // A node that never ran them joins, cordoned: drained with nowhere to go, both wait as
+    // archives. A removal (without --purge) takes the removed agent's record and archive
+    // with it in the same change, so the name added again starts on the new node from its
+    // own desired state; the other is restored there from a's archive.
+    let c = start("c");
+    wait_until(Duration::from_secs(30), "c live", |_| {
+        nodes_live(&a)?.contains_key("c").then_some(())
+    });
+    a.ctl(&["node", "cordon", "c"]);
     for (n, (_, pid)) in &back {
         write_session(*pid, &format!("{n} talked on a"));
     }
@@ -883,20 +889,21 @@ fn a_moved_agent_takes_its_home_along_through_the_handover_dir() {
         2,
         "two archives waiting"
     );
-    a.ctl(&["agent", "rm", "h/agent-2", "--purge"]);
+    c.ctl(&["agent", "rm", "h/agent-2"]);
     let left = waiting_archives(&shared, "h");
     assert!(
         left.len() == 1 && left[0].starts_with("a.agent-1-"),
         "only agent-1's archive is left: {left:?}"
     );
-    a.ctl(&["agent", "add", "h", "agent-2"]);
-    a.ctl(&["node", "uncordon", "a"]);
-    let last = wait_until(Duration::from_secs(45), "both running on a again", |_| {
-        on_any(&a, &["a"])
+    c.ctl(&["agent", "add", "h", "agent-2"]);
+    c.ctl(&["node", "uncordon", "c"]);
+    let last = wait_until(Duration::from_secs(45), "both running on c", |_| {
+        on_any(&a, &["c"])
     });
     assert_eq!(
         session_of(last["agent-1"].1).as_deref(),
-        Some("agent-1 talked on a")
+        Some("agent-1 talked on a"),
+        "agent-1's HOME came from a's archive"
     );
     assert_eq!(
         session_of(last["agent-2"].1),
@@ -904,6 +911,7 @@ fn a_moved_agent_takes_its_home_along_through_the_handover_dir() {
         "the agent added again under a removed name starts with a fresh HOME"
     );
     assert_eq!(waiting_archives(&shared, "h"), Vec::<String>::new());
+    drop(c);
     drop(a);
 }
 

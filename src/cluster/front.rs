@@ -21,6 +21,9 @@ pub struct Front {
     pub(super) cfg: Arc<ClusterConfig>,
     /// The node's lease while it has one (0: none), for `leave`.
     pub(super) lease: std::sync::atomic::AtomicI64,
+    /// Held by the reconcile task through each round, and by a shutdown's handover: the
+    /// handover starts only once no round is bringing agents in or letting them go.
+    pub(super) round: tokio::sync::Mutex<()>,
 }
 
 /// How long `agent stop|start` waits for the node that runs the agent.
@@ -48,6 +51,7 @@ impl Front {
             etcd,
             cfg,
             lease: Default::default(),
+            round: Default::default(),
         }
     }
 
@@ -71,6 +75,7 @@ impl Front {
         let Some(dir) = self.cfg.handover_dir.clone() else {
             return;
         };
+        let _no_round = self.round.lock().await;
         let me = self.cfg.node_name.clone();
         let snap = match self.etcd.snapshot(false).await {
             Ok(s) => s,
@@ -102,30 +107,25 @@ impl Front {
             };
             let claim = Compare::value(self.etcd.keys.claim(&a), CompareOp::Equal, me.clone());
             let ok = match super::handover::guarded_record(&self.etcd.keys, &a, *rev, &h) {
-                Ok((guard, put)) => self
-                    .etcd
-                    .txn(Txn::new().when([claim, guard]).and_then([put]))
-                    .await
-                    .unwrap_or(false),
-                Err(_) => false,
+                Ok((guard, put)) => {
+                    self.etcd
+                        .txn(Txn::new().when([claim, guard]).and_then([put]))
+                        .await
+                }
+                Err(e) => Err(e),
             };
-            if ok {
-                handed += 1;
-            } else {
-                super::handover::remove_archive(&super::handover::archive_path(&dir, &a, &h));
+            match ok {
+                Ok(true) => handed += 1,
+                Ok(false) => {
+                    super::handover::remove_archive(&super::handover::archive_path(&dir, &a, &h))
+                }
+                // It may have committed: the file stays for a record that may name it.
+                Err(e) => {
+                    tracing::warn!(agent = %a, error = %e, "its handover record may not be written")
+                }
             }
         }
         tracing::info!(node = %me, handed, "agents' HOMEs handed over for the shutdown");
-    }
-
-    /// A removed agent's (or fleet's) handovers go with it: a name added again later must
-    /// never start from an earlier tenant's HOME. (A node that hands one over in the same
-    /// moment finds the fleet changed and records nothing.)
-    async fn forget_handovers(&self, fleet: &str, agent: Option<&str>) {
-        let dir = self.cfg.handover_dir.as_deref();
-        if let Err(e) = super::handover::forget(&self.etcd, dir, fleet, agent).await {
-            tracing::warn!(fleet, agent = ?agent, error = %e, "its handover records were not deleted");
-        }
     }
 
     pub fn node_name(&self) -> &str {
@@ -193,9 +193,6 @@ impl Front {
                         Some(d) => imperative(&d, format!("fleet {fleet}")).map(|()| None),
                     })
                     .await;
-                if r.is_ok() {
-                    self.forget_handovers(&fleet, None).await;
-                }
                 match r {
                     Ok(()) if purge => self.purge_everywhere(local, &fleet, None).await,
                     Ok(()) => done(format!("fleet {fleet} removed (cluster-wide)")),
@@ -258,9 +255,6 @@ impl Front {
                         Ok(())
                     })
                     .await;
-                if r.is_ok() {
-                    self.forget_handovers(&fleet, Some(&agent)).await;
-                }
                 match r {
                     Ok(()) if purge => self.purge_everywhere(local, &fleet, Some(&agent)).await,
                     Ok(()) => done(format!("agent {fleet}/{agent} removed (cluster-wide)")),

@@ -8,9 +8,10 @@
 //! read back) and records the archive at `h/<fleet>/<agent>` in the transaction that gives
 //! up its claim, guarded by the fleet doc's revision, so a record is never written for an
 //! agent that was removed meanwhile. The node that claims the agent next adds it stopped,
-//! restores the archive, starts it, then deletes the file and the record. `agent rm` and
-//! `fleet rm` delete both: a name added again later starts from its own desired state,
-//! never from an earlier tenant's HOME. A node that dies hands over nothing: its agents
+//! restores the archive, starts it, then deletes the file and the record. A change of the
+//! desired state that removes an agent deletes its record in the same transaction
+//! (`Etcd::update_fleet`), then the file: a name added again later starts from its own
+//! desired state, never from an earlier tenant's HOME. A node that dies hands over nothing: its agents
 //! start elsewhere from the desired state alone.
 
 use super::{bounded, Etcd};
@@ -204,27 +205,6 @@ pub(super) async fn consume(etcd: &Etcd, id: &str, rev: i64) -> Result<(), Fleet
     )
     .await
     .map(drop)
-}
-
-/// Deletes the records of a removed agent (or of every agent of a removed fleet) and, where
-/// this node sees the handover dir, their archives. Returns how many there were.
-pub(super) async fn forget(
-    etcd: &Etcd,
-    dir: Option<&Path>,
-    fleet: &str,
-    agent: Option<&str>,
-) -> Result<usize, FleetError> {
-    let mut records = pending(etcd, Some(fleet)).await?;
-    if let Some(a) = agent {
-        records.retain(|id, _| id == &format!("{fleet}/{a}"));
-    }
-    for (id, (rec, rev)) in &records {
-        consume(etcd, id, *rev).await?;
-        if let (Some(d), true) = (dir, plain_file_name(&rec.file)) {
-            remove_archive(&d.join(fleet).join(&rec.file));
-        }
-    }
-    Ok(records.len())
 }
 
 /// Best effort: a file left behind is named in the log.

@@ -171,6 +171,8 @@ impl ClusterConfig {
 pub struct Etcd {
     client: Client,
     pub keys: Keys,
+    /// `--handover-dir`: where the archives that `update_fleet` drops with their agents are.
+    handover_dir: Option<std::path::PathBuf>,
 }
 
 /// Bound on one etcd request: a node that waits longer would miss its renewals.
@@ -214,6 +216,7 @@ impl Etcd {
         Ok(Etcd {
             client,
             keys: Keys::new(&cfg.prefix),
+            handover_dir: cfg.handover_dir.clone(),
         })
     }
 
@@ -310,7 +313,11 @@ impl Etcd {
     }
 
     /// Changes one fleet's doc by compare-and-swap on its revision, retried on a race.
-    /// `f` returns the new doc, `None` to delete it, or an error that changes nothing.
+    /// `f` returns the new doc, `None` to delete it, or an error that changes nothing. The
+    /// handover records of agents the change removes go in the same transaction (so a name
+    /// added again later never starts from an earlier tenant's HOME, whichever path removed
+    /// it: a command, a spec file's reload), and then their archives where this node sees
+    /// the handover dir.
     pub async fn update_fleet(
         &self,
         fleet: &str,
@@ -333,20 +340,82 @@ impl Etcd {
                 ),
                 None => (None, 0),
             };
+            let before: BTreeSet<String> = old
+                .as_ref()
+                .map(|d| d.spec.agents.iter().cloned().collect())
+                .unwrap_or_default();
             let guard = if rev == 0 {
                 Compare::create_revision(key.clone(), CompareOp::Equal, 0)
             } else {
                 Compare::mod_revision(key.clone(), CompareOp::Equal, rev)
             };
-            let op = match f(old)? {
+            let new = f(old)?;
+            let after: BTreeSet<&String> = new
+                .as_ref()
+                .map(|d| d.spec.agents.iter().collect())
+                .unwrap_or_default();
+            let mut when = vec![guard];
+            let mut then = vec![match &new {
                 Some(doc) => TxnOp::put(
                     key.clone(),
-                    serde_json::to_vec(&doc).map_err(FleetError::internal)?,
+                    serde_json::to_vec(doc).map_err(FleetError::internal)?,
                     None,
                 ),
                 None => TxnOp::delete(key.clone(), None),
-            };
-            if self.txn(Txn::new().when([guard]).and_then([op])).await? {
+            }];
+            let removed: Vec<String> = before
+                .iter()
+                .filter(|a| !after.contains(a))
+                .map(|a| format!("{fleet}/{a}"))
+                .collect();
+            let mut dropped = Vec::new();
+            if !removed.is_empty() {
+                // The records as of one revision, and a guard that none under the fleet was
+                // written after it: a record committed between this read and the change fails
+                // the change, and the next try drops it too.
+                let prefix = self.keys.handovers(Some(fleet));
+                let r =
+                    bounded(c.get(prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
+                let at = r.header().map_or(0, |h| h.revision());
+                when.push(
+                    Compare::mod_revision(prefix.clone(), CompareOp::Less, at + 1).with_prefix(),
+                );
+                for kv in r.kvs() {
+                    let k = String::from_utf8_lossy(kv.key()).to_string();
+                    let Some(id) = k.strip_prefix(&self.keys.handovers(None)) else {
+                        continue;
+                    };
+                    if removed.iter().any(|x| x == id) {
+                        if let Ok(h) = serde_json::from_slice::<handover::Handover>(kv.value()) {
+                            dropped.push((id.to_string(), h));
+                        }
+                        if new.is_some() {
+                            then.push(TxnOp::delete(k, None));
+                        }
+                    }
+                }
+                if new.is_none() {
+                    then.push(TxnOp::delete(
+                        prefix,
+                        Some(etcd_client::DeleteOptions::new().with_prefix()),
+                    ));
+                }
+            }
+            // etcd takes at most 128 operations per transaction by default.
+            if when.len() + then.len() > 120 {
+                return Err(FleetError::Cluster {
+                    reason: format!(
+                        "removing {} agents of {fleet} at once is more than one etcd transaction holds; remove them in smaller steps; nothing was changed",
+                        removed.len()
+                    ),
+                });
+            }
+            if self.txn(Txn::new().when(when).and_then(then)).await? {
+                if let Some(dir) = &self.handover_dir {
+                    for (id, h) in &dropped {
+                        handover::remove_archive(&handover::archive_path(dir, id, h));
+                    }
+                }
                 return Ok(());
             }
         }
@@ -425,7 +494,9 @@ struct Runner {
     watch: Option<etcd_client::WatchStream>,
     /// Agents this node let go of and archived for the node that takes them next, until
     /// the record goes into etcd with the release of the claim.
-    handed: BTreeMap<String, handover::Handover>,
+    /// With the fleet doc's revision of the read in which the agent was archived: the
+    /// record's guard (a doc changed since may have removed and re-added the name).
+    handed: BTreeMap<String, (handover::Handover, i64)>,
     /// Handover records taken in (restored or not) whose deletion etcd did not confirm.
     to_consume: Vec<(String, i64)>,
 }
@@ -450,7 +521,15 @@ impl Runner {
                 tokio::time::sleep(TICK).await;
                 continue;
             }
-            match self.round().await {
+            let door = self.door.clone();
+            let round = door.round.lock().await;
+            // A shutdown that began while this waited hands the agents over itself.
+            if self.node.is_shutting_down() {
+                continue;
+            }
+            let result = self.round().await;
+            drop(round);
+            match result {
                 Ok(()) => {
                     self.connected_since.get_or_insert_with(Instant::now);
                 }
@@ -714,18 +793,8 @@ impl Runner {
             }
         }
         let release: Vec<String> = held.difference(&placed).cloned().collect();
-        // Archives made for claims this node no longer holds (its lease expired meanwhile)
-        // will never be recorded.
-        self.handed.retain(|a, h| {
-            let keep = held.contains(a);
-            if !keep {
-                if let Some(d) = &self.cfg.handover_dir {
-                    handover::remove_archive(&handover::archive_path(d, a, h));
-                }
-            }
-            keep
-        });
-        self.let_go(&release, &desired).await;
+        self.drop_stale_archives(&release, &held).await;
+        self.let_go(snap, &release, &desired).await;
         let run: BTreeSet<&String> = held.intersection(&placed).collect();
         let local = local_specs(snap, &run);
         let mut incoming = BTreeMap::new();
@@ -758,9 +827,14 @@ impl Runner {
                 }
             }
         }
+        // An etcd error here must not keep the agents taken in from their restore and start
+        // (they are applied now, so no later round would see them as new).
+        let mut failed = None;
         for a in &release {
             if self.node.local_agent_gone(a) {
-                self.release_claim(snap, a, desired.contains(a)).await?;
+                if let Err(e) = self.release_claim(a, desired.contains(a)).await {
+                    failed.get_or_insert(e);
+                }
             }
         }
         for (a, (h, rev)) in incoming {
@@ -804,12 +878,40 @@ impl Runner {
                 }
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Archives made for an agent this node no longer lets go of: it is placed here again
+    /// (nothing was recorded: the claim is still held), or its claim went (its lease expired,
+    /// or the release committed without its answer arriving: then the record names the
+    /// archive, which must stay for the taker).
+    async fn drop_stale_archives(&mut self, release: &[String], held: &BTreeSet<String>) {
+        let stale: Vec<String> = self
+            .handed
+            .keys()
+            .filter(|a| !release.contains(a))
+            .cloned()
+            .collect();
+        for a in stale {
+            let Some((h, _)) = self.handed.remove(&a) else {
+                continue;
+            };
+            let recorded = !held.contains(&a)
+                && match handover::pending(&self.etcd, a.split('/').next()).await {
+                    Ok(w) => w.get(&a).is_some_and(|(r, _)| *r == h),
+                    Err(_) => true, // unknown: a file left behind beats a record without one
+                };
+            if !recorded {
+                if let Some(d) = &self.cfg.handover_dir {
+                    handover::remove_archive(&handover::archive_path(d, &a, &h));
+                }
+            }
+        }
     }
 
     /// Stops the agents this node lets go of, all at once (a drain waits for the slowest
     /// stop, not for their sum), and archives the HOME of each that moves elsewhere.
-    async fn let_go(&mut self, release: &[String], desired: &BTreeSet<String>) {
+    async fn let_go(&mut self, snap: &Snapshot, release: &[String], desired: &BTreeSet<String>) {
         let mut work = tokio::task::JoinSet::new();
         for a in release {
             if self.handed.contains_key(a) {
@@ -829,43 +931,47 @@ impl Runner {
         }
         while let Some(r) = work.join_next().await {
             if let Ok(Some((a, h))) = r {
-                self.handed.insert(a, h);
+                let rev = a
+                    .split('/')
+                    .next()
+                    .and_then(|f| snap.fleets.get(f))
+                    .map_or(0, |(_, rev)| *rev);
+                self.handed.insert(a, (h, rev));
             }
         }
     }
 
     /// Gives up the claim of a stopped agent, with its handover's record when it moves: both
-    /// in one transaction, which also fails when the fleet changed since `snap` (then the
-    /// next round looks again: a record is never written for an agent removed meanwhile).
-    async fn release_claim(
-        &mut self,
-        snap: &Snapshot,
-        a: &str,
-        moving: bool,
-    ) -> Result<(), FleetError> {
+    /// in one transaction, which also fails when the fleet changed since the read in which
+    /// the HOME was archived (then that archive is dropped and the next round archives
+    /// again: a record never carries a HOME across a removal and re-adding of the name).
+    async fn release_claim(&mut self, a: &str, moving: bool) -> Result<(), FleetError> {
         let me = self.cfg.node_name.as_str();
         let k = self.etcd.keys.claim(a);
         let mut when = vec![Compare::value(k.clone(), CompareOp::Equal, me)];
         let mut then = vec![TxnOp::delete(k, None)];
-        let fleet = a.split('/').next().unwrap_or_default();
         let handed = self.handed.get(a).filter(|_| moving);
         let mut recorded = false;
-        if let (Some(h), Some((_, rev))) = (handed, snap.fleets.get(fleet)) {
+        if let Some((h, rev)) = handed {
             let (guard, put) = handover::guarded_record(&self.etcd.keys, a, *rev, h)?;
             when.push(guard);
             then.push(put);
             recorded = true;
         }
         let ok = self.etcd.txn(Txn::new().when(when).and_then(then)).await?;
-        if !ok && recorded {
-            return Ok(());
-        }
-        if let Some(h) = self.handed.remove(a) {
+        if let Some((h, _)) = self.handed.remove(a) {
             if !(ok && recorded) {
                 if let Some(d) = &self.cfg.handover_dir {
                     handover::remove_archive(&handover::archive_path(d, a, &h));
                 }
             }
+        }
+        if !ok {
+            if !recorded {
+                // Only the claim's compare could fail: it is not this node's any more.
+                self.stopped_here.remove(a);
+            }
+            return Ok(());
         }
         if ok && recorded {
             tracing::info!(agent = %a, "released, its HOME handed over");
@@ -891,7 +997,8 @@ impl Runner {
                     force: false,
                 };
                 match self.node.execute_local(cmd).await {
-                    Reply::Done { .. } => {
+                    // Restored, whatever its token rotation answered.
+                    Reply::Done { .. } | Reply::Error(FleetError::Partial { .. }) => {
                         tracing::info!(agent = %a, from = %h.node, bytes = h.bytes, "its HOME was handed over");
                         handover::remove_archive(&path);
                     }
@@ -1023,6 +1130,10 @@ async fn renew(
                 Ok(k) => keeper = Some(k),
                 Err(_) => {
                     state.failing.store(true, SeqCst);
+                    if lease_gone(&etcd, id).await {
+                        state.expired.store(true, SeqCst);
+                        return;
+                    }
                     continue;
                 }
             }
@@ -1046,9 +1157,22 @@ async fn renew(
             Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
                 keeper = None;
                 state.failing.store(true, SeqCst);
+                // The client answers a keep-alive of a lease etcd no longer has with an
+                // error, not with TTL 0: ask etcd whether it still has it.
+                if lease_gone(&etcd, id).await {
+                    state.expired.store(true, SeqCst);
+                    return;
+                }
             }
         }
     }
+}
+
+/// etcd answered that it has no lease `id` (expired or revoked); `false` when it did not
+/// answer.
+async fn lease_gone(etcd: &Etcd, id: i64) -> bool {
+    let mut c = etcd.client.clone();
+    matches!(bounded(c.lease_time_to_live(id, None)).await, Ok(r) if r.ttl() <= 0)
 }
 
 /// Whether the applied specs run `fleet/agent`.

@@ -380,8 +380,8 @@ impl Front {
     }
 
     /// After a restore: the HOME is the archive's now, and a token it held must not keep
-    /// working. The node's own rotation gave it a random one; the desired state's new
-    /// epoch makes it the one every node derives.
+    /// working. The node's own rotation re-derived the current epoch's token (what every
+    /// node derives); the desired state's new epoch replaces it everywhere.
     async fn rotated_after(
         &self,
         local: &NodeHandle,
