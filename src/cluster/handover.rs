@@ -55,15 +55,14 @@ pub fn plain_file_name(name: &str) -> bool {
 /// What the node taking an agent over does with its recorded handover.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Take {
-    /// Restore this archive into the new HOME before the first start.
+    /// Restore this archive into the new HOME before the first start (also when this node
+    /// made it: its old HOME here may be gone, a reinstalled host of the same name).
     Restore(PathBuf),
-    /// This node made it: its HOME here is what the archive holds; only the file goes.
-    Own(PathBuf),
     /// Nothing is restored, for this reason (the agent starts from the desired state).
     Skip(String),
 }
 
-pub fn take(rec: &Handover, me: &str, dir: Option<&Path>, fleet: &str) -> Take {
+pub fn take(rec: &Handover, dir: Option<&Path>, fleet: &str) -> Take {
     if !plain_file_name(&rec.file) {
         return Take::Skip(format!(
             "its handover record names {:?}, not an archive's plain file name",
@@ -76,12 +75,7 @@ pub fn take(rec: &Handover, me: &str, dir: Option<&Path>, fleet: &str) -> Take {
             rec.file, rec.node
         ));
     };
-    let path = dir.join(fleet).join(&rec.file);
-    if rec.node == me {
-        Take::Own(path)
-    } else {
-        Take::Restore(path)
-    }
+    Take::Restore(dir.join(fleet).join(&rec.file))
 }
 
 /// Archives a stopped agent's HOME into `<dir>/<fleet>/`.
@@ -236,41 +230,33 @@ mod tests {
         };
         let dir = Path::new("/shared/handover");
         let ok = "n1.bot-20261202T101010.123Z.tar.gz";
-        let cases: [(Handover, &str, Option<&Path>, Take); 6] = [
+        let cases: [(Handover, Option<&Path>, Take); 6] = [
             (
                 rec("n1", ok),
-                "n2",
                 Some(dir),
                 Take::Restore(dir.join("f").join(ok)),
             ),
+            // Its own archive too: the HOME it left here may be gone.
             (
                 rec("n2", ok),
-                "n2",
                 Some(dir),
-                Take::Own(dir.join("f").join(ok)),
+                Take::Restore(dir.join("f").join(ok)),
             ),
-            (rec("n1", ok), "n2", None, Take::Skip(String::new())),
+            (rec("n1", ok), None, Take::Skip(String::new())),
             (
                 rec("n1", "../../etc/shadow.tar.gz"),
-                "n2",
                 Some(dir),
                 Take::Skip(String::new()),
             ),
             (
                 rec("n1", ".hidden.tar.gz"),
-                "n2",
                 Some(dir),
                 Take::Skip(String::new()),
             ),
-            (
-                rec("n1", "bot.zip"),
-                "n2",
-                Some(dir),
-                Take::Skip(String::new()),
-            ),
+            (rec("n1", "bot.zip"), Some(dir), Take::Skip(String::new())),
         ];
-        for (i, (r, me, d, want)) in cases.into_iter().enumerate() {
-            let got = take(&r, me, d, "f");
+        for (i, (r, d, want)) in cases.into_iter().enumerate() {
+            let got = take(&r, d, "f");
             match (&got, &want) {
                 (Take::Skip(why), Take::Skip(_)) => assert!(!why.is_empty(), "case {i}"),
                 _ => assert_eq!(got, want, "case {i}"),

@@ -987,8 +987,7 @@ impl Runner {
         let Some((f, ag)) = a.split_once('/') else {
             return;
         };
-        let me = self.cfg.node_name.as_str();
-        match handover::take(&h, me, self.cfg.handover_dir.as_deref(), f) {
+        match handover::take(&h, self.cfg.handover_dir.as_deref(), f) {
             handover::Take::Restore(path) => {
                 let cmd = Command::AgentRestore {
                     fleet: f.into(),
@@ -1007,7 +1006,6 @@ impl Runner {
                     }
                 }
             }
-            handover::Take::Own(path) => handover::remove_archive(&path),
             handover::Take::Skip(why) => {
                 tracing::warn!(agent = %a, reason = %why, "no handover: it starts from the desired state alone");
             }
