@@ -757,6 +757,24 @@ fn write_session(pid: u64, text: &str) {
     std::fs::write(home.join("notes").join("session.txt"), text).unwrap();
 }
 
+/// Writes `"<agent> <said>"` as the session of each agent (name → (node, pid)).
+fn write_sessions(agents: &BTreeMap<String, (String, u64)>, said: &str) {
+    for (n, (_, pid)) in agents {
+        write_session(*pid, &format!("{n} {said}"));
+    }
+}
+
+/// Each agent's session says `"<agent> <said>"`.
+fn assert_sessions(agents: &BTreeMap<String, (String, u64)>, said: &str, why: &str) {
+    for (n, (_, pid)) in agents {
+        assert_eq!(
+            session_of(*pid).as_deref(),
+            Some(format!("{n} {said}").as_str()),
+            "{n}: {why}"
+        );
+    }
+}
+
 /// Archives waiting in the shared handover dir for fleet `f`.
 fn waiting_archives(shared: &Path, f: &str) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(shared.join(f))
@@ -810,9 +828,7 @@ fn a_moved_agent_takes_its_home_along_through_the_handover_dir() {
         first.values().any(|(n, _)| n == "a"),
         "placement spreads: a runs one of them ({first:?})"
     );
-    for (n, (_, pid)) in &first {
-        write_session(*pid, &format!("{n} talked before the drain"));
-    }
+    write_sessions(&first, "talked before the drain");
 
     // A drain: each agent leaves a, and its HOME (what the desired state does not hold)
     // arrives with it on b.
@@ -820,12 +836,12 @@ fn a_moved_agent_takes_its_home_along_through_the_handover_dir() {
     let drained = wait_until(Duration::from_secs(45), "every agent on b", |_| {
         on_any(&a, &["b"])
     });
-    for (n, (_, pid)) in &drained {
-        assert_eq!(
-            session_of(*pid).as_deref(),
-            Some(format!("{n} talked before the drain").as_str()),
-            "{n}'s session moved with it"
-        );
+    assert_sessions(
+        &drained,
+        "talked before the drain",
+        "its session moved with it",
+    );
+    for n in drained.keys() {
         assert_eq!(
             b.ctl(&["token", &format!("h/{n}")]).trim(),
             tokens[n.as_str()],
@@ -840,20 +856,12 @@ fn a_moved_agent_takes_its_home_along_through_the_handover_dir() {
 
     // A graceful shutdown (SIGTERM) of the node that runs them hands them over too.
     a.ctl(&["node", "uncordon", "a"]);
-    for (n, (_, pid)) in &drained {
-        write_session(*pid, &format!("{n} talked on b"));
-    }
+    write_sessions(&drained, "talked on b");
     assert!(b.stop().success());
     let back = wait_until(Duration::from_secs(45), "every agent on a", |_| {
         on_any(&a, &["a"])
     });
-    for (n, (_, pid)) in &back {
-        assert_eq!(
-            session_of(*pid).as_deref(),
-            Some(format!("{n} talked on b").as_str()),
-            "{n}'s session survived b's shutdown"
-        );
-    }
+    assert_sessions(&back, "talked on b", "its session survived b's shutdown");
 
     // A node that never ran them joins, cordoned: drained with nowhere to go, both wait as
     // archives. A removal (without --purge) takes the removed agent's record and archive
@@ -864,9 +872,7 @@ fn a_moved_agent_takes_its_home_along_through_the_handover_dir() {
         nodes_live(&a)?.contains_key("c").then_some(())
     });
     a.ctl(&["node", "cordon", "c"]);
-    for (n, (_, pid)) in &back {
-        write_session(*pid, &format!("{n} talked on a"));
-    }
+    write_sessions(&back, "talked on a");
     a.ctl(&["node", "drain", "a"]);
     // Both let go (their claims released, which is the transaction that records the
     // archive), with nowhere to go.

@@ -973,7 +973,7 @@ impl Runner {
             }
             return Ok(());
         }
-        if ok && recorded {
+        if recorded {
             tracing::info!(agent = %a, "released, its HOME handed over");
         }
         self.stopped_here.remove(a);
