@@ -34,7 +34,7 @@ pub fn table_may_answer(healthy: bool, ready: bool, failures: u32, table_ticks: 
 /// Hand-rolled on purpose: a probe needs the status line only, and a thousand agents probed
 /// every interval made hyper's client (a connection task and its buffers per probe) the
 /// daemon's largest idle cost. The metrics server, which serves, uses hyper.
-pub async fn http_status(port: u16, path: &str, timeout: Duration) -> Result<u16, String> {
+pub async fn http_status(port: u16, path: &str, timeout: Duration) -> Result<u16, ProbeError> {
     http_get(port, path, timeout, 0).await.map(|(code, _)| code)
 }
 
@@ -45,7 +45,7 @@ pub async fn http_get(
     path: &str,
     timeout: Duration,
     max_body: usize,
-) -> Result<(u16, Vec<u8>), String> {
+) -> Result<(u16, Vec<u8>), ProbeError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fut = async {
         let mut s = TcpStream::connect(("127.0.0.1", port))
@@ -87,9 +87,52 @@ pub async fn http_get(
         Ok((code, rest))
     };
     match tokio::time::timeout(timeout, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        Ok(r) => r.map_err(ProbeError::Failed),
+        Err(_) => Err(ProbeError::Timeout(timeout)),
     }
+}
+
+/// Why a probe got no status code. A timeout is told apart: on a CPU-saturated host it may
+/// be the host's fault, not the agent's (`failure_counts`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeError {
+    Timeout(Duration),
+    Failed(String),
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeError::Timeout(t) => write!(f, "no answer within {} ms", t.as_millis()),
+            ProbeError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Timeouts a saturated host may excuse in one run of failed probes before they count again:
+/// at the default 10 s interval and 5 s timeout about 90 s more before a hang is acted on,
+/// less than the ~16 CPU-seconds of cold start a restart would cost such a host
+/// (`pressure`).
+pub const MAX_EXCUSED: u32 = 6;
+
+/// Whether one failed liveness probe counts toward a restart. Only a timeout may be excused,
+/// only while the host's CPU is saturated and the node's listener table shows the agent's
+/// port still listening (a dead or closed listener is refused, not slow), and at most
+/// `MAX_EXCUSED` times in one run of failures, so a real hang is still restarted.
+pub fn failure_counts(
+    timed_out: bool,
+    host_saturated: bool,
+    listening: Option<bool>,
+    excused: u32,
+) -> bool {
+    !(timed_out && host_saturated && listening == Some(true) && excused < MAX_EXCUSED)
+}
+
+/// Whether a start grace that ran out is given once more: only while the host's CPU is
+/// saturated (a cold start slowed by its neighbours, not a gateway that cannot come up), and
+/// only once per start, so a start that cannot succeed is still given up on.
+pub fn extend_grace(already_extended: bool, host_saturated: bool) -> bool {
+    !already_extended && host_saturated
 }
 
 /// The channel names in a `/readyz` answer's `"failing"` list (OpenClaw:
@@ -206,9 +249,11 @@ pub fn spawn_prober(
         let timeout = Duration::from_millis(spec.timeout_ms);
         let mut delay = FIRST_PROBE;
         let mut ever_healthy = false;
-        let mut last: Option<(bool, bool, u32, Vec<String>)> = None;
+        let mut last: Option<(bool, bool, u32, u32, Vec<String>)> = None;
         let mut failing: Vec<String> = Vec::new();
         let mut failures = 0u32;
+        // Timeouts not counted in this run of failures (`failure_counts`).
+        let mut excused = 0u32;
         let mut ready_supported = true;
         let mut ready = false;
         let mut ticks_since_ready_check = 0u32;
@@ -235,7 +280,7 @@ pub fn spawn_prober(
             }
             let clean = last
                 .as_ref()
-                .is_some_and(|(h, r, f, _)| table_may_answer(*h, *r, *f, table_ticks));
+                .is_some_and(|(h, r, f, _, _)| table_may_answer(*h, *r, *f, table_ticks));
             if ever_healthy && clean {
                 let listening = listeners
                     .as_ref()
@@ -252,12 +297,35 @@ pub fn spawn_prober(
             if let Some(h) = &latency_histogram {
                 h.observe(latency.as_secs_f64());
             }
-            let (healthy, error) = match live {
+            let (healthy, mut error) = match &live {
                 Ok(200) => (true, None),
                 Ok(code) => (false, Some(format!("/healthz answered {code}"))),
-                Err(e) => (false, Some(e)),
+                Err(e) => (false, Some(e.to_string())),
             };
-            failures = if healthy { 0 } else { failures + 1 };
+            if healthy {
+                failures = 0;
+                excused = 0;
+            } else {
+                let timed_out = matches!(live, Err(ProbeError::Timeout(_)));
+                // Read only once a probe has already timed out: a healthy tick costs nothing.
+                let host = timed_out
+                    .then(|| crate::pressure::HostCpu::now().saturated())
+                    .flatten();
+                let listening = match (&host, &listeners) {
+                    (Some(_), Some(t)) => t.listening(port, delay / 2),
+                    _ => None,
+                };
+                if failure_counts(timed_out, host.is_some(), listening, excused) {
+                    failures += 1;
+                } else {
+                    excused += 1;
+                    if let (Some(e), Some(h)) = (&mut error, &host) {
+                        e.push_str(&format!(
+                            "; not counted: {h} and port {port} still listens ({excused} of {MAX_EXCUSED})"
+                        ));
+                    }
+                }
+            }
             // Readiness is only shown: once ready, it is re-checked every few probes, not at
             // each one, which halves the steady probing cost.
             ticks_since_ready_check += 1;
@@ -291,7 +359,8 @@ pub fn spawn_prober(
             if !healthy {
                 failing.clear();
             }
-            let key = (healthy, ready, failures, failing.clone());
+            // Excused timeouts are part of the key: the agent's status says how many of how many.
+            let key = (healthy, ready, failures, excused, failing.clone());
             if last.as_ref() != Some(&key) {
                 last = Some(key);
                 report(ProbeReport {
@@ -342,6 +411,26 @@ mod tests {
         for (h, r, f, t, want) in cases {
             assert_eq!(table_may_answer(h, r, f, t), want, "{h} {r} {f} {t}");
         }
+    }
+
+    #[test]
+    fn only_a_timeout_on_a_saturated_host_with_the_port_listening_is_excused_for_a_while() {
+        // (timed out, host saturated, listening, excused so far) → counts
+        let cases = [
+            ((true, true, Some(true), 0), false),
+            ((true, true, Some(true), MAX_EXCUSED - 1), false),
+            ((true, true, Some(true), MAX_EXCUSED), true), // the bound: a hang is still seen
+            ((false, true, Some(true), 0), true),          // refused or bad status: the agent's
+            ((true, false, Some(true), 0), true),          // an idle host: the agent is slow
+            ((true, true, Some(false), 0), true),          // its listener is gone
+            ((true, true, None, 0), true),                 // no table: nothing proves it listens
+        ];
+        for ((t, sat, l, e), want) in cases {
+            assert_eq!(failure_counts(t, sat, l, e), want, "{t} {sat} {l:?} {e}");
+        }
+        assert!(extend_grace(false, true));
+        assert!(!extend_grace(true, true));
+        assert!(!extend_grace(false, false));
     }
 
     #[test]
@@ -424,6 +513,6 @@ mod tests {
         let e = http_status(port, "/healthz", Duration::from_millis(500))
             .await
             .unwrap_err();
-        assert!(e.contains("connect"), "{e}");
+        assert!(e.to_string().contains("connect"), "{e}");
     }
 }

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod node;
 pub mod operator_file;
 pub mod ports;
+pub mod pressure;
 pub mod process;
 pub mod provision;
 pub mod reconcile;

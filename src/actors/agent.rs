@@ -80,6 +80,8 @@ pub struct AgentRuntime {
     was_ready: bool,
     /// This incarnation's stderr said OpenClaw's crash-loop breaker tripped.
     breaker: bool,
+    /// This incarnation's start grace was given once more on a saturated host.
+    grace_extended: bool,
     /// Its heap cap as raised after out-of-memory aborts (`heap_raise`); `None`: the fleet's.
     heap_mib: Option<u32>,
     /// Itself, for timers set outside a handler's arguments.
@@ -148,6 +150,7 @@ impl Actor for AgentActor {
             failing: Vec::new(),
             was_ready: false,
             breaker: false,
+            grace_extended: false,
             heap_mib: None,
             me: myself.clone(),
             channels: Default::default(),
@@ -237,9 +240,30 @@ impl Actor for AgentActor {
             AgentMsg::Owner { gen, event } => rt.on_owner(&myself, gen, event),
             AgentMsg::Probe { gen, report } => rt.on_probe(gen, report),
             AgentMsg::GraceExpired { gen } => {
-                if gen == rt.gen && rt.state == AgentState::Starting {
+                let starting = gen == rt.gen && rt.state == AgentState::Starting;
+                // Read only when a grace ran out: a rare event.
+                let host = starting
+                    .then(|| crate::pressure::HostCpu::now().saturated())
+                    .flatten();
+                if starting && health::extend_grace(rt.grace_extended, host.is_some()) {
+                    let host = host.unwrap_or_default();
+                    rt.grace_extended = true;
+                    let grace = Duration::from_millis(rt.spec.health.grace_ms);
+                    tracing::warn!(fleet = %rt.fleet, agent = %rt.agent, %host, "start grace given once more: the host's CPU is saturated");
+                    rt.set_state(
+                        AgentState::Starting,
+                        None,
+                        Some(format!("start grace given once more ({host})")),
+                    );
+                    myself.send_after(grace, move || AgentMsg::GraceExpired { gen });
+                } else if starting {
+                    let again = if rt.grace_extended {
+                        ", given twice on a saturated host"
+                    } else {
+                        ""
+                    };
                     rt.reason = Some(format!(
-                        "no healthy /healthz within the {} ms start grace",
+                        "no healthy /healthz within the {} ms start grace{again}",
                         rt.spec.health.grace_ms
                     ));
                     rt.stop_process(Purpose::Health);
@@ -484,6 +508,7 @@ impl AgentRuntime {
                 self.ready = false;
                 self.was_ready = false;
                 self.breaker = false;
+                self.grace_extended = false;
                 self.failing.clear();
                 self.set_state(AgentState::Starting, None, None);
                 if !self.spec.health.enabled {
