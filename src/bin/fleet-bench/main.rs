@@ -76,6 +76,10 @@ struct Args {
     /// "--optimize-for-size --single-threaded-gc").
     #[arg(long, allow_hyphen_values = true)]
     node_flags: Option<String>,
+    /// OpenClaw config (a JSON object) merged over the talking tenants' fleet template, to
+    /// measure a config lever (e.g. '{"diagnostics":{"enabled":false}}').
+    #[arg(long)]
+    talk_config: Option<String>,
     /// Create fleetd's fleet with `--no-probes` (no /healthz probing, as the peers run).
     #[arg(long)]
     no_probes: bool,
@@ -158,6 +162,7 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
             profile: &args.talk_profile,
             node_options: args.node_options.as_deref(),
             node_flags: args.node_flags.as_deref(),
+            config: args.talk_config.as_deref(),
         })?;
         return emit(args, &r, talk::render);
     }

@@ -57,6 +57,7 @@ pub struct TalkReport {
     pub profile: String,
     pub node_options: Option<String>,
     pub node_flags: Option<String>,
+    pub config: Option<String>,
     pub ready_s: Option<f64>,
     /// The host's KSM over the talk: `/sys/kernel/mm/ksm/run`, ksmd's CPU as a share of one
     /// core, and what it saved at the end (`general_profit`, MiB).
@@ -90,6 +91,8 @@ pub struct TalkArgs<'a> {
     /// `--optimize-for-size`): the tenants then run `node FLAGS openclaw.mjs gateway run` as
     /// a custom command, with the environment the profile gives an OpenClaw agent.
     pub node_flags: Option<&'a str>,
+    /// OpenClaw config merged over the fleet template (`--talk-config`).
+    pub config: Option<&'a str>,
 }
 
 pub fn run(a: &TalkArgs) -> Result<TalkReport> {
@@ -103,21 +106,27 @@ pub fn run(a: &TalkArgs) -> Result<TalkReport> {
         profile: a.profile.into(),
         node_options: a.node_options.map(str::to_string),
         node_flags: a.node_flags.map(str::to_string),
+        config: a.config.map(str::to_string),
         ..TalkReport::default()
     };
     let tg = fakes::FakeTelegram::start();
     let model = fakes::FakeModel::start("an answer from the loopback model for key {key}");
     std::fs::create_dir_all(a.dir)?;
     let fleet_tpl = a.dir.join("fleet.json");
-    std::fs::write(
-        &fleet_tpl,
-        serde_json::json!({
-            "models": {"providers": {"fake": {"baseUrl": model.base_url(),
-                "apiKey": "${OPENAI_API_KEY}", "models": [{"id": "m", "name": "m"}]}}},
-            "agents": {"defaults": {"model": {"primary": "fake/m"}, "heartbeat": {"every": "0m"}}}
-        })
-        .to_string(),
-    )?;
+    let mut template = serde_json::json!({
+        "models": {"providers": {"fake": {"baseUrl": model.base_url(),
+            "apiKey": "${OPENAI_API_KEY}", "models": [{"id": "m", "name": "m"}]}}},
+        "agents": {"defaults": {"model": {"primary": "fake/m"}, "heartbeat": {"every": "0m"}}}
+    });
+    if let Some(extra) = a.config {
+        let extra: serde_json::Value =
+            serde_json::from_str(extra).context("--talk-config: not JSON")?;
+        if !extra.is_object() {
+            bail!("--talk-config: expected a JSON object, got {extra}");
+        }
+        fleet_commander::provision::merge_json(&mut template, &extra);
+    }
+    std::fs::write(&fleet_tpl, template.to_string())?;
     let d = Fleetd::start(a.fleetd, &a.dir.join("fleetd"), a.port_range, None, None)?;
     let mut create = vec![
         "fleet".to_string(),
@@ -404,7 +413,7 @@ fn tree_parts(root: u32, procs: &[procfs::ProcInfo]) -> Vec<(String, f64)> {
 /// The report as a table.
 pub fn render(r: &TalkReport) -> String {
     let mut out = format!(
-        "conversation workload: {} {} agents, {} messages/min each, {} min{}{}; ready after {}\n",
+        "conversation workload: {} {} agents, {} messages/min each, {} min{}{}{}; ready after {}\n",
         r.agents,
         r.profile,
         r.per_minute,
@@ -416,6 +425,10 @@ pub fn render(r: &TalkReport) -> String {
         r.node_flags
             .as_ref()
             .map(|o| format!(", node {o}"))
+            .unwrap_or_default(),
+        r.config
+            .as_ref()
+            .map(|c| format!(", config {c}"))
             .unwrap_or_default(),
         r.ready_s.map(|s| format!("{s:.0} s")).unwrap_or("-".into())
     );
