@@ -237,12 +237,19 @@ pub fn next_delay(current: Duration, ever_healthy: bool, spec: &HealthSpec) -> D
     }
 }
 
+/// The node's probe metrics a prober feeds.
+#[derive(Clone)]
+pub struct ProbeMetrics {
+    pub latency: prometheus_client::metrics::histogram::Histogram,
+    pub excused: prometheus_client::metrics::counter::Counter,
+}
+
 /// Probes until aborted. `report` is called on every change of (healthy, ready, failures).
 pub fn spawn_prober(
     port: u16,
     spec: HealthSpec,
     listeners: Option<std::sync::Arc<crate::listeners::ListenerTable>>,
-    latency_histogram: Option<prometheus_client::metrics::histogram::Histogram>,
+    metrics: Option<ProbeMetrics>,
     report: impl Fn(ProbeReport) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -294,8 +301,8 @@ pub fn spawn_prober(
             let t0 = std::time::Instant::now();
             let live = http_status(port, "/healthz", timeout).await;
             let latency = t0.elapsed();
-            if let Some(h) = &latency_histogram {
-                h.observe(latency.as_secs_f64());
+            if let Some(m) = &metrics {
+                m.latency.observe(latency.as_secs_f64());
             }
             let (healthy, mut error) = match &live {
                 Ok(200) => (true, None),
@@ -319,6 +326,9 @@ pub fn spawn_prober(
                     failures += 1;
                 } else {
                     excused += 1;
+                    if let Some(m) = &metrics {
+                        m.excused.inc();
+                    }
                     if let (Some(e), Some(h)) = (&mut error, &host) {
                         e.push_str(&format!(
                             "; not counted: {h} and port {port} still listens ({excused} of {MAX_EXCUSED})"

@@ -60,6 +60,11 @@ pub struct Metrics {
     pub log_bytes: Counter,
     /// Liveness probe latency, every probe.
     pub probe_latency: Histogram,
+    /// Probe timeouts not counted toward a restart: the host's CPU was saturated and the
+    /// agent's port still listened (`health::failure_counts`).
+    pub probes_excused: Counter,
+    /// Start graces given once more on a saturated host (`health::extend_grace`).
+    pub graces_extended: Counter,
     /// Leased blocks and free ports, kept by the PortAllocator.
     pub leases_used: Gauge,
     pub ports_free: Gauge,
@@ -74,6 +79,8 @@ impl Default for Metrics {
             log_dropped: Family::default(),
             log_bytes: Counter::default(),
             probe_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            probes_excused: Counter::default(),
+            graces_extended: Counter::default(),
             leases_used: Gauge::default(),
             ports_free: Gauge::default(),
             backups: Family::default(),
@@ -215,6 +222,16 @@ pub fn render(ctx: &NodeContext) -> String {
         "probe_latency_seconds",
         "Latency of liveness probes",
         m.probe_latency.clone(),
+    );
+    reg.register(
+        "probe_timeouts_excused",
+        "Liveness probe timeouts not counted toward a restart: host CPU saturated, port listening",
+        m.probes_excused.clone(),
+    );
+    reg.register(
+        "start_graces_extended",
+        "Start graces given once more because the host's CPU was saturated",
+        m.graces_extended.clone(),
     );
     for state in ["ok", "failed"] {
         let _ = m.backups.get_or_create(&LeaseState {

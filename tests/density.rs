@@ -213,6 +213,16 @@ async fn metrics_are_prometheus_text_and_move_with_restarts() {
         after.contains("fleet_probe_latency_seconds_count"),
         "{after}"
     );
+    // The saturated-host counters are exposed (when they count is table-tested in health.rs).
+    for counter in [
+        "fleet_probe_timeouts_excused_total ",
+        "fleet_start_graces_extended_total ",
+    ] {
+        assert!(
+            after.lines().any(|l| l.starts_with(counter)),
+            "{counter}missing: {after}"
+        );
+    }
     let log_bytes = after
         .lines()
         .find(|l| l.starts_with("fleet_log_bytes_total "))

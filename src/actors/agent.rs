@@ -248,6 +248,7 @@ impl Actor for AgentActor {
                 if starting && health::extend_grace(rt.grace_extended, host.is_some()) {
                     let host = host.unwrap_or_default();
                     rt.grace_extended = true;
+                    rt.ctx.services.metrics.graces_extended.inc();
                     let grace = Duration::from_millis(rt.spec.health.grace_ms);
                     tracing::warn!(fleet = %rt.fleet, agent = %rt.agent, %host, "start grace given once more: the host's CPU is saturated");
                     rt.set_state(
@@ -520,7 +521,10 @@ impl AgentRuntime {
                     self.port,
                     self.spec.health.clone(),
                     Some(self.ctx.services.listeners.clone()),
-                    Some(self.ctx.services.metrics.probe_latency.clone()),
+                    Some(health::ProbeMetrics {
+                        latency: self.ctx.services.metrics.probe_latency.clone(),
+                        excused: self.ctx.services.metrics.probes_excused.clone(),
+                    }),
                     move |report| {
                         let _ = me.send_message(AgentMsg::Probe { gen, report });
                     },
