@@ -110,9 +110,9 @@ impl std::fmt::Display for ProbeError {
 }
 
 /// Timeouts a saturated host may excuse in one run of failed probes before they count again:
-/// at the default 10 s interval and 5 s timeout about 90 s more before a hang is acted on,
-/// less than the ~16 CPU-seconds of cold start a restart would cost such a host
-/// (`pressure`).
+/// about 6 intervals (60 s at the default 10 s) more before a hang is acted on, time for a
+/// starved gateway to answer again instead of a cold start (~16 CPU-seconds) on a host
+/// already short of CPU (`pressure`).
 pub const MAX_EXCUSED: u32 = 6;
 
 /// Whether one failed liveness probe counts toward a restart. Only a timeout may be excused,
@@ -179,8 +179,12 @@ pub fn parse_status_line(b: &[u8]) -> Option<u16> {
 pub struct ProbeReport {
     pub healthy: bool,
     pub ready: bool,
-    /// Failed liveness probes in a row (0 when healthy).
+    /// Failed liveness probes that count toward a restart, in this run of failures (0 when
+    /// healthy; a report may be unhealthy with 0 when every timeout was excused).
     pub failures: u32,
+    /// Timeouts in this run of failures not counted: the host's CPU was saturated and the
+    /// port still listened (`failure_counts`).
+    pub excused: u32,
     pub latency: Duration,
     pub error: Option<String>,
     /// What `/readyz` listed as failing (channels), when it answered not ready.
@@ -195,6 +199,7 @@ impl ProbeReport {
             healthy: true,
             ready: true,
             failures: 0,
+            excused: 0,
             latency: Duration::ZERO,
             error: None,
             failing: Vec::new(),
@@ -244,7 +249,8 @@ pub struct ProbeMetrics {
     pub excused: prometheus_client::metrics::counter::Counter,
 }
 
-/// Probes until aborted. `report` is called on every change of (healthy, ready, failures).
+/// Probes until aborted. `report` is called on every change of (healthy, ready, failures,
+/// excused, failing).
 pub fn spawn_prober(
     port: u16,
     spec: HealthSpec,
@@ -313,13 +319,15 @@ pub fn spawn_prober(
                 failures = 0;
                 excused = 0;
             } else {
-                let timed_out = matches!(live, Err(ProbeError::Timeout(_)));
+                // Only a gateway that was healthy before is excused: while it starts, the start
+                // grace decides (`extend_grace`), and failures restart nothing.
+                let timed_out = ever_healthy && matches!(live, Err(ProbeError::Timeout(_)));
                 // Read only once a probe has already timed out: a healthy tick costs nothing.
                 let host = timed_out
                     .then(|| crate::pressure::HostCpu::now().saturated())
                     .flatten();
                 let listening = match (&host, &listeners) {
-                    (Some(_), Some(t)) => t.listening(port, delay / 2),
+                    (Some(_), Some(t)) => t.listening_or_read(port, delay / 2),
                     _ => None,
                 };
                 if failure_counts(timed_out, host.is_some(), listening, excused) {
@@ -377,6 +385,7 @@ pub fn spawn_prober(
                     healthy,
                     ready,
                     failures,
+                    excused,
                     latency,
                     error,
                     failing: failing.clone(),

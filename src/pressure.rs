@@ -4,7 +4,7 @@
 //! Ten talking lean tenants on two cores (docs/bench.md, issue 21) pushed the load average to
 //! 37; probes of healthy gateways starved past their timeout, each restart cost ~16
 //! CPU-seconds of cold start on a host already short of them, and the restarts fed a storm.
-//! kubelet and supervisord restart on such timeouts all the same; fleetd does not count a
+//! kubelet restarts on such timeouts all the same (supervisord does not probe); fleetd does not count a
 //! timeout toward a restart while the host's CPU is saturated and the agent's port still
 //! listens, for a bounded number of probes (`health::failure_counts`), so a real hang is still
 //! acted on, later.
@@ -53,7 +53,10 @@ impl HostCpu {
                 .as_deref()
                 .and_then(parse_psi_some_avg10),
             load1: read("/proc/loadavg").as_deref().and_then(parse_loadavg1),
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            // The host's online CPUs, as the load average counts the whole host (a cgroup
+            // quota or affinity mask would make `available_parallelism` smaller).
+            cpus: usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) })
+                .unwrap_or(1),
         }
     }
 

@@ -553,8 +553,12 @@ impl AgentRuntime {
                 self.healthy_since = None;
                 let why = r.error.unwrap_or_else(|| "probe failed".into());
                 if r.failures >= self.spec.health.failures {
+                    let excused = match r.excused {
+                        0 => String::new(),
+                        n => format!(", {n} more timeouts not counted on a saturated host"),
+                    };
                     self.reason = Some(format!(
-                        "{} failed /healthz probes in a row ({why})",
+                        "{} failed /healthz probes in a row{excused} ({why})",
                         r.failures
                     ));
                     self.stop_process(Purpose::Health);
@@ -593,6 +597,12 @@ impl AgentRuntime {
                 self.publish_view();
             }
             OwnerEvent::Exited { exit, heap_oom, .. } => {
+                if self.stopping.is_none() {
+                    // An exit nobody asked for: a status note it carried (a probe's error, a
+                    // grace given once more) is not its cause; every stop fleetd asks for
+                    // sets `stopping` with its reason.
+                    self.reason = None;
+                }
                 if heap_oom && self.stopping.is_none() {
                     let mut reason = heap_oom_reason(&self.spec, &self.agent, exit, self.heap_mib);
                     if let Some(raise) = self.spec.heap_raise {
