@@ -53,15 +53,7 @@ impl ListenerTable {
         let ports = match fresh {
             Some(s) => s,
             None => {
-                let mut set = HashSet::new();
-                for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-                    if let Ok(text) = std::fs::read_to_string(f) {
-                        set.extend(listening_ports(&text));
-                    } else if f.ends_with("tcp") {
-                        return None;
-                    }
-                }
-                let s = Arc::new(set);
+                let s = Arc::new(read_listening()?);
                 *guard = Some((Instant::now(), s.clone()));
                 s
             }
@@ -74,13 +66,23 @@ impl ListenerTable {
     /// on a saturated host needs an answer, and on such a host probers meet on the lock
     /// most.
     pub fn listening_or_read(&self, port: u16, max_age: Duration) -> Option<bool> {
-        if let Some(answer) = self.listening(port, max_age) {
-            return Some(answer);
-        }
-        let tcp = std::fs::read_to_string("/proc/net/tcp").ok()?;
-        let tcp6 = std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
-        Some(listening_ports(&tcp).contains(&port) || listening_ports(&tcp6).contains(&port))
+        self.listening(port, max_age)
+            .or_else(|| Some(read_listening()?.contains(&port)))
     }
+}
+
+/// Every reachable listening port in `/proc/net/tcp` and `tcp6`; `None` when `tcp` cannot be
+/// read (a kernel without IPv6 has no `tcp6`).
+fn read_listening() -> Option<HashSet<u16>> {
+    let mut set = HashSet::new();
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(f) {
+            set.extend(listening_ports(&text));
+        } else if f.ends_with("tcp") {
+            return None;
+        }
+    }
+    Some(set)
 }
 
 #[cfg(test)]

@@ -4,10 +4,10 @@
 //! Ten talking lean tenants on two cores (docs/bench.md, issue 21) pushed the load average to
 //! 37; probes of healthy gateways starved past their timeout, each restart cost ~16
 //! CPU-seconds of cold start on a host already short of them, and the restarts fed a storm.
-//! kubelet restarts on such timeouts all the same (supervisord does not probe); fleetd does not count a
-//! timeout toward a restart while the host's CPU is saturated and the agent's port still
-//! listens, for a bounded number of probes (`health::failure_counts`), so a real hang is still
-//! acted on, later.
+//! kubelet restarts on such timeouts all the same (supervisord does not probe); fleetd does
+//! not count a timeout toward a restart while the host's CPU is saturated and the agent's
+//! port still listens, for a bounded number of probes (`health::failure_counts`), so a real
+//! hang is still acted on, later.
 
 /// PSI `some avg10` (the share of the last 10 s in which at least one runnable task waited for
 /// a CPU) at or above this is a saturated host. A busy but keeping-up host measured here sat at
