@@ -412,8 +412,10 @@ impl NodeHandle {
         self.apply_spec_holding(specs, Default::default()).await
     }
 
-    /// `apply_spec`, with the agents named in `hold` (`fleet/agent`) added stopped.
-    pub(crate) async fn apply_spec_holding(
+    /// `apply_spec`, with the agents named in `hold` (`fleet/agent`) added stopped; they
+    /// refuse every start until `handed_in` (cluster mode's handover; public for its tests).
+    #[doc(hidden)]
+    pub async fn apply_spec_holding(
         &self,
         specs: Vec<FleetSpec>,
         hold: std::collections::BTreeSet<String>,
@@ -429,6 +431,16 @@ impl NodeHandle {
             Ok(CallResult::Success(r)) => r,
             _ => Err(FleetError::ShuttingDown),
         }
+    }
+
+    /// Ends the hold `apply_spec_holding` put on an agent. Ordered before any command sent
+    /// after it (one mailbox).
+    #[doc(hidden)]
+    pub fn handed_in(&self, fleet: &str, agent: &str) {
+        let _ = self.actor.send_message(NodeMsg::HandedIn {
+            fleet: fleet.to_string(),
+            agent: agent.to_string(),
+        });
     }
 
     /// Every fleet with its state, strategy and how many of its agents run.

@@ -814,7 +814,19 @@ fn a_moved_agent_takes_its_home_along_through_the_handover_dir() {
         assert!(e.contains("--handover-dir"), "{bad}: {e}");
     }
 
-    let start = |name: &str| node_with(name, &u, &["--handover-dir", shared.to_str().unwrap()]);
+    // Live archives off: what waits in the directory here is what moves left.
+    let start = |name: &str| {
+        node_with(
+            name,
+            &u,
+            &[
+                "--handover-dir",
+                shared.to_str().unwrap(),
+                "--snapshot-every",
+                "0",
+            ],
+        )
+    };
     let a = start("a");
     let mut b = start("b");
     a.create_stub_fleet("h", 2, "", &[]);
@@ -927,6 +939,102 @@ fn a_moved_agent_takes_its_home_along_through_the_handover_dir() {
     assert_eq!(waiting_archives(&shared, "h"), Vec::<String>::new());
     drop(c);
     drop(a);
+}
+
+/// Archives in the shared directory of fleet `f` made by `node` for `agent`.
+fn archives_by(shared: &Path, f: &str, node: &str, agent: &str) -> Vec<String> {
+    let prefix = format!("{node}.{agent}-");
+    waiting_archives(shared, f)
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix) && n.ends_with(".tar.gz"))
+        .collect()
+}
+
+#[test]
+fn a_dead_nodes_agents_start_elsewhere_from_their_last_live_archive() {
+    let Some((_one, dir, _etcd)) = one_etcd_serial() else {
+        return;
+    };
+    let u = url(0);
+    let shared = dir.path().join("live");
+    std::fs::create_dir(&shared).unwrap();
+    let flag = |v: &str| -> Vec<String> {
+        ["--etcd", &u, "--node-name", "x", "--handover-dir"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([
+                shared.display().to_string(),
+                "--snapshot-every".into(),
+                v.into(),
+            ])
+            .collect()
+    };
+    let e = refused(
+        dir.path(),
+        &flag("5").iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(e.contains("--snapshot-every") && e.contains("10"), "{e}");
+    let e = refused(
+        dir.path(),
+        &["--etcd", &u, "--node-name", "x", "--snapshot-every", "60"],
+    );
+    assert!(e.contains("--handover-dir"), "{e}");
+
+    let start = |name: &str| {
+        node_with(
+            name,
+            &u,
+            &[
+                "--handover-dir",
+                shared.to_str().unwrap(),
+                "--snapshot-every",
+                "10",
+            ],
+        )
+    };
+    let mut a = start("a");
+    let b = start("b");
+    a.create_stub_fleet("l", 2, "", &[]);
+    let names = ["agent-1", "agent-2"];
+    let rows = wait_until(Duration::from_secs(30), "one agent on each node", |_| {
+        let v: Vec<(String, (String, u64))> = names
+            .iter()
+            .map(|n| Some((n.to_string(), running_on(&a, "l", n, &["a", "b"])?)))
+            .collect::<Option<_>>()?;
+        (v.iter().any(|(_, (n, _))| n == "a") && v.iter().any(|(_, (n, _))| n == "b")).then_some(v)
+    });
+    let (on_a, (_, pid)) = rows.iter().find(|(_, (n, _))| n == "a").unwrap().clone();
+    write_session(pid, "said before a died");
+    // A live archive begun after the write holds it: the second new one at the latest
+    // (the first may have been under way at the write).
+    let at_write: BTreeSet<String> = archives_by(&shared, "l", "a", &on_a).into_iter().collect();
+    let mut new = BTreeSet::new();
+    wait_until(
+        Duration::from_secs(45),
+        "two live archives of it made since",
+        |_| {
+            new.extend(
+                archives_by(&shared, "l", "a", &on_a)
+                    .into_iter()
+                    .filter(|n| !at_write.contains(n)),
+            );
+            (new.len() >= 2).then_some(())
+        },
+    );
+    // Each new live archive replaces the one before: they do not pile up.
+    let kept = archives_by(&shared, "l", "a", &on_a);
+    assert!(kept.len() <= 2, "live archives pile up: {kept:?}");
+
+    a.kill9();
+    let moved = wait_until(Duration::from_secs(45), "it runs on b", |_| {
+        running_on(&b, "l", &on_a, &["b"])
+    });
+    assert_eq!(
+        session_of(moved.1).as_deref(),
+        Some("said before a died"),
+        "a node's death hands its agent's HOME over, as of its last live archive"
+    );
+    drop(b);
 }
 
 /// `fleet/agent` → pid of every running agent of `fleet`, as `d` sees the cluster.

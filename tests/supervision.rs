@@ -632,3 +632,72 @@ fn a_fleet_without_probes_runs_what_serves_nothing() {
         "a refused fleet was created"
     );
 }
+
+/// Cluster mode's handover: an agent applied held stays stopped and refuses every start (a
+/// command forwarded from another node, a fleet start, a restart) until it is handed in, or
+/// until an apply that no longer holds it; the rest of its fleet runs meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_agent_refuses_starts_until_handed_in() {
+    use fleet_commander::messages::command::{Command, Reply};
+    let (_d, node) = node().await;
+    let spec = stub_spec("held", 3, "--no-helper");
+    let hold = ["held/agent-2", "held/agent-3"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    node.apply_spec_holding(vec![spec.clone()], hold)
+        .await
+        .unwrap();
+    let t = Duration::from_secs(20);
+    wait_agent(&node, "held", "agent-1", t, "running", |s| {
+        s.state == AgentState::Running
+    })
+    .await;
+    let refused = [
+        Command::AgentStart {
+            fleet: "held".into(),
+            agent: "agent-2".into(),
+        },
+        Command::AgentRestart {
+            fleet: "held".into(),
+            agent: "agent-2".into(),
+        },
+        Command::FleetStart {
+            fleet: "held".into(),
+        },
+    ];
+    for cmd in refused {
+        let what = format!("{cmd:?}");
+        match node.execute(cmd).await {
+            Reply::Error(e) => assert!(e.to_string().contains("handed over"), "{what}: {e}"),
+            other => panic!("{what} was not refused: {other:?}"),
+        }
+    }
+    for a in ["agent-2", "agent-3"] {
+        let s = status_of(&node, "held", a).await.unwrap();
+        assert!(
+            s.state == AgentState::Stopped && s.pid.is_none(),
+            "a held agent started: {s:?}"
+        );
+    }
+    node.handed_in("held", "agent-2");
+    node.start_agent("held", "agent-2").await.unwrap();
+    wait_agent(&node, "held", "agent-2", t, "running once handed in", |s| {
+        s.state == AgentState::Running
+    })
+    .await;
+    // Still held: the hand-in was agent-2's alone.
+    assert!(node.start_agent("held", "agent-3").await.is_err());
+    node.apply_spec(vec![spec]).await.unwrap();
+    node.start_agent("held", "agent-3").await.unwrap();
+    wait_agent(
+        &node,
+        "held",
+        "agent-3",
+        t,
+        "running once no apply holds it",
+        |s| s.state == AgentState::Running,
+    )
+    .await;
+    node.shutdown().await;
+}

@@ -50,7 +50,9 @@ pub struct NodeRuntime {
     /// Agents whose HOME a restore is replacing: they cannot be started meanwhile.
     restoring: std::collections::BTreeSet<(String, String)>,
     /// `fleet/agent` of agents an `ApplySpec` adds stopped (cluster mode: a handover's
-    /// archive is restored into the HOME before the agent's first start here).
+    /// archive is restored into the HOME before the agent's first start here). Until
+    /// `HandedIn` nothing starts them: a start forwarded from another node, or an upgrade's,
+    /// between the apply and the restore would make the restore refuse a running agent.
     hold: std::collections::BTreeSet<String>,
     /// Fleets with an upgrade or rollback under way (one at a time per fleet).
     upgrading: std::collections::BTreeSet<String>,
@@ -169,10 +171,20 @@ impl Actor for NodeActor {
                 let _ = reply.send(r);
             }
             NodeMsg::ApplySpec(specs, hold, reply) => {
+                // Each apply names every agent it holds: an earlier hold it does not name is
+                // over (the cluster hands agents in before its next apply).
                 rt.hold = hold;
                 let r = rt.apply_spec(&myself, specs, false).await;
-                rt.hold.clear();
+                let fleets = &rt.data.fleets;
+                rt.hold.retain(|k| {
+                    k.split_once('/').is_some_and(|(f, a)| {
+                        fleets.get(f).is_some_and(|r| r.agents.contains_key(a))
+                    })
+                });
                 let _ = reply.send(r);
+            }
+            NodeMsg::HandedIn { fleet, agent } => {
+                rt.hold.remove(&format!("{fleet}/{agent}"));
             }
             NodeMsg::MovePort {
                 fleet,
@@ -687,6 +699,16 @@ impl NodeRuntime {
     /// An agent whose HOME a restore is replacing can be neither started, backed up nor
     /// removed until the restore is done (`agent: None`: any agent of the fleet).
     fn check_not_restoring(&self, fleet: &str, agent: Option<&str>) -> Result<(), FleetError> {
+        let held = self.hold.iter().find(|k| {
+            k.split_once('/')
+                .is_some_and(|(f, a)| f == fleet && agent.is_none_or(|x| x == a))
+        });
+        if let Some(k) = held {
+            return Err(FleetError::invalid(
+                "agent",
+                format!("{k} is being handed over from another node; try again once its HOME is restored"),
+            ));
+        }
         match self
             .restoring
             .iter()

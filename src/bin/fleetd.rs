@@ -125,6 +125,10 @@ struct Args {
     /// etcd holds (config, token, tenant settings) and starts with a fresh HOME.
     #[arg(long, value_name = "DIR", requires = "etcd")]
     handover_dir: Option<PathBuf>,
+    /// Cluster mode with --handover-dir: archive each running agent's HOME there this often
+    /// (seconds, default 900; 0: never), so a node that dies hands its agents over too.
+    #[arg(long, value_name = "SECS", requires = "handover_dir")]
+    snapshot_every: Option<u64>,
 }
 
 /// Exit status for a start refused on what the operator gave (a damaged registry, a bad spec,
@@ -338,6 +342,10 @@ async fn run(args: Args) -> Result<()> {
                 socket: socket_path.display().to_string(),
                 tls,
                 handover_dir: args.handover_dir.clone(),
+                snapshot_every: match (&args.handover_dir, args.snapshot_every) {
+                    (_, Some(0)) | (None, _) => None,
+                    (Some(_), s) => Some(std::time::Duration::from_secs(s.unwrap_or(900))),
+                },
             };
             c.validate().map_err(refused)?;
             config.cluster = true;

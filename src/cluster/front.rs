@@ -85,6 +85,10 @@ impl Front {
             }
         };
         let desired: std::collections::BTreeSet<String> = snap.agents().into_iter().collect();
+        // The live archives the handovers replace (`--snapshot-every`): read by nobody after.
+        let replaced = super::handover::pending(&self.etcd, None)
+            .await
+            .unwrap_or_default();
         let mut work = tokio::task::JoinSet::new();
         for (a, n) in &snap.claims {
             if *n == me && desired.contains(a) {
@@ -115,7 +119,15 @@ impl Front {
                 Err(e) => Err(e),
             };
             match ok {
-                Ok(true) => handed += 1,
+                Ok(true) => {
+                    handed += 1;
+                    if let Some((p, _)) =
+                        replaced.get(&a).filter(|(p, _)| p.live && p.file != h.file)
+                    {
+                        let path = super::handover::archive_path(&dir, &a, p);
+                        super::handover::remove_archive(&path);
+                    }
+                }
                 Ok(false) => {
                     super::handover::remove_archive(&super::handover::archive_path(&dir, &a, &h))
                 }

@@ -11,8 +11,13 @@
 //! restores the archive, starts it, then deletes the file and the record. A change of the
 //! desired state that removes an agent deletes its record in the same transaction
 //! (`Etcd::update_fleet`), then the file: a name added again later starts from its own
-//! desired state, never from an earlier tenant's HOME. A node that dies hands over nothing: its agents
-//! start elsewhere from the desired state alone.
+//! desired state, never from an earlier tenant's HOME.
+//!
+//! A node that dies archives nothing then, so a node also archives each agent it runs live
+//! every `--snapshot-every` (one at a time) and records it at the same key, guarded by its
+//! claim and the fleet doc, in place of the record before (whose archive it deletes): the
+//! node that takes a dead node's agent restores it as of then. An archive no record names
+//! (a refused restore's) is kept `ORPHAN_KEEP` for the operator, then swept.
 
 use super::{bounded, Etcd};
 use crate::backup;
@@ -33,6 +38,11 @@ pub struct Handover {
     pub file: String,
     /// The archive's size.
     pub bytes: u64,
+    /// Archived while the agent ran (`--snapshot-every`), for a node that dies: the node
+    /// that runs the agent replaces it as it goes. `false`: archived stopped, by a node
+    /// letting the agent go (the newest state there is).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub live: bool,
 }
 
 /// `<node>.<agent>-<UTC time>.tar.gz`: unique per node and moment.
@@ -78,12 +88,14 @@ pub fn take(rec: &Handover, dir: Option<&Path>, fleet: &str) -> Take {
     Take::Restore(dir.join(fleet).join(&rec.file))
 }
 
-/// Archives a stopped agent's HOME into `<dir>/<fleet>/`.
+/// Archives an agent's HOME into `<dir>/<fleet>/`: a stopped one's, or (`live`) a running
+/// one's, as `agent backup` does.
 pub(super) async fn archive(
     node: &NodeHandle,
     dir: &Path,
     me: &str,
     id: &str,
+    live: bool,
 ) -> Result<Handover, FleetError> {
     let (fleet, agent) = split(id)?;
     let fleet_dir = dir.join(fleet);
@@ -103,6 +115,7 @@ pub(super) async fn archive(
             node: me.to_string(),
             file,
             bytes: done.first().map_or(0, |d| d.archive_bytes),
+            live,
         }),
         Reply::Error(e) => Err(e),
         other => Err(FleetError::internal(format!(
@@ -127,7 +140,7 @@ pub(super) async fn stop_and_archive(
     if matches!(node.execute_local(stop).await, Reply::Error(_)) {
         return None;
     }
-    match archive(&node, &dir?, &me, &id).await {
+    match archive(&node, &dir?, &me, &id, false).await {
         Ok(h) => Some((id, h)),
         Err(e) => {
             tracing::warn!(agent = %id, error = %e, "its HOME could not be archived for the move: it starts elsewhere from the desired state alone");
@@ -154,6 +167,49 @@ pub(super) fn guarded_record(
             None,
         ),
     ))
+}
+
+/// Records the live archive `h` of `id` (`--snapshot-every`) in place of the record read at
+/// `prev_rev` (`None`: there was none), only while this node holds the agent's claim on
+/// `lease` and its fleet's doc is still at `fleet_rev`: an agent let go, moved or removed
+/// meanwhile keeps what its new state says. `false`: not recorded (the archive is the
+/// caller's to delete).
+pub(super) async fn record_live(
+    etcd: &Etcd,
+    id: &str,
+    fleet_rev: i64,
+    lease: i64,
+    h: &Handover,
+    prev_rev: Option<i64>,
+) -> Result<bool, FleetError> {
+    use etcd_client::{Compare, CompareOp, Txn};
+    let (fleet_guard, put) = guarded_record(&etcd.keys, id, fleet_rev, h)?;
+    let k = etcd.keys.handover(id);
+    let unchanged = match prev_rev {
+        Some(rev) => Compare::mod_revision(k, CompareOp::Equal, rev),
+        None => Compare::create_revision(k, CompareOp::Equal, 0),
+    };
+    let claimed = Compare::lease(etcd.keys.claim(id), CompareOp::Equal, lease);
+    etcd.txn(
+        Txn::new()
+            .when([fleet_guard, unchanged, claimed])
+            .and_then([put]),
+    )
+    .await
+}
+
+/// Of `agents` (`fleet/agent`, with when each was last archived live here), the one whose
+/// live archive is most overdue at `every`, if any is due. One at a time: a node's
+/// snapshots never compete with its agents for the disk more than one backup does.
+pub fn next_live<'a>(
+    agents: impl IntoIterator<Item = (&'a String, Option<std::time::Instant>)>,
+    every: std::time::Duration,
+) -> Option<&'a String> {
+    agents
+        .into_iter()
+        .filter(|(_, last)| last.is_none_or(|t| t.elapsed() >= every))
+        .min_by_key(|(_, last)| *last)
+        .map(|(a, _)| a)
 }
 
 /// Where `h`'s archive is.
@@ -212,6 +268,60 @@ pub(super) fn remove_archive(path: &Path) {
     }
 }
 
+/// How long an archive no record names is kept in the handover directory: the one a restore
+/// refused, or a taker without `--handover-dir` skipped, is the only copy of those sessions,
+/// for the operator to restore by hand (`agent restore`); after this it is deleted.
+pub const ORPHAN_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// At most this many entries are looked at per sweep (a shared directory may hold anything).
+const SWEEP_MAX_ENTRIES: usize = 100_000;
+
+/// The archives in `<dir>/<fleet>/` that no record names (`named`) and that were last
+/// written before `now - keep`. Only plain archive names of regular files are candidates:
+/// a symlink, a directory, a FIFO, a file being written (`.`-named) is never one, and no
+/// symlinked fleet directory is entered.
+pub fn orphans(
+    dir: &Path,
+    named: &std::collections::BTreeSet<PathBuf>,
+    now: std::time::SystemTime,
+    keep: std::time::Duration,
+) -> Vec<PathBuf> {
+    let Some(cutoff) = now.checked_sub(keep) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut seen = 0usize;
+    let Ok(fleets) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for f in fleets.flatten() {
+        let Ok(ft) = f.file_type() else { continue };
+        if !ft.is_dir() {
+            continue;
+        }
+        let Ok(files) = std::fs::read_dir(f.path()) else {
+            continue;
+        };
+        for e in files.flatten() {
+            seen += 1;
+            if seen > SWEEP_MAX_ENTRIES {
+                return out;
+            }
+            let path = e.path();
+            let plain = e.file_name().to_str().is_some_and(plain_file_name);
+            if !plain || named.contains(&path) {
+                continue;
+            }
+            // `DirEntry::metadata` does not follow a symlink.
+            let Ok(m) = e.metadata() else { continue };
+            if m.file_type().is_file() && m.modified().is_ok_and(|t| t < cutoff) {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
 fn split(id: &str) -> Result<(&str, &str), FleetError> {
     id.split_once('/')
         .ok_or_else(|| FleetError::internal(format!("{id:?} is not fleet/agent")))
@@ -227,6 +337,7 @@ mod tests {
             node: node.into(),
             file: file.into(),
             bytes: 1,
+            live: false,
         };
         let dir = Path::new("/shared/handover");
         let ok = "n1.bot-20261202T101010.123Z.tar.gz";
@@ -262,6 +373,86 @@ mod tests {
                 _ => assert_eq!(got, want, "case {i}"),
             }
         }
+    }
+
+    #[test]
+    fn only_old_unrecorded_plain_archives_are_orphans() {
+        use std::time::{Duration, SystemTime};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let f = dir.join("f");
+        std::fs::create_dir(&f).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(8 * 24 * 3600);
+        let file = |name: &str, at: SystemTime| {
+            let p = f.join(name);
+            std::fs::write(&p, b"x").unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(at)
+                .unwrap();
+            p
+        };
+        let orphan = file("n1.a-1.tar.gz", old);
+        let recorded = file("n1.b-1.tar.gz", old);
+        file("n1.c-1.tar.gz", SystemTime::now());
+        file(".n1.d-1.tar.gz", old);
+        file("notes.txt", old);
+        std::os::unix::fs::symlink(&orphan, f.join("n1.e-1.tar.gz")).unwrap();
+        std::fs::create_dir(f.join("n1.g-1.tar.gz")).unwrap();
+        // A fleet directory that is a symlink is not entered.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let outside = elsewhere.path().join("n1.h-1.tar.gz");
+        std::fs::write(&outside, b"x").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&outside)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), dir.join("g")).unwrap();
+        let named = [recorded].into_iter().collect();
+        let got = orphans(dir, &named, SystemTime::now(), ORPHAN_KEEP);
+        assert_eq!(got, vec![orphan]);
+        assert!(orphans(&dir.join("missing"), &named, SystemTime::now(), ORPHAN_KEEP).is_empty());
+    }
+
+    #[test]
+    fn the_most_overdue_agent_is_archived_live_next() {
+        use std::time::{Duration, Instant};
+        let every = Duration::from_secs(60);
+        let now = Instant::now();
+        let (a, b, c) = ("f/a".to_string(), "f/b".to_string(), "f/c".to_string());
+        let long = now.checked_sub(Duration::from_secs(300)).unwrap();
+        let longer = now.checked_sub(Duration::from_secs(600)).unwrap();
+        type Case<'a> = (Vec<(&'a String, Option<Instant>)>, Option<&'a String>);
+        let cases: [Case; 5] = [
+            (vec![], None),
+            (vec![(&a, Some(now))], None),
+            (vec![(&a, Some(now)), (&b, Some(long))], Some(&b)),
+            (vec![(&a, Some(long)), (&b, Some(longer))], Some(&b)),
+            // Never archived here comes first.
+            (vec![(&a, Some(longer)), (&c, None)], Some(&c)),
+        ];
+        for (i, (agents, want)) in cases.into_iter().enumerate() {
+            assert_eq!(next_live(agents, every), want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn a_live_archive_record_reads_back_and_old_records_still_parse() {
+        let h = Handover {
+            node: "n1".into(),
+            file: "n1.a-1.tar.gz".into(),
+            bytes: 3,
+            live: true,
+        };
+        let back: Handover = serde_json::from_slice(&serde_json::to_vec(&h).unwrap()).unwrap();
+        assert_eq!(back, h);
+        let old: Handover =
+            serde_json::from_str(r#"{"node":"n1","file":"n1.a-1.tar.gz","bytes":3}"#).unwrap();
+        assert!(!old.live);
     }
 
     #[test]

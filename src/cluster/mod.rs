@@ -59,6 +59,9 @@ pub struct ClusterConfig {
     /// A directory every node mounts at this path: a moved agent's HOME goes through it
     /// (`handover`). `None`: a move keeps the desired state, not the old HOME.
     pub handover_dir: Option<std::path::PathBuf>,
+    /// `--snapshot-every`: each agent running here is archived live into `handover_dir`
+    /// this often, so a node that dies hands over its agents' HOMEs as of then. `None`: off.
+    pub snapshot_every: Option<Duration>,
 }
 
 #[derive(Clone)]
@@ -142,6 +145,23 @@ impl ClusterConfig {
                         format!("{}: {e}", d.display()),
                     ))
                 }
+            }
+        }
+        if let Some(every) = self.snapshot_every {
+            if self.handover_dir.is_none() {
+                return Err(FleetError::invalid(
+                    "--snapshot-every",
+                    "needs --handover-dir: the archives go there",
+                ));
+            }
+            if every < Duration::from_secs(10) {
+                return Err(FleetError::invalid(
+                    "--snapshot-every",
+                    format!(
+                        "{} s: at least 10 seconds (0 turns it off)",
+                        every.as_secs()
+                    ),
+                ));
             }
         }
         if !(3..=300).contains(&self.lease_ttl) {
@@ -453,6 +473,10 @@ pub async fn join(node: &NodeHandle, cfg: ClusterConfig) -> Result<(), FleetErro
         last_error: None,
         handed: BTreeMap::new(),
         to_consume: Vec::new(),
+        swept: None,
+        live_at: BTreeMap::new(),
+        live_mine: BTreeMap::new(),
+        snapping: None,
     };
     tokio::spawn(runner.run());
     Ok(())
@@ -499,7 +523,18 @@ struct Runner {
     handed: BTreeMap<String, (handover::Handover, i64)>,
     /// Handover records taken in (restored or not) whose deletion etcd did not confirm.
     to_consume: Vec<(String, i64)>,
+    /// When the handover directory was last swept of archives no record names.
+    swept: Option<Instant>,
+    /// `--snapshot-every`: when each local agent was last archived live (or tried).
+    live_at: BTreeMap<String, Instant>,
+    /// The live records this node wrote, until replaced: a release that records a handover
+    /// over one deletes its archive.
+    live_mine: BTreeMap<String, handover::Handover>,
+    /// The live archive being made, with the fleet doc's revision it was started at.
+    snapping: Option<LiveJob>,
 }
+
+type LiveJob = tokio::task::JoinHandle<(String, i64, Result<handover::Handover, FleetError>)>;
 
 const TICK: Duration = Duration::from_millis(500);
 /// However quiet the watch, `d/` is read in full this often (what a missed event costs).
@@ -507,6 +542,8 @@ const FULL_READ_EVERY: Duration = Duration::from_secs(5);
 /// A transaction's compares and puts count against etcd's 128 operations (its default
 /// `--max-txn-ops`).
 const CLAIMS_PER_TXN: usize = 60;
+/// How often a node with a handover directory sweeps it (`sweep_orphans`).
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 impl Runner {
     async fn run(mut self) {
@@ -578,7 +615,125 @@ impl Runner {
             self.lead(&snap).await?;
         }
         self.follow(&snap, lease).await?;
-        self.publish(lease).await
+        self.publish(lease).await?;
+        self.sweep_orphans().await?;
+        self.snapshot_step(snap_fleet_revs(&snap), lease).await
+    }
+
+    /// `--snapshot-every`: records the live archive that finished, else starts the next
+    /// one due (one at a time, in a task of its own so no round waits for a backup).
+    async fn snapshot_step(
+        &mut self,
+        fleet_revs: BTreeMap<String, i64>,
+        lease: i64,
+    ) -> Result<(), FleetError> {
+        let (Some(dir), Some(every)) = (self.cfg.handover_dir.clone(), self.cfg.snapshot_every)
+        else {
+            return Ok(());
+        };
+        if let Some(job) = self.snapping.take() {
+            if !job.is_finished() {
+                self.snapping = Some(job);
+                return Ok(());
+            }
+            let Ok((id, fleet_rev, made)) = job.await else {
+                return Ok(());
+            };
+            self.live_at.insert(id.clone(), Instant::now());
+            let h = match made {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(agent = %id, error = %e, "its live archive failed; tried again at the next interval");
+                    return Ok(());
+                }
+            };
+            let path = handover::archive_path(&dir, &id, &h);
+            let prev = handover::pending(&self.etcd, id.split('/').next())
+                .await
+                .inspect_err(|_| handover::remove_archive(&path))?
+                .remove(&id);
+            // An etcd error leaves the archive: the record may have been written.
+            let recorded = handover::record_live(
+                &self.etcd,
+                &id,
+                fleet_rev,
+                lease,
+                &h,
+                prev.as_ref().map(|p| p.1),
+            )
+            .await?;
+            if !recorded {
+                // Let go, moved, removed or handed over meanwhile: its new state stands.
+                handover::remove_archive(&path);
+                return Ok(());
+            }
+            if let Some((p, _)) = prev.filter(|(p, _)| p.file != h.file) {
+                handover::remove_archive(&handover::archive_path(&dir, &id, &p));
+            }
+            self.live_mine.insert(id, h);
+            return Ok(());
+        }
+        let local: BTreeSet<String> = self
+            .applied
+            .iter()
+            .flatten()
+            .flat_map(|s| s.agents.iter().map(move |a| format!("{}/{a}", s.name)))
+            .filter(|a| !self.stopped_here.contains(a))
+            .collect();
+        self.live_at.retain(|a, _| local.contains(a));
+        self.live_mine.retain(|a, _| local.contains(a));
+        let next = handover::next_live(
+            local.iter().map(|a| (a, self.live_at.get(a).copied())),
+            every,
+        );
+        let Some(id) = next.cloned() else {
+            return Ok(());
+        };
+        let Some(&rev) = id.split('/').next().and_then(|f| fleet_revs.get(f)) else {
+            return Ok(());
+        };
+        let (node, me) = (self.node.clone(), self.cfg.node_name.clone());
+        self.snapping = Some(tokio::spawn(async move {
+            let made = handover::archive(&node, &dir, &me, &id, true).await;
+            (id, rev, made)
+        }));
+        Ok(())
+    }
+
+    /// Deletes the handover archives no record names once they are `ORPHAN_KEEP` old (a
+    /// refused restore's, a skipped one's, one a shutdown's bound cut off from its record):
+    /// without this the shared directory grows with every such move. Every node with the
+    /// directory sweeps; two deleting one file is harmless.
+    async fn sweep_orphans(&mut self) -> Result<(), FleetError> {
+        let Some(dir) = self.cfg.handover_dir.clone() else {
+            return Ok(());
+        };
+        if self.swept.is_some_and(|t| t.elapsed() < SWEEP_EVERY) {
+            return Ok(());
+        }
+        let waiting = handover::pending(&self.etcd, None).await?;
+        self.swept = Some(Instant::now());
+        let named: BTreeSet<std::path::PathBuf> = waiting
+            .iter()
+            .chain(self.handed.iter())
+            .map(|(id, (h, _))| handover::archive_path(&dir, id, h))
+            .collect();
+        let deleted = tokio::task::spawn_blocking(move || {
+            let found = handover::orphans(
+                &dir,
+                &named,
+                std::time::SystemTime::now(),
+                handover::ORPHAN_KEEP,
+            );
+            found.iter().for_each(|p| handover::remove_archive(p));
+            found
+        })
+        .await
+        .map_err(FleetError::internal)?;
+        for p in deleted {
+            tracing::info!(path = %p.display(), "deleted a handover archive no record names, 7 days old");
+        }
+        Ok(())
     }
 
     /// The desired state: the cached full read while the watch on `d/` has seen no change
@@ -808,8 +963,22 @@ impl Runner {
             if !new.is_empty() {
                 let mut waiting = handover::pending(&self.etcd, None).await?;
                 for a in new {
-                    if let Some(h) = waiting.remove(a) {
-                        incoming.insert(a.clone(), h);
+                    let Some((h, rev)) = waiting.remove(a) else {
+                        continue;
+                    };
+                    // Its own live archive of a HOME still here (fleetd restarted) is older
+                    // than that HOME: it stays the record, and the HOME is kept.
+                    let own_home = h.live
+                        && h.node == self.cfg.node_name
+                        && a.split_once('/').is_some_and(|(f, ag)| {
+                            crate::provision::AgentPaths::new(self.node.state_dir(), f, ag)
+                                .home
+                                .is_dir()
+                        });
+                    if own_home {
+                        self.live_mine.insert(a.clone(), h);
+                    } else {
+                        incoming.insert(a.clone(), (h, rev));
                     }
                 }
             }
@@ -837,8 +1006,29 @@ impl Runner {
                 }
             }
         }
+        // The restores run side by side, a few at a time (a dead node's whole share arrives
+        // at once, and one restore takes about a second); each agent starts once its own is
+        // done.
+        let gate = Arc::new(tokio::sync::Semaphore::new(RESTORES_AT_ONCE));
+        let mut restores = tokio::task::JoinSet::new();
         for (a, (h, rev)) in incoming {
-            self.hand_in(snap, &a, h, rev).await;
+            let (node, dir, gate) = (
+                self.node.clone(),
+                self.cfg.handover_dir.clone(),
+                gate.clone(),
+            );
+            restores.spawn(async move {
+                let _turn = gate.acquire_owned().await;
+                restore_handed(&node, dir.as_deref(), &a, &h).await;
+                (a, rev)
+            });
+        }
+        while let Some(done) = restores.join_next().await {
+            match done {
+                Ok((a, rev)) => self.hand_in(snap, &a, rev).await,
+                // Still held: the next apply that takes it in again decides.
+                Err(e) => tracing::error!(error = %e, "a handover's restore task failed"),
+            }
         }
         let mut unconfirmed = Vec::new();
         for (a, rev) in std::mem::take(&mut self.to_consume) {
@@ -966,6 +1156,12 @@ impl Runner {
                 }
             }
         }
+        // A handover recorded over this node's live record: that archive is read by nobody.
+        if let Some(h) = self.live_mine.remove(a).filter(|_| ok && recorded) {
+            if let Some(d) = &self.cfg.handover_dir {
+                handover::remove_archive(&handover::archive_path(d, a, &h));
+            }
+        }
         if !ok {
             if !recorded {
                 // Only the claim's compare could fail: it is not this node's any more.
@@ -980,37 +1176,14 @@ impl Runner {
         Ok(())
     }
 
-    /// An agent taken over with a handover: restores the archive into the HOME it was
-    /// added with (stopped), then starts it unless the operator stopped it. A restore that
-    /// fails leaves the HOME as provisioned (the desired state's) and the archive in place.
-    async fn hand_in(&mut self, snap: &Snapshot, a: &str, h: handover::Handover, rev: i64) {
+    /// An agent taken over with a handover, its archive restored (`restore_handed`): starts
+    /// it unless the operator stopped it, and has its record deleted.
+    async fn hand_in(&mut self, snap: &Snapshot, a: &str, rev: i64) {
         let Some((f, ag)) = a.split_once('/') else {
             return;
         };
-        match handover::take(&h, self.cfg.handover_dir.as_deref(), f) {
-            handover::Take::Restore(path) => {
-                let cmd = Command::AgentRestore {
-                    fleet: f.into(),
-                    agent: ag.into(),
-                    from: path.clone(),
-                    force: false,
-                };
-                match self.node.execute_local(cmd).await {
-                    // Restored, whatever its token rotation answered.
-                    Reply::Done { .. } | Reply::Error(FleetError::Partial { .. }) => {
-                        tracing::info!(agent = %a, from = %h.node, bytes = h.bytes, "its HOME was handed over");
-                        handover::remove_archive(&path);
-                    }
-                    other => {
-                        tracing::warn!(agent = %a, archive = %path.display(), answer = ?other, "the handover archive was not restored: it starts from the desired state alone (the archive stays)");
-                    }
-                }
-            }
-            handover::Take::Skip(why) => {
-                tracing::warn!(agent = %a, reason = %why, "no handover: it starts from the desired state alone");
-            }
-        }
         self.to_consume.push((a.to_string(), rev));
+        self.node.handed_in(f, ag);
         let want_stopped = snap
             .fleets
             .get(f)
@@ -1182,6 +1355,53 @@ fn applied_has(applied: Option<&[FleetSpec]>, a: &str) -> bool {
         .unwrap_or_default()
         .iter()
         .any(|s| s.name == f && s.agents.iter().any(|x| x == ag))
+}
+
+/// Restores of handed-over HOMEs run at most this many at a time.
+const RESTORES_AT_ONCE: usize = 4;
+
+/// Restores the archive of `h` into the HOME `a` was added with (stopped, held). A restore
+/// that fails leaves the HOME as provisioned (the desired state's) and the archive in place.
+async fn restore_handed(
+    node: &NodeHandle,
+    dir: Option<&std::path::Path>,
+    a: &str,
+    h: &handover::Handover,
+) {
+    let Some((f, ag)) = a.split_once('/') else {
+        return;
+    };
+    match handover::take(h, dir, f) {
+        handover::Take::Restore(path) => {
+            let cmd = Command::AgentRestore {
+                fleet: f.into(),
+                agent: ag.into(),
+                from: path.clone(),
+                force: false,
+            };
+            match node.execute_local(cmd).await {
+                // Restored, whatever its token rotation answered.
+                Reply::Done { .. } | Reply::Error(FleetError::Partial { .. }) => {
+                    tracing::info!(agent = %a, from = %h.node, bytes = h.bytes, live = h.live, "its HOME was handed over");
+                    handover::remove_archive(&path);
+                }
+                other => {
+                    tracing::warn!(agent = %a, archive = %path.display(), answer = ?other, "the handover archive was not restored: it starts from the desired state alone (the archive stays)");
+                }
+            }
+        }
+        handover::Take::Skip(why) => {
+            tracing::warn!(agent = %a, reason = %why, "no handover: it starts from the desired state alone");
+        }
+    }
+}
+
+/// Each fleet's doc revision in `snap` (a live archive's record is guarded by it).
+fn snap_fleet_revs(snap: &Snapshot) -> BTreeMap<String, i64> {
+    snap.fleets
+        .iter()
+        .map(|(f, (_, rev))| (f.clone(), *rev))
+        .collect()
 }
 
 /// The specs the local node must run: each fleet with only the agents this node holds.

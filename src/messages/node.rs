@@ -13,7 +13,8 @@ pub enum NodeMsg {
     /// Create a fleet from a full spec (the library API and the spec file).
     CreateFleet(Box<FleetSpec>, RpcReplyPort<Result<(), FleetError>>),
     /// Apply a whole desired spec (spec file load or reload): create, remove, restart only what
-    /// changed. The agents named `fleet/agent` in the set are added stopped.
+    /// changed. The agents named `fleet/agent` in the set are added stopped, and refuse to
+    /// start until `HandedIn`.
     ApplySpec(
         Vec<FleetSpec>,
         std::collections::BTreeSet<String>,
@@ -55,6 +56,9 @@ pub enum NodeMsg {
     },
     /// A restore's task ended: the agent may be started again.
     RestoreDone { fleet: String, agent: String },
+    /// An agent an `ApplySpec` held is handed in (its archive restored, or none to wait
+    /// for): it may be started.
+    HandedIn { fleet: String, agent: String },
     /// An upgrade or rollback task ended (its record is saved): the fleet may take another.
     UpgradeDone { fleet: String },
     /// From the sampler: the agent stayed above its fleet's max_memory.
