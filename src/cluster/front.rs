@@ -121,8 +121,9 @@ impl Front {
             match ok {
                 Ok(true) => {
                     handed += 1;
-                    if let Some((p, _)) =
-                        replaced.get(&a).filter(|(p, _)| p.live && p.file != h.file)
+                    if let Some((p, _)) = replaced
+                        .get(&a)
+                        .filter(|(p, _)| p.live && p.node == me && p.file != h.file)
                     {
                         let path = super::handover::archive_path(&dir, &a, p);
                         super::handover::remove_archive(&path);

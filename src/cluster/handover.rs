@@ -143,7 +143,7 @@ pub(super) async fn stop_and_archive(
     match archive(&node, &dir?, &me, &id, false).await {
         Ok(h) => Some((id, h)),
         Err(e) => {
-            tracing::warn!(agent = %id, error = %e, "its HOME could not be archived for the move: it starts elsewhere from the desired state alone");
+            tracing::warn!(agent = %id, error = %e, "its HOME could not be archived for the move: it starts elsewhere from its last live archive if one is recorded, else from the desired state alone");
             None
         }
     }
@@ -257,6 +257,20 @@ pub(super) async fn consume(etcd: &Etcd, id: &str, rev: i64) -> Result<(), Fleet
     .map(drop)
 }
 
+/// Marks an archive as last written now (best effort): the sweep keeps it `ORPHAN_KEEP`
+/// from the moment its restore was refused, not from when it was made.
+pub(super) fn touch(path: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let r = std::fs::File::options()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    if let Err(e) = r {
+        tracing::debug!(path = %path.display(), error = %e, "a kept handover archive's time was not renewed");
+    }
+}
+
 /// Best effort: a file left behind is named in the log.
 pub(super) fn remove_archive(path: &Path) {
     match std::fs::remove_file(path) {
@@ -273,9 +287,6 @@ pub(super) fn remove_archive(path: &Path) {
 /// for the operator to restore by hand (`agent restore`); after this it is deleted.
 pub const ORPHAN_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
-/// At most this many entries are looked at per sweep (a shared directory may hold anything).
-const SWEEP_MAX_ENTRIES: usize = 100_000;
-
 /// The archives in `<dir>/<fleet>/` that no record names (`named`) and that were last
 /// written before `now - keep`. Only plain archive names of regular files are candidates:
 /// a symlink, a directory, a FIFO, a file being written (`.`-named) is never one, and no
@@ -290,7 +301,6 @@ pub fn orphans(
         return Vec::new();
     };
     let mut out = Vec::new();
-    let mut seen = 0usize;
     let Ok(fleets) = std::fs::read_dir(dir) else {
         return out;
     };
@@ -303,10 +313,6 @@ pub fn orphans(
             continue;
         };
         for e in files.flatten() {
-            seen += 1;
-            if seen > SWEEP_MAX_ENTRIES {
-                return out;
-            }
             let path = e.path();
             let plain = e.file_name().to_str().is_some_and(plain_file_name);
             if !plain || named.contains(&path) {

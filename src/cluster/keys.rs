@@ -283,6 +283,41 @@ impl Snapshot {
         }
     }
 
+    /// Applies one event of a watch on `d/` (delivered in revision order after the read
+    /// this snapshot was made from).
+    pub fn apply(&mut self, keys: &Keys, ev: &etcd_client::Event) {
+        let Some(kv) = ev.kv() else {
+            return;
+        };
+        let key = String::from_utf8_lossy(kv.key()).to_string();
+        self.unreadable.retain(|k| *k != key);
+        self.revision = self.revision.max(kv.mod_revision());
+        match ev.event_type() {
+            etcd_client::EventType::Put => self.take(keys, &key, kv.value(), kv.mod_revision()),
+            etcd_client::EventType::Delete => self.forget(keys, &key),
+        }
+    }
+
+    /// Drops what `key` held (it was deleted).
+    pub fn forget(&mut self, keys: &Keys, key: &str) {
+        let Some(rest) = key.strip_prefix(&keys.prefix) else {
+            return;
+        };
+        match rest.split_once('/') {
+            Some(("d", "leader")) => self.leader = None,
+            Some(("d", rest)) => match rest.split_once('/') {
+                Some(("fleets", f)) => drop(self.fleets.remove(f)),
+                Some(("nodes", n)) => drop(self.nodes.remove(n)),
+                Some(("cordon", n)) => drop(self.marks.remove(n)),
+                Some(("assign", a)) => drop(self.assign.remove(a)),
+                Some(("claims", a)) => drop(self.claims.remove(a)),
+                _ => {}
+            },
+            Some(("o", n)) => drop(self.observed.remove(n)),
+            _ => {}
+        }
+    }
+
     /// The doc of a fleet that has `agent`, else the error naming what is missing.
     pub fn doc_with(&self, fleet: &str, agent: &str) -> Result<&FleetDoc, crate::FleetError> {
         let Some((doc, _)) = self.fleets.get(fleet) else {
@@ -338,6 +373,56 @@ mod tests {
         assert_eq!(s.marks["n2"], Mark::Drain);
         assert_eq!(s.leader.as_deref(), Some("n1"));
         assert_eq!(s.unreadable, vec!["/fc/d/nodes/n1", "/fc/d/unknown/x"]);
+    }
+
+    #[test]
+    fn a_deleted_key_leaves_the_snapshot_and_only_its_own_entry_goes() {
+        let k = Keys::new("/fc");
+        let mut spec = FleetSpec::new("bots");
+        spec.agents = vec!["a1".into()];
+        let doc = FleetDoc {
+            spec,
+            stopped: BTreeSet::new(),
+            declared_by: None,
+        };
+        let fill = |s: &mut Snapshot| {
+            s.take(&k, &k.fleet("bots"), &serde_json::to_vec(&doc).unwrap(), 7);
+            s.take(&k, &k.fleet("other"), &serde_json::to_vec(&doc).unwrap(), 7);
+            s.take(&k, &k.assign("bots/a1"), b"n1", 8);
+            s.take(&k, &k.assign("other/a1"), b"n1", 8);
+            s.take(&k, &k.claim("bots/a1"), b"n1", 9);
+            s.take(&k, &k.claim("other/a1"), b"n1", 9);
+            s.take(&k, &k.cordon("n2"), b"drain", 9);
+            s.take(&k, &k.cordon("n3"), b"cordon", 9);
+            s.take(&k, &k.leader(), b"n1", 10);
+        };
+        let mut full = Snapshot::default();
+        fill(&mut full);
+        type Holds = fn(&Snapshot) -> bool;
+        let cases: [(String, Holds); 5] = [
+            (k.fleet("bots"), |s| {
+                !s.fleets.contains_key("bots") && s.fleets.contains_key("other")
+            }),
+            (k.assign("bots/a1"), |s| {
+                !s.assign.contains_key("bots/a1") && s.assign.contains_key("other/a1")
+            }),
+            (k.claim("bots/a1"), |s| {
+                !s.claims.contains_key("bots/a1") && s.claims.contains_key("other/a1")
+            }),
+            (k.cordon("n2"), |s| {
+                !s.marks.contains_key("n2") && s.marks.contains_key("n3")
+            }),
+            (k.leader(), |s| s.leader.is_none() && s.fleets.len() == 2),
+        ];
+        for (key, holds) in cases {
+            let mut s = Snapshot::default();
+            fill(&mut s);
+            s.forget(&k, &key);
+            assert!(holds(&s), "{key}: {s:?}");
+            // Put back, it reads as before.
+            fill(&mut s);
+            assert_eq!(format!("{s:?}"), format!("{full:?}"), "{key}");
+        }
     }
 
     #[test]

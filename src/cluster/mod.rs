@@ -534,11 +534,21 @@ struct Runner {
     snapping: Option<LiveJob>,
 }
 
-type LiveJob = tokio::task::JoinHandle<(String, i64, Result<handover::Handover, FleetError>)>;
+/// A live archive under way (`--snapshot-every`).
+struct LiveJob {
+    agent: String,
+    /// The fleet doc's revision and the lease when it began: its record is guarded by both.
+    fleet_rev: i64,
+    lease: i64,
+    /// Its agent was let go or taken in again since: the archive is deleted, not recorded.
+    void: bool,
+    task: tokio::task::JoinHandle<Result<handover::Handover, FleetError>>,
+}
 
 const TICK: Duration = Duration::from_millis(500);
-/// However quiet the watch, `d/` is read in full this often (what a missed event costs).
-const FULL_READ_EVERY: Duration = Duration::from_secs(5);
+/// However the watch goes, `d/` is read in full this often (a backstop: the watch delivers
+/// every change in order, and says when it cannot).
+const FULL_READ_EVERY: Duration = Duration::from_secs(30);
 /// A transaction's compares and puts count against etcd's 128 operations (its default
 /// `--max-txn-ops`).
 const CLAIMS_PER_TXN: usize = 60;
@@ -616,7 +626,7 @@ impl Runner {
         }
         self.follow(&snap, lease).await?;
         self.publish(lease).await?;
-        self.sweep_orphans().await?;
+        self.sweep_orphans();
         self.snapshot_step(snap_fleet_revs(&snap), lease).await
     }
 
@@ -632,22 +642,29 @@ impl Runner {
             return Ok(());
         };
         if let Some(job) = self.snapping.take() {
-            if !job.is_finished() {
+            if !job.task.is_finished() {
                 self.snapping = Some(job);
                 return Ok(());
             }
-            let Ok((id, fleet_rev, made)) = job.await else {
+            let Ok(made) = job.task.await else {
                 return Ok(());
             };
-            self.live_at.insert(id.clone(), Instant::now());
+            let id = job.agent;
             let h = match made {
                 Ok(h) => h,
                 Err(e) => {
+                    self.live_at.insert(id.clone(), Instant::now());
                     tracing::warn!(agent = %id, error = %e, "its live archive failed; tried again at the next interval");
                     return Ok(());
                 }
             };
             let path = handover::archive_path(&dir, &id, &h);
+            // Begun under another claim (let go, taken in again, a new lease): what it read
+            // may be older than what the agent's present claim started from.
+            if job.void || job.lease != lease {
+                handover::remove_archive(&path);
+                return Ok(());
+            }
             let prev = handover::pending(&self.etcd, id.split('/').next())
                 .await
                 .inspect_err(|_| handover::remove_archive(&path))?
@@ -656,18 +673,23 @@ impl Runner {
             let recorded = handover::record_live(
                 &self.etcd,
                 &id,
-                fleet_rev,
+                job.fleet_rev,
                 lease,
                 &h,
                 prev.as_ref().map(|p| p.1),
             )
             .await?;
             if !recorded {
-                // Let go, moved, removed or handed over meanwhile: its new state stands.
+                // Let go, moved, removed, or its fleet's doc changed meanwhile: tried again
+                // next round if it is still here.
                 handover::remove_archive(&path);
                 return Ok(());
             }
-            if let Some((p, _)) = prev.filter(|(p, _)| p.file != h.file) {
+            self.live_at.insert(id.clone(), Instant::now());
+            // Only this node's own live archive is replaced for good; another record (a
+            // handover whose deletion failed) names an archive kept for the operator.
+            let me = self.cfg.node_name.as_str();
+            if let Some((p, _)) = prev.filter(|(p, _)| p.live && p.node == me && p.file != h.file) {
                 handover::remove_archive(&handover::archive_path(&dir, &id, &p));
             }
             self.live_mine.insert(id, h);
@@ -689,57 +711,86 @@ impl Runner {
         let Some(id) = next.cloned() else {
             return Ok(());
         };
-        let Some(&rev) = id.split('/').next().and_then(|f| fleet_revs.get(f)) else {
+        let Some(&fleet_rev) = id.split('/').next().and_then(|f| fleet_revs.get(f)) else {
             return Ok(());
         };
-        let (node, me) = (self.node.clone(), self.cfg.node_name.clone());
-        self.snapping = Some(tokio::spawn(async move {
-            let made = handover::archive(&node, &dir, &me, &id, true).await;
-            (id, rev, made)
-        }));
+        let (node, me, a) = (self.node.clone(), self.cfg.node_name.clone(), id.clone());
+        self.snapping = Some(LiveJob {
+            agent: id,
+            fleet_rev,
+            lease,
+            void: false,
+            task: tokio::spawn(async move { handover::archive(&node, &dir, &me, &a, true).await }),
+        });
         Ok(())
+    }
+
+    /// The live archive under way of `agent` (`None`: any) is not to be recorded: its agent
+    /// was let go, taken in again, or everything here was stopped.
+    fn void_live_job(&mut self, agent: Option<&str>) {
+        if let Some(j) = self.snapping.as_mut() {
+            if agent.is_none_or(|a| a == j.agent) {
+                j.void = true;
+            }
+        }
     }
 
     /// Deletes the handover archives no record names once they are `ORPHAN_KEEP` old (a
     /// refused restore's, a skipped one's, one a shutdown's bound cut off from its record):
     /// without this the shared directory grows with every such move. Every node with the
-    /// directory sweeps; two deleting one file is harmless.
-    async fn sweep_orphans(&mut self) -> Result<(), FleetError> {
+    /// directory sweeps, in a task of its own (a shared directory may be slow and large);
+    /// two deleting one file is harmless.
+    fn sweep_orphans(&mut self) {
         let Some(dir) = self.cfg.handover_dir.clone() else {
-            return Ok(());
+            return;
         };
         if self.swept.is_some_and(|t| t.elapsed() < SWEEP_EVERY) {
-            return Ok(());
+            return;
         }
-        let waiting = handover::pending(&self.etcd, None).await?;
         self.swept = Some(Instant::now());
-        let named: BTreeSet<std::path::PathBuf> = waiting
+        let etcd = self.etcd.clone();
+        let mine: Vec<std::path::PathBuf> = self
+            .handed
             .iter()
-            .chain(self.handed.iter())
             .map(|(id, (h, _))| handover::archive_path(&dir, id, h))
             .collect();
-        let deleted = tokio::task::spawn_blocking(move || {
-            let found = handover::orphans(
-                &dir,
-                &named,
-                std::time::SystemTime::now(),
-                handover::ORPHAN_KEEP,
-            );
-            found.iter().for_each(|p| handover::remove_archive(p));
-            found
-        })
-        .await
-        .map_err(FleetError::internal)?;
-        for p in deleted {
-            tracing::info!(path = %p.display(), "deleted a handover archive no record names, 7 days old");
-        }
-        Ok(())
+        tokio::spawn(async move {
+            let waiting = match handover::pending(&etcd, None).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the handover directory's sweep could not read the records; tried again in an hour");
+                    return;
+                }
+            };
+            let mut named: BTreeSet<std::path::PathBuf> = waiting
+                .iter()
+                .map(|(id, (h, _))| handover::archive_path(&dir, id, h))
+                .collect();
+            named.extend(mine);
+            let deleted = tokio::task::spawn_blocking(move || {
+                let found = handover::orphans(
+                    &dir,
+                    &named,
+                    std::time::SystemTime::now(),
+                    handover::ORPHAN_KEEP,
+                );
+                found.iter().for_each(|p| handover::remove_archive(p));
+                found
+            })
+            .await
+            .unwrap_or_default();
+            for p in deleted {
+                tracing::info!(path = %p.display(), "deleted a handover archive no record names, 7 days old");
+            }
+        });
     }
 
-    /// The desired state: the cached full read while the watch on `d/` has seen no change
-    /// (and it is younger than `FULL_READ_EVERY`), else a new full read.
+    /// The desired state: the last full read with what the watch on `d/` delivered since
+    /// applied to it, while the watch holds and the read is younger than `FULL_READ_EVERY`;
+    /// else a new full read. A quiet or busy cluster alike costs each node one full read
+    /// per `FULL_READ_EVERY`, not one per change.
     async fn desired(&mut self) -> Result<Snapshot, FleetError> {
-        let mut stale = self.watch.is_none();
+        let mut stale = self.watch.is_none() || self.cache.is_none();
         if let Some(w) = self.watch.as_mut() {
             // What the watch has already delivered, without waiting for more.
             loop {
@@ -750,7 +801,13 @@ impl Runner {
                         self.watch = None;
                         break;
                     }
-                    Ok(Ok(Some(r))) => stale |= !r.events().is_empty(),
+                    Ok(Ok(Some(r))) => {
+                        if let Some((snap, _)) = self.cache.as_mut() {
+                            for ev in r.events() {
+                                snap.apply(&self.etcd.keys, ev);
+                            }
+                        }
+                    }
                     Ok(Ok(None)) | Ok(Err(_)) => {
                         stale = true;
                         self.watch = None;
@@ -1011,23 +1068,31 @@ impl Runner {
         // done.
         let gate = Arc::new(tokio::sync::Semaphore::new(RESTORES_AT_ONCE));
         let mut restores = tokio::task::JoinSet::new();
+        let mut of_task = BTreeMap::new();
         for (a, (h, rev)) in incoming {
             let (node, dir, gate) = (
                 self.node.clone(),
                 self.cfg.handover_dir.clone(),
                 gate.clone(),
             );
-            restores.spawn(async move {
+            let id = a.clone();
+            let task = restores.spawn(async move {
                 let _turn = gate.acquire_owned().await;
-                restore_handed(&node, dir.as_deref(), &a, &h).await;
-                (a, rev)
+                restore_handed(&node, dir.as_deref(), &id, &h).await;
             });
+            of_task.insert(task.id(), (a, rev));
         }
-        while let Some(done) = restores.join_next().await {
-            match done {
-                Ok((a, rev)) => self.hand_in(snap, &a, rev).await,
-                // Still held: the next apply that takes it in again decides.
-                Err(e) => tracing::error!(error = %e, "a handover's restore task failed"),
+        while let Some(done) = restores.join_next_with_id().await {
+            let task = match done {
+                Ok((task, ())) => task,
+                // Its restore's outcome is unknown: it starts from what its HOME holds.
+                Err(e) => {
+                    tracing::error!(error = %e, "a handover's restore task failed");
+                    e.id()
+                }
+            };
+            if let Some((a, rev)) = of_task.remove(&task) {
+                self.hand_in(snap, &a, rev).await;
             }
         }
         let mut unconfirmed = Vec::new();
@@ -1136,6 +1201,7 @@ impl Runner {
     /// the HOME was archived (then that archive is dropped and the next round archives
     /// again: a record never carries a HOME across a removal and re-adding of the name).
     async fn release_claim(&mut self, a: &str, moving: bool) -> Result<(), FleetError> {
+        self.void_live_job(Some(a));
         let me = self.cfg.node_name.as_str();
         let k = self.etcd.keys.claim(a);
         let mut when = vec![Compare::value(k.clone(), CompareOp::Equal, me)];
@@ -1179,6 +1245,7 @@ impl Runner {
     /// An agent taken over with a handover, its archive restored (`restore_handed`): starts
     /// it unless the operator stopped it, and has its record deleted.
     async fn hand_in(&mut self, snap: &Snapshot, a: &str, rev: i64) {
+        self.void_live_job(Some(a));
         let Some((f, ag)) = a.split_once('/') else {
             return;
         };
@@ -1249,6 +1316,7 @@ impl Runner {
 
     /// Stops and removes every local agent (their HOMEs stay); bounded.
     async fn stop_everything(&mut self) {
+        self.void_live_job(None);
         let names: Vec<(String, String)> = self
             .applied
             .iter()
@@ -1386,6 +1454,8 @@ async fn restore_handed(
                     handover::remove_archive(&path);
                 }
                 other => {
+                    // Kept `ORPHAN_KEEP` from now, for the operator: its record goes.
+                    handover::touch(&path);
                     tracing::warn!(agent = %a, archive = %path.display(), answer = ?other, "the handover archive was not restored: it starts from the desired state alone (the archive stays)");
                 }
             }
