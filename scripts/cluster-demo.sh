@@ -5,7 +5,9 @@
 # column), `node list`, `node drain n3`, `node uncordon n3`, `agent stop demo/agent-1`,
 # `fleet create more --agents 6 --command <stub>`; from another terminal SIGKILL a node
 # (the pids are printed) and watch its agents come back on the others within TTL + a few s.
-# The nodes share $STATE/handover (--handover-dir): a drained agent's HOME moves with it.
+# The nodes share $STATE/handover (--handover-dir): a drained agent's HOME moves with it,
+# and each node archives its agents there live every 60 s (--snapshot-every), so a SIGKILLed
+# node's agents come back with their HOMEs as of then.
 # `shutdown` stops n1 (EOF leaves it serving its socket, as fleetd does); the script then
 # stops the rest and etcd.
 #
@@ -50,7 +52,7 @@ node_args() {
     echo --state-dir "$STATE/$n" --etcd http://127.0.0.1:52479 --node-name "$n" \
         --port-range "$((36000 + i * 1000))-$((36999 + i * 1000))" \
         --agent-uids "$((1800000 + i * 1000))-$((1800999 + i * 1000))" --cgroup off \
-        --handover-dir "$STATE/handover"
+        --handover-dir "$STATE/handover" --snapshot-every 60
 }
 for i in 1 2; do
     n="n$((i + 1))"

@@ -289,12 +289,21 @@ impl Snapshot {
         let Some(kv) = ev.kv() else {
             return;
         };
-        let key = String::from_utf8_lossy(kv.key()).to_string();
-        self.unreadable.retain(|k| *k != key);
-        self.revision = self.revision.max(kv.mod_revision());
-        match ev.event_type() {
-            etcd_client::EventType::Put => self.take(keys, &key, kv.value(), kv.mod_revision()),
-            etcd_client::EventType::Delete => self.forget(keys, &key),
+        let key = String::from_utf8_lossy(kv.key());
+        let value = match ev.event_type() {
+            etcd_client::EventType::Put => Some(kv.value()),
+            etcd_client::EventType::Delete => None,
+        };
+        self.change(keys, &key, value, kv.mod_revision());
+    }
+
+    /// One key put (`Some(value)`) or deleted (`None`) at `mod_revision`.
+    pub fn change(&mut self, keys: &Keys, key: &str, value: Option<&[u8]>, mod_revision: i64) {
+        self.unreadable.retain(|k| k != key);
+        self.revision = self.revision.max(mod_revision);
+        match value {
+            Some(v) => self.take(keys, key, v, mod_revision),
+            None => self.forget(keys, key),
         }
     }
 
@@ -422,6 +431,84 @@ mod tests {
             // Put back, it reads as before.
             fill(&mut s);
             assert_eq!(format!("{s:?}"), format!("{full:?}"), "{key}");
+        }
+    }
+
+    /// The cache a watch feeds: any run of puts and deletes applied to a snapshot leaves
+    /// it as a fresh read of the resulting keys would be.
+    #[test]
+    fn changes_applied_in_order_match_a_fresh_read_of_the_result() {
+        let k = Keys::new("/fc");
+        let doc = |agents: &[&str]| {
+            let mut spec = FleetSpec::new("bots");
+            spec.agents = agents.iter().map(|a| a.to_string()).collect();
+            serde_json::to_vec(&FleetDoc {
+                spec,
+                stopped: BTreeSet::new(),
+                declared_by: None,
+            })
+            .unwrap()
+        };
+        let start: Vec<(String, Vec<u8>)> = vec![
+            (k.fleet("bots"), doc(&["a1"])),
+            (k.assign("bots/a1"), b"n1".to_vec()),
+            (k.claim("bots/a1"), b"n1".to_vec()),
+            (k.leader(), b"n1".to_vec()),
+            (k.desired() + "nodes/n9", b"not json".to_vec()),
+        ];
+        type Step = (String, Option<Vec<u8>>);
+        let runs: Vec<Vec<Step>> = vec![
+            vec![],
+            // A move: claim let go, placement changed, claimed elsewhere.
+            vec![
+                (k.claim("bots/a1"), None),
+                (k.assign("bots/a1"), Some(b"n2".to_vec())),
+                (k.claim("bots/a1"), Some(b"n2".to_vec())),
+            ],
+            // An agent added, then its fleet removed with everything of it.
+            vec![
+                (k.fleet("bots"), Some(doc(&["a1", "a2"]))),
+                (k.assign("bots/a2"), Some(b"n1".to_vec())),
+                (k.fleet("bots"), None),
+                (k.assign("bots/a1"), None),
+                (k.assign("bots/a2"), None),
+                (k.claim("bots/a1"), None),
+            ],
+            // A leader change; an unreadable key mended; a cordon put and lifted.
+            vec![
+                (k.leader(), None),
+                (k.leader(), Some(b"n2".to_vec())),
+                (k.desired() + "nodes/n9", None),
+                (k.cordon("n1"), Some(b"drain".to_vec())),
+                (k.cordon("n1"), None),
+            ],
+        ];
+        for (i, run) in runs.into_iter().enumerate() {
+            let mut cached = Snapshot::default();
+            let mut keys: BTreeMap<String, (Vec<u8>, i64)> = BTreeMap::new();
+            for (rev, (key, v)) in start.iter().enumerate() {
+                cached.take(&k, key, v, rev as i64 + 1);
+                keys.insert(key.clone(), (v.clone(), rev as i64 + 1));
+            }
+            cached.revision = start.len() as i64;
+            for (n, (key, v)) in run.into_iter().enumerate() {
+                let rev = (start.len() + n) as i64 + 1;
+                cached.change(&k, &key, v.as_deref(), rev);
+                match v {
+                    Some(v) => drop(keys.insert(key, (v, rev))),
+                    None => drop(keys.remove(&key)),
+                }
+            }
+            let mut fresh = Snapshot {
+                revision: cached.revision,
+                ..Default::default()
+            };
+            for (key, (v, rev)) in &keys {
+                fresh.take(&k, key, v, *rev);
+            }
+            cached.unreadable.sort();
+            fresh.unreadable.sort();
+            assert_eq!(format!("{cached:?}"), format!("{fresh:?}"), "run {i}");
         }
     }
 
