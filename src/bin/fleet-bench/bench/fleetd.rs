@@ -220,7 +220,9 @@ impl Subject for Fleetd {
 
     fn shutdown(&mut self) -> Result<()> {
         let _ = self.request(&["shutdown"]);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Gateways with replies in flight drain on SIGTERM up to the fleet's stop timeout
+        // (30 s by default) before fleetd kills them: give it that and a margin.
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
         loop {
             if self.child.try_wait()?.is_some() {
                 return Ok(());
@@ -229,14 +231,17 @@ impl Subject for Fleetd {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 bail!(
-                    "fleetd pid {} ignored `shutdown` for 30 s: killed",
-                    self.pid()
+                    "fleetd pid {} ignored `shutdown` for {} s: killed",
+                    self.pid(),
+                    SHUTDOWN_WAIT.as_secs()
                 );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
+
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
 
 impl Drop for Fleetd {
     fn drop(&mut self) {
