@@ -161,7 +161,7 @@ fn node_with(name: &str, etcd: &str, extra: &[&str]) -> Daemon {
         "off",
     ];
     args.extend_from_slice(extra);
-    Daemon::start_with(&args)
+    Daemon::start_with(&cluster_args(&args))
 }
 
 /// `--json status` through one node, or None while it cannot answer (etcd down).
@@ -279,8 +279,40 @@ fn nodes_live(d: &Daemon) -> Option<BTreeMap<String, Value>> {
     )
 }
 
+/// `fleet create NAME --agents N` of stand-ins, retried while the node is still joining (a
+/// new etcd cluster electing its first leader answers errors for a moment).
+fn create_stub_fleet_once_joined(d: &Daemon, name: &str, n: u32) {
+    let (cmd, n) = (STUB.to_string(), n.to_string());
+    let words = [
+        "fleet",
+        "create",
+        name,
+        "--agents",
+        &n,
+        "--command",
+        &cmd,
+        "--stride",
+        "1",
+    ];
+    wait_until(Duration::from_secs(20), "fleet create", |seen| {
+        let out = d.ctl_output(&words);
+        *seen = String::from_utf8_lossy(&out.stderr).to_string();
+        out.status.success().then_some(())
+    });
+}
+
 fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Cluster flags plus `--unfenced` where the PID-namespace guardian cannot run (not root):
+/// a test without root still exercises everything but the fence.
+fn cluster_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = args.to_vec();
+    if !is_root() {
+        v.push("--unfenced");
+    }
+    v
 }
 
 #[test]
@@ -502,7 +534,7 @@ fn a_three_member_etcd_keeps_serving_with_one_member_killed() {
         .collect();
     let urls = (1..=3).map(url).collect::<Vec<_>>().join(",");
     let a = node("a", &urls);
-    a.create_stub_fleet("s", 3, "", &[]);
+    create_stub_fleet_once_joined(&a, "s", 3);
     let before = wait_spread(&a, 3, &["a"], Duration::from_secs(30), "3 agents");
     members[0].stop();
     // Still serving: a change is accepted and carried out, and nothing restarted.
@@ -1067,7 +1099,7 @@ fn a_spec_file_declares_fleets_cluster_wide_and_reload_keeps_them_in_step() {
     };
     std::fs::write(&template, r#"{"custom": {"v": 1}}"#).unwrap();
     write_spec(2, "");
-    let a = Daemon::start_with(&[
+    let a = Daemon::start_with(&cluster_args(&[
         "--etcd",
         &u,
         "--node-name",
@@ -1078,7 +1110,7 @@ fn a_spec_file_declares_fleets_cluster_wide_and_reload_keeps_them_in_step() {
         "off",
         "--spec",
         spec.to_str().unwrap(),
-    ]);
+    ]));
     let b = node("b", &u);
     // Declared at a's start, run wherever placement puts them; seen from b.
     let first = wait_until(Duration::from_secs(60), "decl's 2 agents running", |seen| {
@@ -1232,7 +1264,7 @@ fn a_fleet_upgrades_and_rolls_back_across_nodes_each_step_where_its_agent_runs()
     let start = |name: &str| {
         Daemon::start_env(
             &[("FLEET_OPENCLAW_HOME", &vh)],
-            &[
+            &cluster_args(&[
                 "--etcd",
                 &u,
                 "--node-name",
@@ -1241,7 +1273,7 @@ fn a_fleet_upgrades_and_rolls_back_across_nodes_each_step_where_its_agent_runs()
                 &TTL.to_string(),
                 "--cgroup",
                 "off",
-            ],
+            ]),
         )
     };
     let (a, b) = (start("a"), start("b"));
@@ -1388,8 +1420,54 @@ fn certificates(dir: &Path) -> Option<()> {
     Some(())
 }
 
-/// fleetd with these flags must refuse to start: its stderr.
+#[test]
+fn a_node_without_the_fence_is_refused_unless_it_says_unfenced() {
+    let Some((_one, dir, _etcd)) = one_etcd_serial() else {
+        return;
+    };
+    let u = url(0);
+    let ttl = TTL.to_string();
+    let mut flags = vec![
+        "--etcd",
+        &u,
+        "--node-name",
+        "x",
+        "--lease-ttl",
+        &ttl,
+        "--cgroup",
+        "off",
+    ];
+    // Without the guardian (turned off as root, out of reach otherwise) nothing kills a
+    // frozen node's agents before its lease expires: refused, naming the way out.
+    if is_root() {
+        flags.push("--no-pid-namespace");
+    }
+    let e = refused_as_given(dir.path(), &flags);
+    assert!(
+        e.contains("--unfenced") && e.contains("PID-namespace guardian"),
+        "{e}"
+    );
+    let e = refused_as_given(dir.path(), &["--unfenced"]);
+    assert!(e.contains("--etcd"), "--unfenced alone: {e}");
+
+    // Said on purpose, the node joins and runs its agents.
+    flags.push("--unfenced");
+    let n = Daemon::start_with(&flags);
+    create_stub_fleet_once_joined(&n, "s", 2);
+    wait_spread(&n, 2, &["x"], Duration::from_secs(30), "2 agents unfenced");
+}
+
+/// fleetd with these flags (and `--unfenced` off root, as every node here) must refuse to
+/// start: its stderr.
 fn refused(dir: &Path, flags: &[&str]) -> String {
+    if flags.contains(&"--etcd") {
+        refused_as_given(dir, &cluster_args(flags))
+    } else {
+        refused_as_given(dir, flags)
+    }
+}
+
+fn refused_as_given(dir: &Path, flags: &[&str]) -> String {
     let mut c = Command::new(common::FLEETD)
         .arg("--state-dir")
         .arg(dir.join("refused-state"))
@@ -1495,7 +1573,7 @@ fn nodes_speak_tls_with_client_certificates_and_bad_tls_flags_are_refused() {
     );
 
     // The right certificates: the node joins and runs its agents.
-    let n = Daemon::start_with(&[
+    let n = Daemon::start_with(&cluster_args(&[
         "--etcd",
         &https,
         "--node-name",
@@ -1510,23 +1588,8 @@ fn nodes_speak_tls_with_client_certificates_and_bad_tls_flags_are_refused() {
         &file("client.pem"),
         "--etcd-key",
         &file("client.key"),
-    ]);
-    let cmd = STUB.to_string();
-    wait_until(Duration::from_secs(20), "fleet create over TLS", |seen| {
-        let out = n.ctl_output(&[
-            "fleet",
-            "create",
-            "s",
-            "--agents",
-            "2",
-            "--command",
-            &cmd,
-            "--stride",
-            "1",
-        ]);
-        *seen = String::from_utf8_lossy(&out.stderr).to_string();
-        out.status.success().then_some(())
-    });
+    ]));
+    create_stub_fleet_once_joined(&n, "s", 2);
     wait_spread(&n, 2, &["t"], Duration::from_secs(30), "2 agents over TLS");
     // Without its client certificate etcd turns the node away: its commands say so.
     let mut no_cert = Command::new(common::FLEETD)
@@ -1541,14 +1604,14 @@ fn nodes_speak_tls_with_client_certificates_and_bad_tls_flags_are_refused() {
             "--port-range",
             &common::next_port_range(),
         ])
-        .args([
+        .args(cluster_args(&[
             "--etcd",
             &https,
             "--node-name",
             "u",
             "--etcd-ca",
             &file("ca.pem"),
-        ])
+        ]))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -129,6 +129,10 @@ struct Args {
     /// (seconds, default 900; 0: never), so a node that dies hands its agents over too.
     #[arg(long, value_name = "SECS", requires = "handover_dir")]
     snapshot_every: Option<u64>,
+    /// Cluster mode without the PID-namespace guardian (no root or CAP_SYS_ADMIN): a
+    /// frozen fleetd's agents then outlive its lease. Refused without this flag.
+    #[arg(long, requires = "etcd")]
+    unfenced: bool,
 }
 
 /// Exit status for a start refused on what the operator gave (a damaged registry, a bad spec,
@@ -346,6 +350,7 @@ async fn run(args: Args) -> Result<()> {
                     (_, Some(0)) | (None, _) => None,
                     (Some(_), s) => Some(std::time::Duration::from_secs(s.unwrap_or(900))),
                 },
+                unfenced: args.unfenced,
             };
             c.validate().map_err(refused)?;
             config.cluster = true;
@@ -370,7 +375,15 @@ async fn run(args: Args) -> Result<()> {
             let name = c.node_name.clone();
             fleet_commander::cluster::join(&node, c)
                 .await
-                .with_context(|| format!("joining the cluster as node {name}"))?;
+                .map_err(|e| {
+                    let why = format!("joining the cluster as node {name}: {e}");
+                    match e {
+                        // What the operator gave (or the host lacks): not worth a restart loop.
+                        fleet_commander::FleetError::InvalidArgument { .. } => refused(why),
+                        e => anyhow::Error::new(e)
+                            .context(format!("joining the cluster as node {name}")),
+                    }
+                })?;
             tracing::info!(node = %name, "cluster mode: desired state from etcd");
             if specs.is_some() {
                 tokio::spawn(declare_when_joined(node.clone()));

@@ -62,6 +62,10 @@ pub struct ClusterConfig {
     /// `--snapshot-every`: each agent running here is archived live into `handover_dir`
     /// this often, so a node that dies hands over its agents' HOMEs as of then. `None`: off.
     pub snapshot_every: Option<Duration>,
+    /// `--unfenced`: join without the PID-namespace guardian (no root or CAP_SYS_ADMIN). A
+    /// frozen fleetd's agents then outlive its lease: at most one instance holds only while
+    /// fleetd itself runs to stop them.
+    pub unfenced: bool,
 }
 
 #[derive(Clone)]
@@ -450,6 +454,19 @@ impl Etcd {
 /// reconcile task until the node shuts down.
 pub async fn join(node: &NodeHandle, cfg: ClusterConfig) -> Result<(), FleetError> {
     cfg.validate()?;
+    let containment = node.containment();
+    if containment != crate::process::spawn::Containment::PidNamespace && !cfg.unfenced {
+        return Err(FleetError::invalid(
+            "--etcd",
+            format!(
+                "cluster mode needs the PID-namespace guardian, which kills a frozen fleetd's agents before its lease expires (root or CAP_SYS_ADMIN); this node has {}; pass --unfenced to join without it",
+                containment.as_str()
+            ),
+        ));
+    }
+    if cfg.unfenced {
+        tracing::warn!(containment = containment.as_str(), "--unfenced: a frozen fleetd's agents outlive its lease; at most one instance holds only while fleetd runs");
+    }
     let fence = node.fence();
     fence.arm(1);
     let etcd = Etcd::connect(&cfg).await?;
