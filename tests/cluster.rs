@@ -282,20 +282,8 @@ fn nodes_live(d: &Daemon) -> Option<BTreeMap<String, Value>> {
 /// `fleet create NAME --agents N` of stand-ins, retried while the node is still joining (a
 /// new etcd cluster electing its first leader answers errors for a moment).
 fn create_stub_fleet_once_joined(d: &Daemon, name: &str, n: u32) {
-    let (cmd, n) = (STUB.to_string(), n.to_string());
-    let words = [
-        "fleet",
-        "create",
-        name,
-        "--agents",
-        &n,
-        "--command",
-        &cmd,
-        "--stride",
-        "1",
-    ];
     wait_until(Duration::from_secs(20), "fleet create", |seen| {
-        let out = d.ctl_output(&words);
+        let out = d.try_create_stub_fleet(name, n, "", &[]);
         *seen = String::from_utf8_lossy(&out.stderr).to_string();
         out.status.success().then_some(())
     });

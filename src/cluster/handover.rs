@@ -389,15 +389,18 @@ mod tests {
         let f = dir.join("f");
         std::fs::create_dir(&f).unwrap();
         let old = SystemTime::now() - Duration::from_secs(8 * 24 * 3600);
-        let file = |name: &str, at: SystemTime| {
-            let p = f.join(name);
-            std::fs::write(&p, b"x").unwrap();
+        let written_at = |p: &Path, at: SystemTime| {
+            std::fs::write(p, b"x").unwrap();
             std::fs::File::options()
                 .write(true)
-                .open(&p)
+                .open(p)
                 .unwrap()
                 .set_modified(at)
                 .unwrap();
+        };
+        let file = |name: &str, at: SystemTime| {
+            let p = f.join(name);
+            written_at(&p, at);
             p
         };
         let orphan = file("n1.a-1.tar.gz", old);
@@ -410,13 +413,7 @@ mod tests {
         // A fleet directory that is a symlink is not entered.
         let elsewhere = tempfile::tempdir().unwrap();
         let outside = elsewhere.path().join("n1.h-1.tar.gz");
-        std::fs::write(&outside, b"x").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&outside)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        written_at(&outside, old);
         std::os::unix::fs::symlink(elsewhere.path(), dir.join("g")).unwrap();
         let named = [recorded].into_iter().collect();
         let got = orphans(dir, &named, SystemTime::now(), ORPHAN_KEEP);

@@ -313,6 +313,22 @@ impl Daemon {
 
     /// Stub-agent fleet: `fleet create <name> --agents n --command "<stub> <args>" --stride 1`.
     pub fn create_stub_fleet(&self, name: &str, n: u32, stub_args: &str, extra: &[&str]) {
+        let out = self.try_create_stub_fleet(name, n, stub_args, extra);
+        assert!(
+            out.status.success(),
+            "fleet create {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `create_stub_fleet` that returns fleetctl's output, success or not.
+    pub fn try_create_stub_fleet(
+        &self,
+        name: &str,
+        n: u32,
+        stub_args: &str,
+        extra: &[&str],
+    ) -> Output {
         let cmd = format!("{STUB} {stub_args}");
         let n = n.to_string();
         let mut words = vec![
@@ -327,7 +343,7 @@ impl Daemon {
             "1",
         ];
         words.extend_from_slice(extra);
-        self.ctl(&words);
+        self.ctl_output(&words)
     }
 
     /// SIGKILL the daemon (simulated crash) and reap it.
