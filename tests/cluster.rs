@@ -1435,6 +1435,10 @@ fn a_node_without_the_fence_is_refused_unless_it_says_unfenced() {
         e.contains("--unfenced") && e.contains("PID-namespace guardian"),
         "{e}"
     );
+    assert!(
+        !dir.path().join("refused.sock").exists(),
+        "a refused node leaves no control socket behind"
+    );
     let e = refused_as_given(dir.path(), &["--unfenced"]);
     assert!(e.contains("--etcd"), "--unfenced alone: {e}");
 

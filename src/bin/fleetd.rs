@@ -373,17 +373,20 @@ async fn run(args: Args) -> Result<()> {
     let specs = match cluster {
         Some(c) => {
             let name = c.node_name.clone();
-            fleet_commander::cluster::join(&node, c)
-                .await
-                .map_err(|e| {
-                    let why = format!("joining the cluster as node {name}: {e}");
-                    match e {
-                        // What the operator gave (or the host lacks): not worth a restart loop.
-                        fleet_commander::FleetError::InvalidArgument { .. } => refused(why),
-                        e => anyhow::Error::new(e)
-                            .context(format!("joining the cluster as node {name}")),
+            if let Err(e) = fleet_commander::cluster::join(&node, c).await {
+                // As a spec that cannot be applied: nothing left running, no socket left.
+                node.shutdown().await;
+                socket::unlink(&socket_path);
+                return Err(match e {
+                    // What the operator gave (or the host lacks): not worth a restart loop.
+                    fleet_commander::FleetError::InvalidArgument { .. } => {
+                        refused(format!("joining the cluster as node {name}: {e}"))
                     }
-                })?;
+                    e => {
+                        anyhow::Error::new(e).context(format!("joining the cluster as node {name}"))
+                    }
+                });
+            }
             tracing::info!(node = %name, "cluster mode: desired state from etcd");
             if specs.is_some() {
                 tokio::spawn(declare_when_joined(node.clone()));

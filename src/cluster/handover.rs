@@ -212,6 +212,18 @@ pub fn next_live<'a>(
         .map(|(a, _)| a)
 }
 
+/// When an agent whose live archive came to nothing (not recorded, voided) counts as last
+/// archived: `retry` before it is due again at `every`, and behind every agent already
+/// overdue, so one agent that keeps failing cannot hold the node's others back.
+pub fn tried_at(
+    now: std::time::Instant,
+    every: std::time::Duration,
+    retry: std::time::Duration,
+) -> std::time::Instant {
+    now.checked_sub(every.saturating_sub(retry.min(every)))
+        .unwrap_or(now)
+}
+
 /// Where `h`'s archive is.
 pub(super) fn archive_path(dir: &Path, id: &str, h: &Handover) -> PathBuf {
     dir.join(id.split('/').next().unwrap_or_default())
@@ -430,13 +442,22 @@ mod tests {
         let long = now.checked_sub(Duration::from_secs(300)).unwrap();
         let longer = now.checked_sub(Duration::from_secs(600)).unwrap();
         type Case<'a> = (Vec<(&'a String, Option<Instant>)>, Option<&'a String>);
-        let cases: [Case; 5] = [
+        let cases: [Case; 7] = [
             (vec![], None),
             (vec![(&a, Some(now))], None),
             (vec![(&a, Some(now)), (&b, Some(long))], Some(&b)),
             (vec![(&a, Some(long)), (&b, Some(longer))], Some(&b)),
             // Never archived here comes first.
             (vec![(&a, Some(longer)), (&c, None)], Some(&c)),
+            // One that came to nothing waits its retry, and then behind the overdue.
+            (vec![(&a, Some(tried_at(now, every, every / 6)))], None),
+            (
+                vec![
+                    (&a, Some(tried_at(now, every, Duration::ZERO))),
+                    (&b, Some(long)),
+                ],
+                Some(&b),
+            ),
         ];
         for (i, (agents, want)) in cases.into_iter().enumerate() {
             assert_eq!(next_live(agents, every), want, "case {i}");

@@ -226,6 +226,11 @@ impl Keys {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub revision: i64,
+    /// The revision of the full read this snapshot was made from. A watch event at or below
+    /// it is in the read already and is not applied again: a watch that outlives a re-read
+    /// still delivers what it lagged behind, and replaying an old delete would drop a claim
+    /// the read holds.
+    pub read_revision: i64,
     /// Fleet → (doc, mod revision for compare-and-swap).
     pub fleets: BTreeMap<String, (FleetDoc, i64)>,
     pub nodes: BTreeMap<String, NodeInfo>,
@@ -299,11 +304,16 @@ impl Snapshot {
 
     /// One key put (`Some(value)`) or deleted (`None`) at `mod_revision`.
     pub fn change(&mut self, keys: &Keys, key: &str, value: Option<&[u8]>, mod_revision: i64) {
+        if mod_revision <= self.read_revision {
+            return;
+        }
         self.unreadable.retain(|k| k != key);
         self.revision = self.revision.max(mod_revision);
-        match value {
-            Some(v) => self.take(keys, key, v, mod_revision),
-            None => self.forget(keys, key),
+        // A put that does not parse leaves the key unreadable, as a fresh read would, not
+        // holding its old value.
+        self.forget(keys, key);
+        if let Some(v) = value {
+            self.take(keys, key, v, mod_revision);
         }
     }
 
@@ -482,6 +492,8 @@ mod tests {
                 (k.cordon("n1"), Some(b"drain".to_vec())),
                 (k.cordon("n1"), None),
             ],
+            // A readable fleet doc overwritten by one that does not parse (a newer build's).
+            vec![(k.fleet("bots"), Some(b"not json".to_vec()))],
         ];
         for (i, run) in runs.into_iter().enumerate() {
             let mut cached = Snapshot::default();
@@ -491,6 +503,7 @@ mod tests {
                 keys.insert(key.clone(), (v.clone(), rev as i64 + 1));
             }
             cached.revision = start.len() as i64;
+            cached.read_revision = cached.revision;
             for (n, (key, v)) in run.into_iter().enumerate() {
                 let rev = (start.len() + n) as i64 + 1;
                 cached.change(&k, &key, v.as_deref(), rev);
@@ -501,6 +514,7 @@ mod tests {
             }
             let mut fresh = Snapshot {
                 revision: cached.revision,
+                read_revision: cached.read_revision,
                 ..Default::default()
             };
             for (key, (v, rev)) in &keys {
@@ -510,6 +524,30 @@ mod tests {
             fresh.unreadable.sort();
             assert_eq!(format!("{cached:?}"), format!("{fresh:?}"), "run {i}");
         }
+    }
+
+    /// A watch that outlives a full read delivers what it lagged behind: events the read
+    /// already holds change nothing, later ones apply.
+    #[test]
+    fn watch_events_the_full_read_already_holds_are_not_applied_again() {
+        let k = Keys::new("/fc");
+        let mut s = Snapshot::default();
+        // The read at revision 10: a1 claimed by n1 again at 9, after a delete at 8.
+        s.take(&k, &k.claim("bots/a1"), b"n1", 9);
+        s.take(&k, &k.leader(), b"n1", 3);
+        (s.revision, s.read_revision) = (10, 10);
+        // The lagging watch: the delete at 8, the put at 9, a leader change at 10.
+        s.change(&k, &k.claim("bots/a1"), None, 8);
+        s.change(&k, &k.claim("bots/a1"), Some(b"n1"), 9);
+        s.change(&k, &k.leader(), Some(b"n2"), 10);
+        assert_eq!(s.claims.get("bots/a1").map(String::as_str), Some("n1"));
+        assert_eq!(s.leader.as_deref(), Some("n1"));
+        assert_eq!(s.revision, 10);
+        // What came after the read applies, both events of one transaction included.
+        s.change(&k, &k.claim("bots/a1"), None, 11);
+        s.change(&k, &k.leader(), None, 11);
+        assert!(s.claims.is_empty() && s.leader.is_none(), "{s:?}");
+        assert_eq!(s.revision, 11);
     }
 
     #[test]

@@ -248,8 +248,10 @@ impl Etcd {
     pub async fn snapshot(&self, observed: bool) -> Result<Snapshot, FleetError> {
         let mut c = self.client.clone();
         let r = bounded(c.get(self.keys.desired(), Some(GetOptions::new().with_prefix()))).await?;
+        let revision = r.header().map_or(0, |h| h.revision());
         let mut s = Snapshot {
-            revision: r.header().map_or(0, |h| h.revision()),
+            revision,
+            read_revision: revision,
             ..Default::default()
         };
         for kv in r.kvs() {
@@ -493,6 +495,7 @@ pub async fn join(node: &NodeHandle, cfg: ClusterConfig) -> Result<(), FleetErro
         swept: None,
         live_at: BTreeMap::new(),
         live_mine: BTreeMap::new(),
+        restore_due: BTreeSet::new(),
         snapping: None,
     };
     tokio::spawn(runner.run());
@@ -549,6 +552,9 @@ struct Runner {
     live_mine: BTreeMap<String, handover::Handover>,
     /// The live archive being made, with the fleet doc's revision it was started at.
     snapping: Option<LiveJob>,
+    /// Agents whose handover was to be restored when the local apply was deferred: a HOME
+    /// that apply provisioned meanwhile is not theirs, so their archive is still restored.
+    restore_due: BTreeSet<String>,
 }
 
 /// A live archive under way (`--snapshot-every`).
@@ -571,6 +577,8 @@ const FULL_READ_EVERY: Duration = Duration::from_secs(30);
 const CLAIMS_PER_TXN: usize = 60;
 /// How often a node with a handover directory sweeps it (`sweep_orphans`).
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// A live archive that came to nothing (not recorded, voided) is tried again this soon.
+const LIVE_RETRY: Duration = Duration::from_secs(60);
 
 impl Runner {
     async fn run(mut self) {
@@ -663,10 +671,12 @@ impl Runner {
                 self.snapping = Some(job);
                 return Ok(());
             }
+            let id = job.agent.clone();
             let Ok(made) = job.task.await else {
+                tracing::error!(agent = %id, "its live archive's task panicked; tried again later");
+                self.retry_live_later(&id, every);
                 return Ok(());
             };
-            let id = job.agent;
             let h = match made {
                 Ok(h) => h,
                 Err(e) => {
@@ -680,6 +690,7 @@ impl Runner {
             // may be older than what the agent's present claim started from.
             if job.void || job.lease != lease {
                 handover::remove_archive(&path);
+                self.retry_live_later(&id, every);
                 return Ok(());
             }
             let prev = handover::pending(&self.etcd, id.split('/').next())
@@ -698,8 +709,10 @@ impl Runner {
             .await?;
             if !recorded {
                 // Let go, moved, removed, or its fleet's doc changed meanwhile: tried again
-                // next round if it is still here.
+                // after `LIVE_RETRY` if it is still here.
+                tracing::debug!(agent = %id, "its live archive was not recorded (claim, fleet or record changed meanwhile)");
                 handover::remove_archive(&path);
+                self.retry_live_later(&id, every);
                 return Ok(());
             }
             self.live_at.insert(id.clone(), Instant::now());
@@ -740,6 +753,15 @@ impl Runner {
             task: tokio::spawn(async move { handover::archive(&node, &dir, &me, &a, true).await }),
         });
         Ok(())
+    }
+
+    /// An agent whose live archive came to nothing is due again after `LIVE_RETRY`, not at
+    /// once: it stays the most overdue, and a fleet whose doc changes faster than one
+    /// archive takes would otherwise have this one agent archived over and over and the
+    /// node's others never.
+    fn retry_live_later(&mut self, agent: &str, every: Duration) {
+        let at = handover::tried_at(Instant::now(), every, LIVE_RETRY);
+        self.live_at.insert(agent.to_string(), at);
     }
 
     /// The live archive under way of `agent` (`None`: any) is not to be recorded: its agent
@@ -1044,6 +1066,7 @@ impl Runner {
                     // than that HOME: it stays the record, and the HOME is kept.
                     let own_home = h.live
                         && h.node == self.cfg.node_name
+                        && !self.restore_due.contains(a)
                         && a.split_once('/').is_some_and(|(f, ag)| {
                             crate::provision::AgentPaths::new(self.node.state_dir(), f, ag)
                                 .home
@@ -1061,11 +1084,13 @@ impl Runner {
                 Ok(msg) => {
                     tracing::info!(result = %msg, "cluster: local agents brought to the placement");
                     self.applied = Some(local.clone());
+                    self.restore_due.clear();
                 }
                 Err(e) => {
                     // Most often a removal still running: the next round tries again. The
                     // released claims wait until what they guard is gone.
                     tracing::debug!(error = %e, "cluster: local apply deferred");
+                    self.restore_due.extend(incoming.into_keys());
                     return Ok(());
                 }
             }

@@ -292,7 +292,13 @@ fn spawner_thread(
         // Not while the fence is lapsed: a new guardian would be told the passed deadline
         // and end at once (and nothing may start anyway).
         if lost && !fence.lapsed() {
-            guardian = start_guardian().ok();
+            guardian = match start_guardian() {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    tracing::error!(error = %e, "the agents' PID namespace could not be started again; starts are refused until it can");
+                    None
+                }
+            };
             show(&guardian);
             fence.adopt(guardian.as_ref());
             lost = guardian.is_none();
@@ -301,6 +307,12 @@ fn spawner_thread(
         let result = if fence.lapsed() {
             Err(io::Error::other(
                 "this node's right to run agents (its cluster lease) has lapsed: nothing starts until it holds its lease again",
+            ))
+        } else if lost {
+            // This node runs its agents in the namespace (`containment` says so, and cluster
+            // mode's fence depends on it): never quietly outside it.
+            Err(io::Error::other(
+                "the agents' PID namespace could not be started again: nothing starts outside it (see the daemon's log)",
             ))
         } else {
             spawn_one(&job.req, in_ns, &slots)
