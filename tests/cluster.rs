@@ -521,6 +521,19 @@ fn a_three_member_etcd_keeps_serving_with_one_member_killed() {
         .map(|i| EtcdMember::start(&bin, dir.path(), &format!("m{i}"), i, &cluster))
         .collect();
     let urls = (1..=3).map(url).collect::<Vec<_>>().join(",");
+    // A node that names one member of three cannot tell an outage from a cut-off by
+    // refusals: it says so, and rides out only what a cut-off node would.
+    {
+        let one = node("one", &url(1));
+        wait_until(
+            Duration::from_secs(30),
+            "the unnamed members noticed",
+            |seen| {
+                *seen = one.log();
+                seen.contains("do not name every etcd member").then_some(())
+            },
+        );
+    }
     let a = node("a", &urls);
     create_stub_fleet_once_joined(&a, "s", 3);
     let before = wait_spread(&a, 3, &["a"], Duration::from_secs(30), "3 agents");
@@ -542,8 +555,98 @@ fn a_three_member_etcd_keeps_serving_with_one_member_killed() {
             "{agent} restarted when one etcd member died"
         );
     }
+    assert!(
+        !a.log().contains("do not name every etcd member"),
+        "a node naming all three took them for unnamed"
+    );
     drop(a);
     drop(members);
+}
+
+/// Whether process `pid` is alive (not a zombie).
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.starts_with(" Z"))
+    })
+}
+
+#[test]
+fn agents_ride_out_a_long_etcd_outage_unless_told_to_stop() {
+    let Some((_one, _dir, mut etcd)) = one_etcd_serial() else {
+        return;
+    };
+    let u = url(0);
+    let a = node("a", &u);
+    let c = node_with("c", &u, &["--etcd-outage", "stop"]);
+    wait_until(Duration::from_secs(30), "both nodes live", |seen| {
+        let l = nodes_live(&a)?;
+        *seen = format!("{:?}", l.keys());
+        (l.len() == 2).then_some(())
+    });
+    create_stub_fleet_once_joined(&a, "s", 4);
+    let before = wait_spread(&a, 4, &["a", "c"], Duration::from_secs(30), "4 agents");
+    let on = |n: &str| -> BTreeMap<String, u64> {
+        before
+            .iter()
+            .filter(|(_, (node, _))| node == n)
+            .map(|(agent, (_, pid))| (agent.clone(), *pid))
+            .collect()
+    };
+    let (on_a, on_c) = (on("a"), on("c"));
+    assert!(!on_a.is_empty() && !on_c.is_empty(), "spread: {before:?}");
+
+    // etcd down for everyone, 4 × TTL: a's agents live throughout (sampled every 100 ms);
+    // c, told to stop, stops its own as a cut-off node would.
+    etcd.stop();
+    let until = Instant::now() + Duration::from_secs(4 * TTL);
+    while Instant::now() < until {
+        for (agent, pid) in &on_a {
+            assert!(
+                alive(*pid),
+                "{agent} (pid {pid}) died in the outage\n{}",
+                a.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (agent, pid) in &on_c {
+        assert!(
+            !alive(*pid),
+            "{agent} on c (pid {pid}) outlived 4 × TTL of etcd silence"
+        );
+    }
+    assert!(a.log().contains("etcd is down everywhere"), "{}", a.log());
+    assert!(
+        c.log().contains("no lease renewal in time")
+            && !c.log().contains("etcd is down everywhere"),
+        "{}",
+        c.log()
+    );
+    let err = a.ctl_output(&["status"]);
+    assert!(
+        !err.status.success() && String::from_utf8_lossy(&err.stderr).contains("etcd"),
+        "status answered with etcd down: {}",
+        String::from_utf8_lossy(&err.stdout)
+    );
+
+    // etcd back: a renews the lease it kept and restarts nothing; every agent runs again.
+    etcd.launch();
+    let after = wait_spread(
+        &a,
+        4,
+        &["a", "c"],
+        Duration::from_secs(60),
+        "4 agents after",
+    );
+    for (agent, pid) in &on_a {
+        assert_eq!(
+            after.get(agent),
+            Some(&("a".to_string(), *pid)),
+            "{agent} was restarted or moved by the outage"
+        );
+    }
+    assert!(a.log().contains("etcd answers again"), "{}", a.log());
 }
 
 /// A process's environment.

@@ -133,6 +133,13 @@ struct Args {
     /// frozen fleetd's agents then outlive its lease. Refused without this flag.
     #[arg(long, requires = "etcd")]
     unfenced: bool,
+    /// What an etcd outage does to this node's agents: `ride-out` keeps them running while
+    /// every etcd member refuses connections (etcd down for everyone); `stop` stops them
+    /// about TTL/2 into any etcd silence (for a network whose firewall rejects etcd's port
+    /// instead of dropping it, which makes a cut-off node look like an outage).
+    #[arg(long, value_name = "ride-out|stop", default_value = "ride-out",
+          value_parser = ["ride-out", "stop"], requires = "etcd")]
+    etcd_outage: String,
 }
 
 /// Exit status for a start refused on what the operator gave (a damaged registry, a bad spec,
@@ -351,6 +358,7 @@ async fn run(args: Args) -> Result<()> {
                     (Some(_), s) => Some(std::time::Duration::from_secs(s.unwrap_or(900))),
                 },
                 unfenced: args.unfenced,
+                ride_out: args.etcd_outage == "ride-out",
             };
             c.validate().map_err(refused)?;
             config.cluster = true;

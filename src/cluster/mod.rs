@@ -14,7 +14,9 @@
 //!   of a claim only after the agent is stopped. The claim dies with the lease, and before
 //!   the lease can expire the node's agents are dead: fleetd stops them when renewals fail,
 //!   and the PID-namespace guardian kills them at `fence::deadline_ms` even when fleetd is
-//!   frozen (`process::spawn::Fence`), which also refuses every spawn after it.
+//!   frozen (`process::spawn::Fence`), which also refuses every spawn after it. A probe
+//!   that finds every etcd member refusing connections counts as a renewal (`outage`): etcd
+//!   down for everyone stops nothing.
 //! - A leader that has not itself been connected for a full TTL does not move agents off
 //!   nodes it cannot see: after etcd comes back, their owners get the time to renew.
 
@@ -24,6 +26,7 @@ pub mod front;
 pub mod handover;
 pub mod keys;
 pub mod mailbox;
+pub mod outage;
 pub mod placement;
 mod remote;
 mod upgrades;
@@ -66,6 +69,10 @@ pub struct ClusterConfig {
     /// frozen fleetd's agents then outlive its lease: at most one instance holds only while
     /// fleetd itself runs to stop them.
     pub unfenced: bool,
+    /// `--etcd-outage ride-out` (the default): while every etcd member refuses connections,
+    /// this node's agents keep running (`outage`); `false` (`stop`): they stop about TTL/2
+    /// into any etcd silence, as when the node is cut off.
+    pub ride_out: bool,
 }
 
 #[derive(Clone)]
@@ -472,6 +479,7 @@ pub async fn join(node: &NodeHandle, cfg: ClusterConfig) -> Result<(), FleetErro
     let fence = node.fence();
     fence.arm(1);
     let etcd = Etcd::connect(&cfg).await?;
+    let (ride_out, endpoints) = (cfg.ride_out, cfg.endpoints.clone());
     let cfg = Arc::new(cfg);
     let door = Arc::new(front::Front::new(etcd.clone(), cfg.clone()));
     node.set_cluster(door.clone())?;
@@ -497,6 +505,13 @@ pub async fn join(node: &NodeHandle, cfg: ClusterConfig) -> Result<(), FleetErro
         live_mine: BTreeMap::new(),
         restore_due: BTreeSet::new(),
         snapping: None,
+        ride_out: ride_out.then(|| {
+            Arc::new(RideOut {
+                endpoints,
+                every_member_listed: false.into(),
+                said_unlisted: false.into(),
+            })
+        }),
     };
     tokio::spawn(runner.run());
     Ok(())
@@ -505,6 +520,15 @@ pub async fn join(node: &NodeHandle, cfg: ClusterConfig) -> Result<(), FleetErro
 struct Lease {
     id: i64,
     renewal: Arc<Renewal>,
+}
+
+/// What the renewal task needs to ride out an etcd that is down for everyone (`outage`).
+struct RideOut {
+    endpoints: Vec<String>,
+    /// The endpoints name every etcd member (checked at each grant); off otherwise.
+    every_member_listed: std::sync::atomic::AtomicBool,
+    /// That they do not was logged.
+    said_unlisted: std::sync::atomic::AtomicBool,
 }
 
 /// What the lease's renewal task (`renew`) tells the reconcile loop.
@@ -555,6 +579,8 @@ struct Runner {
     /// Agents whose handover was to be restored when the local apply was deferred: a HOME
     /// that apply provisioned meanwhile is not theirs, so their archive is still restored.
     restore_due: BTreeSet<String>,
+    /// `--etcd-outage ride-out`; `None`: `stop`.
+    ride_out: Option<Arc<RideOut>>,
 }
 
 /// A live archive under way (`--snapshot-every`).
@@ -915,6 +941,27 @@ impl Runner {
         tracing::info!(node = %self.cfg.node_name, lease = id, ttl, "joined the cluster");
         self.fence.arm(fence::deadline_ms(sent, ttl));
         self.door.lease.store(id, SeqCst);
+        if let Some(r) = &self.ride_out {
+            let members: Vec<Vec<String>> = bounded(c.member_list())
+                .await
+                .map(|m| {
+                    m.members()
+                        .iter()
+                        .map(|m| m.client_urls().to_vec())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let listed = outage::every_member_listed(&members, &r.endpoints);
+            let was = r.every_member_listed.swap(listed, SeqCst);
+            // Said on the first lease and whenever it changes, not on every grant.
+            if !listed && (was || !r.said_unlisted.swap(true, SeqCst)) {
+                if members.is_empty() {
+                    tracing::warn!("etcd's member list did not answer: an etcd outage is ridden out only about TTL/2 until the next lease");
+                } else {
+                    tracing::warn!(members = ?members, "the --etcd endpoints do not name every etcd member: an etcd outage is ridden out only about TTL/2, as a cut-off node's");
+                }
+            }
+        }
         let renewal = Arc::new(Renewal::default());
         tokio::spawn(renew(
             self.etcd.clone(),
@@ -923,6 +970,7 @@ impl Runner {
             self.fence.clone(),
             self.door.clone(),
             renewal.clone(),
+            self.ride_out.clone(),
         ));
         self.lease = Some(Lease { id, renewal });
         Ok(())
@@ -1393,11 +1441,13 @@ async fn renew(
     fence: Arc<crate::process::spawn::Fence>,
     door: Arc<front::Front>,
     state: Arc<Renewal>,
+    ride_out: Option<Arc<RideOut>>,
 ) {
     use std::sync::atomic::Ordering::SeqCst;
     let every = Duration::from_millis(fence::renew_every_ms(ttl));
     let mut keeper = None;
     let mut wait = every;
+    let mut riding = false;
     loop {
         tokio::time::sleep(wait).await;
         if door.lease.load(SeqCst) != id {
@@ -1411,6 +1461,10 @@ async fn renew(
                 Ok(k) => keeper = Some(k),
                 Err(_) => {
                     state.failing.store(true, SeqCst);
+                    riding = ride_out_step(ride_out.as_deref(), &fence, ttl, riding).await;
+                    if riding {
+                        continue;
+                    }
                     if lease_gone(&etcd, id).await {
                         state.expired.store(true, SeqCst);
                         return;
@@ -1429,6 +1483,12 @@ async fn renew(
             Ok(Ok(Some(r))) if r.ttl() > 0 => {
                 fence.arm(fence::deadline_ms(sent, ttl));
                 state.failing.store(false, SeqCst);
+                if std::mem::take(&mut riding) {
+                    tracing::info!(
+                        lease = id,
+                        "etcd answers again: the lease is renewed, nothing was stopped"
+                    );
+                }
                 wait = every;
             }
             Ok(Ok(Some(_))) => {
@@ -1438,6 +1498,10 @@ async fn renew(
             Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
                 keeper = None;
                 state.failing.store(true, SeqCst);
+                riding = ride_out_step(ride_out.as_deref(), &fence, ttl, riding).await;
+                if riding {
+                    continue;
+                }
                 // The client answers a keep-alive of a lease etcd no longer has with an
                 // error, not with TTL 0: ask etcd whether it still has it.
                 if lease_gone(&etcd, id).await {
@@ -1447,6 +1511,30 @@ async fn renew(
             }
         }
     }
+}
+
+/// After a failed renewal: when every etcd member refuses connections (and the endpoints
+/// name them all), the probe counts as a renewal sent when it began (`outage`), so the
+/// agents keep running; never once the fence has lapsed. Whether the node rides it out.
+async fn ride_out_step(
+    ride_out: Option<&RideOut>,
+    fence: &crate::process::spawn::Fence,
+    ttl: u64,
+    riding: bool,
+) -> bool {
+    use std::sync::atomic::Ordering::SeqCst;
+    let Some(r) = ride_out.filter(|r| r.every_member_listed.load(SeqCst)) else {
+        return false;
+    };
+    let began = crate::process::spawn::boottime_ms();
+    if fence.deadline_ms() <= began || !outage::every_endpoint_refuses(&r.endpoints).await {
+        return false;
+    }
+    fence.arm(fence::deadline_ms(began, ttl));
+    if !riding {
+        tracing::warn!("etcd is down everywhere (every member refuses connections): this node's agents keep running; nothing is rescheduled until etcd is back");
+    }
+    true
 }
 
 /// etcd answered that it has no lease `id` (expired or revoked); `false` when it did not
