@@ -228,6 +228,20 @@ async fn bounded<T>(
 
 impl Etcd {
     pub async fn connect(cfg: &ClusterConfig) -> Result<Etcd, FleetError> {
+        let client = bounded(Client::connect(
+            cfg.endpoints.clone(),
+            Some(Self::options(cfg)),
+        ))
+        .await?;
+        Ok(Etcd {
+            client,
+            keys: Keys::new(&cfg.prefix),
+            handover_dir: cfg.handover_dir.clone(),
+        })
+    }
+
+    /// How every client of this node talks to etcd (timeouts, auth, TLS).
+    fn options(cfg: &ClusterConfig) -> ConnectOptions {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
@@ -243,12 +257,7 @@ impl Etcd {
             }
             opts = opts.with_tls(tls);
         }
-        let client = bounded(Client::connect(cfg.endpoints.clone(), Some(opts))).await?;
-        Ok(Etcd {
-            client,
-            keys: Keys::new(&cfg.prefix),
-            handover_dir: cfg.handover_dir.clone(),
-        })
+        opts
     }
 
     /// One consistent read of `d/` (and `o/` when `observed`).
@@ -479,8 +488,9 @@ pub async fn join(node: &NodeHandle, cfg: ClusterConfig) -> Result<(), FleetErro
     let fence = node.fence();
     fence.arm(1);
     let etcd = Etcd::connect(&cfg).await?;
-    let (ride_out, endpoints) = (cfg.ride_out, cfg.endpoints.clone());
+    let ride_out = cfg.ride_out;
     let cfg = Arc::new(cfg);
+    let ride_cfg = cfg.clone();
     let door = Arc::new(front::Front::new(etcd.clone(), cfg.clone()));
     node.set_cluster(door.clone())?;
     tokio::spawn(mailbox::serve(node.clone(), etcd.clone(), door.clone()));
@@ -507,9 +517,8 @@ pub async fn join(node: &NodeHandle, cfg: ClusterConfig) -> Result<(), FleetErro
         snapping: None,
         ride_out: ride_out.then(|| {
             Arc::new(RideOut {
-                endpoints,
+                cfg: ride_cfg,
                 every_member_listed: false.into(),
-                said_unlisted: false.into(),
             })
         }),
     };
@@ -524,11 +533,10 @@ struct Lease {
 
 /// What the renewal task needs to ride out an etcd that is down for everyone (`outage`).
 struct RideOut {
-    endpoints: Vec<String>,
-    /// The endpoints name every etcd member (checked at each grant); off otherwise.
+    cfg: Arc<ClusterConfig>,
+    /// Every voting member is reached through one of the endpoints (`check_members`, while
+    /// etcd answers); off until that is known, and as soon as it is not.
     every_member_listed: std::sync::atomic::AtomicBool,
-    /// That they do not was logged.
-    said_unlisted: std::sync::atomic::AtomicBool,
 }
 
 /// What the lease's renewal task (`renew`) tells the reconcile loop.
@@ -942,25 +950,13 @@ impl Runner {
         self.fence.arm(fence::deadline_ms(sent, ttl));
         self.door.lease.store(id, SeqCst);
         if let Some(r) = &self.ride_out {
-            let members: Vec<Vec<String>> = bounded(c.member_list())
-                .await
-                .map(|m| {
-                    m.members()
-                        .iter()
-                        .map(|m| m.client_urls().to_vec())
-                        .collect()
-                })
-                .unwrap_or_default();
-            let listed = outage::every_member_listed(&members, &r.endpoints);
-            let was = r.every_member_listed.swap(listed, SeqCst);
-            // Said on the first lease and whenever it changes, not on every grant.
-            if !listed && (was || !r.said_unlisted.swap(true, SeqCst)) {
-                if members.is_empty() {
-                    tracing::warn!("etcd's member list did not answer: an etcd outage is ridden out only about TTL/2 until the next lease");
-                } else {
-                    tracing::warn!(members = ?members, "the --etcd endpoints do not name every etcd member: an etcd outage is ridden out only about TTL/2, as a cut-off node's");
-                }
-            }
+            tokio::spawn(check_members(
+                r.clone(),
+                self.etcd.clone(),
+                self.door.clone(),
+                id,
+                ttl,
+            ));
         }
         let renewal = Arc::new(Renewal::default());
         tokio::spawn(renew(
@@ -1447,13 +1443,23 @@ async fn renew(
     let every = Duration::from_millis(fence::renew_every_ms(ttl));
     let mut keeper = None;
     let mut wait = every;
-    let mut riding = false;
+    // Riding an outage out now; rode one out since the last renewal.
+    let (mut riding, mut rode) = (false, false);
     loop {
         tokio::time::sleep(wait).await;
         if door.lease.load(SeqCst) != id {
             return;
         }
         wait = TICK;
+        if riding {
+            // While every member refuses, a keep-alive only waits out its bound: probe first,
+            // so a short TTL is re-armed in time.
+            riding = ride_out_step(ride_out.as_deref(), &fence, ttl, riding).await;
+            rode |= riding;
+            if riding {
+                continue;
+            }
+        }
         let sent = crate::process::spawn::boottime_ms();
         if keeper.is_none() {
             let mut c = etcd.client.clone();
@@ -1462,6 +1468,7 @@ async fn renew(
                 Err(_) => {
                     state.failing.store(true, SeqCst);
                     riding = ride_out_step(ride_out.as_deref(), &fence, ttl, riding).await;
+                    rode |= riding;
                     if riding {
                         continue;
                     }
@@ -1479,11 +1486,14 @@ async fn renew(
             k.keep_alive().await?;
             stream.message().await
         };
-        match tokio::time::timeout(REQUEST_TIMEOUT, renewed).await {
+        // Within a renewal interval: a short TTL's deadline leaves no room to wait longer
+        // before the probe that may ride an outage out.
+        match tokio::time::timeout(REQUEST_TIMEOUT.min(every), renewed).await {
             Ok(Ok(Some(r))) if r.ttl() > 0 => {
                 fence.arm(fence::deadline_ms(sent, ttl));
                 state.failing.store(false, SeqCst);
-                if std::mem::take(&mut riding) {
+                riding = false;
+                if std::mem::take(&mut rode) {
                     tracing::info!(
                         lease = id,
                         "etcd answers again: the lease is renewed, nothing was stopped"
@@ -1499,6 +1509,7 @@ async fn renew(
                 keeper = None;
                 state.failing.store(true, SeqCst);
                 riding = ride_out_step(ride_out.as_deref(), &fence, ttl, riding).await;
+                rode |= riding;
                 if riding {
                     continue;
                 }
@@ -1527,7 +1538,10 @@ async fn ride_out_step(
         return false;
     };
     let began = crate::process::spawn::boottime_ms();
-    if fence.deadline_ms() <= began || !outage::every_endpoint_refuses(&r.endpoints).await {
+    let within = Duration::from_millis(fence::margin_ms(ttl) / 2);
+    if fence.deadline_ms() <= began
+        || !outage::every_endpoint_refuses(&r.cfg.endpoints, within).await
+    {
         return false;
     }
     fence.arm(fence::deadline_ms(began, ttl));
@@ -1535,6 +1549,59 @@ async fn ride_out_step(
         tracing::warn!("etcd is down everywhere (every member refuses connections): this node's agents keep running; nothing is rescheduled until etcd is back");
     }
     true
+}
+
+/// While lease `id` is this node's: once a TTL, etcd's voting members (one cheap request),
+/// and every `FULL_READ_EVERY` (or while unknown) which member each endpoint reaches (a
+/// client of its own per endpoint): `RideOut::every_member_listed`. A member added that no
+/// endpoint reaches turns ride-out off within a TTL, long before the endpoints could all be
+/// gone.
+async fn check_members(r: Arc<RideOut>, etcd: Etcd, door: Arc<front::Front>, id: i64, ttl: u64) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut reached: BTreeMap<String, u64> = BTreeMap::new();
+    let mut mapped: Option<Instant> = None;
+    let mut said: Option<bool> = None;
+    while door.lease.load(SeqCst) == id {
+        let mut c = etcd.client.clone();
+        let voting: Option<BTreeSet<u64>> = bounded(c.member_list()).await.ok().map(|m| {
+            m.members()
+                .iter()
+                .filter(|m| !m.is_learner())
+                .map(|m| m.id())
+                .collect()
+        });
+        let incomplete = r.cfg.endpoints.iter().any(|e| !reached.contains_key(e));
+        if voting.is_some() && (incomplete || mapped.is_none_or(|t| t.elapsed() >= FULL_READ_EVERY))
+        {
+            reached.clear();
+            for e in &r.cfg.endpoints {
+                let one = async {
+                    let mut one =
+                        Client::connect([e.as_str()], Some(Etcd::options(&r.cfg))).await?;
+                    one.status().await
+                };
+                if let Ok(Ok(st)) = tokio::time::timeout(REQUEST_TIMEOUT, one).await {
+                    if let Some(h) = st.header() {
+                        reached.insert(e.clone(), h.member_id());
+                    }
+                }
+            }
+            mapped = Some(Instant::now());
+        }
+        if let Some(voting) = &voting {
+            let listed = outage::every_member_reached(voting, &reached, &r.cfg.endpoints);
+            r.every_member_listed.store(listed, SeqCst);
+            if said != Some(listed) {
+                if listed {
+                    tracing::info!("every etcd member is reached through --etcd: an outage of all of them is ridden out");
+                } else {
+                    tracing::warn!(endpoints = ?reached, voting = ?voting, "the --etcd endpoints do not reach every etcd member (or name no port): an etcd outage is ridden out only about TTL/2, as a cut-off node's");
+                }
+                said = Some(listed);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(ttl)).await;
+    }
 }
 
 /// etcd answered that it has no lease `id` (expired or revoked); `false` when it did not
