@@ -1,9 +1,10 @@
 //! Cluster mode against a real etcd (scripts/install-etcd.sh; `FLEET_ETCD_BIN`), with real
 //! fleetd processes on loopback: placement over three nodes, drain, a SIGKILLed node, a
 //! frozen node (SIGSTOP for 3 × TTL), an etcd restart, the same status through every socket,
-//! a three-member etcd that loses one member, a tenant that moves with its settings, and
-//! TLS with client certificates. A sampler checks every 100 ms, for the
-//! whole test, that no agent has live processes under two nodes.
+//! a three-member etcd that loses one member, a tenant that moves with its settings, TLS
+//! with client certificates, a long etcd outage ridden out, and a node cut off from a
+//! running etcd. A sampler checks every 100 ms, for the whole of the fail-over tests, that
+//! no agent has live processes under two nodes.
 
 mod common;
 
@@ -660,6 +661,141 @@ fn agents_ride_out_a_long_etcd_outage_unless_told_to_stop() {
         );
     }
     assert!(a.log().contains("etcd answers again"), "{}", a.log());
+}
+
+/// A loopback TCP proxy to a local port that a test can cut: once cut, nothing sent either
+/// way is delivered and new connections are accepted and held, so a client sees timeouts,
+/// never refusals (a node cut off from a running etcd). Its threads end on `Drop`.
+struct Blackhole {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Blackhole {
+    fn start(to: u16) -> Blackhole {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (cut, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (c, s) = (cut.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((down, _)) if c.load(Ordering::Relaxed) => held.push(down),
+                    Ok((down, _)) => {
+                        let _ = down.set_nonblocking(false);
+                        let Ok(up) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+                            continue;
+                        };
+                        let pairs = [
+                            (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                            (up, down),
+                        ];
+                        for (from, into) in pairs {
+                            let (c, s) = (c.clone(), s.clone());
+                            std::thread::spawn(move || pump(from, into, &c, &s));
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Blackhole { port, cut, stop }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Copies `from` into `into` until either closes, dropping what comes once `cut`.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut into: std::net::TcpStream,
+    cut: &AtomicBool,
+    stop: &AtomicBool,
+) {
+    use std::io::{Read, Write};
+    let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = vec![0u8; 16 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) if cut.load(Ordering::Relaxed) => {}
+            Ok(n) => {
+                if into.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+}
+
+#[test]
+fn a_node_cut_off_from_a_running_etcd_stops_its_agents_before_another_starts_them() {
+    let Some((_one, _dir, _etcd)) = one_etcd_serial() else {
+        return;
+    };
+    let proxy = Blackhole::start(etcd_ports(0).0);
+    // x reaches the one member through the proxy: ride-out is armed, and must not fire.
+    let x = node("x", &proxy.url());
+    let y = node("y", &url(0));
+    let ids = Arc::new(Mutex::new(BTreeSet::from([x.node_id(), y.node_id()])));
+    let sampler = Sampler::start(ids);
+    wait_until(Duration::from_secs(30), "both nodes live", |seen| {
+        let l = nodes_live(&y)?;
+        *seen = format!("{:?}", l.keys());
+        (l.len() == 2).then_some(())
+    });
+    create_stub_fleet_once_joined(&y, "s", 6);
+    let before = wait_spread(&y, 6, &["x", "y"], Duration::from_secs(30), "6 agents");
+    let on_x: Vec<u64> = before
+        .values()
+        .filter(|(n, _)| n == "x")
+        .map(|(_, pid)| *pid)
+        .collect();
+    assert!(!on_x.is_empty(), "spread: {before:?}");
+    wait_until(
+        Duration::from_secs(30),
+        "x knows it reaches every member",
+        |seen| {
+            *seen = x.log();
+            seen.contains("every etcd member is reached").then_some(())
+        },
+    );
+
+    // Cut off: timeouts, not refusals. x stops its agents before its lease can expire, and
+    // y runs all six once it has; never two at once (the sampler).
+    proxy.cut.store(true, Ordering::Relaxed);
+    wait_spread(&y, 6, &["y"], Duration::from_secs(40), "all six on y");
+    for pid in &on_x {
+        assert!(!alive(*pid), "x's agent (pid {pid}) outlived its lease");
+    }
+    let log = x.log();
+    assert!(
+        log.contains("no lease renewal in time") && !log.contains("etcd is down everywhere"),
+        "{log}"
+    );
+    let (rounds, violations) = sampler.finish();
+    assert!(rounds > 50, "the sampler ran only {rounds} rounds");
+    assert!(violations.is_empty(), "two live instances: {violations:?}");
 }
 
 /// A process's environment.
