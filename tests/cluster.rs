@@ -569,14 +569,6 @@ fn a_three_member_etcd_keeps_serving_with_one_member_killed() {
     drop(members);
 }
 
-/// Whether process `pid` is alive (not a zombie).
-fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.starts_with(" Z"))
-    })
-}
-
 #[test]
 fn agents_ride_out_a_long_etcd_outage_unless_told_to_stop() {
     let Some((_one, _dir, mut etcd)) = one_etcd_serial() else {
@@ -617,7 +609,7 @@ fn agents_ride_out_a_long_etcd_outage_unless_told_to_stop() {
     while Instant::now() < until {
         for (agent, pid) in &on_a {
             assert!(
-                alive(*pid),
+                common::alive(*pid as u32),
                 "{agent} (pid {pid}) died in the outage\n{}",
                 a.log()
             );
@@ -626,7 +618,7 @@ fn agents_ride_out_a_long_etcd_outage_unless_told_to_stop() {
     }
     for (agent, pid) in &on_c {
         assert!(
-            !alive(*pid),
+            !common::alive(*pid as u32),
             "{agent} on c (pid {pid}) outlived 4 × TTL of etcd silence"
         );
     }
@@ -786,7 +778,10 @@ fn a_node_cut_off_from_a_running_etcd_stops_its_agents_before_another_starts_the
     proxy.cut.store(true, Ordering::Relaxed);
     wait_spread(&y, 6, &["y"], Duration::from_secs(40), "all six on y");
     for pid in &on_x {
-        assert!(!alive(*pid), "x's agent (pid {pid}) outlived its lease");
+        assert!(
+            !common::alive(*pid as u32),
+            "x's agent (pid {pid}) outlived its lease"
+        );
     }
     let log = x.log();
     assert!(

@@ -518,7 +518,7 @@ pub async fn join(node: &NodeHandle, cfg: ClusterConfig) -> Result<(), FleetErro
         ride_out: ride_out.then(|| {
             Arc::new(RideOut {
                 cfg: ride_cfg,
-                every_member_listed: false.into(),
+                every_member_reached: false.into(),
             })
         }),
     };
@@ -536,7 +536,7 @@ struct RideOut {
     cfg: Arc<ClusterConfig>,
     /// Every voting member is reached through one of the endpoints (`check_members`, while
     /// etcd answers); off until that is known, and as soon as it is not.
-    every_member_listed: std::sync::atomic::AtomicBool,
+    every_member_reached: std::sync::atomic::AtomicBool,
 }
 
 /// What the lease's renewal task (`renew`) tells the reconcile loop.
@@ -1455,44 +1455,15 @@ async fn renew(
             // While every member refuses, a keep-alive only waits out its bound: probe first,
             // so a short TTL is re-armed in time.
             riding = ride_out_step(ride_out.as_deref(), &fence, ttl, riding).await;
-            rode |= riding;
             if riding {
                 continue;
             }
         }
         let sent = crate::process::spawn::boottime_ms();
-        if keeper.is_none() {
-            let mut c = etcd.client.clone();
-            match bounded(c.lease_keep_alive(id)).await {
-                Ok(k) => keeper = Some(k),
-                Err(_) => {
-                    state.failing.store(true, SeqCst);
-                    riding = ride_out_step(ride_out.as_deref(), &fence, ttl, riding).await;
-                    rode |= riding;
-                    if riding {
-                        continue;
-                    }
-                    if lease_gone(&etcd, id).await {
-                        state.expired.store(true, SeqCst);
-                        return;
-                    }
-                    continue;
-                }
-            }
-        }
-        let (k, stream): &mut (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream) =
-            keeper.as_mut().expect("set above");
-        let renewed = async {
-            k.keep_alive().await?;
-            stream.message().await
-        };
-        // Within a renewal interval: a short TTL's deadline leaves no room to wait longer
-        // before the probe that may ride an outage out.
-        match tokio::time::timeout(REQUEST_TIMEOUT.min(every), renewed).await {
-            Ok(Ok(Some(r))) if r.ttl() > 0 => {
+        match keep_alive(&etcd, id, &mut keeper, every).await {
+            Some(true) => {
                 fence.arm(fence::deadline_ms(sent, ttl));
                 state.failing.store(false, SeqCst);
-                riding = false;
                 if std::mem::take(&mut rode) {
                     tracing::info!(
                         lease = id,
@@ -1501,26 +1472,49 @@ async fn renew(
                 }
                 wait = every;
             }
-            Ok(Ok(Some(_))) => {
+            Some(false) => {
                 state.expired.store(true, SeqCst);
                 return;
             }
-            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+            None => {
                 keeper = None;
                 state.failing.store(true, SeqCst);
                 riding = ride_out_step(ride_out.as_deref(), &fence, ttl, riding).await;
                 rode |= riding;
-                if riding {
-                    continue;
-                }
                 // The client answers a keep-alive of a lease etcd no longer has with an
                 // error, not with TTL 0: ask etcd whether it still has it.
-                if lease_gone(&etcd, id).await {
+                if !riding && lease_gone(&etcd, id).await {
                     state.expired.store(true, SeqCst);
                     return;
                 }
             }
         }
+    }
+}
+
+/// One keep-alive of lease `id` on `keeper` (opened first when there is none), answered
+/// within `within`: `Some(true)` renewed, `Some(false)` etcd says the lease is gone,
+/// `None` no answer.
+async fn keep_alive(
+    etcd: &Etcd,
+    id: i64,
+    keeper: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+    within: Duration,
+) -> Option<bool> {
+    if keeper.is_none() {
+        let mut c = etcd.client.clone();
+        *keeper = Some(bounded(c.lease_keep_alive(id)).await.ok()?);
+    }
+    let (k, stream) = keeper.as_mut()?;
+    let renewed = async {
+        k.keep_alive().await?;
+        stream.message().await
+    };
+    // Within a renewal interval: a short TTL's deadline leaves no room to wait longer
+    // before the probe that may ride an outage out.
+    match tokio::time::timeout(REQUEST_TIMEOUT.min(within), renewed).await {
+        Ok(Ok(Some(r))) => Some(r.ttl() > 0),
+        Ok(Ok(None)) | Ok(Err(_)) | Err(_) => None,
     }
 }
 
@@ -1534,7 +1528,7 @@ async fn ride_out_step(
     riding: bool,
 ) -> bool {
     use std::sync::atomic::Ordering::SeqCst;
-    let Some(r) = ride_out.filter(|r| r.every_member_listed.load(SeqCst)) else {
+    let Some(r) = ride_out.filter(|r| r.every_member_reached.load(SeqCst)) else {
         return false;
     };
     let began = crate::process::spawn::boottime_ms();
@@ -1553,7 +1547,7 @@ async fn ride_out_step(
 
 /// While lease `id` is this node's: once a TTL, etcd's voting members (one cheap request),
 /// and every `FULL_READ_EVERY` (or while unknown) which member each endpoint reaches (a
-/// client of its own per endpoint): `RideOut::every_member_listed`. A member added that no
+/// client of its own per endpoint): `RideOut::every_member_reached`. A member added that no
 /// endpoint reaches turns ride-out off within a TTL, long before the endpoints could all be
 /// gone.
 async fn check_members(r: Arc<RideOut>, etcd: Etcd, door: Arc<front::Front>, id: i64, ttl: u64) {
@@ -1590,7 +1584,7 @@ async fn check_members(r: Arc<RideOut>, etcd: Etcd, door: Arc<front::Front>, id:
         }
         if let Some(voting) = &voting {
             let listed = outage::every_member_reached(voting, &reached, &r.cfg.endpoints);
-            r.every_member_listed.store(listed, SeqCst);
+            r.every_member_reached.store(listed, SeqCst);
             if said != Some(listed) {
                 if listed {
                     tracing::info!("every etcd member is reached through --etcd: an outage of all of them is ridden out");
