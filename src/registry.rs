@@ -181,8 +181,10 @@ impl Writer {
                 while let Ok(more) = rx.try_recv() {
                     batch.push(more);
                 }
-                let (newest, _) = batch.last().expect("one at least");
-                let data = newest.clone();
+                // The newest snapshot is written as it came, not copied: a copy of a
+                // thousand agents' records is thousands of small allocations that leave holes
+                // between the agents' long-lived ones.
+                let (data, newest_done) = batch.pop().expect("one at least");
                 let store = store.clone();
                 let r = tokio::task::spawn_blocking(move || store.save(&data))
                     .await
@@ -190,6 +192,7 @@ impl Writer {
                 for (_, done) in batch {
                     let _ = done.send(r.clone());
                 }
+                let _ = newest_done.send(r);
             }
         });
         Writer { tx }
@@ -219,6 +222,26 @@ pub struct FileStore {
     /// The vault's bytes as last written or read, so a save that changed no secret does not
     /// rewrite it.
     vault_written: std::sync::Mutex<Option<Vec<u8>>>,
+    /// Length and digest of the registry bytes this store last wrote: a file that still holds
+    /// them is a valid registry without being parsed again (`keep_backup`).
+    registry_written: std::sync::Mutex<Option<(usize, u64)>>,
+}
+
+/// What `save` writes: the data with this build's format version, serialized straight from
+/// the caller's value (no intermediate `serde_json::Value`, which allocated every key and
+/// field of every agent again).
+#[derive(Serialize)]
+struct Stamped<'a> {
+    version: u32,
+    node_id: &'a str,
+    fleets: &'a BTreeMap<String, FleetRecord>,
+}
+
+fn digest(bytes: &[u8]) -> (usize, u64) {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    (bytes.len(), h.finish())
 }
 
 impl FileStore {
@@ -230,6 +253,7 @@ impl FileStore {
             vault: state_dir.join("vault.json"),
             vault_tmp: state_dir.join(".vault.json.tmp"),
             vault_written: std::sync::Mutex::new(None),
+            registry_written: std::sync::Mutex::new(None),
         }
     }
 
@@ -314,7 +338,12 @@ impl FileStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io_err("reading", &self.path, e)),
         };
-        if parse(&current, &self.path, &self.bak).is_err() {
+        let ours = *self
+            .registry_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            == Some(digest(&current));
+        if !ours && parse(&current, &self.path, &self.bak).is_err() {
             return Ok(());
         }
         match fs::remove_file(&self.bak) {
@@ -358,10 +387,11 @@ impl Store for FileStore {
     }
 
     fn save(&self, data: &RegistryData) -> Result<(), FleetError> {
-        let mut stamped = serde_json::to_value(data).map_err(|e| FleetError::Store {
-            reason: format!("cannot serialize the registry: {e}"),
-        })?;
-        stamped["version"] = REGISTRY_VERSION.into();
+        let stamped = Stamped {
+            version: REGISTRY_VERSION,
+            node_id: &data.node_id,
+            fleets: &data.fleets,
+        };
         let mut bytes = serde_json::to_vec_pretty(&stamped).map_err(|e| FleetError::Store {
             reason: format!("cannot serialize the registry: {e}"),
         })?;
@@ -378,6 +408,10 @@ impl Store for FileStore {
         if let Err(e) = fs::rename(&self.tmp, &self.path) {
             return Err(fail(io_err("replacing", &self.path, e)));
         }
+        *self
+            .registry_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(digest(&bytes));
         // Without this the rename itself may not survive a power loss.
         File::open(self.dir())
             .and_then(|d| d.sync_all())
