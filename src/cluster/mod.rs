@@ -37,7 +37,7 @@ use crate::spec::FleetSpec;
 use crate::FleetError;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 use keys::{FleetDoc, Keys, NodeCapacity, NodeInfo, Snapshot};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1555,6 +1555,9 @@ async fn check_members(r: Arc<RideOut>, etcd: Etcd, door: Arc<front::Front>, id:
     let mut reached: BTreeMap<String, u64> = BTreeMap::new();
     let mut mapped: Option<Instant> = None;
     let mut said: Option<bool> = None;
+    // One client per endpoint, kept between checks (a connect each time cost a TLS handshake
+    // per endpoint every FULL_READ_EVERY).
+    let mut clients: HashMap<String, Client> = HashMap::new();
     while door.lease.load(SeqCst) == id {
         let mut c = etcd.client.clone();
         let voting: Option<BTreeSet<u64>> = bounded(c.member_list()).await.ok().map(|m| {
@@ -1569,15 +1572,21 @@ async fn check_members(r: Arc<RideOut>, etcd: Etcd, door: Arc<front::Front>, id:
         {
             reached.clear();
             for e in &r.cfg.endpoints {
+                let kept = clients.remove(e);
                 let one = async {
-                    let mut one =
-                        Client::connect([e.as_str()], Some(Etcd::options(&r.cfg))).await?;
-                    one.status().await
+                    let mut one = match kept {
+                        Some(c) => c,
+                        None => Client::connect([e.as_str()], Some(Etcd::options(&r.cfg))).await?,
+                    };
+                    let st = one.status().await?;
+                    Ok::<_, etcd_client::Error>((one, st))
                 };
-                if let Ok(Ok(st)) = tokio::time::timeout(REQUEST_TIMEOUT, one).await {
+                // A client that failed is dropped: the next check connects afresh.
+                if let Ok(Ok((one, st))) = tokio::time::timeout(REQUEST_TIMEOUT, one).await {
                     if let Some(h) = st.header() {
                         reached.insert(e.clone(), h.member_id());
                     }
+                    clients.insert(e.clone(), one);
                 }
             }
             mapped = Some(Instant::now());
