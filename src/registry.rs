@@ -387,10 +387,17 @@ impl Store for FileStore {
     }
 
     fn save(&self, data: &RegistryData) -> Result<(), FleetError> {
+        // Every field by name: one added to RegistryData fails to compile here until it is
+        // written too.
+        let RegistryData {
+            version: _,
+            node_id,
+            fleets,
+        } = data;
         let stamped = Stamped {
             version: REGISTRY_VERSION,
-            node_id: &data.node_id,
-            fleets: &data.fleets,
+            node_id,
+            fleets,
         };
         let mut bytes = serde_json::to_vec_pretty(&stamped).map_err(|e| FleetError::Store {
             reason: format!("cannot serialize the registry: {e}"),

@@ -1555,8 +1555,8 @@ async fn check_members(r: Arc<RideOut>, etcd: Etcd, door: Arc<front::Front>, id:
     let mut reached: BTreeMap<String, u64> = BTreeMap::new();
     let mut mapped: Option<Instant> = None;
     let mut said: Option<bool> = None;
-    // One client per endpoint, kept between checks (a connect each time cost a TLS handshake
-    // per endpoint every FULL_READ_EVERY).
+    // One client per endpoint, kept between checks: a connect (with TLS, a handshake) to each
+    // endpoint every FULL_READ_EVERY was work for nothing while it answers.
     let mut clients: HashMap<String, Client> = HashMap::new();
     while door.lease.load(SeqCst) == id {
         let mut c = etcd.client.clone();
